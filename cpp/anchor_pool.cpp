@@ -1,0 +1,399 @@
+// AnchorPool: matching, anchor insertion, delta recording, estimation and
+// eviction. Save/load live in pool_file.cpp.
+#include "kvcomm/anchor_pool.h"
+
+#include <algorithm>
+
+#include "anchor.h"
+#include "kvcomm/ops.h"
+#include "op_checks.h"
+
+namespace kvcomm {
+
+namespace {
+
+at::Tensor owned_copy(const at::Tensor& t) {
+  return t.defined() ? t.contiguous().clone() : t;
+}
+
+at::Tensor shift_scalar(int64_t position, const at::Tensor& like) {
+  // A device-side fill, not a host-to-device copy: no sync on CUDA.
+  return at::full({}, position, like.options().dtype(at::kLong));
+}
+
+void check_pair(const char* op, const char* k_name, const at::Tensor& k,
+                const char* v_name, const at::Tensor& v) {
+  checks::kv4(op, k_name, k);
+  checks::kv4(op, v_name, v);
+  checks::same_device_dtype(op, v_name, v, k_name, k);
+  TORCH_CHECK(k.sizes() == v.sizes(), op, ": ", k_name, " has shape ",
+              k.sizes(), " but ", v_name, " has shape ", v.sizes());
+}
+
+}  // namespace
+
+int64_t AgentDeltas::bytes() const {
+  return tensor_bytes(ph_k) + tensor_bytes(ph_v) + tensor_bytes(seg_k) +
+         tensor_bytes(seg_v);
+}
+
+AnchorPool::AnchorPool(PoolConfig config) : config_(config) {
+  const char* op = "AnchorPool";
+  checks::decide_params(op, config_.tau, config_.gamma, config_.top_p);
+  TORCH_CHECK(config_.capacity >= 1, op, ": capacity must be >= 1, got ",
+              config_.capacity);
+  TORCH_CHECK(config_.window >= 1, op, ": window must be >= 1, got ",
+              config_.window);
+  TORCH_CHECK(config_.byte_budget >= 0, op,
+              ": byte_budget must be >= 0 (0 = unlimited), got ",
+              config_.byte_budget);
+  layers_ = config_.layers;
+  heads_ = config_.kv_heads;
+  dim_ = config_.head_dim;
+}
+
+void AnchorPool::check_layout_locked(const char* what, const at::Tensor& t) const {
+  if (layers_ > 0) {
+    TORCH_CHECK(t.size(0) == layers_ && t.size(1) == heads_ && t.size(3) == dim_,
+                what, " has shape ", t.sizes(), " but this pool holds [layers=",
+                layers_, ", kv_heads=", heads_, ", tokens, head_dim=", dim_, "]");
+  }
+  if (dtype_ != at::ScalarType::Undefined) {
+    TORCH_CHECK(t.scalar_type() == dtype_, what, " is ", t.scalar_type(),
+                " but this pool holds ", dtype_);
+  }
+}
+
+std::shared_ptr<AnchorPool::Anchor> AnchorPool::find_locked(
+    const std::string& slot, int64_t id) const {
+  auto it = slots_.find(slot);
+  TORCH_CHECK(it != slots_.end(), "AnchorPool: unknown slot '", slot, "'");
+  for (const auto& a : it->second.anchors)
+    if (a->id == id) return a;
+  TORCH_CHECK(false, "AnchorPool: slot '", slot, "' has no anchor with id ", id,
+              " (evicted or never added)");
+}
+
+Decision AnchorPool::decide(const std::string& slot, const at::Tensor& content_v,
+                            bool credit) {
+  const char* op = "AnchorPool.decide";
+  const auto shape = checks::kv4(op, "content_v", content_v);
+  Decision out;
+  std::vector<at::Tensor> bases;
+  {
+    std::shared_lock<std::shared_mutex> lock(mutex_);
+    check_layout_locked("AnchorPool.decide: content_v", content_v);
+    auto it = slots_.find(slot);
+    if (it != slots_.end()) {
+      for (const auto& a : it->second.anchors) {
+        if (a->length >= shape.tokens) {
+          out.candidates.push_back(a->id);
+          bases.push_back(a->base_v);
+        }
+      }
+    }
+  }
+  const int64_t n = static_cast<int64_t>(bases.size());
+  // The pool never copies across devices behind the caller's back: a
+  // content on another device than the anchors is an error from the op.
+  const at::Tensor dist = value_distances(
+      content_v, bases, config_.distance == DistanceMode::kRms);
+  auto [probs, entropy, share, credit_mask] =
+      match_decide(dist, config_.tau, config_.gamma, config_.top_p);
+  // One small host read carries everything the caller needs.
+  const at::Tensor host =
+      at::cat({dist, probs, entropy.view({1}), share.to(at::kFloat).view({1}),
+               credit_mask.to(at::kFloat)})
+          .cpu();
+  const float* h = host.data_ptr<float>();
+  out.distances.assign(h, h + n);
+  out.probs.assign(h + n, h + 2 * n);
+  out.entropy = h[2 * n];
+  out.share = h[2 * n + 1] != 0.f;
+  out.threshold = n >= 2 ? static_cast<float>(config_.gamma * std::log2(static_cast<double>(n)))
+                         : 0.f;
+  out.reason = out.share ? "share" : (n < 2 ? "too_few_candidates" : "entropy_above_gate");
+  if (out.share) {
+    std::vector<int64_t> ids;
+    for (int64_t u = 0; u < n; ++u)
+      if (h[2 * n + 2 + u] != 0.f) ids.push_back(out.candidates[u]);
+    if (credit) {
+      std::shared_lock<std::shared_mutex> lock(mutex_);
+      auto it = slots_.find(slot);
+      if (it != slots_.end()) {
+        for (const auto& a : it->second.anchors) {
+          if (std::find(ids.begin(), ids.end(), a->id) != ids.end()) {
+            a->activations.fetch_add(1);
+            out.credited.push_back(a->id);
+          }
+        }
+      }
+    }
+  }
+  return out;
+}
+
+int64_t AnchorPool::add_anchor(const std::string& slot, const at::Tensor& base_k,
+                               const at::Tensor& base_v) {
+  const char* op = "AnchorPool.add_anchor";
+  TORCH_CHECK(!slot.empty(), op, ": slot name is empty");
+  check_pair(op, "base_k", base_k, "base_v", base_v);
+  TORCH_CHECK(base_k.size(2) > 0, op, ": content has no tokens");
+  auto anchor = std::make_shared<Anchor>();
+  anchor->length = base_k.size(2);
+  anchor->base_k = owned_copy(base_k);
+  anchor->base_v = owned_copy(base_v);
+  const int64_t bytes = anchor->bytes();
+  TORCH_CHECK(config_.byte_budget == 0 || bytes <= config_.byte_budget, op,
+              ": one anchor of ", bytes, " bytes exceeds the pool's byte budget of ",
+              config_.byte_budget);
+  std::unique_lock<std::shared_mutex> lock(mutex_);
+  check_layout_locked("AnchorPool.add_anchor: base_k", base_k);
+  if (layers_ == 0) {
+    layers_ = base_k.size(0);
+    heads_ = base_k.size(1);
+    dim_ = base_k.size(3);
+  }
+  if (dtype_ == at::ScalarType::Undefined) dtype_ = base_k.scalar_type();
+  anchor->id = next_id_++;
+  anchor->seq = next_seq_++;
+  Slot& s = slots_[slot];
+  s.anchors.push_back(anchor);
+  evict_for_capacity_locked(s);
+  enforce_budget_locked(anchor.get(), 0);
+  return anchor->id;
+}
+
+void AnchorPool::record_deltas(const std::string& slot, int64_t id,
+                               const std::string& agent,
+                               const AgentDeltas& deltas) {
+  const char* op = "AnchorPool.record_deltas";
+  TORCH_CHECK(!agent.empty(), op, ": agent name is empty");
+  check_pair(op, "ph_k", deltas.ph_k, "ph_v", deltas.ph_v);
+  const bool has_seg = deltas.seg_k.defined() || deltas.seg_v.defined();
+  if (has_seg) {
+    TORCH_CHECK(deltas.seg_k.defined() && deltas.seg_v.defined(), op,
+                ": give both seg_k and seg_v, or neither");
+    check_pair(op, "seg_k", deltas.seg_k, "seg_v", deltas.seg_v);
+    checks::same_device_dtype(op, "seg_k", deltas.seg_k, "ph_k", deltas.ph_k);
+    TORCH_CHECK(deltas.seg_k.size(0) == deltas.ph_k.size(0) &&
+                    deltas.seg_k.size(1) == deltas.ph_k.size(1) &&
+                    deltas.seg_k.size(3) == deltas.ph_k.size(3),
+                op, ": seg_k has shape ", deltas.seg_k.sizes(),
+                " which does not match ph_k ", deltas.ph_k.sizes(),
+                " in layers, kv_heads or head_dim");
+  }
+  AgentDeltas owned{owned_copy(deltas.ph_k), owned_copy(deltas.ph_v),
+                    owned_copy(deltas.seg_k), owned_copy(deltas.seg_v)};
+  std::unique_lock<std::shared_mutex> lock(mutex_);
+  auto anchor = find_locked(slot, id);
+  TORCH_CHECK(deltas.ph_k.sizes() == anchor->base_k.sizes(), op,
+              ": ph_k has shape ", deltas.ph_k.sizes(), " but anchor ", id,
+              " of slot '", slot, "' has base shape ", anchor->base_k.sizes());
+  checks::same_device_dtype(op, "ph_k", deltas.ph_k, "the anchor base",
+                            anchor->base_k);
+  auto next = std::make_shared<DeltaMap>(*anchor->deltas);
+  int64_t extra = owned.bytes();
+  auto old = next->find(agent);
+  if (old != next->end()) extra -= old->second.bytes();
+  if (config_.byte_budget > 0) {
+    TORCH_CHECK(anchor->bytes() + extra <= config_.byte_budget, op,
+                ": anchor ", id, " with agent '", agent, "''s deltas would take ",
+                anchor->bytes() + extra, " bytes, over the byte budget of ",
+                config_.byte_budget);
+  }
+  enforce_budget_locked(anchor.get(), extra);
+  (*next)[agent] = std::move(owned);
+  anchor->deltas = std::move(next);
+}
+
+EstimateResult AnchorPool::estimate(const std::string& slot,
+                                    const std::string& agent,
+                                    const EstimateRequest& req) const {
+  const char* op = "AnchorPool.estimate";
+  check_pair(op, "base_k", req.base_k, "base_v", req.base_v);
+  const int64_t n = req.base_k.size(2);
+  check_pair(op, "dst_k", req.dst_k, "dst_v", req.dst_v);
+  TORCH_CHECK(req.dst_k.sizes() == req.base_k.sizes(), op, ": dst_k has shape ",
+              req.dst_k.sizes(), " but base_k has shape ", req.base_k.sizes());
+  const bool seg = req.seg_template_k.defined();
+  int64_t seg_len = 0;
+  if (seg) {
+    check_pair(op, "seg_template_k", req.seg_template_k, "seg_template_v",
+               req.seg_template_v);
+    check_pair(op, "seg_dst_k", req.seg_dst_k, "seg_dst_v", req.seg_dst_v);
+    TORCH_CHECK(req.seg_dst_k.sizes() == req.seg_template_k.sizes(), op,
+                ": seg_dst_k has shape ", req.seg_dst_k.sizes(),
+                " but seg_template_k has shape ", req.seg_template_k.sizes());
+    seg_len = req.seg_template_k.size(2);
+  }
+  std::vector<at::Tensor> bk, bv, dk, dv, sk, sv;
+  EstimateResult result;
+  {
+    std::shared_lock<std::shared_mutex> lock(mutex_);
+    auto it = slots_.find(slot);
+    TORCH_CHECK(it != slots_.end(), op, ": unknown slot '", slot, "'");
+    check_layout_locked("AnchorPool.estimate: base_k", req.base_k);
+    for (const auto& a : it->second.anchors) {
+      if (a->length < n) continue;
+      const std::shared_ptr<const DeltaMap> map = a->deltas;
+      auto d = map->find(agent);
+      if (d == map->end()) continue;
+      if (seg && (!d->second.seg_k.defined() || d->second.seg_k.size(2) != seg_len))
+        continue;
+      result.anchors.push_back(a->id);
+      bk.push_back(a->base_k);
+      bv.push_back(a->base_v);
+      dk.push_back(d->second.ph_k);
+      dv.push_back(d->second.ph_v);
+      if (seg) {
+        sk.push_back(d->second.seg_k);
+        sv.push_back(d->second.seg_v);
+      }
+    }
+  }
+  if (result.anchors.empty()) return result;
+  const double tau = config_.tau;
+  const at::Tensor shift = shift_scalar(req.position, req.base_k);
+  fused_offset_into(req.dst_k, req.base_k, dk, token_weights(req.base_k, bk, tau),
+                    shift, req.inv_freq);
+  fused_offset_into(req.dst_v, req.base_v, dv, token_weights(req.base_v, bv, tau),
+                    shift, c10::nullopt);
+  if (seg) {
+    const at::Tensor seg_shift = shift_scalar(req.seg_position, req.base_k);
+    fused_offset_into(req.seg_dst_k, req.seg_template_k, sk,
+                      segment_weights(req.base_k, bk, tau), seg_shift, req.inv_freq);
+    fused_offset_into(req.seg_dst_v, req.seg_template_v, sv,
+                      segment_weights(req.base_v, bv, tau), seg_shift, c10::nullopt);
+  }
+  return result;
+}
+
+void AnchorPool::evict_for_capacity_locked(Slot& slot) {
+  auto& v = slot.anchors;
+  const Anchor* newest = v.empty() ? nullptr : v.back().get();
+  while (static_cast<int64_t>(v.size()) > config_.capacity) {
+    // Least-activated among the W oldest (earliest wins ties); never the
+    // anchor that was just added.
+    const size_t window = std::min<size_t>(config_.window, v.size());
+    size_t victim = v.size();
+    for (size_t i = 0; i < window; ++i) {
+      if (v[i].get() == newest) continue;
+      if (victim == v.size() || v[i]->activations.load() < v[victim]->activations.load())
+        victim = i;
+    }
+    TORCH_INTERNAL_ASSERT(victim < v.size());
+    v.erase(v.begin() + victim);
+    evictions_.fetch_add(1);
+  }
+}
+
+void AnchorPool::enforce_budget_locked(const Anchor* keep, int64_t extra_bytes) {
+  if (config_.byte_budget == 0) return;
+  while (bytes_locked() + extra_bytes > config_.byte_budget) {
+    // Pool-wide: the W oldest anchors by insertion, least-activated first.
+    std::vector<std::pair<int64_t, std::pair<Slot*, size_t>>> order;
+    for (auto& kv : slots_)
+      for (size_t i = 0; i < kv.second.anchors.size(); ++i)
+        if (kv.second.anchors[i].get() != keep)
+          order.push_back({kv.second.anchors[i]->seq, {&kv.second, i}});
+    TORCH_INTERNAL_ASSERT(!order.empty(), "byte budget unreachable");
+    std::sort(order.begin(), order.end(),
+              [](const auto& a, const auto& b) { return a.first < b.first; });
+    const size_t window = std::min<size_t>(config_.window, order.size());
+    size_t best = 0;
+    for (size_t i = 1; i < window; ++i) {
+      const auto& a = order[i].second;
+      const auto& b = order[best].second;
+      if (a.first->anchors[a.second]->activations.load() <
+          b.first->anchors[b.second]->activations.load())
+        best = i;
+    }
+    auto [slot, index] = order[best].second;
+    slot->anchors.erase(slot->anchors.begin() + index);
+    evictions_.fetch_add(1);
+  }
+  for (auto it = slots_.begin(); it != slots_.end();) {
+    it = it->second.anchors.empty() ? slots_.erase(it) : std::next(it);
+  }
+}
+
+int64_t AnchorPool::bytes_locked() const {
+  int64_t b = 0;
+  for (const auto& kv : slots_)
+    for (const auto& a : kv.second.anchors) b += a->bytes();
+  return b;
+}
+
+bool AnchorPool::has_slot(const std::string& slot) const {
+  std::shared_lock<std::shared_mutex> lock(mutex_);
+  return slots_.count(slot) > 0;
+}
+
+std::vector<std::string> AnchorPool::slots() const {
+  std::shared_lock<std::shared_mutex> lock(mutex_);
+  std::vector<std::string> out;
+  for (const auto& kv : slots_) out.push_back(kv.first);
+  return out;
+}
+
+std::vector<AnchorInfo> AnchorPool::anchors(const std::string& slot) const {
+  std::shared_lock<std::shared_mutex> lock(mutex_);
+  std::vector<AnchorInfo> out;
+  auto it = slots_.find(slot);
+  if (it == slots_.end()) return out;
+  for (const auto& a : it->second.anchors) {
+    AnchorInfo info{a->id, a->length, a->activations.load(), a->seq, {}, a->bytes()};
+    for (const auto& kv : *a->deltas) info.agents.push_back(kv.first);
+    out.push_back(std::move(info));
+  }
+  return out;
+}
+
+std::pair<at::Tensor, at::Tensor> AnchorPool::anchor_base(const std::string& slot,
+                                                          int64_t id) const {
+  std::shared_lock<std::shared_mutex> lock(mutex_);
+  auto a = find_locked(slot, id);
+  return {a->base_k, a->base_v};
+}
+
+AgentDeltas AnchorPool::anchor_deltas(const std::string& slot, int64_t id,
+                                      const std::string& agent) const {
+  std::shared_lock<std::shared_mutex> lock(mutex_);
+  auto a = find_locked(slot, id);
+  auto d = a->deltas->find(agent);
+  TORCH_CHECK(d != a->deltas->end(), "AnchorPool: anchor ", id, " of slot '",
+              slot, "' has no deltas for agent '", agent, "'");
+  return d->second;
+}
+
+bool AnchorPool::has_deltas(const std::string& slot, int64_t id,
+                            const std::string& agent) const {
+  std::shared_lock<std::shared_mutex> lock(mutex_);
+  return find_locked(slot, id)->deltas->count(agent) > 0;
+}
+
+int64_t AnchorPool::size() const {
+  std::shared_lock<std::shared_mutex> lock(mutex_);
+  int64_t n = 0;
+  for (const auto& kv : slots_) n += static_cast<int64_t>(kv.second.anchors.size());
+  return n;
+}
+
+int64_t AnchorPool::size(const std::string& slot) const {
+  std::shared_lock<std::shared_mutex> lock(mutex_);
+  auto it = slots_.find(slot);
+  return it == slots_.end() ? 0 : static_cast<int64_t>(it->second.anchors.size());
+}
+
+int64_t AnchorPool::memory_bytes() const {
+  std::shared_lock<std::shared_mutex> lock(mutex_);
+  return bytes_locked();
+}
+
+void AnchorPool::clear() {
+  std::unique_lock<std::shared_mutex> lock(mutex_);
+  slots_.clear();
+}
+
+}  // namespace kvcomm

@@ -1,0 +1,168 @@
+// pybind11 module kvcomm._C: AnchorPool and its value types. The ops
+// themselves are reached through torch.ops.kvcomm (schemas.cpp); this is the
+// only translation unit that includes torch/python.h.
+#include <torch/python.h>
+#include <pybind11/stl.h>
+
+#include "kvcomm/anchor_pool.h"
+
+namespace py = pybind11;
+using kvcomm::AgentDeltas;
+using kvcomm::AnchorPool;
+using kvcomm::DistanceMode;
+using kvcomm::PoolConfig;
+
+namespace {
+
+PoolConfig make_config(double gamma, double tau, double top_p, int64_t capacity,
+                       int64_t window, int64_t byte_budget, const std::string& distance,
+                       int64_t layers, int64_t kv_heads, int64_t head_dim) {
+  TORCH_CHECK(distance == "frobenius" || distance == "rms",
+              "PoolConfig: distance must be 'frobenius' or 'rms', got '", distance, "'");
+  PoolConfig c;
+  c.gamma = gamma;
+  c.tau = tau;
+  c.top_p = top_p;
+  c.capacity = capacity;
+  c.window = window;
+  c.byte_budget = byte_budget;
+  c.distance = distance == "rms" ? DistanceMode::kRms : DistanceMode::kFrobenius;
+  c.layers = layers;
+  c.kv_heads = kv_heads;
+  c.head_dim = head_dim;
+  return c;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "kvcomm C++ core: AnchorPool (ops are under torch.ops.kvcomm)";
+
+  py::class_<PoolConfig>(m, "PoolConfig")
+      .def(py::init(&make_config), py::arg("gamma") = 0.3, py::arg("tau") = 1.0,
+           py::arg("top_p") = 0.9, py::arg("capacity") = 20, py::arg("window") = 5,
+           py::arg("byte_budget") = 0, py::arg("distance") = "frobenius",
+           py::arg("layers") = 0, py::arg("kv_heads") = 0, py::arg("head_dim") = 0)
+      .def_readonly("gamma", &PoolConfig::gamma)
+      .def_readonly("tau", &PoolConfig::tau)
+      .def_readonly("top_p", &PoolConfig::top_p)
+      .def_readonly("capacity", &PoolConfig::capacity)
+      .def_readonly("window", &PoolConfig::window)
+      .def_readonly("byte_budget", &PoolConfig::byte_budget)
+      .def_property_readonly("distance", [](const PoolConfig& c) {
+        return c.distance == DistanceMode::kRms ? "rms" : "frobenius";
+      })
+      .def("__repr__", [](const PoolConfig& c) {
+        return "PoolConfig(gamma=" + std::to_string(c.gamma) + ", tau=" + std::to_string(c.tau) +
+               ", top_p=" + std::to_string(c.top_p) + ", capacity=" + std::to_string(c.capacity) +
+               ", window=" + std::to_string(c.window) +
+               ", byte_budget=" + std::to_string(c.byte_budget) + ", distance=" +
+               (c.distance == DistanceMode::kRms ? "'rms'" : "'frobenius'") + ")";
+      });
+
+  py::class_<kvcomm::Decision>(m, "Decision")
+      .def_readonly("share", &kvcomm::Decision::share)
+      .def_readonly("reason", &kvcomm::Decision::reason)
+      .def_readonly("candidates", &kvcomm::Decision::candidates)
+      .def_readonly("distances", &kvcomm::Decision::distances)
+      .def_readonly("probs", &kvcomm::Decision::probs)
+      .def_readonly("entropy", &kvcomm::Decision::entropy)
+      .def_readonly("threshold", &kvcomm::Decision::threshold)
+      .def_readonly("credited", &kvcomm::Decision::credited)
+      .def("__repr__", [](const kvcomm::Decision& d) {
+        return "Decision(share=" + std::string(d.share ? "True" : "False") + ", reason='" +
+               d.reason + "', candidates=" + std::to_string(d.candidates.size()) +
+               ", entropy=" + std::to_string(d.entropy) + ")";
+      });
+
+  py::class_<kvcomm::EstimateResult>(m, "EstimateResult")
+      .def_readonly("anchors", &kvcomm::EstimateResult::anchors)
+      .def_property_readonly("ok", &kvcomm::EstimateResult::ok)
+      .def("__bool__", &kvcomm::EstimateResult::ok);
+
+  py::class_<kvcomm::AnchorInfo>(m, "AnchorInfo")
+      .def_readonly("id", &kvcomm::AnchorInfo::id)
+      .def_readonly("length", &kvcomm::AnchorInfo::length)
+      .def_readonly("activations", &kvcomm::AnchorInfo::activations)
+      .def_readonly("inserted", &kvcomm::AnchorInfo::inserted)
+      .def_readonly("agents", &kvcomm::AnchorInfo::agents)
+      .def_readonly("bytes", &kvcomm::AnchorInfo::bytes);
+
+  using release = py::call_guard<py::gil_scoped_release>;
+  py::class_<AnchorPool, std::shared_ptr<AnchorPool>>(m, "AnchorPool")
+      .def(py::init<PoolConfig>(), py::arg("config") = PoolConfig())
+      .def_property_readonly("config", &AnchorPool::config)
+      .def("decide", &AnchorPool::decide, py::arg("slot"), py::arg("content_v"),
+           py::arg("credit") = true, release(),
+           "Share-or-anchor decision (SPEC 4) for content values [L,H,n,D].")
+      .def("add_anchor", &AnchorPool::add_anchor, py::arg("slot"), py::arg("base_k"),
+           py::arg("base_v"), release(),
+           "New anchor from neutral-frame base K/V [L,H,n,D]; returns its id.")
+      .def(
+          "record_deltas",
+          [](AnchorPool& p, const std::string& slot, int64_t id, const std::string& agent,
+             const at::Tensor& ph_k, const at::Tensor& ph_v,
+             const c10::optional<at::Tensor>& seg_k, const c10::optional<at::Tensor>& seg_v) {
+            AgentDeltas d{ph_k, ph_v, seg_k.value_or(at::Tensor()), seg_v.value_or(at::Tensor())};
+            p.record_deltas(slot, id, agent, d);
+          },
+          py::arg("slot"), py::arg("id"), py::arg("agent"), py::arg("ph_k"), py::arg("ph_v"),
+          py::arg("seg_k") = py::none(), py::arg("seg_v") = py::none(), release(),
+          "Record an agent's neutral-frame deltas for an anchor.")
+      .def(
+          "estimate",
+          [](const AnchorPool& p, const std::string& slot, const std::string& agent,
+             const at::Tensor& base_k, const at::Tensor& base_v, const at::Tensor& inv_freq,
+             int64_t position, const at::Tensor& dst_k, const at::Tensor& dst_v,
+             const c10::optional<at::Tensor>& seg_template_k,
+             const c10::optional<at::Tensor>& seg_template_v, int64_t seg_position,
+             const c10::optional<at::Tensor>& seg_dst_k,
+             const c10::optional<at::Tensor>& seg_dst_v) {
+            kvcomm::EstimateRequest r;
+            r.base_k = base_k;
+            r.base_v = base_v;
+            r.inv_freq = inv_freq;
+            r.position = position;
+            r.dst_k = dst_k;
+            r.dst_v = dst_v;
+            r.seg_template_k = seg_template_k.value_or(at::Tensor());
+            r.seg_template_v = seg_template_v.value_or(at::Tensor());
+            r.seg_position = seg_position;
+            r.seg_dst_k = seg_dst_k.value_or(at::Tensor());
+            r.seg_dst_v = seg_dst_v.value_or(at::Tensor());
+            return p.estimate(slot, agent, r);
+          },
+          py::arg("slot"), py::arg("agent"), py::arg("base_k"), py::arg("base_v"),
+          py::arg("inv_freq"), py::arg("position"), py::arg("dst_k"), py::arg("dst_v"),
+          py::arg("seg_template_k") = py::none(), py::arg("seg_template_v") = py::none(),
+          py::arg("seg_position") = 0, py::arg("seg_dst_k") = py::none(),
+          py::arg("seg_dst_v") = py::none(), release(),
+          "Estimate (SPEC 5) the placeholder (and following segment) KV for an agent into "
+          "dst tensors; returns the anchors used (empty: nothing written, run dense).")
+      .def("has_slot", &AnchorPool::has_slot)
+      .def("slots", &AnchorPool::slots)
+      .def("anchors", &AnchorPool::anchors, py::arg("slot"))
+      .def("anchor_base", &AnchorPool::anchor_base, py::arg("slot"), py::arg("id"))
+      .def(
+          "anchor_deltas",
+          [](const AnchorPool& p, const std::string& slot, int64_t id, const std::string& agent) {
+            const AgentDeltas d = p.anchor_deltas(slot, id, agent);
+            py::dict out;
+            out["ph_k"] = d.ph_k;
+            out["ph_v"] = d.ph_v;
+            out["seg_k"] = d.seg_k.defined() ? py::cast(d.seg_k) : py::none();
+            out["seg_v"] = d.seg_v.defined() ? py::cast(d.seg_v) : py::none();
+            return out;
+          },
+          py::arg("slot"), py::arg("id"), py::arg("agent"))
+      .def("has_deltas", &AnchorPool::has_deltas, py::arg("slot"), py::arg("id"),
+           py::arg("agent"))
+      .def("size", py::overload_cast<>(&AnchorPool::size, py::const_))
+      .def("slot_size", py::overload_cast<const std::string&>(&AnchorPool::size, py::const_))
+      .def("__len__", py::overload_cast<>(&AnchorPool::size, py::const_))
+      .def("memory_bytes", &AnchorPool::memory_bytes)
+      .def_property_readonly("evictions", &AnchorPool::evictions)
+      .def("clear", &AnchorPool::clear)
+      .def("save", &AnchorPool::save, py::arg("path"), release())
+      .def("load", &AnchorPool::load, py::arg("path"), py::arg("device") = "", release());
+}

@@ -1,0 +1,167 @@
+// AnchorPool: per-slot anchors of the KVCOMM method (SPEC sections 4-6).
+//
+// An anchor is one content that was computed densely: its base K/V in the
+// position-neutral frame (content starts at position 0) and, for each agent
+// that consumed it, the recorded deltas
+//   placeholder: real - base           over the content's tokens
+//   segment:     real - template       over the segment right after it
+// with key deltas de-rotated to the neutral frame, so they can be moved to
+// wherever the slot sits in a later prompt.
+//
+// Thread safety: every method may be called from any number of threads. An
+// anchor's tensors are immutable once inserted (inputs are copied), and
+// readers work on a snapshot of tensor handles taken under a shared lock, so
+// no estimate can see a half-written anchor.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <shared_mutex>
+#include <string>
+#include <vector>
+
+namespace kvcomm {
+
+enum class DistanceMode { kFrobenius = 0, kRms = 1 };
+
+struct PoolConfig {
+  double gamma = 0.3;            // entropy gate: share when H <= gamma*log2(N)
+  double tau = 1.0;              // softmax temperature of matching and weights
+  double top_p = 0.9;            // activation credit mass on share
+  int64_t capacity = 20;         // anchors per slot (V)
+  int64_t window = 5;            // eviction looks at the W oldest anchors
+  int64_t byte_budget = 0;       // whole pool, bytes; 0 = unlimited
+  DistanceMode distance = DistanceMode::kFrobenius;
+  // Expected content layout; 0 = taken from the first anchor. Every anchor
+  // and every loaded file must match it.
+  int64_t layers = 0, kv_heads = 0, head_dim = 0;
+};
+
+// What one agent recorded for one anchor. seg_* are undefined when the slot
+// is not followed by a segment.
+struct AgentDeltas {
+  at::Tensor ph_k, ph_v;    // [L, H, m, D], m = anchor length
+  at::Tensor seg_k, seg_v;  // [L, H, S, D], S = segment length
+  int64_t bytes() const;
+};
+
+struct AnchorInfo {
+  int64_t id;
+  int64_t length;
+  int64_t activations;
+  int64_t inserted;  // insertion sequence number, pool-wide
+  std::vector<std::string> agents;
+  int64_t bytes;
+};
+
+struct Decision {
+  bool share = false;
+  std::string reason;              // why: "share", "too_few_candidates", "entropy_above_gate"
+  std::vector<int64_t> candidates;  // anchor ids with length >= n, in pool order
+  std::vector<float> distances;
+  std::vector<float> probs;
+  float entropy = 0.f;
+  float threshold = 0.f;           // gamma * log2(#candidates)
+  std::vector<int64_t> credited;   // ids whose activation was incremented
+};
+
+// Where the estimate for one agent goes and where its pieces sit.
+struct EstimateRequest {
+  at::Tensor base_k, base_v;        // content, neutral frame [L, H, n, D]
+  at::Tensor inv_freq;              // float32 [D/2]
+  int64_t position = 0;             // first token of the placeholder
+  at::Tensor dst_k, dst_v;          // [L, H, n, D] destinations
+  // Optional following segment (undefined to skip).
+  at::Tensor seg_template_k, seg_template_v;  // neutral frame [L, H, S, D]
+  int64_t seg_position = 0;
+  at::Tensor seg_dst_k, seg_dst_v;  // [L, H, S, D]
+};
+
+struct EstimateResult {
+  std::vector<int64_t> anchors;  // ids whose deltas were used
+  bool ok() const { return !anchors.empty(); }
+};
+
+class AnchorPool {
+ public:
+  explicit AnchorPool(PoolConfig config = {});
+
+  const PoolConfig& config() const { return config_; }
+
+  // SPEC section 4 for new content values [L,H,n,D] against the slot's pool.
+  // On share, credits one activation to the top-p anchors (unless credit is
+  // false). An unknown slot has no candidates and so decides "anchor".
+  Decision decide(const std::string& slot, const at::Tensor& content_v,
+                  bool credit = true);
+
+  // New anchor for `slot` from neutral-frame base K/V [L,H,n,D] (copied).
+  // Evicts per the capacity and byte budget; returns the new anchor's id.
+  int64_t add_anchor(const std::string& slot, const at::Tensor& base_k,
+                     const at::Tensor& base_v);
+
+  // Records (replaces) `agent`'s deltas for anchor `id` (copied).
+  void record_deltas(const std::string& slot, int64_t id,
+                     const std::string& agent, const AgentDeltas& deltas);
+
+  // SPEC section 5: writes the estimated placeholder (and segment) KV for
+  // `agent` into the request's destinations. Uses every anchor of the slot
+  // with length >= n and deltas recorded for `agent` (and, for the segment,
+  // of the same segment length). Returns the ids used; when none qualifies
+  // nothing is written and the result is empty (the caller runs dense).
+  EstimateResult estimate(const std::string& slot, const std::string& agent,
+                          const EstimateRequest& req) const;
+
+  bool has_slot(const std::string& slot) const;
+  std::vector<std::string> slots() const;
+  std::vector<AnchorInfo> anchors(const std::string& slot) const;
+  // Anchor base tensors (for inspection and tests).
+  std::pair<at::Tensor, at::Tensor> anchor_base(const std::string& slot,
+                                                int64_t id) const;
+  AgentDeltas anchor_deltas(const std::string& slot, int64_t id,
+                            const std::string& agent) const;
+  bool has_deltas(const std::string& slot, int64_t id,
+                  const std::string& agent) const;
+  int64_t size() const;
+  int64_t size(const std::string& slot) const;
+  int64_t memory_bytes() const;
+  int64_t evictions() const { return evictions_.load(); }
+  void clear();
+
+  // Whole pool to/from a file. save writes a temp file and renames it, so a
+  // crash never leaves a half-written pool. load validates everything
+  // (magic, version, checksums, shapes) before replacing the live contents;
+  // on any error the live pool is unchanged and a c10::Error says why.
+  void save(const std::string& path) const;
+  // `device` empty: CPU.
+  void load(const std::string& path, const std::string& device = "");
+
+  struct Anchor;  // defined in anchor_pool.cpp
+  struct Slot {
+    std::vector<std::shared_ptr<Anchor>> anchors;  // insertion order
+  };
+
+ private:
+  std::shared_ptr<Anchor> find_locked(const std::string& slot, int64_t id) const;
+  void evict_for_capacity_locked(Slot& slot);
+  void enforce_budget_locked(const Anchor* keep, int64_t extra_bytes);
+  void check_layout_locked(const char* what, const at::Tensor& t) const;
+  int64_t bytes_locked() const;
+
+  PoolConfig config_;
+  mutable std::shared_mutex mutex_;
+  std::map<std::string, Slot> slots_;
+  int64_t next_id_ = 0;
+  int64_t next_seq_ = 0;
+  std::atomic<int64_t> evictions_{0};
+  // Layout every anchor shares once the first one is in (or from config).
+  int64_t layers_ = 0, heads_ = 0, dim_ = 0;
+  at::ScalarType dtype_ = at::ScalarType::Undefined;
+  friend struct PoolFile;
+};
+
+}  // namespace kvcomm

@@ -1,0 +1,60 @@
+// Argument validation shared by the CPU and CUDA launchers. Every user error
+// is a TORCH_CHECK that names the op, the argument, what was expected and
+// what was given.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+
+namespace kvcomm {
+namespace checks {
+
+// Shape of one content KV tensor [layers, kv_heads, tokens, head_dim].
+struct KVShape {
+  int64_t layers, heads, tokens, dim;
+};
+
+// A floating KV tensor (float32/bfloat16/float16) of rank 4.
+KVShape kv4(const char* op, const char* arg, const at::Tensor& t);
+
+// `t` has the device and dtype of `like`.
+void same_device_dtype(const char* op, const char* arg, const at::Tensor& t,
+                       const char* like_arg, const at::Tensor& like);
+
+// float32 [head_dim/2] on the device of `like`; head_dim must be even.
+void inv_freq(const char* op, const at::Tensor& inv_freq, int64_t head_dim,
+              const at::Tensor& like);
+
+// int64 [] / [1] (one shift) or [tokens] (one per token) on the device of
+// `like`. Returns true when the shift is per token.
+bool shift(const char* op, const at::Tensor& shift, int64_t tokens,
+           const at::Tensor& like);
+
+// Every anchor matches `content` in layers, heads, head_dim, dtype and device
+// and has at least content.tokens tokens.
+void anchors(const char* op, const char* arg, const at::Tensor& content,
+             const KVShape& shape, at::TensorList anchors);
+
+// Everything fused_offset needs, checked once for both back ends.
+struct OffsetPlan {
+  KVShape shape;
+  int64_t num_deltas;
+  bool per_token_weights;  // weights [N,T]; otherwise [N,L,H,D]
+  bool per_token_shift;
+  bool rotate;             // inv_freq given: keys
+};
+OffsetPlan offset(const char* op, const at::Tensor& dst, const at::Tensor& base,
+                  at::TensorList deltas, const at::Tensor& weights,
+                  const at::Tensor& shift,
+                  const c10::optional<at::Tensor>& inv_freq);
+
+// float32 [N] distances.
+void distances(const char* op, const at::Tensor& distances);
+
+// tau > 0, gamma >= 0, 0 < top_p <= 1.
+void decide_params(const char* op, double tau, double gamma, double top_p);
+void tau(const char* op, double tau);
+
+}  // namespace checks
+}  // namespace kvcomm

@@ -1,0 +1,286 @@
+// AnchorPool save/load: a versioned binary file with a checksum, written to a
+// temp file and renamed (atomic), fully parsed and validated before the live
+// pool is replaced.
+//
+// Layout (little-endian, as the machine writes it):
+//   "KVCOMMPL" u32 version u32 0
+//   i64 layers heads dim, i8 dtype, i64 next_id next_seq, u64 slots
+//   per slot:   str name, u64 anchors
+//   per anchor: i64 id seq length activations, tensor base_k base_v,
+//               u64 agents; per agent: str name, u8 has_seg, tensor ph_k ph_v
+//               [seg_k seg_v]
+//   u64 FNV-1a checksum of every byte before it
+// str = u64 size + bytes; tensor = i8 dtype, i64 ndim, i64 sizes..., raw data.
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+
+#include "anchor.h"
+
+namespace kvcomm {
+
+namespace {
+
+constexpr char kMagic[8] = {'K', 'V', 'C', 'O', 'M', 'M', 'P', 'L'};
+constexpr uint32_t kVersion = 1;
+constexpr int64_t kMaxRank = 8;
+
+uint64_t fnv1a(const std::string& bytes) {
+  uint64_t h = 1469598103934665603ULL;
+  for (unsigned char c : bytes) {
+    h ^= c;
+    h *= 1099511628211ULL;
+  }
+  return h;
+}
+
+struct Writer {
+  std::string buf;
+  template <typename T>
+  void pod(T v) {
+    buf.append(reinterpret_cast<const char*>(&v), sizeof(T));
+  }
+  void str(const std::string& s) {
+    pod<uint64_t>(s.size());
+    buf.append(s);
+  }
+  void tensor(const at::Tensor& t) {
+    const at::Tensor c = t.to(at::kCPU).contiguous();
+    pod<int8_t>(static_cast<int8_t>(c.scalar_type()));
+    pod<int64_t>(c.dim());
+    for (int64_t s : c.sizes()) pod<int64_t>(s);
+    buf.append(static_cast<const char*>(c.data_ptr()), c.nbytes());
+  }
+};
+
+struct Reader {
+  const std::string& buf;
+  size_t pos = 0;
+  const std::string& path;
+
+  void need(size_t n) {
+    TORCH_CHECK(pos + n <= buf.size(), "AnchorPool.load: '", path,
+                "' is truncated (needed ", n, " more bytes at offset ", pos, ")");
+  }
+  template <typename T>
+  T pod() {
+    need(sizeof(T));
+    T v;
+    std::memcpy(&v, buf.data() + pos, sizeof(T));
+    pos += sizeof(T);
+    return v;
+  }
+  std::string str() {
+    const uint64_t n = pod<uint64_t>();
+    need(n);
+    std::string s = buf.substr(pos, n);
+    pos += n;
+    return s;
+  }
+  at::Tensor tensor(const at::Device& device) {
+    const auto dtype = static_cast<at::ScalarType>(pod<int8_t>());
+    TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+                "AnchorPool.load: '", path, "' holds a tensor of unsupported dtype code ",
+                static_cast<int>(dtype));
+    const int64_t rank = pod<int64_t>();
+    TORCH_CHECK(rank >= 0 && rank <= kMaxRank, "AnchorPool.load: '", path,
+                "' is corrupted (tensor rank ", rank, ")");
+    std::vector<int64_t> sizes(rank);
+    int64_t numel = 1;
+    for (auto& s : sizes) {
+      s = pod<int64_t>();
+      TORCH_CHECK(s >= 0 && s < (int64_t{1} << 40), "AnchorPool.load: '", path,
+                  "' is corrupted (tensor size ", s, ")");
+      numel *= s;
+    }
+    at::Tensor t = at::empty(sizes, at::TensorOptions().dtype(dtype));
+    need(t.nbytes());
+    std::memcpy(t.data_ptr(), buf.data() + pos, t.nbytes());
+    pos += t.nbytes();
+    return device.is_cpu() ? t : t.to(device);
+  }
+};
+
+}  // namespace
+
+// Friend of AnchorPool: reads and writes its private state.
+struct PoolFile {
+  static std::string encode(const AnchorPool& p) {
+    Writer w;
+    w.buf.append(kMagic, sizeof(kMagic));
+    w.pod<uint32_t>(kVersion);
+    w.pod<uint32_t>(0);
+    w.pod<int64_t>(p.layers_);
+    w.pod<int64_t>(p.heads_);
+    w.pod<int64_t>(p.dim_);
+    w.pod<int8_t>(static_cast<int8_t>(p.dtype_));
+    w.pod<int64_t>(p.next_id_);
+    w.pod<int64_t>(p.next_seq_);
+    w.pod<uint64_t>(p.slots_.size());
+    for (const auto& kv : p.slots_) {
+      w.str(kv.first);
+      w.pod<uint64_t>(kv.second.anchors.size());
+      for (const auto& a : kv.second.anchors) {
+        w.pod<int64_t>(a->id);
+        w.pod<int64_t>(a->seq);
+        w.pod<int64_t>(a->length);
+        w.pod<int64_t>(a->activations.load());
+        w.tensor(a->base_k);
+        w.tensor(a->base_v);
+        w.pod<uint64_t>(a->deltas->size());
+        for (const auto& d : *a->deltas) {
+          w.str(d.first);
+          const bool seg = d.second.seg_k.defined();
+          w.pod<uint8_t>(seg ? 1 : 0);
+          w.tensor(d.second.ph_k);
+          w.tensor(d.second.ph_v);
+          if (seg) {
+            w.tensor(d.second.seg_k);
+            w.tensor(d.second.seg_v);
+          }
+        }
+      }
+    }
+    w.pod<uint64_t>(fnv1a(w.buf));
+    return std::move(w.buf);
+  }
+
+  // Decodes into `fresh` (an empty pool with the live pool's config).
+  static void decode(const std::string& buf, const std::string& path,
+                     const at::Device& device, AnchorPool& fresh) {
+    const char* op = "AnchorPool.load";
+    TORCH_CHECK(buf.size() >= sizeof(kMagic) + 8 + 8 &&
+                    std::memcmp(buf.data(), kMagic, sizeof(kMagic)) == 0,
+                op, ": '", path, "' is not a kvcomm anchor-pool file");
+    const std::string body = buf.substr(0, buf.size() - 8);
+    uint64_t stored;
+    std::memcpy(&stored, buf.data() + buf.size() - 8, 8);
+    Reader r{body, sizeof(kMagic), path};
+    const uint32_t version = r.pod<uint32_t>();
+    TORCH_CHECK(version == kVersion, op, ": '", path, "' is format version ",
+                version, " but this build reads version ", kVersion);
+    TORCH_CHECK(fnv1a(body) == stored, op, ": '", path,
+                "' is corrupted (checksum mismatch)");
+    r.pod<uint32_t>();
+    const int64_t layers = r.pod<int64_t>(), heads = r.pod<int64_t>(),
+                  dim = r.pod<int64_t>();
+    const auto dtype = static_cast<at::ScalarType>(r.pod<int8_t>());
+    if (fresh.layers_ > 0 && layers > 0) {
+      TORCH_CHECK(layers == fresh.layers_ && heads == fresh.heads_ && dim == fresh.dim_,
+                  op, ": '", path, "' holds anchors of [layers=", layers,
+                  ", kv_heads=", heads, ", head_dim=", dim,
+                  "] but this pool is for [layers=", fresh.layers_, ", kv_heads=",
+                  fresh.heads_, ", head_dim=", fresh.dim_, "]");
+    }
+    if (fresh.dtype_ != at::ScalarType::Undefined && layers > 0) {
+      TORCH_CHECK(dtype == fresh.dtype_, op, ": '", path, "' holds ", dtype,
+                  " anchors but this pool holds ", fresh.dtype_);
+    }
+    if (layers > 0) {
+      fresh.layers_ = layers;
+      fresh.heads_ = heads;
+      fresh.dim_ = dim;
+      fresh.dtype_ = dtype;
+    }
+    fresh.next_id_ = r.pod<int64_t>();
+    fresh.next_seq_ = r.pod<int64_t>();
+    const uint64_t n_slots = r.pod<uint64_t>();
+    for (uint64_t i = 0; i < n_slots; ++i) {
+      const std::string name = r.str();
+      auto& slot = fresh.slots_[name];
+      const uint64_t n_anchors = r.pod<uint64_t>();
+      for (uint64_t j = 0; j < n_anchors; ++j) {
+        auto a = std::make_shared<AnchorPool::Anchor>();
+        a->id = r.pod<int64_t>();
+        a->seq = r.pod<int64_t>();
+        a->length = r.pod<int64_t>();
+        a->activations.store(r.pod<int64_t>());
+        a->base_k = r.tensor(device);
+        a->base_v = r.tensor(device);
+        check_kv(path, a->base_k, layers, heads, dim, dtype, a->length);
+        check_kv(path, a->base_v, layers, heads, dim, dtype, a->length);
+        auto map = std::make_shared<DeltaMap>();
+        const uint64_t n_agents = r.pod<uint64_t>();
+        for (uint64_t k = 0; k < n_agents; ++k) {
+          const std::string agent = r.str();
+          const bool seg = r.pod<uint8_t>() != 0;
+          AgentDeltas d;
+          d.ph_k = r.tensor(device);
+          d.ph_v = r.tensor(device);
+          check_kv(path, d.ph_k, layers, heads, dim, dtype, a->length);
+          check_kv(path, d.ph_v, layers, heads, dim, dtype, a->length);
+          if (seg) {
+            d.seg_k = r.tensor(device);
+            d.seg_v = r.tensor(device);
+            check_kv(path, d.seg_k, layers, heads, dim, dtype, -1);
+            check_kv(path, d.seg_v, layers, heads, dim, dtype, d.seg_k.size(2));
+          }
+          (*map)[agent] = std::move(d);
+        }
+        a->deltas = std::move(map);
+        slot.anchors.push_back(std::move(a));
+      }
+    }
+    TORCH_CHECK(r.pos == body.size(), op, ": '", path,
+                "' is corrupted (", body.size() - r.pos, " trailing bytes)");
+  }
+
+  static void check_kv(const std::string& path, const at::Tensor& t, int64_t layers,
+                       int64_t heads, int64_t dim, at::ScalarType dtype, int64_t tokens) {
+    TORCH_CHECK(t.dim() == 4 && t.size(0) == layers && t.size(1) == heads &&
+                    t.size(3) == dim && t.scalar_type() == dtype &&
+                    (tokens < 0 || t.size(2) == tokens),
+                "AnchorPool.load: '", path, "' is corrupted (tensor of shape ",
+                t.sizes(), " and dtype ", t.scalar_type(), " in a pool of [",
+                layers, ", ", heads, ", ", tokens, ", ", dim, "] ", dtype, ")");
+  }
+};
+
+void AnchorPool::save(const std::string& path) const {
+  std::string bytes;
+  {
+    std::shared_lock<std::shared_mutex> lock(mutex_);
+    bytes = PoolFile::encode(*this);
+  }
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    TORCH_CHECK(out.good(), "AnchorPool.save: cannot write '", tmp, "'");
+    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    out.flush();
+    TORCH_CHECK(out.good(), "AnchorPool.save: writing '", tmp, "' failed");
+  }
+  TORCH_CHECK(std::rename(tmp.c_str(), path.c_str()) == 0,
+              "AnchorPool.save: cannot rename '", tmp, "' to '", path, "'");
+}
+
+void AnchorPool::load(const std::string& path, const std::string& device) {
+  std::ifstream in(path, std::ios::binary);
+  TORCH_CHECK(in.good(), "AnchorPool.load: cannot open '", path, "'");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  const std::string buf = ss.str();
+  const at::Device dev = device.empty() ? at::Device(at::kCPU) : at::Device(device);
+  AnchorPool fresh(config_);
+  {
+    std::shared_lock<std::shared_mutex> lock(mutex_);
+    fresh.layers_ = layers_;
+    fresh.heads_ = heads_;
+    fresh.dim_ = dim_;
+    fresh.dtype_ = dtype_;
+  }
+  PoolFile::decode(buf, path, dev, fresh);
+  std::unique_lock<std::shared_mutex> lock(mutex_);
+  slots_ = std::move(fresh.slots_);
+  layers_ = fresh.layers_;
+  heads_ = fresh.heads_;
+  dim_ = fresh.dim_;
+  dtype_ = fresh.dtype_;
+  next_id_ = fresh.next_id_;
+  next_seq_ = fresh.next_seq_;
+  for (auto& kv : slots_) evict_for_capacity_locked(kv.second);
+  enforce_budget_locked(nullptr, 0);
+}
+
+}  // namespace kvcomm

@@ -1,0 +1,129 @@
+"""Python wrappers of torch.ops.kvcomm, with fake kernels for torch.compile.
+
+Content KV layout everywhere: [layers, kv_heads, tokens, head_dim] (L, H, T, D),
+dtype float32, bfloat16 or float16. Keys in a pool are stored in the
+position-neutral frame (the content's first token at position 0).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (loads the library that registers the ops)
+
+_ops = torch.ops.kvcomm
+
+
+def _as_shift(shift: int | Tensor, like: Tensor) -> Tensor:
+    if isinstance(shift, Tensor):
+        return shift
+    return torch.tensor(int(shift), dtype=torch.int64, device=like.device)
+
+
+def rope_move(keys: Tensor, inv_freq: Tensor, shift: int | Tensor) -> Tensor:
+    """Keys [L,H,T,D] moved by `shift` positions (int, int64 [] or [T]).
+
+    inv_freq: float32 [D/2], the model's rotate-half RoPE frequencies. Exact:
+    keys computed at positions p moved by s equal keys computed at p + s.
+    """
+    return _ops.rope_move(keys, inv_freq, _as_shift(shift, keys))
+
+
+def rope_move_(keys: Tensor, inv_freq: Tensor, shift: int | Tensor) -> Tensor:
+    """In-place rope_move; `keys` may be a strided slice of a KV buffer."""
+    _ops.rope_move_(keys, inv_freq, _as_shift(shift, keys))
+    return keys
+
+
+def value_distances(content: Tensor, anchors: Sequence[Tensor], rms: bool = False) -> Tensor:
+    """float32 [N]: ||content - anchor_u[:, :, :n]|| over all elements.
+
+    content [L,H,n,D]; anchors: N tensors [L,H,m_u,D] with m_u >= n. rms=True
+    divides the squared sum by the element count (scale-free distance).
+    """
+    return _ops.value_distances(content, list(anchors), rms)
+
+
+def match_decide(distances: Tensor, tau: float = 1.0, gamma: float = 0.3, top_p: float = 0.9):
+    """SPEC section 4 decision from distances [N] (float32).
+
+    Returns (probs [N] float32, entropy [] float32 bits, share [] bool,
+    credit [N] bool): share iff N >= 2 and entropy <= gamma*log2(N); credit
+    marks the smallest most-probable set with probability >= top_p.
+    """
+    return _ops.match_decide(distances, tau, gamma, top_p)
+
+
+def token_weights(base: Tensor, anchors: Sequence[Tensor], tau: float = 1.0) -> Tensor:
+    """float32 [N, n]: softmax_u(-mean_{l,h,d}|base[t] - anchor_u[t]| / tau)."""
+    return _ops.token_weights(base, list(anchors), tau)
+
+
+def segment_weights(base: Tensor, anchors: Sequence[Tensor], tau: float = 1.0) -> Tensor:
+    """float32 [N, L, H, D]: softmax_u(-||base - anchor_u[:, :, -n:]||_t / tau)."""
+    return _ops.segment_weights(base, list(anchors), tau)
+
+
+def fused_offset(base: Tensor, deltas: Sequence[Tensor], weights: Tensor, shift: int | Tensor,
+                 inv_freq: Tensor | None = None) -> Tensor:
+    """New tensor [L,H,T,D]: rot(base + sum_u w_u * delta_u, shift).
+
+    deltas: N tensors [L,H,>=T,D] (first T tokens used), added on layers >= 1
+    only; weights float32 [N, T] (per token) or [N, L, H, D] (per channel);
+    rotation only when inv_freq is given (keys), none for values.
+    """
+    return _ops.fused_offset(base, list(deltas), weights, _as_shift(shift, base), inv_freq)
+
+
+def fused_offset_into(dst: Tensor, base: Tensor, deltas: Sequence[Tensor], weights: Tensor,
+                      shift: int | Tensor, inv_freq: Tensor | None = None) -> Tensor:
+    """fused_offset written into dst [L,H,T,D] (any strides); returns dst."""
+    _ops.fused_offset_into(dst, base, list(deltas), weights, _as_shift(shift, base), inv_freq)
+    return dst
+
+
+# ---- fake kernels: shapes only, so torch.compile and FakeTensor can trace ----
+
+@torch.library.register_fake("kvcomm::rope_move")
+def _rope_move_fake(keys, inv_freq, shift):
+    return torch.empty_like(keys, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("kvcomm::rope_move_")
+def _rope_move_inplace_fake(keys, inv_freq, shift):
+    return None
+
+
+@torch.library.register_fake("kvcomm::value_distances")
+def _value_distances_fake(content, anchors, rms=False):
+    return content.new_empty(len(anchors), dtype=torch.float32)
+
+
+@torch.library.register_fake("kvcomm::match_decide")
+def _match_decide_fake(distances, tau, gamma, top_p):
+    n = distances.shape[0]
+    return (distances.new_empty(n), distances.new_empty(()),
+            distances.new_empty((), dtype=torch.bool), distances.new_empty(n, dtype=torch.bool))
+
+
+@torch.library.register_fake("kvcomm::token_weights")
+def _token_weights_fake(base, anchors, tau):
+    return base.new_empty(len(anchors), base.shape[2], dtype=torch.float32)
+
+
+@torch.library.register_fake("kvcomm::segment_weights")
+def _segment_weights_fake(base, anchors, tau):
+    L, H, _, D = base.shape
+    return base.new_empty(len(anchors), L, H, D, dtype=torch.float32)
+
+
+@torch.library.register_fake("kvcomm::fused_offset")
+def _fused_offset_fake(base, deltas, weights, shift, inv_freq):
+    return torch.empty_like(base, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("kvcomm::fused_offset_into")
+def _fused_offset_into_fake(dst, base, deltas, weights, shift, inv_freq):
+    return None

@@ -1,0 +1,46 @@
+"""Builds kvcomm._C: the C++ core (always) plus the CUDA kernels when torch has
+CUDA and nvcc is present. KVCOMM_CUDA=1 forces the CUDA sources in (a compile
+check on a machine without a GPU), KVCOMM_CUDA=0 leaves them out."""
+import glob
+import os
+
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def want_cuda() -> bool:
+    forced = os.environ.get("KVCOMM_CUDA")
+    if forced is not None:
+        return forced == "1"
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def sources(pattern: str) -> list[str]:
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+cxx_flags = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+include_dirs = [os.path.join(ROOT, "cpp"), os.path.join(ROOT, "cpp", "include")]
+cpp_sources = sources("cpp/*.cpp")
+
+if want_cuda():
+    ext = CUDAExtension(
+        "kvcomm._C",
+        cpp_sources + sources("cuda/*.cu"),
+        include_dirs=include_dirs,
+        define_macros=[("KVCOMM_WITH_CUDA", "1")],
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+    )
+else:
+    ext = CppExtension("kvcomm._C", cpp_sources, include_dirs=include_dirs,
+                       extra_compile_args={"cxx": cxx_flags})
+
+setup(
+    packages=find_packages("python"),
+    package_dir={"": "python"},
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
