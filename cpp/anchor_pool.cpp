@@ -213,7 +213,9 @@ EstimateResult AnchorPool::estimate(const std::string& slot,
   const char* op = "AnchorPool.estimate";
   check_pair(op, "base_k", req.base_k, "base_v", req.base_v);
   const int64_t n = req.base_k.size(2);
+  checks::inv_freq(op, req.inv_freq, req.base_k.size(3), req.base_k);
   check_pair(op, "dst_k", req.dst_k, "dst_v", req.dst_v);
+  checks::same_device_dtype(op, "dst_k", req.dst_k, "base_k", req.base_k);
   TORCH_CHECK(req.dst_k.sizes() == req.base_k.sizes(), op, ": dst_k has shape ",
               req.dst_k.sizes(), " but base_k has shape ", req.base_k.sizes());
   const bool seg = req.seg_template_k.defined();
