@@ -3,6 +3,7 @@
 #include "kvcomm/anchor_pool.h"
 
 #include <algorithm>
+#include <cmath>
 
 #include "anchor.h"
 #include "kvcomm/ops.h"
@@ -109,6 +110,11 @@ Decision AnchorPool::decide(const std::string& slot, const at::Tensor& content_v
   out.distances.assign(h, h + n);
   out.probs.assign(h + n, h + 2 * n);
   out.entropy = h[2 * n];
+  for (int64_t u = 0; u < n; ++u) {
+    TORCH_CHECK(std::isfinite(out.distances[u]), op, ": content_v for slot '", slot,
+                "' is at a non-finite distance from anchor ", out.candidates[u],
+                " (NaN or Inf in the values)");
+  }
   out.share = h[2 * n + 1] != 0.f;
   out.threshold = n >= 2 ? static_cast<float>(config_.gamma * std::log2(static_cast<double>(n)))
                          : 0.f;

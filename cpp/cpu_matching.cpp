@@ -79,11 +79,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> match_decide(
   at::Tensor credit = at::zeros({n}, distances.options().dtype(at::kBool));
   std::vector<int64_t> order(n);
   float* p = probs.data_ptr<float>();
-  math::softmax_neg_over_tau(p, n, static_cast<float>(tau));
-  const bool sh = math::decide_share(p, n, static_cast<float>(gamma),
-                                     static_cast<float>(top_p),
-                                     entropy.data_ptr<float>(),
-                                     credit.data_ptr<bool>(), order.data());
+  const bool sh = math::match_decide_inplace(
+      p, n, static_cast<float>(tau), static_cast<float>(gamma),
+      static_cast<float>(top_p), entropy.data_ptr<float>(),
+      credit.data_ptr<bool>(), order.data());
   share.fill_(sh);
   return {probs, entropy, share, credit};
 }

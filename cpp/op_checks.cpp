@@ -1,5 +1,7 @@
 #include "op_checks.h"
 
+#include <ATen/MemoryOverlap.h>
+
 #include <cmath>
 
 namespace kvcomm {
@@ -13,6 +15,9 @@ KVShape kv4(const char* op, const char* arg, const at::Tensor& t) {
   const auto dt = t.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op,
               ": ", arg, " must be float32, bfloat16 or float16, got ", dt);
+  TORCH_CHECK(t.size(0) > 0 && t.size(1) > 0 && t.size(3) > 0, op, ": ", arg,
+              " must have at least one layer, kv_head and head_dim channel, got shape ",
+              t.sizes());
   return {t.size(0), t.size(1), t.size(2), t.size(3)};
 }
 
@@ -77,6 +82,9 @@ OffsetPlan offset(const char* op, const at::Tensor& dst, const at::Tensor& base,
   const KVShape& s = plan.shape;
   const KVShape d = kv4(op, "dst", dst);
   same_device_dtype(op, "dst", dst, "base", base);
+  TORCH_CHECK(at::has_internal_overlap(dst) != at::MemOverlap::Yes, op,
+              ": dst has overlapping memory (an expanded or stride-0 view); "
+              "write into a real buffer");
   TORCH_CHECK(d.layers == s.layers && d.heads == s.heads &&
                   d.tokens == s.tokens && d.dim == s.dim,
               op, ": dst has shape ", dst.sizes(), " but base is ",

@@ -53,19 +53,24 @@ def match_decide(distances: Tensor, tau: float, gamma: float, top_p: float):
     """(probs, entropy bits, share, credit) of SPEC section 4."""
     d = distances.to(torch.float32)
     n = d.numel()
-    probs = torch.softmax(-d / tau, dim=0)
+    # Shift by the minimum before dividing (as the kernels do) so huge finite
+    # distances do not overflow to -inf.
+    probs = torch.softmax(-(d - d.min()) / tau, dim=0) if n else d.clone()
     p = probs[probs > 0]
     entropy = -(p * p.log2()).sum() if n else torch.zeros((), device=d.device)
     credit = torch.zeros(n, dtype=torch.bool, device=d.device)
+    if n and not torch.isfinite(d).all():
+        # Non-finite values never count as a confident match.
+        return probs, torch.tensor(float("nan"), device=d.device), torch.tensor(False, device=d.device), credit
     share = n >= 2 and float(entropy) <= gamma * math.log2(n)
     if share:
         # Stable descending order: ties go to the lower index.
         order = sorted(range(n), key=lambda i: (-float(probs[i]), i))
-        cum = 0.0
+        cum = torch.zeros((), dtype=torch.float32)
         for i in order:
             credit[i] = True
-            cum += float(probs[i])
-            if cum >= top_p:
+            cum = cum + probs[i].cpu()  # float32 running sum, as the kernels
+            if float(cum) >= top_p:
                 break
     return probs, entropy.to(torch.float32), torch.tensor(share, device=d.device), credit
 

@@ -53,19 +53,40 @@ KVCOMM_HD float entropy_bits(const float* p, int64_t n) {
   return h;
 }
 
-// In-place softmax of -x / tau over n values (x are distances or scores), the
-// weighting used by matching and both weight computations. Stable: the
-// smallest distance gets exponent 0.
-KVCOMM_HD void softmax_neg_over_tau(float* x, int64_t n, float tau) {
+// In-place softmax of -x / tau over n values x[0], x[stride], ... (distances
+// or scores): the weighting used by matching and both weight computations.
+// Stable: the smallest distance gets exponent 0. The stride lets a CUDA
+// finalize kernel normalise one column of an [N, tokens] or [N, channels]
+// output in place with exactly the CPU's arithmetic.
+KVCOMM_HD void softmax_neg_over_tau_strided(float* x, int64_t n, int64_t stride,
+                                            float tau) {
   if (n <= 0) return;
   float mn = x[0];
-  for (int64_t i = 1; i < n; ++i) mn = x[i] < mn ? x[i] : mn;
+  for (int64_t i = 1; i < n; ++i) mn = x[i * stride] < mn ? x[i * stride] : mn;
   float sum = 0.f;
   for (int64_t i = 0; i < n; ++i) {
-    x[i] = expf(-(x[i] - mn) / tau);
-    sum += x[i];
+    x[i * stride] = expf(-(x[i * stride] - mn) / tau);
+    sum += x[i * stride];
   }
-  for (int64_t i = 0; i < n; ++i) x[i] /= sum;
+  for (int64_t i = 0; i < n; ++i) x[i * stride] /= sum;
+}
+
+// The same over n contiguous values.
+KVCOMM_HD void softmax_neg_over_tau(float* x, int64_t n, float tau) {
+  softmax_neg_over_tau_strided(x, n, 1, tau);
+}
+
+// Sine and cosine of a RoPE angle. On the device this is the accurate
+// sincosf (never the fast-math intrinsics, which lose digits for the large
+// angles of far positions); on the host the float std::sin / std::cos the CPU
+// path uses, so both back ends agree to the last bits the libraries allow.
+KVCOMM_HD void sin_cos(float angle, float* s, float* c) {
+#if defined(__CUDA_ARCH__)
+  sincosf(angle, s, c);
+#else
+  *s = std::sin(angle);
+  *c = std::cos(angle);
+#endif
 }
 
 // The share-or-anchor gate of SPEC section 4 for probabilities p (already a
@@ -96,6 +117,26 @@ KVCOMM_HD bool decide_share(const float* p, int64_t n, float gamma, float top_p,
     if (cum >= top_p) break;
   }
   return true;
+}
+
+// The whole decision of SPEC section 4 from distances: x holds the N
+// distances on entry and the probabilities on exit. A non-finite distance
+// (NaN/Inf in the values) must never look like a confident match: then no
+// share, no credit, and the entropy is NaN.
+KVCOMM_HD bool match_decide_inplace(float* x, int64_t n, float tau, float gamma,
+                                    float top_p, float* entropy_out,
+                                    bool* credit, int64_t* order) {
+  bool finite = true;
+  // x - x is 0 exactly for finite x and NaN for NaN/Inf; portable to host
+  // and device without std::isfinite vs ::isfinite.
+  for (int64_t i = 0; i < n; ++i) finite = finite && (x[i] - x[i] == 0.f);
+  softmax_neg_over_tau(x, n, tau);
+  if (!finite) {
+    for (int64_t i = 0; i < n; ++i) credit[i] = false;
+    *entropy_out = NAN;
+    return false;
+  }
+  return decide_share(x, n, gamma, top_p, entropy_out, credit, order);
 }
 
 }  // namespace math

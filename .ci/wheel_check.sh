@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Builds the wheel and checks it installs into a fresh venv that has torch and
+# passes an import-and-call smoke test. Needs the .venv from setup.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. "${KVCOMM_VENV:-.venv}/bin/activate"
+OUT=${WHEEL_DIR:-dist}
+rm -rf "$OUT" && mkdir -p "$OUT"
+MAX_JOBS=${MAX_JOBS:-2} pip wheel -q --no-build-isolation --no-deps -w "$OUT" .
+WHEEL=$(ls "$OUT"/kvcomm-*.whl)
+echo "wheel: $WHEEL ($(du -h "$WHEEL" | cut -f1))"
+SMOKE=$(mktemp -d)/venv
+python -m venv "$SMOKE"
+"$SMOKE/bin/pip" install -q --disable-pip-version-check torch==2.13.0 numpy
+"$SMOKE/bin/pip" install -q --disable-pip-version-check --no-deps "$WHEEL"
+cd "$SMOKE/.."  # away from the source tree, so the installed wheel is imported
+"$SMOKE/bin/python" - <<'PY'
+import torch, kvcomm
+from kvcomm import ops
+assert "site-packages" in kvcomm.__file__, kvcomm.__file__
+k = torch.randn(2, 2, 4, 64)
+f = 1.0 / (10000 ** (torch.arange(0, 64, 2).float() / 64))
+back = ops.rope_move(ops.rope_move(k, f, 5), f, -5)
+torch.testing.assert_close(back, k, atol=1e-4, rtol=1e-4)
+pool = kvcomm.AnchorPool(kvcomm.PoolConfig())
+pool.add_anchor("user_question", k, k)
+assert len(pool) == 1
+print("wheel smoke test passed:", kvcomm.__file__)
+PY
