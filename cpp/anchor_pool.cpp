@@ -239,9 +239,11 @@ EstimateResult AnchorPool::estimate(const std::string& slot,
   EstimateResult result;
   {
     std::shared_lock<std::shared_mutex> lock(mutex_);
-    auto it = slots_.find(slot);
-    TORCH_CHECK(it != slots_.end(), op, ": unknown slot '", slot, "'");
     check_layout_locked("AnchorPool.estimate: base_k", req.base_k);
+    // A slot that has no anchors (never had, or all evicted) has none usable:
+    // the caller runs dense, as for any other empty result.
+    auto it = slots_.find(slot);
+    if (it == slots_.end()) return result;
     for (const auto& a : it->second.anchors) {
       if (a->length < n) continue;
       const std::shared_ptr<const DeltaMap> map = a->deltas;

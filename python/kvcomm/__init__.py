@@ -3,6 +3,8 @@
 Not to be confused with "KVComm: Selective KV Sharing" (arXiv 2510.03346):
 this package implements KVCOMM (Ye et al., NeurIPS 2025, arXiv 2510.12872).
 """
+import torch  # noqa: F401  loads libc10/libtorch before the extension needs them
+
 from . import _C  # noqa: F401  registers torch.ops.kvcomm
 from . import ops
 from ._C import AnchorPool, PoolConfig, Decision, EstimateResult  # noqa: F401

@@ -112,7 +112,8 @@ class AnchorPool {
   // `agent` into the request's destinations. Uses every anchor of the slot
   // with length >= n and deltas recorded for `agent` (and, for the segment,
   // of the same segment length). Returns the ids used; when none qualifies
-  // nothing is written and the result is empty (the caller runs dense).
+  // (an unknown slot included) nothing is written and the result is empty
+  // (the caller runs dense).
   EstimateResult estimate(const std::string& slot, const std::string& agent,
                           const EstimateRequest& req) const;
 
