@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Compile-checks the CUDA kernels without a GPU: builds kvcomm._C with every
+# cuda/*.cu against the CUDA build of torch (torch==2.14.1, CUDA 13.0), out of
+# tree in a temporary directory (the in-place CPU build is never touched), then
+# checks an object exists for every .cu, the library exists and loads, and it
+# registers a CUDA kernel for every kvcomm op. Exits non-zero on any failure.
+#
+#   bash .ci/cuda_compile_check.sh [VENV]
+#
+# VENV: a virtual environment with the CUDA torch. Created if missing, and
+# torch==2.14.1 ninja pybind11 setuptools wheel numpy installed into it when
+# it lacks them (pip takes torch from this machine's disk). Default:
+# $KVCOMM_CUDA_VENV, else build/venv-cuda (ignored by git).
+#
+# The three settings (DEVELOPERS.md), each overridable from the environment:
+# CUDA_HOME (where nvcc is, default /usr/local/cuda), TORCH_CUDA_ARCH_LIST
+# (default 9.0, the H100/H200) and KVCOMM_CUDA=1 (forces the CUDA sources in
+# although this machine has no GPU). MAX_JOBS defaults to 2.
+# KVCOMM_SRC builds another source tree than this checkout.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+SRC=${KVCOMM_SRC:-$ROOT}
+VENV=${1:-${KVCOMM_CUDA_VENV:-$ROOT/build/venv-cuda}}
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export KVCOMM_CUDA=1
+export MAX_JOBS=${MAX_JOBS:-2}
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+start=$(date +%s)
+say() { echo "[cuda-check $(( $(date +%s) - start ))s] $*"; }
+
+if [ ! -x "$CUDA_HOME/bin/nvcc" ]; then
+  echo "cuda_compile_check: no nvcc at $CUDA_HOME/bin/nvcc (set CUDA_HOME)" >&2
+  exit 1
+fi
+say "nvcc: $("$CUDA_HOME/bin/nvcc" --version | tail -2 | head -1)"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  say "creating $VENV"
+  python3 -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+if ! "$PY" - <<'EOF' 2>/dev/null
+import sys, torch, ninja, pybind11, setuptools, wheel, numpy  # noqa: F401
+sys.exit(0 if torch.__version__.startswith("2.14.1") and torch.version.cuda else 1)
+EOF
+then
+  say "installing torch==2.14.1 (CUDA build) and the build tools into $VENV"
+  # (The grep drops pip's notes about this machine's empty local index dirs.)
+  "$PY" -m pip install -q torch==2.14.1 ninja pybind11 setuptools wheel numpy 2>&1 \
+    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+  [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "cuda_compile_check: pip install failed" >&2; exit 1; }
+fi
+say "torch $("$PY" -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda)')"
+
+# The CUDA torch wheels carry the CUDA library headers (cuBLAS, cuSPARSE, ...)
+# that torch's own headers include; the toolkit at CUDA_HOME may not.
+SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+NV_INC=$(find "$SITE/nvidia" -maxdepth 3 -type d -name include 2>/dev/null | sort | paste -sd: -)
+export CPATH="${NV_INC}${CPATH:+:$CPATH}"
+export PATH="$VENV/bin:$PATH"  # ninja
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/kvcomm-cuda-check.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+mkdir "$WORK/src"
+# The files a fresh clone has (tracked + untracked, not ignored); no built .so.
+if git -C "$SRC" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+  (cd "$SRC" && git ls-files -co --exclude-standard -z \
+     | tar --null -T - --ignore-failed-read -cf - 2>/dev/null) | tar -xf - -C "$WORK/src"
+else
+  cp -r "$SRC"/setup.py "$SRC"/pyproject.toml "$SRC"/README.md "$SRC"/cpp "$SRC"/cuda "$SRC"/python "$WORK/src/"
+fi
+find "$WORK/src" -name '_C*.so' -delete
+
+say "building kvcomm._C with CUDA (arch $TORCH_CUDA_ARCH_LIST, $MAX_JOBS jobs)"
+(cd "$WORK/src" && "$PY" setup.py -q build_ext --build-lib "$WORK/lib" --build-temp "$WORK/tmp") \
+  > "$WORK/build.log" 2>&1 || {
+    # The compiler's errors first (the tail is Python's traceback), then the tail.
+    grep -E "FAILED: |error:|#error" "$WORK/build.log" | head -40 >&2 || true
+    tail -15 "$WORK/build.log" >&2
+    echo "cuda_compile_check: build FAILED" >&2
+    exit 1
+  }
+grep -E "warning" "$WORK/build.log" | grep -v "^ninja" | head -20 || true
+
+status=0
+for cu in "$WORK"/src/cuda/*.cu; do
+  stem=$(basename "$cu" .cu)
+  if [ -z "$(find "$WORK/tmp" -path "*/cuda/$stem.o" -print -quit)" ]; then
+    echo "cuda_compile_check: no object for cuda/$stem.cu" >&2
+    status=1
+  fi
+done
+SO=$(find "$WORK/lib" -name '_C*.so' -print -quit)
+if [ -z "$SO" ]; then
+  echo "cuda_compile_check: the extension library was not built" >&2
+  exit 1
+fi
+say "built $(basename "$SO") ($(du -h "$SO" | cut -f1)), $(ls "$WORK"/src/cuda/*.cu | wc -l) .cu files"
+
+# Load it (an undefined symbol fails here, not at link time) and check the
+# dispatcher has a CUDA kernel for every kvcomm op.
+"$PY" - "$SO" <<'EOF' || status=1
+import sys, torch
+torch.ops.load_library(sys.argv[1])
+names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("kvcomm::"))
+assert len(names) >= 8, f"too few kvcomm ops registered: {names}"
+missing = [n for n in names if not torch._C._dispatch_has_kernel_for_dispatch_key(n, "CUDA")]
+assert not missing, f"ops without a CUDA kernel: {missing}"
+print(f"CUDA kernels registered for all {len(names)} ops: {', '.join(n.split('::')[1] for n in names)}")
+EOF
+
+[ "$status" -eq 0 ] && say "OK" || say "FAILED"
+exit "$status"

@@ -1,0 +1,67 @@
+// The CUDA implementations of the kvcomm ops, registered under the schemas of
+// cpp/schemas.cpp: the dispatcher sends calls whose tensors are on a CUDA
+// device here. Each op is the shared launcher (launchers.cuh) run by
+// CudaExec; the kernels live in the *_launch.cu files. This is the only CUDA
+// file that includes ATen. tests/test_cuda_ops.py checks that every schema
+// has an m.impl below.
+#include <torch/library.h>
+
+#include "cuda_exec.cuh"
+#include "launchers.cuh"
+
+namespace kvcomm {
+namespace gpu {
+
+using cuda::CudaExec;
+
+at::Tensor rope_move(const at::Tensor& keys, const at::Tensor& inv_freq,
+                     const at::Tensor& shift) {
+  return cuda::rope_move<CudaExec>(keys, inv_freq, shift);
+}
+
+void rope_move_(const at::Tensor& keys, const at::Tensor& inv_freq, const at::Tensor& shift) {
+  cuda::rope_move_<CudaExec>(keys, inv_freq, shift);
+}
+
+at::Tensor value_distances(const at::Tensor& content, at::TensorList anchors, bool rms) {
+  return cuda::value_distances<CudaExec>(content, anchors, rms);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> match_decide(
+    const at::Tensor& distances, double tau, double gamma, double top_p) {
+  return cuda::match_decide<CudaExec>(distances, tau, gamma, top_p);
+}
+
+at::Tensor token_weights(const at::Tensor& base, at::TensorList anchors, double tau) {
+  return cuda::token_weights<CudaExec>(base, anchors, tau);
+}
+
+at::Tensor segment_weights(const at::Tensor& base, at::TensorList anchors, double tau) {
+  return cuda::segment_weights<CudaExec>(base, anchors, tau);
+}
+
+at::Tensor fused_offset(const at::Tensor& base, at::TensorList deltas, const at::Tensor& weights,
+                        const at::Tensor& shift, const c10::optional<at::Tensor>& inv_freq) {
+  return cuda::fused_offset<CudaExec>(base, deltas, weights, shift, inv_freq);
+}
+
+void fused_offset_into(const at::Tensor& dst, const at::Tensor& base, at::TensorList deltas,
+                       const at::Tensor& weights, const at::Tensor& shift,
+                       const c10::optional<at::Tensor>& inv_freq) {
+  cuda::offset_into<CudaExec>("kvcomm.fused_offset_into", dst, base, deltas, weights, shift,
+                              inv_freq);
+}
+
+}  // namespace gpu
+}  // namespace kvcomm
+
+TORCH_LIBRARY_IMPL(kvcomm, CUDA, m) {
+  m.impl("rope_move", &kvcomm::gpu::rope_move);
+  m.impl("rope_move_", &kvcomm::gpu::rope_move_);
+  m.impl("value_distances", &kvcomm::gpu::value_distances);
+  m.impl("match_decide", &kvcomm::gpu::match_decide);
+  m.impl("token_weights", &kvcomm::gpu::token_weights);
+  m.impl("segment_weights", &kvcomm::gpu::segment_weights);
+  m.impl("fused_offset", &kvcomm::gpu::fused_offset);
+  m.impl("fused_offset_into", &kvcomm::gpu::fused_offset_into);
+}

@@ -1,0 +1,116 @@
+// Pieces every kvcomm CUDA kernel uses: tensor references passed as kernel
+// parameters, 16-byte vector loads and stores, and the launch-shape type.
+//
+// Written so the per-thread bodies compile for the host too (plain C++ when
+// not under nvcc): host_emulation.cuh runs the very same bodies in loops on
+// the CPU, which is how the index arithmetic is tested on machines without a
+// GPU. Only the __global__ wrappers and block reductions are device-only.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "kvcomm/math.h"
+
+#if defined(__CUDACC__)
+#define KVCOMM_GRID_CONSTANT __grid_constant__
+#endif
+
+namespace kvcomm {
+namespace cuda {
+
+using math::Strides4;
+
+// Anchors / deltas handed to one launch through the kernel parameters (no
+// host-to-device copy): 32 x 40 bytes, well inside the parameter space.
+// More than this: distances and weights launch once per chunk of 32;
+// the fused offset reads a table uploaded to the device.
+constexpr int kMaxParamRefs = 32;
+
+// One [layers, heads, tokens, head_dim] view: its first element and strides
+// in elements. The pointer may already be advanced (segment weights use an
+// anchor's last tokens).
+struct KVRef {
+  const void* ptr;
+  Strides4 s;
+};
+
+struct RefTable {
+  KVRef r[kMaxParamRefs];
+};
+
+// A launch shape that is also meaningful to the host emulation.
+struct Launch {
+  unsigned grid_x = 1, grid_y = 1;
+  unsigned block_x = 1, block_y = 1;
+};
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Elements of scalar_t in one 16-byte vector (4 floats, 8 halves/bfloat16s),
+// or 1 for the scalar path used with arbitrary strides.
+template <typename T, bool kVec>
+struct Width {
+  static constexpr int value = kVec ? static_cast<int>(16 / sizeof(T)) : 1;
+};
+
+// Reads Width elements starting at p (contiguous when kVec; the caller has
+// checked 16-byte alignment) and widens them to float.
+template <typename T, bool kVec>
+KVCOMM_HD void load_float(const T* p, float* out) {
+  constexpr int V = Width<T, kVec>::value;
+  if constexpr (V == 1) {
+    out[0] = static_cast<float>(p[0]);
+  } else {
+#if defined(__CUDA_ARCH__)
+    // One 128-bit load instruction.
+    const uint4 bits = *reinterpret_cast<const uint4*>(p);
+    T e[V];
+    memcpy(e, &bits, 16);
+#else
+    T e[V];
+    memcpy(e, p, 16);
+#endif
+#pragma unroll
+    for (int v = 0; v < V; ++v) out[v] = static_cast<float>(e[v]);
+  }
+}
+
+// Narrows Width floats to T (round to nearest even, as on the CPU) and
+// writes them at p.
+template <typename T, bool kVec>
+KVCOMM_HD void store_float(T* p, const float* in) {
+  constexpr int V = Width<T, kVec>::value;
+  if constexpr (V == 1) {
+    p[0] = static_cast<T>(in[0]);
+  } else {
+    T e[V];
+#pragma unroll
+    for (int v = 0; v < V; ++v) e[v] = static_cast<T>(in[v]);
+#if defined(__CUDA_ARCH__)
+    uint4 bits;
+    memcpy(&bits, e, 16);
+    *reinterpret_cast<uint4*>(p) = bits;
+#else
+    memcpy(p, e, 16);
+#endif
+  }
+}
+
+template <typename T>
+KVCOMM_HD const T* elem(const KVRef& r, int64_t l, int64_t h, int64_t t, int64_t d) {
+  return static_cast<const T*>(r.ptr) + r.s.at(l, h, t, d);
+}
+
+#if defined(__CUDACC__)
+// Sum of v over the `width` consecutive lanes of a warp that share a group
+// (width a power of two <= 32, groups aligned to width).
+template <typename F>
+__device__ __forceinline__ F group_sum(F v, int width) {
+  for (int o = width / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o, width);
+  return v;
+}
+#endif
+
+}  // namespace cuda
+}  // namespace kvcomm

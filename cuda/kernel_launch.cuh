@@ -1,0 +1,41 @@
+// Launch functions of every kernel, callable without seeing the kernels.
+//
+// The kernel files (*_launch.cu) include no torch header, only these plain
+// declarations, and instantiate them for float, c10::Half and c10::BFloat16;
+// the one file that needs ATen (cuda_register.cu, through cuda_exec.cuh)
+// calls them. ATen.h costs ~25 s of compile per nvcc translation unit, so
+// this keeps it to one. Each returns cudaGetLastError() after its launch
+// (asynchronous; nothing waits for the device).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include "matching_kernels.cuh"
+#include "offset_kernel.cuh"
+#include "weight_kernels.cuh"
+
+namespace kvcomm {
+namespace cuda {
+
+template <typename T, bool kVec, bool kRotate>
+cudaError_t launch_offset(const Launch& g, const OffsetArgs& a, const RefTable& table,
+                          cudaStream_t stream);
+
+template <typename T, bool kVec, int NMAX>
+cudaError_t launch_distances(const Launch& g, const DistanceArgs& a, const RefTable& table,
+                             cudaStream_t stream);
+cudaError_t launch_distances_finish(const DistanceFinishArgs& a, cudaStream_t stream);
+cudaError_t launch_decide(const DecideArgs& a, cudaStream_t stream);
+
+template <typename T, bool kVec, int NMAX>
+cudaError_t launch_token_scores(const Launch& g, const TokenArgs& a, const RefTable& table,
+                                cudaStream_t stream);
+cudaError_t launch_token_finish(const TokenFinishArgs& a, cudaStream_t stream);
+
+template <typename T, int NMAX>
+cudaError_t launch_segment_scores(const Launch& g, const SegmentArgs& a, const RefTable& table,
+                                  cudaStream_t stream);
+cudaError_t launch_segment_finish(const SegmentFinishArgs& a, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace kvcomm

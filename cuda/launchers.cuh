@@ -1,0 +1,329 @@
+// The host side of every CUDA op: argument checks (shared with the CPU path,
+// op_checks.h), output allocation, the choice between the vector and the
+// strided path, anchor chunking and launch shapes. Written once, generic over
+// an executor `Exec` that runs the kernels:
+//   - CudaExec (cuda_exec.cuh) launches them on the current CUDA stream;
+//   - HostExec (host_emulation.cuh) runs the same per-thread code in loops on
+//     the CPU, so this file and the kernel bodies are tested without a GPU.
+// Nothing here reads device memory back: no host syncs.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+#include "matching_kernels.cuh"
+#include "offset_kernel.cuh"
+#include "op_checks.h"
+#include "weight_kernels.cuh"
+
+// float32, float16 and bfloat16 only (op_checks rejects the rest), so no
+// float64 kernels are compiled for nothing.
+#define KVCOMM_DISPATCH_KV_TYPES(TYPE, NAME, ...)                     \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                      \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)        \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)         \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+namespace kvcomm {
+namespace cuda {
+
+inline Strides4 strides_of(const at::Tensor& t) {
+  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+// A view of t starting at token `first`.
+inline KVRef ref_of(const at::Tensor& t, int64_t first = 0) {
+  const char* p = static_cast<const char*>(t.data_ptr());
+  return {p + first * t.stride(2) * static_cast<int64_t>(t.element_size()), strides_of(t)};
+}
+
+// Whether a [L,H,T,D] view can be read in 16-byte vectors over spans of
+// `span` channels: unit channel stride, all other strides and the span whole
+// vectors, and a 16-byte aligned start.
+inline bool vectorizable(const KVRef& r, int64_t element_size, int64_t span) {
+  const int64_t w = 16 / element_size;
+  return r.s.dim == 1 && span % w == 0 && r.s.layer % w == 0 && r.s.head % w == 0 &&
+         r.s.token % w == 0 && reinterpret_cast<uintptr_t>(r.ptr) % 16 == 0;
+}
+
+// Runs f(first, count, table) for the anchors in chunks of `chunk` (at most
+// kMaxParamRefs, the table's size).
+template <typename F>
+void for_ref_chunks(const std::vector<KVRef>& refs, int64_t chunk, F&& f) {
+  const int64_t n = static_cast<int64_t>(refs.size());
+  for (int64_t first = 0; first < n; first += chunk) {
+    const int64_t count = n - first < chunk ? n - first : chunk;
+    RefTable table{};
+    for (int64_t u = 0; u < count; ++u) table.r[u] = refs[first + u];
+    f(first, count, table);
+  }
+}
+
+// ---- fused offset / RoPE move -------------------------------------------
+
+template <class Exec>
+void offset_into(const char* op, const at::Tensor& dst, const at::Tensor& base,
+                 at::TensorList deltas, const at::Tensor& weights, const at::Tensor& shift,
+                 const c10::optional<at::Tensor>& inv_freq) {
+  const checks::OffsetPlan plan = checks::offset(op, dst, base, deltas, weights, shift, inv_freq);
+  const checks::KVShape& s = plan.shape;
+  if (dst.numel() == 0) return;
+  Exec ex(base);
+  const at::Tensor w = weights.contiguous();
+  const at::Tensor sh = shift.reshape({-1}).contiguous();
+  const at::Tensor f = plan.rotate ? inv_freq->contiguous() : at::Tensor();
+
+  const int64_t span = plan.rotate ? s.dim / 2 : s.dim;
+  const int64_t esize = base.element_size();
+  std::vector<KVRef> refs;
+  for (const at::Tensor& d : deltas) refs.push_back(ref_of(d));
+  const KVRef dref = ref_of(dst), bref = ref_of(base);
+  bool vec = vectorizable(dref, esize, span) && vectorizable(bref, esize, span);
+  for (const KVRef& r : refs) vec = vec && vectorizable(r, esize, span);
+
+  OffsetArgs a{};
+  a.dst = dst.data_ptr();
+  a.ds = dref.s;
+  a.base = bref.ptr;
+  a.bs = bref.s;
+  a.layers = s.layers;
+  a.heads = s.heads;
+  a.tokens = s.tokens;
+  a.dim = s.dim;
+  a.half = s.dim / 2;
+  a.lanes = span / (vec ? 16 / esize : 1);
+  a.num_deltas = plan.num_deltas;
+  a.weights = w.data_ptr<float>();
+  a.per_token_weights = plan.per_token_weights;
+  a.weights_vec4 = reinterpret_cast<uintptr_t>(a.weights) % 16 == 0;
+  a.shift = sh.data_ptr<int64_t>();
+  a.per_token_shift = plan.per_token_shift;
+  a.inv_freq = plan.rotate ? f.data_ptr<float>() : nullptr;
+
+  RefTable small{};
+  at::Tensor table_keepalive;
+  if (plan.num_deltas <= kMaxParamRefs) {
+    for (size_t u = 0; u < refs.size(); ++u) small.r[u] = refs[u];
+    a.delta_table = nullptr;
+  } else {
+    a.delta_table = ex.upload(refs, base, table_keepalive);
+  }
+  const Launch g = plan_offset(s.layers, s.heads, s.tokens, a.lanes, ex.sm_count(),
+                               &a.rows_per_group);
+  KVCOMM_DISPATCH_KV_TYPES(base.scalar_type(), "kvcomm.fused_offset", [&] {
+    if (vec) {
+      if (plan.rotate) ex.template offset<scalar_t, true, true>(g, a, small);
+      else ex.template offset<scalar_t, true, false>(g, a, small);
+    } else {
+      if (plan.rotate) ex.template offset<scalar_t, false, true>(g, a, small);
+      else ex.template offset<scalar_t, false, false>(g, a, small);
+    }
+  });
+}
+
+inline at::Tensor no_weights(const at::Tensor& keys) {
+  return at::empty({0, keys.dim() == 4 ? keys.size(2) : 0}, keys.options().dtype(at::kFloat));
+}
+
+template <class Exec>
+at::Tensor fused_offset(const at::Tensor& base, at::TensorList deltas, const at::Tensor& weights,
+                        const at::Tensor& shift, const c10::optional<at::Tensor>& inv_freq) {
+  checks::kv4("kvcomm.fused_offset", "base", base);
+  at::Tensor out = at::empty_like(base, at::MemoryFormat::Contiguous);
+  offset_into<Exec>("kvcomm.fused_offset", out, base, deltas, weights, shift, inv_freq);
+  return out;
+}
+
+template <class Exec>
+void rope_move_(const at::Tensor& keys, const at::Tensor& inv_freq, const at::Tensor& shift) {
+  checks::kv4("kvcomm.rope_move_", "keys", keys);
+  offset_into<Exec>("kvcomm.rope_move_", keys, keys, {}, no_weights(keys), shift, inv_freq);
+}
+
+template <class Exec>
+at::Tensor rope_move(const at::Tensor& keys, const at::Tensor& inv_freq, const at::Tensor& shift) {
+  checks::kv4("kvcomm.rope_move", "keys", keys);
+  at::Tensor out = at::empty_like(keys, at::MemoryFormat::Contiguous);
+  offset_into<Exec>("kvcomm.rope_move", out, keys, {}, no_weights(keys), shift, inv_freq);
+  return out;
+}
+
+// ---- matching -------------------------------------------------------------
+
+template <class Exec>
+at::Tensor value_distances(const at::Tensor& content, at::TensorList anchors, bool rms) {
+  const char* op = "kvcomm.value_distances";
+  const checks::KVShape s = checks::kv4(op, "content", content);
+  checks::anchors(op, "anchors", content, s, anchors);
+  const int64_t n = static_cast<int64_t>(anchors.size());
+  const auto fopts = content.options().dtype(at::kFloat);
+  if (n == 0) return at::empty({0}, fopts);
+  if (content.numel() == 0) return at::zeros({n}, fopts);
+  Exec ex(content);
+  std::vector<KVRef> refs;
+  for (const at::Tensor& a : anchors) refs.push_back(ref_of(a));
+  const int64_t esize = content.element_size();
+  const KVRef cref = ref_of(content);
+  bool vec = vectorizable(cref, esize, s.dim);
+  for (const KVRef& r : refs) vec = vec && vectorizable(r, esize, s.dim);
+
+  DistanceArgs a{};
+  a.content = cref.ptr;
+  a.cs = cref.s;
+  a.heads = s.heads;
+  a.tokens = s.tokens;
+  a.lanes = s.dim / (vec ? 16 / esize : 1);
+  a.total = s.layers * s.heads * s.tokens * a.lanes;
+  a.n_total = n;
+  const Launch g = plan_distances(a.total, ex.sm_count());
+  at::Tensor partial = at::empty({static_cast<int64_t>(g.grid_x), n}, fopts);
+  a.partial = partial.data_ptr<float>();
+  KVCOMM_DISPATCH_KV_TYPES(content.scalar_type(), "kvcomm.value_distances", [&] {
+    for_ref_chunks(refs, kMaxParamRefs, [&](int64_t first, int64_t count, const RefTable& table) {
+      a.first = first;
+      a.num_refs = count;
+      if (vec) {
+        if (count <= 8) ex.template distances<scalar_t, true, 8>(g, a, table);
+        else ex.template distances<scalar_t, true, kMaxParamRefs>(g, a, table);
+      } else {
+        if (count <= 8) ex.template distances<scalar_t, false, 8>(g, a, table);
+        else ex.template distances<scalar_t, false, kMaxParamRefs>(g, a, table);
+      }
+    });
+  });
+  at::Tensor out = at::empty({n}, fopts);
+  DistanceFinishArgs fa{partial.data_ptr<float>(), g.grid_x, n,
+                        static_cast<double>(content.numel()), rms, out.data_ptr<float>()};
+  ex.distances_finish(fa);
+  return out;
+}
+
+template <class Exec>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> match_decide(
+    const at::Tensor& distances, double tau, double gamma, double top_p) {
+  const char* op = "kvcomm.match_decide";
+  checks::distances(op, distances);
+  checks::decide_params(op, tau, gamma, top_p);
+  Exec ex(distances);
+  const int64_t n = distances.size(0);
+  const auto opts = distances.options();
+  at::Tensor probs = at::empty({n}, opts);
+  at::Tensor entropy = at::empty({}, opts);
+  at::Tensor share = at::empty({}, opts.dtype(at::kBool));
+  at::Tensor credit = at::empty({n}, opts.dtype(at::kBool));
+  at::Tensor order = at::empty({n}, opts.dtype(at::kLong));
+  DecideArgs a{distances.data_ptr<float>(), distances.stride(0), n,
+               static_cast<float>(tau), static_cast<float>(gamma), static_cast<float>(top_p),
+               probs.data_ptr<float>(), entropy.data_ptr<float>(), share.data_ptr<bool>(),
+               credit.data_ptr<bool>(), order.data_ptr<int64_t>()};
+  ex.decide(a);
+  return {probs, entropy, share, credit};
+}
+
+// ---- weights --------------------------------------------------------------
+
+template <class Exec>
+at::Tensor token_weights(const at::Tensor& base, at::TensorList anchors, double tau) {
+  const char* op = "kvcomm.token_weights";
+  const checks::KVShape s = checks::kv4(op, "base", base);
+  checks::anchors(op, "anchors", base, s, anchors);
+  checks::tau(op, tau);
+  const int64_t n = static_cast<int64_t>(anchors.size());
+  const auto fopts = base.options().dtype(at::kFloat);
+  at::Tensor out = at::empty({n, s.tokens}, fopts);
+  if (n == 0 || s.tokens == 0) return out;
+  Exec ex(base);
+  const int64_t rows = s.layers * s.heads;
+  int64_t groups = 0;
+  at::Tensor partial;
+  if (rows * s.dim > 0) {
+    std::vector<KVRef> refs;
+    for (const at::Tensor& a : anchors) refs.push_back(ref_of(a));
+    const int64_t esize = base.element_size();
+    const KVRef bref = ref_of(base);
+    bool vec = vectorizable(bref, esize, s.dim);
+    for (const KVRef& r : refs) vec = vec && vectorizable(r, esize, s.dim);
+    TokenArgs a{};
+    a.base = bref.ptr;
+    a.bs = bref.s;
+    a.heads = s.heads;
+    a.tokens = s.tokens;
+    a.rows = rows;
+    a.lanes = s.dim / (vec ? 16 / esize : 1);
+    a.n_total = n;
+    const Launch g = plan_token_scores(rows, s.tokens, a.lanes, ex.sm_count(), &a.rows_per_group);
+    groups = g.grid_y;
+    partial = at::empty({groups, n, s.tokens}, fopts);
+    a.partial = partial.data_ptr<float>();
+    KVCOMM_DISPATCH_KV_TYPES(base.scalar_type(), "kvcomm.token_weights", [&] {
+      for_ref_chunks(refs, kMaxParamRefs, [&](int64_t first, int64_t count, const RefTable& table) {
+        a.first = first;
+        a.num_refs = count;
+        if (vec) {
+          if (count <= 8) ex.template token_scores<scalar_t, true, 8>(g, a, table);
+          else ex.template token_scores<scalar_t, true, kMaxParamRefs>(g, a, table);
+        } else {
+          if (count <= 8) ex.template token_scores<scalar_t, false, 8>(g, a, table);
+          else ex.template token_scores<scalar_t, false, kMaxParamRefs>(g, a, table);
+        }
+      });
+    });
+  }
+  TokenFinishArgs fa{partial.defined() ? partial.data_ptr<float>() : nullptr, groups, n,
+                     s.tokens, static_cast<double>(rows * s.dim), static_cast<float>(tau),
+                     out.data_ptr<float>()};
+  ex.token_finish(fa);
+  return out;
+}
+
+template <class Exec>
+at::Tensor segment_weights(const at::Tensor& base, at::TensorList anchors, double tau) {
+  const char* op = "kvcomm.segment_weights";
+  const checks::KVShape s = checks::kv4(op, "base", base);
+  checks::anchors(op, "anchors", base, s, anchors);
+  checks::tau(op, tau);
+  const int64_t n = static_cast<int64_t>(anchors.size());
+  const int64_t channels = s.layers * s.heads * s.dim;
+  at::Tensor out = at::empty({n, s.layers, s.heads, s.dim}, base.options().dtype(at::kFloat));
+  if (n == 0 || channels == 0) return out;
+  Exec ex(base);
+  int64_t chunks = 0;
+  at::Tensor partial;
+  if (s.tokens > 0) {
+    std::vector<KVRef> refs;
+    // The anchor's last T tokens line up with the content's tokens.
+    for (const at::Tensor& a : anchors) refs.push_back(ref_of(a, a.size(2) - s.tokens));
+    const KVRef bref = ref_of(base);
+    SegmentArgs a{};
+    a.base = bref.ptr;
+    a.bs = bref.s;
+    a.heads = s.heads;
+    a.tokens = s.tokens;
+    a.dim = s.dim;
+    a.channels = channels;
+    a.n_total = n;
+    const Launch g = plan_segment_scores(channels, s.tokens, ex.sm_count(), &a.tokens_per_chunk);
+    chunks = g.grid_y;
+    partial = at::empty({chunks, n, channels}, base.options().dtype(at::kFloat));
+    a.partial = partial.data_ptr<float>();
+    KVCOMM_DISPATCH_KV_TYPES(base.scalar_type(), "kvcomm.segment_weights", [&] {
+      for_ref_chunks(refs, kSegmentChunk, [&](int64_t first, int64_t count, const RefTable& table) {
+        a.first = first;
+        a.num_refs = count;
+        if (count <= 8) ex.template segment_scores<scalar_t, 8>(g, a, table);
+        else ex.template segment_scores<scalar_t, kSegmentChunk>(g, a, table);
+      });
+    });
+  }
+  SegmentFinishArgs fa{partial.defined() ? partial.data_ptr<float>() : nullptr, chunks, n,
+                       channels, static_cast<float>(tau), out.data_ptr<float>()};
+  ex.segment_finish(fa);
+  return out;
+}
+
+}  // namespace cuda
+}  // namespace kvcomm

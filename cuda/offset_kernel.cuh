@@ -1,0 +1,171 @@
+// The fused offset kernel, which also serves both RoPE moves (an offset with
+// no deltas): dst = rot(base + [layer > 0] * sum_u w_u * delta_u, shift).
+//
+// Mapping. A thread owns one token t and one vector of channels c..c+V-1
+// (with its rotate-half partner c+D/2.. when rotating) and walks a group of
+// (layer, head) rows. The cos/sin of its pairs depend only on (t, c), so they
+// are computed once per thread and reused across the row group, never per
+// layer or head. Threads of a warp cover consecutive vectors of a token and
+// then consecutive tokens, so every load and store is coalesced; with 16-byte
+// alignment and a unit channel stride each access is one 128-bit
+// instruction, otherwise the scalar path follows any strides (dst may be a
+// strided slice of a [L, H, Tmax, D] cache buffer).
+#pragma once
+
+#include "kernel_common.cuh"
+
+namespace kvcomm {
+namespace cuda {
+
+struct OffsetArgs {
+  void* dst;
+  Strides4 ds;
+  const void* base;
+  Strides4 bs;
+  int64_t layers, heads, tokens, dim;
+  int64_t half;            // dim / 2: offset of the rotate-half partner
+  int64_t lanes;           // vectors per row span: (rotate ? dim/2 : dim) / V
+  int64_t rows_per_group;  // (layer, head) rows one thread walks
+  int64_t num_deltas;
+  const KVRef* delta_table;  // device table when num_deltas > kMaxParamRefs
+  const float* weights;      // contiguous [N, T] or [N, L, H, D]
+  bool per_token_weights;
+  bool weights_vec4;         // per-channel weights 16-byte aligned: float4 loads
+  const int64_t* shift;  // [1] or [T]
+  bool per_token_shift;
+  const float* inv_freq;  // [dim/2], rotation only
+};
+
+// V consecutive float weights; as float4 loads when the launcher found them
+// 16-byte aligned (V is then a multiple of 4 and c a multiple of V).
+template <int V>
+KVCOMM_HD void load_weights(const float* w, bool vec4, float* out) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (V % 4 == 0) {
+    if (vec4) {
+#pragma unroll
+      for (int v = 0; v < V; v += 4) {
+        const float4 q = *reinterpret_cast<const float4*>(w + v);
+        out[v] = q.x;
+        out[v + 1] = q.y;
+        out[v + 2] = q.z;
+        out[v + 3] = q.w;
+      }
+      return;
+    }
+  }
+#endif
+  (void)vec4;
+#pragma unroll
+  for (int v = 0; v < V; ++v) out[v] = w[v];
+}
+
+// acc_lo/acc_hi (channels c.. and c+half..) += sum_u w_u * delta_u, in the
+// order u = 0, 1, ... like the CPU.
+template <typename T, bool kVec, bool kRotate>
+KVCOMM_HD void offset_add_deltas(const OffsetArgs& a, const RefTable& small,
+                                 int64_t l, int64_t h, int64_t t, int64_t c,
+                                 float* lo, float* hi) {
+  constexpr int V = Width<T, kVec>::value;
+#pragma unroll 2
+  for (int64_t u = 0; u < a.num_deltas; ++u) {
+    const KVRef& d = a.delta_table != nullptr ? a.delta_table[u] : small.r[u];
+    float x[V], y[V];
+    load_float<T, kVec>(elem<T>(d, l, h, t, c), x);
+    if constexpr (kRotate) load_float<T, kVec>(elem<T>(d, l, h, t, c + a.half), y);
+    if (a.per_token_weights) {
+      const float w = a.weights[u * a.tokens + t];
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        lo[v] += w * x[v];
+        if constexpr (kRotate) hi[v] += w * y[v];
+      }
+    } else {
+      const float* w = a.weights + ((u * a.layers + l) * a.heads + h) * a.dim + c;
+      float wl[V], wh[V];
+      load_weights<V>(w, a.weights_vec4, wl);
+      if constexpr (kRotate) load_weights<V>(w + a.half, a.weights_vec4, wh);
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        lo[v] += wl[v] * x[v];
+        if constexpr (kRotate) hi[v] += wh[v] * y[v];
+      }
+    }
+  }
+}
+
+// Everything thread (t, k) of row group `group` does.
+template <typename T, bool kVec, bool kRotate>
+KVCOMM_HD void offset_thread(const OffsetArgs& a, const RefTable& small, int64_t t,
+                             int64_t k, int64_t group) {
+  constexpr int V = Width<T, kVec>::value;
+  const int64_t c = k * V;
+  float cs[V], sn[V];
+  if constexpr (kRotate) {
+    const int64_t s = a.shift[a.per_token_shift ? t : 0];
+#pragma unroll
+    for (int v = 0; v < V; ++v) math::sin_cos(math::rope_angle(s, a.inv_freq[c + v]), &sn[v], &cs[v]);
+  }
+  const T* base = static_cast<const T*>(a.base);
+  T* dst = static_cast<T*>(a.dst);
+  const int64_t rows = a.layers * a.heads;
+  const int64_t r0 = group * a.rows_per_group;
+  const int64_t r1 = r0 + a.rows_per_group < rows ? r0 + a.rows_per_group : rows;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t l = r / a.heads, h = r - l * a.heads;
+    float lo[V], hi[V];
+    load_float<T, kVec>(base + a.bs.at(l, h, t, c), lo);
+    if constexpr (kRotate) load_float<T, kVec>(base + a.bs.at(l, h, t, c + a.half), hi);
+    // Layer 0 is exact by construction (SPEC): it never gets deltas.
+    if (l > 0) offset_add_deltas<T, kVec, kRotate>(a, small, l, h, t, c, lo, hi);
+    if constexpr (kRotate) {
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        float y1, y2;
+        math::rotate_pair(lo[v], hi[v], cs[v], sn[v], &y1, &y2);
+        lo[v] = y1;
+        hi[v] = y2;
+      }
+      store_float<T, kVec>(dst + a.ds.at(l, h, t, c + a.half), hi);
+    }
+    store_float<T, kVec>(dst + a.ds.at(l, h, t, c), lo);
+  }
+}
+
+// Launch shape: blocks of 256 threads = block_x vectors x block_y tokens;
+// grid (token blocks, row groups). Rows per thread (1..8) grow with the work
+// so that about two waves of 2048 threads per SM remain: small inputs still
+// fill the GPU, large ones amortise the sin/cos over several rows. (The
+// vector rotate kernel holds ~95 registers, 512 resident threads per SM, so
+// that is many more real waves.)
+inline Launch plan_offset(int64_t layers, int64_t heads, int64_t tokens, int64_t lanes,
+                          int sm_count, int64_t* rows_per_group) {
+  Launch g;
+  g.block_x = static_cast<unsigned>(lanes < 256 ? lanes : 256);
+  g.block_y = 256 / g.block_x;
+  g.grid_x = static_cast<unsigned>(ceil_div(tokens, g.block_y));
+  const int64_t rows = layers * heads;
+  const int64_t threads_per_row = static_cast<int64_t>(g.grid_x) * g.block_x * g.block_y;
+  const int64_t target = static_cast<int64_t>(sm_count) * 2048 * 2;
+  int64_t rpg = threads_per_row * rows / (target > 0 ? target : 1);
+  rpg = rpg < 1 ? 1 : (rpg > 8 ? 8 : rpg);
+  if (ceil_div(rows, rpg) > 65535) rpg = ceil_div(rows, 65535);
+  *rows_per_group = rpg;
+  g.grid_y = static_cast<unsigned>(ceil_div(rows, rpg));
+  return g;
+}
+
+#if defined(__CUDACC__)
+template <typename T, bool kVec, bool kRotate>
+__global__ void __launch_bounds__(256)
+    offset_kernel(const KVCOMM_GRID_CONSTANT OffsetArgs a,
+                  const KVCOMM_GRID_CONSTANT RefTable small) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  if (t >= a.tokens) return;
+  for (int64_t k = threadIdx.x; k < a.lanes; k += blockDim.x)
+    offset_thread<T, kVec, kRotate>(a, small, t, k, blockIdx.y);
+}
+#endif
+
+}  // namespace cuda
+}  // namespace kvcomm
