@@ -1,0 +1,418 @@
+"""KVCommEngine: one agent call = decide per slot -> reuse or dense -> decode -> capture.
+
+SPEC sections 4-6 on a Hugging Face model. Per call, in kvcomm mode:
+1. render the agent's prompt and tokenize it once; locate slots and segments;
+2. for each slot, the content's base KV (a captured reply, or encoded behind a
+   header) and the pool's share-or-anchor decision, both once per request;
+3. reuse path (every slot shared and the pool has deltas for this agent): the
+   exact S0 is copied and the core writes the estimated KV of every slot and its
+   following segment straight into the cache buffer; only the last prompt token
+   runs through the model;
+   dense path (otherwise): real prefill after the exact S0; the real KV becomes
+   neutral-frame deltas recorded into the anchors;
+4. first token from the last logits (TTFT stops here), then model.generate;
+5. the reply's KV is cut from the cache and decided against its slot's pool.
+mode="dense" is the baseline: full prefill of the whole prompt, no pool, no capture.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from transformers import GenerationConfig
+
+from .. import hf
+from .._C import AnchorPool, PoolConfig
+from ..hf.cache import KVBufferCache
+from .agent import AgentState, build_agent
+from .bases import HeaderEncoder
+from .kv import forward, neutral_pair
+from .request import Content, Reply, RequestState
+from .template import AGENT_NAME_RE, CONDITION, CURRENT, HISTORY, QUESTION, TemplateError, fill, render_layout
+
+MODES = ("kvcomm", "dense")
+_KIND_OF = {QUESTION: "question", CONDITION: "condition", CURRENT: "reply", HISTORY: "reply"}
+
+
+@dataclass
+class AgentCall:
+    """What one call did. Times in milliseconds."""
+    agent: str
+    text: str
+    mode: str                     # "kvcomm" or "dense"
+    path: str                     # "reuse" or "dense"
+    reason: str                   # why this path
+    ttft_ms: float                # everything the agent waited for before its first token
+    timings: dict                 # encode, decide, estimate, forward, first_token, record, decode, capture, total
+    first_token_id: int
+    first_logits: torch.Tensor | None
+    prompt_tokens: int
+    new_tokens: int
+    slot_decisions: dict          # slot -> decision reason
+    token_ids: list = field(default_factory=list)   # generated ids (first token included)
+
+
+class _Clock:
+    def __init__(self):
+        self.t = {k: 0.0 for k in ("encode", "decide", "estimate", "forward", "first_token",
+                                   "record", "decode", "capture")}
+        self._last = time.perf_counter()
+
+    def lap(self, key: str) -> None:
+        now = time.perf_counter()
+        self.t[key] = self.t.get(key, 0.0) + (now - self._last) * 1000.0
+        self._last = now
+
+
+class KVCommEngine:
+    """KVCOMM on a transformers model. See the module docstring for one call.
+
+    pool_config: kvcomm.PoolConfig (defaults of SPEC section 4 when None);
+    pool: an existing AnchorPool (e.g. loaded from disk) instead;
+    lead_ins: per content kind ("question", "condition", "reply") header lead-in text.
+    """
+
+    def __init__(self, model, tokenizer, pool_config: PoolConfig | None = None, *,
+                 pool: AnchorPool | None = None, lead_ins: dict | None = None):
+        self.spec = hf.enable(model)
+        self.model = model
+        self.tokenizer = tokenizer
+        if pool is None:
+            s = self.spec
+            pool = AnchorPool(pool_config if pool_config is not None else
+                              PoolConfig(layers=s.num_layers, kv_heads=s.kv_heads, head_dim=s.head_dim))
+        self.pool = pool
+        self.encoder = HeaderEncoder(model, tokenizer, self.spec, lead_ins)
+        self.agents: dict[str, AgentState] = {}
+        self.request: RequestState | None = None
+        self._requests = 0
+        self._paths: Counter = Counter()
+        eos = model.generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        if tokenizer.eos_token_id is not None:
+            eos.append(tokenizer.eos_token_id)
+        self.eos_ids = sorted(set(eos))
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+        # Tests and diagnostics: keep the cache and layout of the last call.
+        self._blank: dict[int, bool] = {}
+        self.keep_last_cache = False
+        self.last_cache: KVBufferCache | None = None
+        self.last_layout = None
+
+    # ------------------------------------------------------------------ setup
+
+    def add_agent(self, name: str, system_prompt: str, template: str) -> None:
+        """Registers an agent; computes its template KV (exact S0 + segments) once."""
+        if not isinstance(name, str) or not AGENT_NAME_RE.fullmatch(name):
+            raise ValueError(f"agent name {name!r}: use letters, digits, '_' or '-' (it appears in "
+                             "{agent_<name>_current})")
+        if name in self.agents:
+            raise ValueError(f"agent {name!r} already added")
+        self.agents[name] = build_agent(self.model, self.tokenizer, self.spec, name, system_prompt or "",
+                                        template)
+
+    def new_request(self) -> None:
+        """Starts a request: per-request bases, decisions and replies are dropped."""
+        self._requests += 1
+        self.request = RequestState(index=self._requests)
+
+    def next_round(self) -> None:
+        """This round's replies become {agent_<id>_history} of the next round."""
+        if self.request is None:
+            self.new_request()
+        self.request.next_round()
+
+    # ------------------------------------------------------------------ one call
+
+    def call(self, agent: str, inputs: dict, *, mode: str = "kvcomm", max_new_tokens: int = 128,
+             do_sample: bool = False, temperature: float = 1.0,
+             return_first_logits: bool = False) -> AgentCall:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if agent not in self.agents:
+            raise KeyError(f"unknown agent {agent!r}; add it with add_agent first")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if do_sample and not temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        if self.request is None:
+            self.new_request()
+        with torch.inference_mode():
+            return self._call(self.agents[agent], dict(inputs), mode, max_new_tokens, do_sample,
+                              float(temperature), return_first_logits)
+
+    def _call(self, st: AgentState, inputs, mode, max_new_tokens, do_sample, temperature, want_logits):
+        clock = _Clock()
+        start = clock._last
+        user_text, cspans = fill(st.template, inputs, st.name)
+        lay = render_layout(self.tokenizer, st.frame, user_text, cspans)
+        T = lay.length
+        if T + max_new_tokens > self.spec.max_positions:
+            raise ValueError(f"agent {st.name!r}: prompt of {T} tokens + {max_new_tokens} new tokens exceeds "
+                             f"the model's context of {self.spec.max_positions} positions")
+        if T < 2:
+            raise TemplateError(f"agent {st.name!r}: the prompt has fewer than 2 tokens")
+        capacity = T + max_new_tokens + 1
+        clock.lap("encode")
+
+        slot_decisions: dict[str, str] = {}
+        contents: list[Content] = []
+        missing_deltas: set[int] = set()
+        if mode == "dense":
+            path, reason, aligned = "dense", "baseline", False
+            cache, logits = self._prefill(st, lay, capacity, use_prefix=False)
+            clock.lap("forward")
+        else:
+            reason = self._unaligned(st, lay, max_new_tokens)
+            aligned = reason is None
+            if aligned:
+                contents = self._contents(st, lay, clock)
+                reason = self._path_reason(st, lay, contents, slot_decisions, missing_deltas)
+            cache = None
+            if reason is None:
+                cache, reason = self._assemble(st, lay, contents, capacity, slot_decisions)
+                clock.lap("estimate")
+            if cache is not None:
+                path, reason = "reuse", ("all slots shared" if contents else "no slots: exact prefix")
+                logits = forward(self.model, cache, lay.ids[-1:])
+            else:
+                path = "dense"
+                cache, logits = self._prefill(st, lay, capacity, use_prefix=True)
+            clock.lap("forward")
+
+        first = self._first_token(logits, do_sample, temperature)
+        clock.lap("first_token")
+        ttft_ms = (time.perf_counter() - start) * 1000.0
+
+        if mode == "kvcomm" and path == "dense" and aligned:
+            self._record(st, lay, cache, contents, missing_deltas, slot_decisions)
+            clock.lap("record")
+        tokens = self._decode(lay.ids, first, cache, max_new_tokens, do_sample, temperature)
+        clock.lap("decode")
+        lo, hi = self._reply_span(tokens)
+        text = self.tokenizer.decode(tokens[lo:hi], skip_special_tokens=True)
+        if mode == "kvcomm" and hi > lo and self._exact_range_ok(T + len(tokens)):
+            self._capture(st, cache, T, tokens, lo, hi, text)
+            clock.lap("capture")
+
+        self._paths["baseline" if mode == "dense" else path] += 1
+        if self.keep_last_cache:
+            self.last_cache, self.last_layout = cache, lay
+        timings = dict(clock.t)
+        timings["total"] = (time.perf_counter() - start) * 1000.0
+        return AgentCall(agent=st.name, text=text, mode=mode, path=path, reason=reason, ttft_ms=ttft_ms,
+                         timings=timings, first_token_id=int(first),
+                         first_logits=logits.detach().cpu() if want_logits else None,
+                         prompt_tokens=T, new_tokens=len(tokens), slot_decisions=slot_decisions,
+                         token_ids=tokens)
+
+    # ------------------------------------------------------------------ per-slot content
+
+    def _exact_range_ok(self, n: int) -> bool:
+        return self.spec.exact_positions is None or n <= self.spec.exact_positions
+
+    def _unaligned(self, st: AgentState, lay, max_new_tokens: int) -> str | None:
+        if lay.problem:
+            return lay.problem
+        if not self._exact_range_ok(lay.length + max_new_tokens):
+            return (f"prompt + reply longer than {self.spec.exact_positions} positions, where "
+                    f"{self.spec.rope_type} RoPE key moves stop being exact")
+        return st.alignment_problem(lay)
+
+    def _contents(self, st: AgentState, lay, clock: _Clock) -> list[Content]:
+        out = []
+        for i, ph in enumerate(st.template.placeholders):
+            out.append(self._content(ph, lay.span_ids(i), clock))
+        return out
+
+    def _content(self, ph, ids: tuple, clock: _Clock) -> Content:
+        req = self.request
+        key = (ph.name, ids)
+        found = req.contents.get(key)
+        if found is not None:
+            return found
+        base, source = None, "header"
+        if ph.kind in (CURRENT, HISTORY):
+            rep = (req.current if ph.kind == CURRENT else req.history).get(ph.owner)
+            if rep is not None and rep.ids == ids:
+                base, source = (rep.k, rep.v), "reply"
+        if base is None:
+            kind = _KIND_OF[ph.kind]
+            base = req.encoded.get((kind, ids))
+            if base is None:
+                base = self.encoder.encode(kind, ids)
+                req.encoded[(kind, ids)] = base
+        clock.lap("encode")
+        content = self._decide(ph.name, ids, base[0], base[1], source)
+        req.contents[key] = content
+        clock.lap("decide")
+        return content
+
+    def _decide(self, slot: str, ids: tuple, k: torch.Tensor, v: torch.Tensor, source: str) -> Content:
+        d = self.pool.decide(slot, v)
+        content = Content(slot=slot, ids=ids, base_k=k, base_v=v, source=source, share=bool(d.share),
+                          reason=d.reason)
+        if not d.share:
+            content.anchor_id = self.pool.add_anchor(slot, k, v)
+        return content
+
+    def _has_deltas(self, slot: str, agent_key: str, n: int) -> bool:
+        return any(a.length >= n and agent_key in a.agents for a in self.pool.anchors(slot))
+
+    def _path_reason(self, st, lay, contents, slot_decisions, missing_deltas) -> str | None:
+        """None when every slot can be estimated; else why the call runs dense."""
+        reason = None
+        for i, c in enumerate(contents):
+            name = lay.spans[i][0]
+            if not c.share:
+                slot_decisions[name] = f"{c.reason} (new anchor)"
+                reason = reason or f"slot {name}: {c.reason}"
+            elif not self._has_deltas(c.slot, st.key, c.length):
+                slot_decisions[name] = "share, but no anchor has deltas for this agent"
+                missing_deltas.add(i)
+                reason = reason or f"slot {name}: no deltas for agent"
+            else:
+                slot_decisions[name] = "share"
+        return reason
+
+    # ------------------------------------------------------------------ the two paths
+
+    def _prefill(self, st: AgentState, lay, capacity: int, use_prefix: bool):
+        """Dense prefill, after the exact S0 KV when the prompt starts with it."""
+        cache = KVBufferCache.for_spec(self.spec, capacity)
+        p = 0
+        if use_prefix and st.s0_k is not None:
+            limit = min(st.s0, lay.length - 1)
+            ref = st.layout.ids
+            while p < limit and lay.ids[p] == ref[p]:
+                p += 1
+            cache.k[:, :, :p].copy_(st.s0_k[:, :, :p])
+            cache.v[:, :, :p].copy_(st.s0_v[:, :, :p])
+            cache.set_length(p)
+        return cache, forward(self.model, cache, lay.ids[p:])
+
+    def _assemble(self, st: AgentState, lay, contents, capacity: int, slot_decisions):
+        """Reuse path: S0 + estimated slots and segments written into the buffer by
+        the core (one estimate call per slot does all layers). (cache, None) or
+        (None, why) when the pool had no usable anchor after all."""
+        cache = KVBufferCache.for_spec(self.spec, capacity)
+        s0 = st.s0
+        cache.k[:, :, :s0].copy_(st.s0_k)
+        cache.v[:, :, :s0].copy_(st.s0_v)
+        inv_freq = self.spec.inv_freq
+        for i, c in enumerate(contents):
+            name, a, b = lay.spans[i]
+            sa, sb = lay.segments[i]
+            dk, dv = cache.span(a, b)
+            seg = {}
+            if sb > sa:
+                gk, gv = cache.span(sa, sb)
+                seg = dict(seg_template_k=st.seg_k[i], seg_template_v=st.seg_v[i], seg_position=sa,
+                           seg_dst_k=gk, seg_dst_v=gv)
+            res = self.pool.estimate(c.slot, st.key, c.base_k, c.base_v, inv_freq, a, dk, dv, **seg)
+            if not res.anchors:
+                slot_decisions[name] = "share, but no usable anchor for this agent"
+                return None, f"slot {name}: no deltas for agent"
+            slot_decisions[name] = f"share (estimated from anchors {list(res.anchors)})"
+        cache.set_length(lay.length - 1)
+        return cache, None
+
+    def _record(self, st: AgentState, lay, cache, contents, missing_deltas, slot_decisions) -> None:
+        """Dense path: real KV -> neutral deltas, recorded into this call's anchors."""
+        inv_freq = self.spec.inv_freq
+        for i, c in enumerate(contents):
+            name, a, b = lay.spans[i]
+            if c.anchor_id is None and i in missing_deltas:
+                # Shared content, but no anchor holds this agent's deltas: the content
+                # becomes an anchor so the agent has something to record into.
+                c.anchor_id = self.pool.add_anchor(c.slot, c.base_k, c.base_v)
+                slot_decisions[name] += " (new anchor)"
+            if c.anchor_id is None:
+                continue
+            ph_k, ph_v = neutral_pair(cache, a, b, inv_freq)
+            ph_k.sub_(c.base_k)
+            ph_v.sub_(c.base_v)
+            seg_k = seg_v = None
+            sa, sb = lay.segments[i]
+            if sb > sa:
+                seg_k, seg_v = neutral_pair(cache, sa, sb, inv_freq)
+                seg_k.sub_(st.seg_k[i])
+                seg_v.sub_(st.seg_v[i])
+            try:
+                self.pool.record_deltas(c.slot, c.anchor_id, st.key, ph_k, ph_v, seg_k, seg_v)
+            except RuntimeError as e:  # the anchor was evicted since it was added
+                slot_decisions[name] += f"; deltas not recorded: {str(e).splitlines()[0]}"
+
+    # ------------------------------------------------------------------ decoding and capture
+
+    def _first_token(self, logits: torch.Tensor, do_sample: bool, temperature: float) -> int:
+        if not do_sample:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits / temperature, dim=-1)
+        return int(torch.multinomial(probs, 1))
+
+    def _decode(self, prompt_ids, first: int, cache, max_new_tokens: int, do_sample: bool,
+                temperature: float) -> list[int]:
+        tokens = [first]
+        if first in self.eos_ids or max_new_tokens == 1:
+            return tokens
+        gc = GenerationConfig(max_new_tokens=max_new_tokens - 1, do_sample=do_sample,
+                              eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
+        if do_sample:  # plain temperature sampling, as for the first token
+            gc.temperature, gc.top_k, gc.top_p = temperature, 0, 1.0
+        x = torch.tensor([list(prompt_ids) + [first]], dtype=torch.long, device=cache.k.device)
+        out = self.model.generate(input_ids=x, attention_mask=torch.ones_like(x), past_key_values=cache,
+                                  generation_config=gc)
+        return tokens + out[0, x.shape[1]:].tolist()
+
+    def _is_blank(self, token_id: int) -> bool:
+        blank = self._blank.get(token_id)
+        if blank is None:
+            blank = self._blank[token_id] = self.tokenizer.decode([token_id]).strip() == ""
+        return blank
+
+    def _reply_span(self, tokens: list[int]) -> tuple[int, int]:
+        """[lo, hi) of the reply's content in the generated tokens: no EOS, and no
+        whitespace-only tokens at either end. Edge whitespace would merge with the
+        newline around a placeholder in the next agent's prompt (one token across
+        the slot edge), which forces that agent onto the dense path."""
+        lo, hi = 0, len(tokens)
+        if hi and tokens[-1] in self.eos_ids:
+            hi -= 1
+        while hi > lo and self._is_blank(tokens[hi - 1]):
+            hi -= 1
+        while lo < hi and self._is_blank(tokens[lo]):
+            lo += 1
+        return lo, hi
+
+    def _capture(self, st: AgentState, cache, T: int, tokens: list[int], lo: int, hi: int,
+                 text: str) -> None:
+        """The reply's KV, cut from this call's cache. Every generated token but the
+        last was fed back; if the last one is content it still needs its KV
+        (SPEC section 8), computed here with one more forward."""
+        if cache.length < T + hi:
+            forward(self.model, cache, tokens[cache.length - T:hi], want_logits=False)
+        k, v = neutral_pair(cache, T + lo, T + hi, self.spec.inv_freq)
+        ids = tuple(tokens[lo:hi])
+        self.request.current[st.name] = Reply(st.name, text, ids, k, v)
+        slot = f"agent_{st.name}_current"
+        if (slot, ids) not in self.request.contents:
+            self.request.contents[(slot, ids)] = self._decide(slot, ids, k, v, "reply")
+
+    # ------------------------------------------------------------------ reporting
+
+    def stats(self) -> dict:
+        pool = self.pool
+        return {
+            "anchors": pool.size(),
+            "bytes": pool.memory_bytes(),
+            "evictions": pool.evictions,
+            "slots": {s: pool.slot_size(s) for s in pool.slots()},
+            "calls": {"reuse": self._paths["reuse"], "dense": self._paths["dense"],
+                      "baseline": self._paths["baseline"]},
+            "requests": self._requests,
+            "agents": {n: {"setup_ms": a.setup_ms, "s0_tokens": a.s0, "template_problem": a.problem}
+                       for n, a in self.agents.items()},
+        }
