@@ -140,6 +140,9 @@ def load_model(path: str | None = None, dtype: torch.dtype = torch.float32, devi
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
     if path is None:
         _fix_chatml_tokens(model, tokenizer)
+    # The GGUF-converted tokenizer asks for WordPiece-style clean-up, which strips spaces
+    # before punctuation in a BPE tokenizer's output (transformers warns on every decode).
+    tokenizer.clean_up_tokenization_spaces = False
     model = model.to(device).eval()
     return model, tokenizer
 
