@@ -22,7 +22,13 @@ def sources(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
-cxx_flags = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+# No -std flag: torch's BuildExtension adds the C++ standard its own headers need
+# (C++20 for torch 2.13 and 2.14; the 2.14 headers refuse anything older).
+# Python's own CFLAGS carry -g: debug info was 95% of the library (22 MB of 22.6) and
+# slows every compile. -g0 (after it) drops it; KVCOMM_DEBUG=1 keeps it.
+debug = os.environ.get("KVCOMM_DEBUG") == "1"
+cxx_flags = ["-O3", "-fvisibility=hidden"] + ([] if debug else ["-g0"])
+link_flags = [] if debug else ["-Wl,--strip-debug"]
 include_dirs = [os.path.join(ROOT, "cpp"), os.path.join(ROOT, "cpp", "include")]
 cpp_sources = sources("cpp/*.cpp")
 
@@ -32,11 +38,12 @@ if want_cuda():
         cpp_sources + sources("cuda/*.cu"),
         include_dirs=include_dirs,
         define_macros=[("KVCOMM_WITH_CUDA", "1")],
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+        extra_link_args=link_flags,
     )
 else:
     ext = CppExtension("kvcomm._C", cpp_sources, include_dirs=include_dirs,
-                       extra_compile_args={"cxx": cxx_flags})
+                       extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
 
 setup(
     packages=find_packages("python"),
