@@ -155,7 +155,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--ttft-requests", type=int, default=6, help="long-prompt requests timed (after warm-up)")
     p.add_argument("--ttft-warm", type=int, default=4, help="long-prompt warm-up requests")
-    p.add_argument("--context-sentences", type=int, default=24, help="background sentences per long question")
+    p.add_argument("--context-sentences", type=int, default=40,
+                   help="background sentences per long question (40: ~650 tokens, judge prompt ~1K)")
     p.add_argument("--ttft-new-tokens", type=int, default=128)
     p.add_argument("--gamma", type=float, default=0.3)
     p.add_argument("--tau", type=float, default=1.0)
@@ -220,8 +221,15 @@ def main(argv=None) -> int:
         "device": f"cpu ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)",
         "pool": {"gamma": args.gamma, "tau": args.tau, "distance": args.distance, "capacity": args.capacity},
         "quality": quality, "ttft": ttft_rows, "long_prompt_quality": long_quality,
+        "sizes": {"warm_requests": args.warm, "measured_requests": args.measure,
+                  "max_new_tokens": args.max_new_tokens, "ttft_warm_requests": args.ttft_warm,
+                  "ttft_requests": args.ttft_requests, "ttft_new_tokens": args.ttft_new_tokens,
+                  "context_sentences": args.context_sentences,
+                  "quality_prompt_tokens": _token_range(rows), "ttft_prompt_tokens": _token_range(trow)},
         "command": "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
         "git_sha": _git_sha(),
+        "git_dirty": _git_dirty(),   # uncommitted changes in the tree that was measured
+        "versions": {"torch": torch.__version__, "transformers": _version("transformers")},
     }
     print(json.dumps({k: result[k] for k in ("quality", "ttft", "long_prompt_quality")}, indent=1))
     if args.json:
@@ -229,6 +237,33 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
     return 0
+
+
+def _token_range(rows: list) -> dict | None:
+    """Prompt sizes of the compared (reuse) calls, per agent: min / median / max tokens."""
+    out = {}
+    for name in ORDER:
+        n = sorted(r["tokens"] for r in rows if r["path"] == "reuse" and r["agent"] == name)
+        if n:
+            out[name] = {"min": n[0], "median": statistics.median(n), "max": n[-1]}
+    return out or None
+
+
+def _git_dirty():
+    try:
+        out = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "status", "--porcelain",
+                              "--untracked-files=no"], capture_output=True, text=True, timeout=5)
+        return bool(out.stdout.strip()) if out.returncode == 0 else None
+    except Exception:
+        return None
+
+
+def _version(package: str):
+    try:
+        from importlib.metadata import version
+        return version(package)
+    except Exception:
+        return None
 
 
 def _git_sha():

@@ -139,3 +139,13 @@ def test_records_round_trip_through_dicts(records):
     for r in records:
         again = record_from_dict(record_to_dict(r))
         assert again == r
+
+
+def test_judge_without_choice_counts_shadow_pairs_where_nobody_chose(records):
+    qs = M.measured(records)
+    assert M.judge_without_choice(qs) == 0          # q1 and q2 both have choices
+    silent = question("s", "kvcomm", [call("s", "kvcomm", "2", "reuse", 1.0, decision=True),
+                                      call("s", "kvcomm", "2", "dense", 1.0, decision=True, shadow=True)],
+                      pred=None, correct=False, choice=None)
+    assert M.judge_without_choice(qs + [silent]) == 1
+    assert M.summarize(qs + [silent])["judge_without_choice"] == 1

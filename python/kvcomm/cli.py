@@ -5,7 +5,12 @@
                 SmolLM2-135M-Instruct (or --model PATH), a table, optional JSON and plot.
   kvcomm eval   the same comparison on gsm8k / math500 / mmlu / humaneval with other
                 graph sizes and topologies.
-  kvcomm bench  the paper's TTFT setting: arrives with issue 6.
+  kvcomm bench ttft
+                the paper's TTFT setting (N fully connected agents, prefix/input/output
+                tokens): dense vs KVCOMM time to first token per agent in one run, plus
+                scaling runs over agent count and prefix length.
+  kvcomm eval --sweep
+                gamma x pool capacity grid on a task (dense once, KVCOMM per point).
 """
 from __future__ import annotations
 
@@ -33,6 +38,9 @@ def _add_common(p: argparse.ArgumentParser, *, questions: int, warmup: int, max_
                    help="skip the dense re-run of the decision agent that measures judge consistency")
     p.add_argument("--gamma", type=float, default=None, help="entropy gate of the anchor pool (default 0.3)")
     p.add_argument("--capacity", type=int, default=None, help="anchors per slot (default 20)")
+    p.add_argument("--no-gate", action="store_true",
+                   help="skip the correctness gate: a short reuse-vs-dense probe on the model (cached per "
+                        "model) that keeps every call dense when reuse disagrees with dense")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -63,12 +71,60 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--rounds", type=int, default=2, help="debate rounds (default 2)")
     ev.add_argument("--layers", default=None, help="layer sizes for 'layered', e.g. 2,2")
     ev.add_argument("--mmlu-split", default="validation", choices=["dev", "validation", "test"])
-    ev.add_argument("--sweep", action="store_true", help="gamma x capacity sweep (arrives with issue 6)")
+    ev.add_argument("--sweep", action="store_true",
+                    help="run a gamma x capacity grid (dense once, KVCOMM per point); writes "
+                         "results/eval-<task>-<model>-sweep.json unless --json is given")
+    ev.add_argument("--sweep-gammas", default="0,0.1,0.3,0.5,0.9", metavar="LIST",
+                    help="gammas of the sweep (default 0,0.1,0.3,0.5,0.9)")
+    ev.add_argument("--sweep-capacities", default="5,10,20", metavar="LIST",
+                    help="pool capacities of the sweep (default 5,10,20)")
     _add_common(ev, questions=10, warmup=2, max_new_tokens=128)
 
-    bench = sub.add_parser("bench", help="TTFT benchmarks (arrives with issue 6)")
-    bench.add_argument("what", nargs="?", default="ttft")
+    bench = sub.add_parser("bench", help="benchmarks: `kvcomm bench ttft`",
+                           description="Benchmarks. `kvcomm bench ttft --help` for the TTFT one.")
+    bsub = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK")
+    _add_bench_ttft(bsub)
     return parser
+
+
+def _add_bench_ttft(bsub) -> None:
+    t = bsub.add_parser(
+        "ttft", help="dense vs KVCOMM time to first token in the paper's multi-agent setting",
+        description="The paper's TTFT setting: N fully connected agents; agent i reads a prefix of P "
+        "tokens, the shared input of I tokens and the O-token replies of agents 1..i-1. Replies are "
+        "fixed synthetic texts of exactly O tokens (the first token is computed and timed; the reply is "
+        "then fed through the model and captured like a generated one). Per agent: median TTFT of dense "
+        "prefill and of KVCOMM over the measured requests, in the same run, every cost counted; reuse "
+        "rate. Writes results/ttft-<device>.json and .png (or -scaling-<what> with --scaling).")
+    t.add_argument("--agents", type=int, default=5, help="agents (default 5)")
+    t.add_argument("--prefix", type=int, default=512, help="prefix tokens per agent (default 512)")
+    t.add_argument("--input", type=int, default=1024, help="shared input tokens (default 1024)")
+    t.add_argument("--output", type=int, default=512, help="tokens of every agent's reply (default 512)")
+    t.add_argument("--requests", type=int, default=10, help="measured requests (default 10)")
+    t.add_argument("--warmup", type=int, default=3,
+                   help="warm-up requests that fill the pools first, reported apart (default 3; a slot "
+                        "shares once it has 2 anchors)")
+    t.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    t.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: float32 on CPU, bfloat16 on CUDA")
+    t.add_argument("--model", default=None,
+                   help="smollm2 (CPU default), llama-3.1-8b-random (CUDA default: Llama-3.1-8B shapes, "
+                        "random weights), tiny-random, or a local model folder")
+    t.add_argument("--step", default="auto", choices=["auto", "eager", "static", "graph"],
+                   help="the reuse path's last-token forward: auto = CUDA graph on CUDA, eager on CPU")
+    t.add_argument("--gamma", type=float, default=None, help="entropy gate of the pool (default 0.3)")
+    t.add_argument("--capacity", type=int, default=None, help="anchors per slot (default 20)")
+    t.add_argument("--scaling", choices=["agents", "prefix"], default=None,
+                   help="TTFT vs agent count (one run of the largest count: its first N agents are the "
+                        "N-agent system) or vs prefix length (one run per prefix)")
+    t.add_argument("--values", default=None, metavar="LIST",
+                   help="scaling values (default agents 2,3,4,5,6,7,8; prefix 64,128,256,512,1024)")
+    t.add_argument("--seed", type=int, default=0, help="seed of the synthetic texts")
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    t.add_argument("--json", metavar="PATH", help="JSON path (default results/ttft-<device>[-scaling-<what>].json)")
+    t.add_argument("--plot", metavar="PATH", help="PNG path (default: the JSON path with .png)")
+    t.add_argument("--no-write", action="store_true", help="print only; write no JSON or PNG")
+    t.add_argument("--no-progress", action="store_true", help="no per-request progress lines")
 
 
 def _config(args, task: str, n_agents: int, topology: str, rounds: int = 2, layers=None,
@@ -80,7 +136,8 @@ def _config(args, task: str, n_agents: int, topology: str, rounds: int = 2, laye
         questions=args.questions, warmup=args.warmup, offset=args.offset,
         max_new_tokens=args.max_new_tokens, decision_dense=args.decision_dense,
         judge_shadow=not args.no_judge_shadow, model=args.model, device=args.device,
-        dtype=args.dtype, pool=pool, progress=not args.no_progress, mmlu_split=mmlu_split)
+        dtype=args.dtype, pool=pool, progress=not args.no_progress, mmlu_split=mmlu_split,
+        gate=not args.no_gate)
 
 
 def _run_and_report(cfg, args, title: str, engine_factory=None) -> int:
@@ -142,21 +199,151 @@ def cmd_demo(args, engine_factory=None) -> int:
                            engine_factory)
 
 
-def cmd_eval(args, engine_factory=None) -> int:
-    if args.sweep:
-        print("kvcomm eval --sweep arrives with issue 6 (benchmarks); run without --sweep, "
-              "setting --gamma/--capacity per run.", file=sys.stderr)
-        return 2
+def cmd_eval(args, engine_factory=None, sweep_factory=None) -> int:
     layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     cfg = _config(args, args.task, args.agents, args.topology, args.rounds, layers, args.mmlu_split)
+    if args.sweep:
+        return cmd_sweep(args, cfg, sweep_factory)
     return _run_and_report(cfg, args, f"kvcomm eval ({args.task}, {args.topology}, "
                            f"{args.agents} agents + decision)", engine_factory)
 
 
+def _model_tag(model: str | None) -> str:
+    import os
+    import re
+    if model is None:
+        return "smollm2-135m"
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.basename(os.path.normpath(model))).lower()
+
+
+def cmd_sweep(args, cfg, sweep_factory=None) -> int:
+    """`kvcomm eval --sweep`: sweep_factory(pool) -> engine (tests pass a scripted one)."""
+    from .bench import sweep
+    from .runtime import report
+    from .runtime.session import git_sha
+
+    if args.questions < 1:
+        print("kvcomm: --questions must be at least 1", file=sys.stderr)
+        return 2
+    if args.gamma is not None or args.capacity is not None:
+        print("kvcomm: --gamma/--capacity set one point; with --sweep use --sweep-gammas/--sweep-capacities",
+              file=sys.stderr)
+        return 2
+    try:
+        points = sweep.grid(sweep.parse_list(args.sweep_gammas, float),
+                            sweep.parse_list(args.sweep_capacities, int))
+    except ValueError as e:
+        print(f"kvcomm: {e}", file=sys.stderr)
+        return 2
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    info = {"model_name": "scripted", "device_detail": f"{args.device} (scripted)"} if sweep_factory else None
+    doc = sweep.run_sweep(cfg, points, engine_factory=sweep_factory, info=info)
+    doc.update(git_sha=git_sha(), command=_command(args), config=asdict(cfg))
+    print()
+    print(f"kvcomm eval --sweep: {cfg.task}, {cfg.topology}, {cfg.n_agents} agents + decision, "
+          f"{cfg.questions} questions after {cfg.warmup} warm-up; {doc['model']} on {doc['device_detail']}")
+    print(sweep.format_table(doc))
+    path = args.json or f"results/eval-{cfg.task}-{_model_tag(cfg.model)}-sweep.json"
+    report.write_json(_plain(doc), path)
+    print(f"wrote {path}")
+    return 0
+
+
+def _command(args) -> str:
+    argv = getattr(args, "argv", None)
+    if argv is None:
+        argv = sys.argv[1:]
+    return " ".join(["kvcomm", *argv])
+
+
 def cmd_bench(args) -> int:
-    print("kvcomm bench arrives with issue 6 (the paper's TTFT setting on GPU and CPU). "
-          "Until then, `kvcomm demo` measures per-agent TTFT dense vs KVCOMM.", file=sys.stderr)
-    return 2
+    if getattr(args, "benchmark", None) != "ttft":
+        print("usage: kvcomm bench ttft [options]   (kvcomm bench ttft --help for the options)",
+              file=sys.stderr)
+        return 2
+    return cmd_bench_ttft(args)
+
+
+def cmd_bench_ttft(args) -> int:
+    import torch
+
+    from .bench import output, ttft
+    from .bench.models import load_bench_model
+    from .bench.setting import TTFTSetting
+    from .runtime import report
+    from .runtime.session import git_sha
+
+    if args.requests < 1 or args.warmup < 0:
+        print("kvcomm: --requests must be at least 1 and --warmup at least 0", file=sys.stderr)
+        return 2
+    if args.requests < 10:
+        print(f"kvcomm: note: {args.requests} measured requests (the benchmark's standard is at least 10)",
+              file=sys.stderr)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype_name = args.dtype or ("bfloat16" if torch.device(args.device).type == "cuda" else "float32")
+    try:
+        base = TTFTSetting(args.agents, args.prefix, args.input, args.output)
+        values = None
+        if args.scaling:
+            default = "2,3,4,5,6,7,8" if args.scaling == "agents" else "64,128,256,512,1024"
+            from .bench.sweep import parse_list
+            values = parse_list(args.values or default, int)
+            if not values or min(values) < 1:
+                raise ValueError(f"--values must be positive integers, got {args.values!r}")
+    except ValueError as e:
+        print(f"kvcomm: {e}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    model, tok, model_name = load_bench_model(args.model, args.device, getattr(torch, dtype_name))
+    load_s = time.perf_counter() - t0
+    log = None if args.no_progress else ttft.stderr_log
+    kw = dict(requests=args.requests, warmup=args.warmup, seed=args.seed, gamma=args.gamma,
+              capacity=args.capacity, step=args.step, log=log)
+    tag = output.device_tag(args.device)
+    head = {"benchmark": "ttft", "device": tag, "device_detail": output.device_detail(args.device, dtype_name),
+            "model": model_name, "dtype": dtype_name, "git_sha": git_sha(), "command": _command(args)}
+    try:
+        if args.scaling == "agents":     # the setting actually run: the largest count
+            doc = dict(head, setting=dict(base.as_dict(), agents=max(values)),
+                       **ttft.scaling_agents(model, tok, base, values, **kw))
+        elif args.scaling == "prefix":
+            doc = dict(head, setting=dict(base.as_dict(), prefix=sorted(values)),
+                       **ttft.scaling_prefix(model, tok, base, values, **kw))
+        else:
+            doc = dict(head, **ttft.run_setting(model, tok, base, **kw))
+    except ValueError as e:
+        print(f"kvcomm: {e}", file=sys.stderr)
+        return 2
+    doc.update(load_s=load_s, wall_s=time.perf_counter() - t0, paper=output.PAPER, notes=TTFT_NOTES,
+               correctness_gate="off (timing only; see kvcomm demo/eval for quality)")
+    print()
+    if args.scaling:
+        print(f"kvcomm bench ttft --scaling {args.scaling}: {model_name} on {doc['device_detail']}; "
+              f"{args.requests} measured requests after {args.warmup} warm-up per run")
+        print(output.scaling_table(doc))
+    else:
+        print(output.console_summary(doc))
+    print(f"wall time {doc['wall_s']:.0f} s ({load_s:.0f} s loading)")
+    if not args.no_write:
+        stem = f"results/ttft-{tag}" + (f"-scaling-{args.scaling}" if args.scaling else "")
+        path = args.json or stem + ".json"
+        report.write_json(_plain(doc), path)
+        png = args.plot or (path[:-5] if path.endswith(".json") else path) + ".png"
+        (output.plot_scaling if args.scaling else output.plot_agents)(doc, png)
+        print(f"wrote {path} and {png}")
+    return 0
+
+
+TTFT_NOTES = (
+    "TTFT = AgentCall.ttft_ms: from the call's start to its first token, every cost counted (prompt "
+    "rendering and tokenization, input encoding, pool decisions, offset estimation, forward, first token). "
+    "Median over the measured requests; dense and KVCOMM in the same run on the same texts, dense first in "
+    "each request. Replies are forced: fixed synthetic texts of exactly `output` tokens; the first token is "
+    "computed and timed, then the reply is fed through the model in one forward (KVCOMM mode) and captured "
+    "like a generated reply. The last agent stops after its first token (nobody reads its reply).")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        args.argv = list(argv) if argv is not None else sys.argv[1:]
         if args.command == "demo":
             return cmd_demo(args)
         if args.command == "eval":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -28,9 +29,11 @@ from .._C import AnchorPool, PoolConfig
 from ..hf.cache import KVBufferCache
 from .agent import AgentState, build_agent
 from .bases import HeaderEncoder
+from .gate import GateConfig, GateResult, check as _check_gate
 from .kv import forward, neutral_pair
 from .request import Content, Reply, RequestState
 from .template import AGENT_NAME_RE, CONDITION, CURRENT, HISTORY, QUESTION, TemplateError, fill, render_layout
+from .template import check_inputs, special_texts
 
 MODES = ("kvcomm", "dense")
 _KIND_OF = {QUESTION: "question", CONDITION: "condition", CURRENT: "reply", HISTORY: "reply"}
@@ -54,6 +57,18 @@ class AgentCall:
     token_ids: list = field(default_factory=list)   # generated ids (first token included)
 
 
+def _longest_input(lay, inputs: dict) -> str:
+    """'; longest input: {name} (N tokens)' for a too-long prompt, so the caller knows
+    which content to shorten (characters when the layout has no clean spans)."""
+    if lay.spans and len(lay.spans) == len(inputs):
+        name, a, b = max(lay.spans, key=lambda s: s[2] - s[1])
+        return f"; longest input: {{{name}}} ({b - a} tokens)"
+    if inputs:
+        name = max(inputs, key=lambda k: len(inputs[k]))
+        return f"; longest input: {{{name}}} ({len(inputs[name])} characters)"
+    return ""
+
+
 class _Clock:
     def __init__(self):
         self.t = {k: 0.0 for k in ("encode", "decide", "estimate", "forward", "first_token",
@@ -72,10 +87,15 @@ class KVCommEngine:
     pool_config: kvcomm.PoolConfig (defaults of SPEC section 4 when None);
     pool: an existing AnchorPool (e.g. loaded from disk) instead;
     lead_ins: per content kind ("question", "condition", "reply") header lead-in text.
+    gate: the correctness gate (kvcomm.engine.gate): a GateConfig, True (defaults) or
+      False/None (off, the default here; `kvcomm demo/eval` turn it on). When on, the
+      first kvcomm-mode call probes reuse vs dense on this model (cached per model) and,
+      if reuse is refused, every kvcomm call runs dense with the gate's reason.
     """
 
     def __init__(self, model, tokenizer, pool_config: PoolConfig | None = None, *,
-                 pool: AnchorPool | None = None, lead_ins: dict | None = None):
+                 pool: AnchorPool | None = None, lead_ins: dict | None = None,
+                 gate: GateConfig | bool | None = None):
         self.spec = hf.enable(model)
         self.model = model
         self.tokenizer = tokenizer
@@ -100,6 +120,11 @@ class KVCommEngine:
         self.keep_last_cache = False
         self.last_cache: KVBufferCache | None = None
         self.last_layout = None
+        # Optional static / CUDA-graph last-token step of the reuse path (use_static_step).
+        self.static_step = None
+        self.gate_config: GateConfig | None = GateConfig() if gate is True else (gate or None)
+        self._special_texts = special_texts(tokenizer)
+        self.gate_result: GateResult | None = None
 
     # ------------------------------------------------------------------ setup
 
@@ -128,7 +153,16 @@ class KVCommEngine:
 
     def call(self, agent: str, inputs: dict, *, mode: str = "kvcomm", max_new_tokens: int = 128,
              do_sample: bool = False, temperature: float = 1.0,
-             return_first_logits: bool = False) -> AgentCall:
+             return_first_logits: bool = False, reply_ids: list[int] | None = None) -> AgentCall:
+        """reply_ids: a forced reply (benchmarks). The first token is still computed and
+        timed as usual; the reply is then these tokens instead of a generated one, fed
+        through the model in one forward in kvcomm mode and captured like a generated
+        reply (dense mode captures nothing, so it does not feed them)."""
+        if reply_ids is not None:
+            reply_ids = [int(t) for t in reply_ids]
+            if not reply_ids:
+                raise ValueError("reply_ids must hold at least one token")
+            max_new_tokens = len(reply_ids)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if agent not in self.agents:
@@ -137,21 +171,29 @@ class KVCommEngine:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if do_sample and not temperature > 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        if isinstance(inputs, Mapping):
+            inputs = dict(inputs)
+        # Input errors first: they must not wait for (or trigger) the gate's probe.
+        check_inputs(self.agents[agent].template, inputs, agent, self._special_texts)
+        if mode == "kvcomm":
+            self.check_gate()   # before the call's clock: the one-off probe is not its TTFT
         if self.request is None:
             self.new_request()
         with torch.inference_mode():
             return self._call(self.agents[agent], dict(inputs), mode, max_new_tokens, do_sample,
-                              float(temperature), return_first_logits)
+                              float(temperature), return_first_logits, reply_ids)
 
-    def _call(self, st: AgentState, inputs, mode, max_new_tokens, do_sample, temperature, want_logits):
+    def _call(self, st: AgentState, inputs, mode, max_new_tokens, do_sample, temperature, want_logits,
+              reply_ids=None):
         clock = _Clock()
         start = clock._last
         user_text, cspans = fill(st.template, inputs, st.name)
         lay = render_layout(self.tokenizer, st.frame, user_text, cspans)
         T = lay.length
         if T + max_new_tokens > self.spec.max_positions:
-            raise ValueError(f"agent {st.name!r}: prompt of {T} tokens + {max_new_tokens} new tokens exceeds "
-                             f"the model's context of {self.spec.max_positions} positions")
+            raise TemplateError(f"agent {st.name!r}: prompt of {T} tokens + {max_new_tokens} new tokens exceeds "
+                                f"the model's context of {self.spec.max_positions} positions"
+                                + _longest_input(lay, inputs))
         if T < 2:
             raise TemplateError(f"agent {st.name!r}: the prompt has fewer than 2 tokens")
         capacity = T + max_new_tokens + 1
@@ -165,7 +207,8 @@ class KVCommEngine:
             cache, logits = self._prefill(st, lay, capacity, use_prefix=False)
             clock.lap("forward")
         else:
-            reason = self._unaligned(st, lay, max_new_tokens)
+            refused = self._gate_refusal()
+            reason = refused or self._unaligned(st, lay, max_new_tokens)
             aligned = reason is None
             if aligned:
                 contents = self._contents(st, lay, clock)
@@ -176,7 +219,7 @@ class KVCommEngine:
                 clock.lap("estimate")
             if cache is not None:
                 path, reason = "reuse", ("all slots shared" if contents else "no slots: exact prefix")
-                logits = forward(self.model, cache, lay.ids[-1:])
+                logits = self._last_token(cache, lay)
             else:
                 path = "dense"
                 cache, logits = self._prefill(st, lay, capacity, use_prefix=True)
@@ -189,11 +232,14 @@ class KVCommEngine:
         if mode == "kvcomm" and path == "dense" and aligned:
             self._record(st, lay, cache, contents, missing_deltas, slot_decisions)
             clock.lap("record")
-        tokens = self._decode(lay.ids, first, cache, max_new_tokens, do_sample, temperature)
+        if reply_ids is not None:
+            tokens = self._force_reply(cache, reply_ids, mode)
+        else:
+            tokens = self._decode(lay.ids, first, cache, max_new_tokens, do_sample, temperature)
         clock.lap("decode")
         lo, hi = self._reply_span(tokens)
         text = self.tokenizer.decode(tokens[lo:hi], skip_special_tokens=True)
-        if mode == "kvcomm" and hi > lo and self._exact_range_ok(T + len(tokens)):
+        if mode == "kvcomm" and hi > lo and self._exact_range_ok(T + len(tokens)) and not self._gate_refusal():
             self._capture(st, cache, T, tokens, lo, hi, text)
             clock.lap("capture")
 
@@ -207,6 +253,20 @@ class KVCommEngine:
                          first_logits=logits.detach().cpu() if want_logits else None,
                          prompt_tokens=T, new_tokens=len(tokens), slot_decisions=slot_decisions,
                          token_ids=tokens)
+
+    # ------------------------------------------------------------------ correctness gate
+
+    def check_gate(self) -> GateResult | None:
+        """Runs (or fetches from the per-model cache) the correctness gate; None when off."""
+        if self.gate_config is not None and self.gate_result is None:
+            self.gate_result = _check_gate(self, self.gate_config)
+        return self.gate_result
+
+    def _gate_refusal(self) -> str | None:
+        """The gate's reason when it refused reuse for this model (then the pool is not
+        used at all: no decisions, anchors or captures), else None."""
+        g = self.gate_result
+        return g.reason if g is not None and not g.allowed else None
 
     # ------------------------------------------------------------------ per-slot content
 
@@ -297,7 +357,7 @@ class KVCommEngine:
         """Reuse path: S0 + estimated slots and segments written into the buffer by
         the core (one estimate call per slot does all layers). (cache, None) or
         (None, why) when the pool had no usable anchor after all."""
-        cache = KVBufferCache.for_spec(self.spec, capacity)
+        cache = self._reuse_buffer(capacity)
         s0 = st.s0
         cache.k[:, :, :s0].copy_(st.s0_k)
         cache.v[:, :, :s0].copy_(st.s0_v)
@@ -344,6 +404,41 @@ class KVCommEngine:
                 self.pool.record_deltas(c.slot, c.anchor_id, st.key, ph_k, ph_v, seg_k, seg_v)
             except RuntimeError as e:  # the anchor was evicted since it was added
                 slot_decisions[name] += f"; deltas not recorded: {str(e).splitlines()[0]}"
+
+    # ------------------------------------------------------------------ static last-token step
+
+    def use_static_step(self, capacity: int, *, bucket: int = 512, capture: bool | None = None,
+                        prepare: bool = True):
+        """Runs the reuse path's last-token forward over one persistent KV buffer of
+        `capacity` tokens (prompt + reply), CUDA-graph captured when the model is on CUDA
+        (capture=None), eager otherwise (see engine/static_step.py). Calls that need more
+        than `capacity` use the ordinary path. Returns the step; None turns it off."""
+        from .static_step import StaticOneTokenStep
+        if capacity is None:
+            self.static_step = None
+            return None
+        step = StaticOneTokenStep(self.model, self.spec, capacity, bucket=bucket, capture=capture)
+        if prepare:
+            step.prepare()
+        self.static_step = step
+        return step
+
+    def _reuse_buffer(self, capacity: int) -> KVBufferCache:
+        step = self.static_step
+        if step is not None and step.fits(capacity):
+            return step.take()
+        return KVBufferCache.for_spec(self.spec, capacity)
+
+    def _last_token(self, cache: KVBufferCache, lay) -> torch.Tensor:
+        step = self.static_step
+        if step is not None and step.owns(cache):
+            return step(cache, lay.ids[-1], lay.length - 1)
+        return forward(self.model, cache, lay.ids[-1:])
+
+    def _force_reply(self, cache: KVBufferCache, reply_ids: list[int], mode: str) -> list[int]:
+        if mode == "kvcomm":
+            forward(self.model, cache, reply_ids, want_logits=False)
+        return list(reply_ids)
 
     # ------------------------------------------------------------------ decoding and capture
 
@@ -413,6 +508,8 @@ class KVCommEngine:
             "calls": {"reuse": self._paths["reuse"], "dense": self._paths["dense"],
                       "baseline": self._paths["baseline"]},
             "requests": self._requests,
+            "gate": None if self.gate_result is None else
+            {k: v for k, v in self.gate_result.to_dict().items() if k != "details"},
             "agents": {n: {"setup_ms": a.setup_ms, "s0_tokens": a.s0, "template_problem": a.problem}
                        for n, a in self.agents.items()},
         }

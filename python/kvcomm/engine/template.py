@@ -151,6 +151,39 @@ def fill(template: Template, inputs: dict[str, str], agent: str = "") -> tuple[s
     return "".join(out), spans
 
 
+def special_texts(tokenizer) -> tuple[str, ...]:
+    """Text forms of the tokenizer's special tokens (chat markers, BOS/EOS, ...): a content
+    holding one would be tokenized into that control token and change the prompt's
+    structure (end the user turn, open a new role), so inputs may not contain them."""
+    found = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    for tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(tok, "special", False):
+            found.add(str(tok))
+    return tuple(sorted(t for t in found if t))
+
+
+def check_inputs(template: Template, inputs, agent: str = "", specials: tuple[str, ...] = ()) -> None:
+    """Every input error of one call, raised as TemplateError before anything runs:
+    inputs that are not a mapping, non-string names, everything `fill` rejects (missing,
+    extra, non-string or empty content), and content holding a special token's text."""
+    who = f"agent {agent!r}: " if agent else ""
+    if not isinstance(inputs, dict):
+        raise TemplateError(f"{who}inputs must be a dict of placeholder name -> text, "
+                            f"got {type(inputs).__name__}")
+    for k in inputs:
+        if not isinstance(k, str):
+            raise TemplateError(f"{who}input names must be strings (placeholder names without braces), "
+                                f"got {k!r} ({type(k).__name__})")
+    fill(template, inputs, agent)
+    for name in template.names:
+        value = inputs[name]
+        for tok in specials:
+            if tok in value:
+                raise TemplateError(f"{who}input {{{name}}} contains the special token {tok!r}, which "
+                                    "would be tokenized as a control token and change the prompt's "
+                                    "structure; remove or escape it")
+
+
 def markers(template: Template) -> dict[str, str]:
     """The placeholder markers of the template pass: each placeholder's own text."""
     return {name: "{" + name + "}" for name in template.names}

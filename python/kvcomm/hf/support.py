@@ -49,7 +49,7 @@ def _rope_parameters(config) -> dict:
         rp = getattr(config, "rope_scaling", None) or {}
     if not isinstance(rp, dict):
         rp = dict(rp)
-    if rp and all(isinstance(v, dict) for v in rp.values()):
+    if any(isinstance(v, dict) for v in rp.values()):
         raise UnsupportedModelError(
             "kvcomm: per-layer-type RoPE parameters (different RoPE for different layers) are not "
             f"supported; got rope_parameters with keys {sorted(rp)}")

@@ -18,6 +18,9 @@ from collections import OrderedDict
 from .records import DENSE, KVCOMM, MEASURE, CallRecord, QuestionRecord
 
 REUSE = "reuse"
+# Reason prefix of calls the engine's correctness gate sent dense (kvcomm.engine.gate.
+# REASON_PREFIX; repeated here so metrics stay importable without torch).
+GATE_REASON = "correctness gate"
 
 
 def _ratio(num: int, den: int) -> float | None:
@@ -42,6 +45,11 @@ def reuse_rate(calls: list[CallRecord]) -> float | None:
     to dense counts as a dense call)."""
     kv = kvcomm_calls(calls)
     return _ratio(sum(1 for c in kv if c.path == REUSE), len(kv))
+
+
+def gate_refused(calls: list[CallRecord]) -> int:
+    """KVCOMM calls that ran dense because the correctness gate refused reuse for the model."""
+    return sum(1 for c in kvcomm_calls(calls) if c.path != REUSE and c.reason.startswith(GATE_REASON))
 
 
 def path_counts(calls: list[CallRecord]) -> "OrderedDict[str, dict[str, int]]":
@@ -86,6 +94,14 @@ def judge_consistency(questions: list[QuestionRecord]) -> float | None:
             agree += q.judge_choice == q.shadow_choice
             total += 1
     return _ratio(agree, total)
+
+
+def judge_without_choice(questions: list[QuestionRecord]) -> int:
+    """Shadow-compared questions where neither the KVCOMM decision nor its dense shadow
+    gave an extractable choice: they count as consistent above (both chose nothing),
+    which says little, so the report shows how many there were."""
+    return sum(1 for q in questions if q.mode == KVCOMM and any(c.shadow for c in q.calls)
+               and q.judge_choice is None and q.shadow_choice is None)
 
 
 def first_token_pairs(calls: list[CallRecord]) -> list[tuple[CallRecord, CallRecord]]:
@@ -160,9 +176,11 @@ def summarize(questions: list[QuestionRecord], phase: str = MEASURE) -> dict:
         "phase": phase,
         "questions": len({q.question_id for q in qs}),
         "reuse_rate": reuse_rate(calls),
+        "gate_refused_calls": gate_refused(calls),
         "accuracy": {DENSE: accuracy(qs, DENSE), KVCOMM: accuracy(qs, KVCOMM)},
         "answer_agreement": answer_agreement(qs),
         "judge_consistency": judge_consistency(qs),
+        "judge_without_choice": judge_without_choice(qs),
         "first_token_agreement": ft, "first_token_pairs": ft_n,
         "first_token_agreement_reuse": ft_reuse, "first_token_pairs_reuse": ft_reuse_n,
         "agents": per_agent_ttft(calls),

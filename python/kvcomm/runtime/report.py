@@ -41,7 +41,9 @@ def format_table(summary: dict, warmup: dict | None = None, title: str | None = 
         f"reuse rate              {_pct(summary['reuse_rate'])}  (KVCOMM calls on the reuse path)",
         f"accuracy                dense {_pct(acc['dense'])}   kvcomm {_pct(acc['kvcomm'])}",
         f"answer agreement        {_pct(summary['answer_agreement'])}  (KVCOMM final answer = dense final answer)",
-        f"judge consistency       {_pct(summary['judge_consistency'])}  (decision agent's choice, KVCOMM vs dense, same inputs)",
+        f"judge consistency       {_pct(summary['judge_consistency'])}  (decision agent's choice, KVCOMM vs dense, same inputs"
+        + (f"; {summary['judge_without_choice']} with no choice either way)" if summary.get("judge_without_choice")
+           else ")"),
         f"first-token agreement   {_pct(ft)} over {summary['first_token_pairs']} calls with identical inputs"
         + (f"; reuse-path calls {_pct(summary['first_token_agreement_reuse'])} of "
            f"{summary['first_token_pairs_reuse']}" if summary.get("first_token_pairs_reuse") else ""),
@@ -68,6 +70,7 @@ def summary_json(summary: dict, *, model: str, device: str, warmup: dict | None 
         "accuracy": dict(summary["accuracy"]),
         "answer_agreement": summary["answer_agreement"],
         "judge_consistency": summary["judge_consistency"],
+        "judge_without_choice": summary.get("judge_without_choice"),
         "agents": [{"name": name, "ttft_ms_dense": a["ttft_ms_dense"],
                     "ttft_ms_kvcomm": a["ttft_ms_kvcomm"], "speedup": a["speedup"],
                     "reuse_rate": a["reuse_rate"],

@@ -45,6 +45,7 @@ class ExperimentConfig:
     progress: bool = True
     mmlu_split: str = "validation"
     seed: int = 0
+    gate: bool = True                   # correctness gate before reuse (kvcomm.engine.gate)
 
 
 @dataclass
@@ -59,6 +60,7 @@ class ExperimentResult:
     load_s: float
     run_s: float
     engine_stats: dict
+    gate: dict | None = None            # the correctness gate's result (None: off or not supported)
 
 
 def select_problems(cfg: ExperimentConfig):
@@ -95,7 +97,7 @@ def load_engine(cfg: ExperimentConfig):
     t0 = time.perf_counter()
     model, tokenizer = load_model(cfg.model, dtype=dtype, device=cfg.device)
     pool_config = kvcomm.PoolConfig(**cfg.pool) if cfg.pool else None
-    engine = KVCommEngine(model, tokenizer, pool_config=pool_config)
+    engine = KVCommEngine(model, tokenizer, pool_config=pool_config, gate=cfg.gate)
     load_s = time.perf_counter() - t0
     name = EMBEDDED_MODEL if cfg.model is None else os.path.basename(os.path.normpath(cfg.model))
     detail = f"{cfg.device}, {cfg.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads"
@@ -117,6 +119,13 @@ def run_experiment(cfg: ExperimentConfig, engine_factory: Callable | None = None
     log(f"loading {'the embedded model' if cfg.model is None else cfg.model} on {cfg.device} ...")
     engine, model_name, detail, load_s = (engine_factory or load_engine)(cfg)
     log(f"model ready in {load_s:.1f} s: {model_name} ({detail})")
+    gate = None
+    if cfg.gate and hasattr(engine, "check_gate"):
+        res = engine.check_gate()   # the probe, once per model (cached); see kvcomm.engine.gate
+        if res is not None:
+            gate = {k: v for k, v in res.to_dict().items() if k != "details"}
+            how = f"probe {res.seconds:.1f} s" if res.source == "probe" else f"cached ({res.source})"
+            log(f"{res.reason} [{how}]" + ("" if res.allowed else "; every KVCOMM call runs dense"))
     log(f"graph: {topo.name}, {len(graph.agents)} agents + decision "
         f"({', '.join(a.name for a in graph.all_agents)}), {topo.rounds} round(s); "
         f"{cfg.task}: {len(warm)} warm-up + {len(measured)} measured questions, each dense and KVCOMM")
@@ -133,7 +142,7 @@ def run_experiment(cfg: ExperimentConfig, engine_factory: Callable | None = None
         except Exception as e:  # stats are informative only
             stats = {"error": repr(e)}
     return ExperimentResult(cfg, records, summarize(records, MEASURE), summarize(records, WARMUP),
-                            model_name, cfg.device, detail, load_s, run_s, stats)
+                            model_name, cfg.device, detail, load_s, run_s, stats, gate)
 
 
 def git_sha() -> str | None:
