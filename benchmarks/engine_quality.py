@@ -171,6 +171,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
 
+    load_at_start = os.getloadavg()  # other work on the machine skews the TTFT numbers: recorded
     t0 = time.perf_counter()
     model, tok = load_model(args.model)
     print(f"model loaded in {time.perf_counter() - t0:.1f} s; torch threads {torch.get_num_threads()}", flush=True)
@@ -230,6 +231,8 @@ def main(argv=None) -> int:
         "git_sha": _git_sha(),
         "git_dirty": _git_dirty(),   # uncommitted changes in the tree that was measured
         "versions": {"torch": torch.__version__, "transformers": _version("transformers")},
+        "load_avg": {"start": [round(x, 2) for x in load_at_start],
+                     "end": [round(x, 2) for x in os.getloadavg()]},
     }
     print(json.dumps({k: result[k] for k in ("quality", "ttft", "long_prompt_quality")}, indent=1))
     if args.json:

@@ -1,30 +1,14 @@
 """Shared fixtures: the embedded SmolLM2 (loaded once per session) and tiny random
 Llama / Qwen2 / Mistral / Qwen3 models with the offline byte-level tokenizer.
-
-Tests marked `slow` are skipped unless KVCOMM_SLOW=1 (or `-m slow` is given).
 """
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
 
 ARCHS = ("llama", "qwen2", "mistral", "qwen3")
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: long-running; run with KVCOMM_SLOW=1 or -m slow")
-
-
-def pytest_collection_modifyitems(config, items):
-    if os.environ.get("KVCOMM_SLOW") == "1" or "slow" in (config.getoption("-m") or ""):
-        return
-    skip = pytest.mark.skip(reason="slow test: set KVCOMM_SLOW=1 to run")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
 
 
 def smollm2_available() -> bool:

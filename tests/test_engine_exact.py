@@ -314,10 +314,9 @@ def test_moved_slot_estimate_no_worse_than_at_original_position_smollm2(smollm2)
     check_moved_slot_vs_dense(*smollm2)
 
 
-# ------------------------------------------------------------------ bigger variants (KVCOMM_SLOW=1)
+# ------------------------------------------------------------------ bigger variants on SmolLM2
 
 
-@pytest.mark.slow
 def test_moved_slot_far_smollm2(smollm2):
     """SmolLM2 with a slot moved by dozens of tokens: ours stays near the unmoved
     error, deltas left unrotated are worse. (Less so than in the tiny models: with
@@ -340,7 +339,6 @@ def test_moved_slot_far_smollm2(smollm2):
     assert errs["moved"][1] > 1.1 * errs["moved"][0], errs
 
 
-@pytest.mark.slow
 def test_reply_slot_layer0_exact_smollm2(smollm2):
     """A downstream agent reusing a captured reply (base cut from the sender's
     cache): layer 0 still equals dense, and the S0 is exact."""
