@@ -96,13 +96,37 @@ def build_engine(model, tok, args) -> KVCommEngine:
     s = kvcomm.hf.inspect_model(model)
     cfg = kvcomm.PoolConfig(gamma=args.gamma, tau=args.tau, distance=args.distance, capacity=args.capacity,
                             layers=s.num_layers, kv_heads=s.kv_heads, head_dim=s.head_dim)
-    eng = KVCommEngine(model, tok, pool_config=cfg)
+    eng = KVCommEngine(model, tok, pool_config=cfg, exact_tail=args.tails[0])
     for name in ORDER:
         eng.add_agent(name, SYSTEM[name], TEMPLATES[name])
     return eng
 
 
-def run_request(eng, question: str, max_new_tokens: int, compare: bool, rows: list, ttft: dict | None):
+def _first_token_gap(call, dense) -> tuple[bool, float]:
+    """(top-1 equal, KL(dense || call)) of two calls' first-token distributions."""
+    logp_r = torch.log_softmax(call.first_logits.double(), -1)
+    logp_d = torch.log_softmax(dense.first_logits.double(), -1)
+    return call.first_token_id == dense.first_token_id, float((logp_d.exp() * (logp_d - logp_r)).sum())
+
+
+def _other_tails(eng, name: str, inputs: dict, dense, tails) -> dict:
+    """The same reuse call again with each other exact_tail (decisions are per request,
+    so the slots and anchors are the ones the compared call used)."""
+    out, keep = {}, eng.exact_tail
+    try:
+        for t in tails:
+            eng.exact_tail = t
+            again = eng.call(name, inputs, max_new_tokens=1, return_first_logits=True)
+            if again.path == "reuse":
+                agree, kl = _first_token_gap(again, dense)
+                out[str(t)] = {"agree": agree, "kl": kl, "ttft_ms": again.ttft_ms}
+    finally:
+        eng.exact_tail = keep
+    return out
+
+
+def run_request(eng, question: str, max_new_tokens: int, compare: bool, rows: list, ttft: dict | None,
+                other_tails=()):
     eng.new_request()
     replies: dict[str, str] = {}
     for name in ORDER:
@@ -116,12 +140,10 @@ def run_request(eng, question: str, max_new_tokens: int, compare: bool, rows: li
             rows.append({"agent": name, "path": call.path, "reason": call.reason})
             continue
         dense = eng.call(name, inputs, mode="dense", max_new_tokens=1, return_first_logits=True)
-        logp_r = torch.log_softmax(call.first_logits.double(), -1)
-        logp_d = torch.log_softmax(dense.first_logits.double(), -1)
-        kl = float((logp_d.exp() * (logp_d - logp_r)).sum())
-        rows.append({"agent": name, "path": "reuse", "reason": call.reason, "agree":
-                     call.first_token_id == dense.first_token_id, "kl": kl, "tokens": call.prompt_tokens,
-                     "ttft_reuse": call.ttft_ms, "ttft_dense": dense.ttft_ms})
+        agree, kl = _first_token_gap(call, dense)
+        rows.append({"agent": name, "path": "reuse", "reason": call.reason, "agree": agree, "kl": kl,
+                     "tokens": call.prompt_tokens, "ttft_reuse": call.ttft_ms, "ttft_dense": dense.ttft_ms,
+                     "tails": _other_tails(eng, name, inputs, dense, other_tails)})
         if ttft is not None:
             ttft.setdefault(name, []).append((call.prompt_tokens, call.ttft_ms, dense.ttft_ms, call.timings))
 
@@ -138,6 +160,14 @@ def summarize_quality(rows: list) -> dict:
             mine = [r for r in reuse if r["agent"] == name]
             if mine:
                 out[f"agreement_{name}"] = sum(r["agree"] for r in mine) / len(mine)
+    tails = sorted({t for r in reuse for t in r.get("tails", {})}, key=int)
+    if tails:
+        out["other_exact_tails"] = {}
+        for t in tails:
+            got = [r["tails"][t] for r in reuse if t in r["tails"]]
+            out["other_exact_tails"][t] = {"calls": len(got), "top1_agreement": sum(g["agree"] for g in got) / len(got),
+                                           "mean_kl": statistics.fmean(g["kl"] for g in got),
+                                           "median_ttft_ms": statistics.median(g["ttft_ms"] for g in got)}
     reasons: dict[str, int] = {}
     for r in rows:
         if r["path"] != "reuse":
@@ -162,10 +192,18 @@ def main(argv=None) -> int:
     p.add_argument("--tau", type=float, default=1.0)
     p.add_argument("--distance", default="frobenius", choices=["frobenius", "rms"])
     p.add_argument("--capacity", type=int, default=20)
+    p.add_argument("--tails", default="1",
+                   help="exact_tail values, comma-separated: the first runs the pipeline; every compared "
+                        "reuse call is also run with the others (default 1: last token only, as the paper)")
+    p.add_argument("--quality-only", action="store_true", help="skip the long-prompt TTFT part")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
+    try:
+        args.tails = [int(t) for t in args.tails.split(",")]
+    except ValueError:
+        p.error(f"--tails: comma-separated integers, got {args.tails!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -183,7 +221,7 @@ def main(argv=None) -> int:
     for i in range(args.warm):
         run_request(eng, make_question(rng), args.max_new_tokens, False, [], None)
     for i in range(args.measure):
-        run_request(eng, make_question(rng), args.max_new_tokens, True, rows, None)
+        run_request(eng, make_question(rng), args.max_new_tokens, True, rows, None, args.tails[1:])
         done = summarize_quality(rows)
         print(f"\r  quality {i + 1}/{args.measure}: reuse {done['reuse_calls']}/{done['calls']}, top-1 "
               f"{done.get('top1_agreement', float('nan')):.3f}, mean KL {done.get('mean_kl', float('nan')):.4f}",
@@ -197,10 +235,13 @@ def main(argv=None) -> int:
     eng = build_engine(model, tok, args)
     ttft: dict = {}
     trow: list = []
+    if args.quality_only:
+        args.ttft_warm = args.ttft_requests = 0
     for i in range(args.ttft_warm):
         run_request(eng, make_question(rng, args.context_sentences), args.ttft_new_tokens, False, [], None)
     for i in range(args.ttft_requests):
-        run_request(eng, make_question(rng, args.context_sentences), args.ttft_new_tokens, True, trow, ttft)
+        run_request(eng, make_question(rng, args.context_sentences), args.ttft_new_tokens, True, trow, ttft,
+                    args.tails[1:])
         print(f"\r  ttft {i + 1}/{args.ttft_requests}", end="", flush=True)
     print()
     ttft_rows = []
@@ -221,6 +262,7 @@ def main(argv=None) -> int:
         "model": args.model or "SmolLM2-135M-Instruct (embedded)",
         "device": f"cpu ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)",
         "pool": {"gamma": args.gamma, "tau": args.tau, "distance": args.distance, "capacity": args.capacity},
+        "exact_tail": args.tails[0],
         "quality": quality, "ttft": ttft_rows, "long_prompt_quality": long_quality,
         "sizes": {"warm_requests": args.warm, "measured_requests": args.measure,
                   "max_new_tokens": args.max_new_tokens, "ttft_warm_requests": args.ttft_warm,

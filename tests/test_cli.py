@@ -66,6 +66,8 @@ def test_bad_arguments_are_rejected(capsys):
     with pytest.raises(SystemExit):
         cli.main(["eval", "--task", "trivia"])
     assert cli.main(["demo", "--questions", "0"]) == 2
+    assert cli.main(["demo", "--exact-tail", "0"]) == 2
+    assert "--exact-tail must be at least 1" in capsys.readouterr().err
 
 
 def _engine_available() -> bool:
@@ -102,3 +104,16 @@ def test_real_demo_one_question(tmp_path):
         assert a["ttft_ms_dense"] > 0 and a["ttft_ms_kvcomm"] > 0
     assert "judge consistency" in proc.stdout
     print(f"real demo (1 question): {elapsed:.1f} s\n{proc.stdout}")
+
+
+def test_exact_tail_reaches_the_engine(tiny, monkeypatch):
+    """--exact-tail goes through ExperimentConfig into the engine load_engine builds."""
+    import kvcomm.models
+    from kvcomm.runtime import session
+
+    monkeypatch.setattr(kvcomm.models, "load_model", lambda *a, **k: tiny("llama"))
+    args = cli.build_parser().parse_args(["demo", "--exact-tail", "7", "--no-gate"])
+    cfg = cli._config(args, "gsm8k", 4, "fully_connected")
+    assert cfg.exact_tail == 7
+    engine, *_ = session.load_engine(cfg)
+    assert engine.exact_tail == 7

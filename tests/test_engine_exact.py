@@ -367,3 +367,70 @@ def test_reply_slot_layer0_exact_smollm2(smollm2):
         assert max_diff(rk[:, :, :s0], dk[:, :, :s0]) < F32_ATOL
         return
     pytest.fail("agent b never took the reuse path")
+
+
+# ------------------------------------------------------------------ (e) exact_tail
+
+
+def _tail_engine(model, tok, tail):
+    # tau = 1: blended anchors, so the estimated KV is visibly not dense (see above).
+    eng = make_engine(model, tok, TWO_SLOTS, tau=1.0)
+    eng.exact_tail = tail
+    for x in ({"condition_tool_current": "The shop sells red apples and green pears.",
+               "user_question": "How many apples are left now?"},
+              {"condition_tool_current": "A farmer grows ripe pears, plums and a few melons.",
+               "user_question": "Which fruit does the farmer grow the most of?"}):
+        run(eng, x)
+    return eng
+
+
+TAIL_TARGET = {"condition_tool_current": "The shop sells red apples and green pears.",
+               "user_question": "How many apples are left now?"}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_exact_tail_recomputes_the_last_tokens(tiny, arch):
+    """exact_tail=k: the reuse path's last k prompt tokens hold KV computed by the model
+    over the estimated rest (not estimates); everything before them is the estimate."""
+    model, tok = tiny(arch)
+    k_tail = 5
+    one = _tail_engine(model, tok, 1)
+    r1, k1, v1 = run(one, TAIL_TARGET)
+    eng = _tail_engine(model, tok, k_tail)
+    rk_call, rk, rv = run(eng, TAIL_TARGET)
+    assert r1.path == rk_call.path == "reuse"
+    T = eng.last_layout.length
+    head = T - k_tail
+    # Same pools, same decisions: identical estimates before the tail ...
+    assert torch.equal(rk[:, :, :head], k1[:, :, :head]) and torch.equal(rv[:, :, :head], v1[:, :, :head])
+    # ... and the tail is the model's own forward over that estimated head.
+    cache = kvcomm.hf.KVBufferCache.for_spec(eng.spec, T + 2)
+    cache.k[:, :, :head].copy_(rk[:, :, :head])
+    cache.v[:, :, :head].copy_(rv[:, :, :head])
+    cache.set_length(head)
+    from kvcomm.engine.kv import forward
+    with torch.inference_mode():
+        logits = forward(model, cache, eng.last_layout.ids[head:])
+    tk, tv = cache.span(head, T)
+    assert max_diff(rk[:, :, head:], tk) < F32_ATOL and max_diff(rv[:, :, head:], tv) < F32_ATOL
+    assert max_diff(rk_call.first_logits, logits) < 1e-4
+    # The tail really changed: the estimated tail KV (exact_tail=1) differs from it.
+    assert max_diff(k1[1:, :, head:T - 1], rk[1:, :, head:T - 1]) > 1e-3
+
+
+def test_exact_tail_covering_everything_after_s0_equals_dense(tiny):
+    model, tok = tiny("llama")
+    eng = _tail_engine(model, tok, 10_000)
+    reuse, rk, rv = run(eng, TAIL_TARGET)
+    assert reuse.path == "reuse"
+    dense, dk, dv = run(eng, TAIL_TARGET, mode="dense", new_request=False)
+    assert max_diff(rk, dk) < F32_ATOL and max_diff(rv, dv) < F32_ATOL
+    assert reuse.first_token_id == dense.first_token_id
+    assert max_diff(reuse.first_logits, dense.first_logits) < 1e-4
+
+
+@pytest.mark.parametrize("bad", [0, -3, True, 1.5, "4", None])
+def test_exact_tail_must_be_a_positive_int(tiny, bad):
+    model, tok = tiny("llama")
+    with pytest.raises(ValueError, match="exact_tail must be an int >= 1"):
+        KVCommEngine(model, tok, exact_tail=bad)

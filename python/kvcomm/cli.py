@@ -38,6 +38,10 @@ def _add_common(p: argparse.ArgumentParser, *, questions: int, warmup: int, max_
                    help="skip the dense re-run of the decision agent that measures judge consistency")
     p.add_argument("--gamma", type=float, default=None, help="entropy gate of the anchor pool (default 0.3)")
     p.add_argument("--capacity", type=int, default=None, help="anchors per slot (default 20)")
+    p.add_argument("--exact-tail", type=int, default=1, metavar="N",
+                   help="prompt tokens at the end that the reuse path runs through the model (default 1: "
+                        "the last token, as the paper); more trades TTFT for agreement with dense "
+                        "(docs/quality.md)")
     p.add_argument("--no-gate", action="store_true",
                    help="skip the correctness gate: a short reuse-vs-dense probe on the model (cached per "
                         "model) that keeps every call dense when reuse disagrees with dense")
@@ -114,6 +118,8 @@ def _add_bench_ttft(bsub) -> None:
                    help="the reuse path's last-token forward: auto = CUDA graph on CUDA, eager on CPU")
     t.add_argument("--gamma", type=float, default=None, help="entropy gate of the pool (default 0.3)")
     t.add_argument("--capacity", type=int, default=None, help="anchors per slot (default 20)")
+    t.add_argument("--exact-tail", type=int, default=1, metavar="N",
+                   help="prompt tokens at the end the reuse path runs (default 1, as the paper)")
     t.add_argument("--scaling", choices=["agents", "prefix"], default=None,
                    help="TTFT vs agent count (one run of the largest count: its first N agents are the "
                         "N-agent system) or vs prefix length (one run per prefix)")
@@ -137,7 +143,7 @@ def _config(args, task: str, n_agents: int, topology: str, rounds: int = 2, laye
         max_new_tokens=args.max_new_tokens, decision_dense=args.decision_dense,
         judge_shadow=not args.no_judge_shadow, model=args.model, device=args.device,
         dtype=args.dtype, pool=pool, progress=not args.no_progress, mmlu_split=mmlu_split,
-        gate=not args.no_gate)
+        gate=not args.no_gate, exact_tail=args.exact_tail)
 
 
 def _run_and_report(cfg, args, title: str, engine_factory=None) -> int:
@@ -147,6 +153,9 @@ def _run_and_report(cfg, args, title: str, engine_factory=None) -> int:
 
     if args.questions < 1:
         print("kvcomm: --questions must be at least 1", file=sys.stderr)
+        return 2
+    if args.exact_tail < 1:
+        print("kvcomm: --exact-tail must be at least 1 (the last prompt token always runs)", file=sys.stderr)
         return 2
     if args.threads:
         import torch
@@ -301,7 +310,7 @@ def cmd_bench_ttft(args) -> int:
     load_s = time.perf_counter() - t0
     log = None if args.no_progress else ttft.stderr_log
     kw = dict(requests=args.requests, warmup=args.warmup, seed=args.seed, gamma=args.gamma,
-              capacity=args.capacity, step=args.step, log=log)
+              capacity=args.capacity, step=args.step, exact_tail=args.exact_tail, log=log)
     tag = output.device_tag(args.device)
     head = {"benchmark": "ttft", "device": tag, "device_detail": output.device_detail(args.device, dtype_name),
             "model": model_name, "dtype": dtype_name, "git_sha": git_sha(), "command": _command(args)}

@@ -5,6 +5,8 @@ import os
 
 import torch
 
+from .._fmt import ms as _ms, pct as _pct, x as _x
+
 # SPEC section 7 / the paper (arXiv 2510.12872): 5 fully connected agents, 512 prefix, 1K input,
 # 512 output tokens, one H100, Llama-3.1-8B-Instruct. Read off the paper's figure: approximate.
 PAPER = {
@@ -36,18 +38,6 @@ def device_detail(device: str, dtype: str) -> str:
     else:
         out += f", {os.cpu_count()} cores, {platform.machine()}"
     return out
-
-
-def _ms(v) -> str:
-    return "-" if v is None else f"{v:.1f}"
-
-
-def _x(v) -> str:
-    return "-" if v is None else f"{v:.2f}x"
-
-
-def _pct(v) -> str:
-    return "-" if v is None else f"{100 * v:.0f}%"
 
 
 def agents_table(doc: dict) -> str:

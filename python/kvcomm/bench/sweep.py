@@ -19,6 +19,8 @@ import time
 from dataclasses import replace
 from typing import Callable
 
+from .._fmt import pct as _pct
+
 GAMMAS = (0.0, 0.1, 0.3, 0.5, 0.9)
 CAPACITIES = (5, 10, 20)
 DEFAULT_POINT = (0.3, 20)     # SPEC section 4 defaults
@@ -165,10 +167,6 @@ def _row(gamma, capacity, summary, warm_summary, stats, run_s) -> dict:
         "pool": stats,
         "run_s": run_s,
     }
-
-
-def _pct(v) -> str:
-    return "-" if v is None else f"{100 * v:.0f}%"
 
 
 def format_table(doc: dict) -> str:

@@ -49,10 +49,12 @@ class Sample:
 
 
 def build_engine(model, tokenizer, builder: SettingBuilder, *, gamma: float | None = None,
-                 capacity: int | None = None, step: str = "auto", step_capacity: int | None = None):
+                 capacity: int | None = None, step: str = "auto", step_capacity: int | None = None,
+                 exact_tail: int = 1):
     """(KVCommEngine with the setting's agents, step used). The reuse path's last-token
     step: auto = CUDA graph on CUDA, eager otherwise; static = the static buffer without
-    capture (CPU-testable); graph = static + CUDA graph (CUDA only)."""
+    capture (CPU-testable); graph = static + CUDA graph (CUDA only). The static step
+    runs one token: with exact_tail > 1 the tail runs through the ordinary forward."""
     import kvcomm
     from ..engine import KVCommEngine
 
@@ -64,7 +66,7 @@ def build_engine(model, tokenizer, builder: SettingBuilder, *, gamma: float | No
         pool["gamma"] = gamma
     if capacity is not None:
         pool["capacity"] = capacity
-    engine = KVCommEngine(model, tokenizer, pool_config=kvcomm.PoolConfig(**pool))
+    engine = KVCommEngine(model, tokenizer, pool_config=kvcomm.PoolConfig(**pool), exact_tail=exact_tail)
     for a in builder.agents:
         engine.add_agent(a.name, a.system_prompt, a.template)
     on_cuda = spec.device.type == "cuda"
@@ -165,7 +167,7 @@ def summarize(samples: list[Sample], setting: TTFTSetting, token_rows: list[dict
 
 def run_setting(model, tokenizer, setting: TTFTSetting, *, requests: int, warmup: int, seed: int = 0,
                 gamma: float | None = None, capacity: int | None = None, step: str = "auto",
-                log=None) -> dict:
+                exact_tail: int = 1, log=None) -> dict:
     """Builds the prompts and the engine, measures, summarises. The engine is fresh
     (empty pool) for every call of this function."""
     builder = SettingBuilder(tokenizer, setting, seed=seed)
@@ -176,13 +178,14 @@ def run_setting(model, tokenizer, setting: TTFTSetting, *, requests: int, warmup
         raise ValueError(f"TTFT setting: the last agent's prompt ({max_tokens} tokens) plus its reply "
                          f"({setting.output}) exceeds the model's {limit} positions; use smaller sizes")
     engine, step = build_engine(model, tokenizer, builder, gamma=gamma, capacity=capacity, step=step,
-                          step_capacity=max_tokens + setting.output + 2)
+                                step_capacity=max_tokens + setting.output + 2, exact_tail=exact_tail)
     t0 = time.perf_counter()
     samples = measure(engine, builder, requests=requests, warmup=warmup, log=log)
     out = summarize(samples, setting, token_rows)
     stats = engine.stats()
     out.update({
         "setting": setting.as_dict(), "requests": requests, "warmup": warmup, "seed": seed,
+        "exact_tail": exact_tail,
         "one_token_step": step if engine.static_step is None else f"{step}: {engine.static_step.describe()}",
         "pool": {"anchors": stats.get("anchors"), "bytes": stats.get("bytes"),
                  "evictions": stats.get("evictions")},

@@ -91,11 +91,15 @@ class KVCommEngine:
       False/None (off, the default here; `kvcomm demo/eval` turn it on). When on, the
       first kvcomm-mode call probes reuse vs dense on this model (cached per model) and,
       if reuse is refused, every kvcomm call runs dense with the gate's reason.
+    exact_tail: prompt tokens at the end that the reuse path runs through the model
+      (default 1: the last token only, SPEC section 6). More replaces the estimated KV
+      of those tokens with KV computed against the estimated rest.
     """
 
     def __init__(self, model, tokenizer, pool_config: PoolConfig | None = None, *,
                  pool: AnchorPool | None = None, lead_ins: dict | None = None,
-                 gate: GateConfig | bool | None = None):
+                 gate: GateConfig | bool | None = None, exact_tail: int = 1):
+        self.exact_tail = exact_tail
         self.spec = hf.enable(model)
         self.model = model
         self.tokenizer = tokenizer
@@ -125,6 +129,16 @@ class KVCommEngine:
         self.gate_config: GateConfig | None = GateConfig() if gate is True else (gate or None)
         self._special_texts = special_texts(tokenizer)
         self.gate_result: GateResult | None = None
+
+    @property
+    def exact_tail(self) -> int:
+        return self._exact_tail
+
+    @exact_tail.setter
+    def exact_tail(self, n: int) -> None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"exact_tail must be an int >= 1 (prompt tokens the reuse path runs), got {n!r}")
+        self._exact_tail = n
 
     # ------------------------------------------------------------------ setup
 
@@ -376,8 +390,12 @@ class KVCommEngine:
                 slot_decisions[name] = "share, but no usable anchor for this agent"
                 return None, f"slot {name}: no deltas for agent"
             slot_decisions[name] = f"share (estimated from anchors {list(res.anchors)})"
-        cache.set_length(lay.length - 1)
+        cache.set_length(lay.length - self._tail(lay))
         return cache, None
+
+    def _tail(self, lay) -> int:
+        """Prompt tokens the reuse path runs: exact_tail, at most all but the first."""
+        return max(1, min(self.exact_tail, lay.length - 1))
 
     def _record(self, st: AgentState, lay, cache, contents, missing_deltas, slot_decisions) -> None:
         """Dense path: real KV -> neutral deltas, recorded into this call's anchors."""
@@ -431,9 +449,10 @@ class KVCommEngine:
 
     def _last_token(self, cache: KVBufferCache, lay) -> torch.Tensor:
         step = self.static_step
-        if step is not None and step.owns(cache):
+        tail = self._tail(lay)
+        if tail == 1 and step is not None and step.owns(cache):
             return step(cache, lay.ids[-1], lay.length - 1)
-        return forward(self.model, cache, lay.ids[-1:])
+        return forward(self.model, cache, lay.ids[-tail:])
 
     def _force_reply(self, cache: KVBufferCache, reply_ids: list[int], mode: str) -> list[int]:
         if mode == "kvcomm":

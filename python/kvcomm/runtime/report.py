@@ -3,18 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 
+from .._fmt import ms as _ms, pct, x as _x
 
-def _ms(v) -> str:
-    return "-" if v is None else f"{v:.1f}"
-
-
-def _pct(v) -> str:
-    return "-" if v is None else f"{100 * v:.1f}%"
-
-
-def _x(v) -> str:
-    return "-" if v is None else f"{v:.2f}x"
+_pct = partial(pct, digits=1)
 
 
 def format_table(summary: dict, warmup: dict | None = None, title: str | None = None) -> str:

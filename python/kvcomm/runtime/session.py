@@ -46,6 +46,7 @@ class ExperimentConfig:
     mmlu_split: str = "validation"
     seed: int = 0
     gate: bool = True                   # correctness gate before reuse (kvcomm.engine.gate)
+    exact_tail: int = 1                 # prompt tokens the reuse path runs (KVCommEngine.exact_tail)
 
 
 @dataclass
@@ -97,7 +98,7 @@ def load_engine(cfg: ExperimentConfig):
     t0 = time.perf_counter()
     model, tokenizer = load_model(cfg.model, dtype=dtype, device=cfg.device)
     pool_config = kvcomm.PoolConfig(**cfg.pool) if cfg.pool else None
-    engine = KVCommEngine(model, tokenizer, pool_config=pool_config, gate=cfg.gate)
+    engine = KVCommEngine(model, tokenizer, pool_config=pool_config, gate=cfg.gate, exact_tail=cfg.exact_tail)
     load_s = time.perf_counter() - t0
     name = EMBEDDED_MODEL if cfg.model is None else os.path.basename(os.path.normpath(cfg.model))
     detail = f"{cfg.device}, {cfg.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads"
