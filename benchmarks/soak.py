@@ -64,6 +64,15 @@ def _slope_per_100(xs: list[float], ys: list[float]) -> float | None:
     return None if den == 0 else 100.0 * sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den
 
 
+def _growth(values: list, base_index: int) -> dict | None:
+    """{after_warmup, final, max, growth_after_warmup} of a sampled count; None if not sampled."""
+    if not values or any(v is None for v in values) or base_index < 0:
+        return None
+    base = values[base_index]
+    return {"after_warmup": base, "final": values[-1], "max": max(values[base_index:]),
+            "growth_after_warmup": values[-1] - base}
+
+
 def run_soak(runner, problems: list, requests: int, *, window: int = 25, warm: int | None = None,
              log=print) -> dict:
     """Runs `requests` KVCOMM requests (problems cycled) and returns the report dict.
@@ -94,7 +103,8 @@ def run_soak(runner, problems: list, requests: int, *, window: int = 25, warm: i
         gc.collect()   # RSS then reflects what is still referenced, not what awaits collection
         samples.append({
             "request": i + 1, "elapsed_s": time.perf_counter() - t_start, "wall_s": time.perf_counter() - t0,
-            "rss_mib": rss_bytes() / MIB, "pool_bytes": int(pool.memory_bytes()),
+            "rss_mib": rss_bytes() / MIB, "py_objects": len(gc.get_objects()),
+            "pool_bytes": int(pool.memory_bytes()),
             "anchors": int(pool.size()), "evictions": int(pool.evictions),
             "calls": calls, "reuse_calls": reused})
         if log and ((i + 1) % max(1, window) == 0 or i + 1 == requests):
@@ -144,6 +154,8 @@ def summarize(samples: list[dict], errors: list[dict], *, budget: int, window: i
                     "max_after_warmup": max((s["rss_mib"] for s in after), default=None),
                     "slope_mib_per_100_requests_second_half":
                         _slope_per_100([s["request"] for s in tail], [s["rss_mib"] for s in tail])},
+        # Objects the garbage collector tracks: a leak signal that malloc's behaviour cannot hide.
+        "py_objects": _growth([s.get("py_objects") for s in samples], min(warm, len(samples)) - 1),
         "seconds": samples[-1]["elapsed_s"] if samples else 0.0,
         "samples": samples,
     }
@@ -215,13 +227,16 @@ def main(argv=None) -> int:
         print(f"{gate.reason} [{gate.source}, {gate.seconds:.1f} s]")
     problems = load_task("gsm8k")
     runner = demo_runner(engine, max_new_tokens=args.max_new_tokens)
+    sha = git_sha()   # of the code that runs, read before the soak's half hour
     report = run_soak(runner, problems, n, window=args.window, warm=args.warm)
     report = {
         "benchmark": "soak", "model": name, "device_detail": detail, "platform": platform.platform(),
-        "torch": torch.__version__, "git_sha": git_sha(), "command": " ".join([os.path.basename(sys.argv[0]),
+        "torch": torch.__version__, "git_sha": sha, "command": " ".join([os.path.basename(sys.argv[0]),
                                                                                *sys.argv[1:]]),
         "graph": "kvcomm demo: gsm8k, fully connected 4 agents + decision, kvcomm mode only, no shadow",
         "max_new_tokens": args.max_new_tokens, "load_s": load_s,
+        # glibc malloc tuning in the environment changes what RSS shows (docs/benchmarks.md, Soak)
+        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
         "gate": None if gate is None else {k: v for k, v in gate.to_dict().items() if k != "details"},
         **report}
     r = report["rss_mib"]

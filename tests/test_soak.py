@@ -2,7 +2,8 @@
 over many requests on a tiny random Llama with a pool byte budget that forces eviction.
 
 Asserts: no exception; pool bytes never over the budget (and the budget really binds:
-evictions happen); RSS after warm-up stays within a bound that a realistic leak breaks
+evictions happen); RSS and the count of gc-tracked Python objects after warm-up stay
+within bounds that a realistic leak breaks
 (test_the_rss_bound_catches_a_leak keeps every call's KV cache alive, as a bug that holds
 on to caches would, and must exceed it); the reuse rate is non-zero in every window after
 the cold start. The full-size soak on SmolLM2 is benchmarks/soak.py --full
@@ -31,6 +32,7 @@ _spec.loader.exec_module(soak)
 
 BUDGET = 3 * 2 ** 20        # about half of what the unbounded pool reaches in this run
 RSS_GROWTH_MIB = 10.0       # fresh process: 1.0-1.9 MiB measured without a leak, 21.6-23.5 MiB with it
+OBJECT_GROWTH = 50          # gc-tracked objects after warm-up: measured 0 without a leak, +1000 with it
 REQUESTS, WINDOW, WARM = 30, 10, 10
 CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024), "OMP_NUM_THREADS": "1"}
 
@@ -87,6 +89,7 @@ def test_soak_memory_bounded_reuse_steady():
     assert pool["evictions"] > 0, "the budget never bound: the soak did not test it"
     growth = rep["rss_mib"]["growth_after_warmup"]
     assert growth is not None and growth < RSS_GROWTH_MIB, rep["rss_mib"]
+    assert abs(rep["py_objects"]["growth_after_warmup"]) <= OBJECT_GROWTH, rep["py_objects"]
     rates = [w["reuse_rate"] for w in rep["reuse_rate_windows"]]
     assert len(rates) == REQUESTS // WINDOW
     assert all(r is not None and r >= 0.2 for r in rates[1:]), rates
@@ -102,11 +105,13 @@ def test_the_rss_bound_catches_a_leak():
     assert rep["exceptions"] == 0
     assert rep["leaked_caches"] == 5 * REQUESTS
     assert rep["rss_mib"]["growth_after_warmup"] > RSS_GROWTH_MIB, rep["rss_mib"]
+    assert rep["py_objects"]["growth_after_warmup"] > OBJECT_GROWTH, rep["py_objects"]
 
 
 def test_summary_of_samples():
     samples = [{"request": i + 1, "elapsed_s": float(i), "wall_s": 1.0, "rss_mib": 100.0 + i,
-                "pool_bytes": 10 * i, "anchors": i, "evictions": 0, "calls": 5, "reuse_calls": i % 5}
+                "pool_bytes": 10 * i, "anchors": i, "evictions": 0, "calls": 5, "reuse_calls": i % 5,
+                "py_objects": 1000 + 3 * i}
                for i in range(8)]
     rep = soak.summarize(samples, [], budget=50, window=4, warm=2, rss_start_mib=90.0)
     assert [w["reuse_calls"] for w in rep["reuse_rate_windows"]] == [0 + 1 + 2 + 3, 4 + 0 + 1 + 2]
@@ -114,6 +119,9 @@ def test_summary_of_samples():
     assert rep["pool"]["over_budget_samples"] == 2          # 60 and 70 bytes > 50
     assert rep["rss_mib"]["after_warmup"] == 101.0 and rep["rss_mib"]["growth_after_warmup"] == 6.0
     assert rep["rss_mib"]["slope_mib_per_100_requests_second_half"] == pytest.approx(100.0)
+    assert rep["py_objects"] == {"after_warmup": 1003, "final": 1021, "max": 1021, "growth_after_warmup": 18}
+    assert soak.summarize([{**x, "py_objects": None} for x in samples], [], budget=50, window=4, warm=2,
+                          rss_start_mib=90.0)["py_objects"] is None
     assert soak.rss_bytes() > 0
 
 
