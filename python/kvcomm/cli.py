@@ -160,6 +160,7 @@ def _run_and_report(cfg, args, title: str, engine_factory=None) -> int:
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
+    sha = git_sha()   # the code that runs: read before a run that may take an hour
     t0 = time.perf_counter()
     res = run_experiment(cfg, engine_factory=engine_factory)
     total_s = time.perf_counter() - t0
@@ -178,7 +179,7 @@ def _run_and_report(cfg, args, title: str, engine_factory=None) -> int:
                                       "first_token_agreement_reuse": res.summary["first_token_agreement_reuse"],
                                       "wall_s": total_s, "load_s": res.load_s, "run_s": res.run_s,
                                       "engine_stats": _plain(res.engine_stats),
-                                      "git_sha": git_sha(), "command": command_line(),
+                                      "git_sha": sha, "command": command_line(),
                                       "config": asdict(cfg)})
         report.write_json(doc, args.json)
         print(f"wrote {args.json}")
@@ -248,8 +249,9 @@ def cmd_sweep(args, cfg, sweep_factory=None) -> int:
         import torch
         torch.set_num_threads(args.threads)
     info = {"model_name": "scripted", "device_detail": f"{args.device} (scripted)"} if sweep_factory else None
+    sha = git_sha()
     doc = sweep.run_sweep(cfg, points, engine_factory=sweep_factory, info=info)
-    doc.update(git_sha=git_sha(), command=_command(args), config=asdict(cfg))
+    doc.update(git_sha=sha, command=_command(args), config=asdict(cfg))
     print()
     print(f"kvcomm eval --sweep: {cfg.task}, {cfg.topology}, {cfg.n_agents} agents + decision, "
           f"{cfg.questions} questions after {cfg.warmup} warm-up; {doc['model']} on {doc['device_detail']}")
