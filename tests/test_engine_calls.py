@@ -273,3 +273,33 @@ def test_prompt_longer_than_the_context_is_refused(tiny):
         eng.call("a", INPUTS[0], max_new_tokens=193 - T)
     assert eng.call("a", INPUTS[0], mode="dense", max_new_tokens=192 - T).new_tokens >= 1
     assert eng.pool.size() == 0
+
+
+def test_humaneval_prompts_sit_in_their_slot_without_boundary_merges(smollm2):
+    """Every HumanEval question, as the code workload formats it, tokenizes inside the
+    writer's template without a token across the slot edge (else every call runs dense:
+    a 40-question eval reused 0% before the workload stripped the prompts' edge newlines)."""
+    pytest.importorskip("kvcomm.runtime.datasets")
+    from kvcomm.engine.template import fill, render_layout
+    from kvcomm.runtime.datasets import DataNotInstalled, load_humaneval
+    from kvcomm.runtime.graph import build_graph
+    from kvcomm.runtime.topology import make_topology
+    from kvcomm.runtime.workloads import make_workload
+
+    try:
+        problems = load_humaneval()
+    except DataNotInstalled as e:
+        pytest.skip(str(e))
+    model, tok = smollm2
+    wl = make_workload("humaneval", 3)
+    graph = build_graph(make_topology("fully_connected", 3), wl.roles, wl.decision_role, wl.question_label)
+    eng = KVCommEngine(model, tok)
+    eng.add_agent("writer", graph.agents[0].role.system_prompt, graph.agents[0].template)
+    st = eng.agents["writer"]
+    bad = []
+    for p in problems:
+        text, spans = fill(st.template, {"user_question": wl.format_question(p)}, "writer")
+        lay = render_layout(tok, st.frame, text, spans)
+        if lay.problem or st.alignment_problem(lay):
+            bad.append(p.id)
+    assert not bad, f"{len(bad)} of {len(problems)} prompts merge across the slot edge: {bad[:5]}"

@@ -172,8 +172,11 @@ def code_workload(n_agents: int = 3, test_timeout_s: float = 5.0) -> Workload:
         code = extract(text, p)
         return None if code is None else "\n".join(ln.rstrip() for ln in code.strip().splitlines())
 
+    # The prompt's edge newlines would merge with the template's own newlines around
+    # {user_question} into one token across the slot edge, which forces every call dense
+    # (measured: all 164 prompts raw, none stripped).
     return Workload("code", ("humaneval",), roles, decision, "Task",
-                    lambda p: p.extra["prompt"], extract,
+                    lambda p: p.extra["prompt"].strip("\n"), extract,
                     lambda code, p: passes_hidden_tests(p, code), choice)
 
 
