@@ -116,7 +116,9 @@ def _other_tails(eng, name: str, inputs: dict, dense, tails) -> dict:
     try:
         for t in tails:
             eng.exact_tail = t
-            again = eng.call(name, inputs, max_new_tokens=1, return_first_logits=True)
+            # capture=False: the re-run's one-token reply must not replace the real one
+            # as the base downstream agents read, nor go through the reply decision.
+            again = eng.call(name, inputs, max_new_tokens=1, return_first_logits=True, capture=False)
             if again.path == "reuse":
                 agree, kl = _first_token_gap(again, dense)
                 out[str(t)] = {"agree": agree, "kl": kl, "ttft_ms": again.ttft_ms}

@@ -222,6 +222,26 @@ def test_reply_reaches_the_next_agent_as_its_base(smollm2):
     assert content.source == "reply" and content.base_k is reply.k
 
 
+def test_a_call_without_capture_leaves_the_reply_and_its_slot_alone(smollm2):
+    model, tok = smollm2
+    eng = make_engine(model, tok)
+    eng.new_request()
+    first = eng.call("a", INPUTS[0], max_new_tokens=8)
+    reply = eng.request.current["a"]
+    anchors = [a.id for a in eng.pool.anchors("agent_a_current")]
+    contents = dict(eng.request.contents)
+    # A re-run (one token, so a different reply) must not replace what downstream
+    # agents read, nor send its reply through the slot's decision.
+    again = eng.call("a", INPUTS[0], max_new_tokens=1, capture=False)
+    assert again.token_ids == first.token_ids[:1]
+    assert eng.request.current["a"] is reply
+    assert eng.request.contents == contents
+    assert [a.id for a in eng.pool.anchors("agent_a_current")] == anchors
+    # The default still captures.
+    eng.call("a", INPUTS[0], max_new_tokens=1)
+    assert eng.request.current["a"] is not reply
+
+
 # ------------------------------------------------------------------ bad inputs
 
 

@@ -167,11 +167,16 @@ class KVCommEngine:
 
     def call(self, agent: str, inputs: dict, *, mode: str = "kvcomm", max_new_tokens: int = 128,
              do_sample: bool = False, temperature: float = 1.0,
-             return_first_logits: bool = False, reply_ids: list[int] | None = None) -> AgentCall:
+             return_first_logits: bool = False, reply_ids: list[int] | None = None,
+             capture: bool = True) -> AgentCall:
         """reply_ids: a forced reply (benchmarks). The first token is still computed and
         timed as usual; the reply is then these tokens instead of a generated one, fed
         through the model in one forward in kvcomm mode and captured like a generated
-        reply (dense mode captures nothing, so it does not feed them)."""
+        reply (dense mode captures nothing, so it does not feed them).
+
+        capture=False leaves the request's replies and the pool's reply slots alone: for
+        re-running a call to compare it (otherwise the re-run's reply replaces the
+        original as the base of {agent_<name>_current} and goes through the decision)."""
         if reply_ids is not None:
             reply_ids = [int(t) for t in reply_ids]
             if not reply_ids:
@@ -195,10 +200,10 @@ class KVCommEngine:
             self.new_request()
         with torch.inference_mode():
             return self._call(self.agents[agent], dict(inputs), mode, max_new_tokens, do_sample,
-                              float(temperature), return_first_logits, reply_ids)
+                              float(temperature), return_first_logits, reply_ids, capture)
 
     def _call(self, st: AgentState, inputs, mode, max_new_tokens, do_sample, temperature, want_logits,
-              reply_ids=None):
+              reply_ids=None, capture=True):
         clock = _Clock()
         start = clock._last
         user_text, cspans = fill(st.template, inputs, st.name)
@@ -253,7 +258,7 @@ class KVCommEngine:
         clock.lap("decode")
         lo, hi = self._reply_span(tokens)
         text = self.tokenizer.decode(tokens[lo:hi], skip_special_tokens=True)
-        if mode == "kvcomm" and hi > lo and self._exact_range_ok(T + len(tokens)) and not self._gate_refusal():
+        if mode == "kvcomm" and capture and hi > lo and self._exact_range_ok(T + len(tokens)) and not self._gate_refusal():
             self._capture(st, cache, T, tokens, lo, hi, text)
             clock.lap("capture")
 
