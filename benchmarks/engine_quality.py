@@ -211,6 +211,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
 
+    git_sha, git_dirty = _git_sha(), _git_dirty()   # the code measured, not the code at the end
     load_at_start = os.getloadavg()  # other work on the machine skews the TTFT numbers: recorded
     t0 = time.perf_counter()
     model, tok = load_model(args.model)
@@ -272,8 +273,8 @@ def main(argv=None) -> int:
                   "context_sentences": args.context_sentences,
                   "quality_prompt_tokens": _token_range(rows), "ttft_prompt_tokens": _token_range(trow)},
         "command": "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
-        "git_sha": _git_sha(),
-        "git_dirty": _git_dirty(),   # uncommitted changes in the tree that was measured
+        "git_sha": git_sha,
+        "git_dirty": git_dirty,   # uncommitted changes in the tree that was measured
         "versions": {"torch": torch.__version__, "transformers": _version("transformers")},
         "load_avg": {"start": [round(x, 2) for x in load_at_start],
                      "end": [round(x, 2) for x in os.getloadavg()]},
