@@ -127,15 +127,37 @@ def _other_tails(eng, name: str, inputs: dict, dense, tails) -> dict:
     return out
 
 
+def agent_inputs(name: str, question: str, replies: dict) -> dict:
+    """What agent `name` reads: the question and every earlier agent's reply."""
+    inputs = {"user_question": question}
+    for other in ("solver", "critic"):
+        if "{agent_%s_current}" % other in TEMPLATES[name]:
+            inputs[f"agent_{other}_current"] = replies[other]
+    return inputs
+
+
+def add_pipeline_args(p: argparse.ArgumentParser, measure: int) -> None:
+    p.add_argument("--model", default=None, help="local transformers model folder (default: embedded SmolLM2)")
+    p.add_argument("--warm", type=int, default=10, help="requests that fill the pool before measuring")
+    p.add_argument("--measure", type=int, default=measure, help="requests whose reuse calls are compared")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the results here")
+
+
+def parse_tails(p: argparse.ArgumentParser, text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        p.error(f"--tails: comma-separated integers, got {text!r}")
+
+
 def run_request(eng, question: str, max_new_tokens: int, compare: bool, rows: list, ttft: dict | None,
                 other_tails=()):
     eng.new_request()
     replies: dict[str, str] = {}
     for name in ORDER:
-        inputs = {"user_question": question}
-        for other in ("solver", "critic"):
-            if "{agent_%s_current}" % other in TEMPLATES[name]:
-                inputs[f"agent_{other}_current"] = replies[other]
+        inputs = agent_inputs(name, question, replies)
         call = eng.call(name, inputs, max_new_tokens=max_new_tokens, return_first_logits=compare)
         replies[name] = call.text
         if not (compare and call.path == "reuse"):
@@ -181,10 +203,7 @@ def summarize_quality(rows: list) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="local transformers model folder (default: embedded SmolLM2)")
-    p.add_argument("--warm", type=int, default=10, help="requests that fill the pool before measuring")
-    p.add_argument("--measure", type=int, default=40, help="requests whose reuse calls are compared")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    add_pipeline_args(p, measure=40)
     p.add_argument("--ttft-requests", type=int, default=6, help="long-prompt requests timed (after warm-up)")
     p.add_argument("--ttft-warm", type=int, default=4, help="long-prompt warm-up requests")
     p.add_argument("--context-sentences", type=int, default=40,
@@ -198,14 +217,11 @@ def main(argv=None) -> int:
                    help="exact_tail values, comma-separated: the first runs the pipeline; every compared "
                         "reuse call is also run with the others (default 1: last token only, as the paper)")
     p.add_argument("--quality-only", action="store_true", help="skip the long-prompt TTFT part")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
-    p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
-    try:
-        args.tails = [int(t) for t in args.tails.split(",")]
-    except ValueError:
-        p.error(f"--tails: comma-separated integers, got {args.tails!r}")
+    args.tails = parse_tails(p, args.tails)
+    if not args.tails:
+        p.error("--tails: give at least one value")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

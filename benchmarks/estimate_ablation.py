@@ -145,10 +145,7 @@ def run_request(eng, question, max_new_tokens, compare, rows, tails):
     eng.new_request()
     replies: dict[str, str] = {}
     for name in eq.ORDER:
-        inputs = {"user_question": question}
-        for other in ("solver", "critic"):
-            if "{agent_%s_current}" % other in eq.TEMPLATES[name]:
-                inputs[f"agent_{other}_current"] = replies[other]
+        inputs = eq.agent_inputs(name, question, replies)
         call = eng.call(name, inputs, max_new_tokens=max_new_tokens, return_first_logits=compare)
         replies[name] = call.text
         if compare and call.path == "reuse":
@@ -175,19 +172,11 @@ def summarize(rows, labels) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="local transformers model folder (default: embedded SmolLM2)")
-    p.add_argument("--warm", type=int, default=10, help="requests that fill the pool before measuring")
-    p.add_argument("--measure", type=int, default=20, help="requests whose reuse calls are compared")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    eq.add_pipeline_args(p, measure=20)
     p.add_argument("--tails", default="16,64", help="exact_tail values to compare too, comma-separated")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch default)")
-    p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
-    try:
-        tails = [int(t) for t in args.tails.split(",") if t.strip()]
-    except ValueError:
-        p.error(f"--tails: comma-separated integers, got {args.tails!r}")
+    tails = eq.parse_tails(p, args.tails)
     if args.threads:
         torch.set_num_threads(args.threads)
     git_sha, git_dirty = eq._git_sha(), eq._git_dirty()   # the code measured, not the code at the end
