@@ -15,7 +15,7 @@ import json
 import sys
 
 from kvcomm.runtime import metrics
-from kvcomm.runtime.records import record_from_dict
+from kvcomm.runtime.records import MEASURE, record_from_dict
 
 FIELDS = ("questions", "reuse_rate", "accuracy", "answer_agreement", "judge_consistency",
           "judge_without_choice", "first_token_agreement", "first_token_pairs", "first_token_agreement_reuse")
@@ -25,12 +25,12 @@ def first_questions(records: list, n: int) -> list:
     """The records of the first n measured questions (both modes), warm-up kept."""
     order: list = []
     for r in records:
-        if r.phase == metrics.MEASURE and r.question_id not in order:
+        if r.phase == MEASURE and r.question_id not in order:
             order.append(r.question_id)
     if n > len(order):
         raise SystemExit(f"the records hold {len(order)} measured questions, fewer than {n}")
     keep = set(order[:n])
-    return [r for r in records if r.phase != metrics.MEASURE or r.question_id in keep]
+    return [r for r in records if r.phase != MEASURE or r.question_id in keep]
 
 
 def main(argv=None) -> int:

@@ -2,23 +2,15 @@
 core does for the spec variant, and exactly the moved bases without offsets."""
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
-
 import torch
 from torch.testing import assert_close
 
 import kvcomm
 from kvcomm import ops
+from benchmark_modules import load_benchmark
 from op_cases import inv_freq
 
-_spec = importlib.util.spec_from_file_location(
-    "kvcomm_estimate_ablation",
-    os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "estimate_ablation.py"))
-ablation = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = ablation   # dataclasses look their module up there
-_spec.loader.exec_module(ablation)
+ablation = load_benchmark("estimate_ablation")
 
 L, H, D, N, S = 3, 2, 64, 6, 4
 

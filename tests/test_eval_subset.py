@@ -2,18 +2,16 @@
 all of them it must give back the summary the eval itself wrote."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
 import pytest
 
+from benchmark_modules import load_benchmark
 from kvcomm.runtime.records import record_from_dict
 
 ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
-_spec = importlib.util.spec_from_file_location("kvcomm_eval_subset", os.path.join(ROOT, "benchmarks", "eval_subset.py"))
-subset = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(subset)
+subset = load_benchmark("eval_subset")
 RUN = os.path.join(ROOT, "results", "eval-humaneval-smollm2-135m")
 
 

@@ -17,7 +17,6 @@ decides whether a freed tensor returns to the OS or stays resident.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -25,10 +24,9 @@ import sys
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location(
-    "kvcomm_soak", os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "soak.py"))
-soak = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(soak)
+from benchmark_modules import load_benchmark
+
+soak = load_benchmark("soak")
 
 BUDGET = 3 * 2 ** 20        # about half of what the unbounded pool reaches in this run
 RSS_GROWTH_MIB = 10.0       # fresh process: 1.0-1.9 MiB measured without a leak, 21.6-23.5 MiB with it
