@@ -38,6 +38,8 @@ def main(argv=None) -> int:
     p.add_argument("records", help="the .jsonl that `kvcomm eval --records` wrote")
     p.add_argument("n", type=int, help="how many measured questions, from the first")
     args = p.parse_args(argv)
+    if args.n < 1:
+        p.error(f"n: at least 1 question, got {args.n}")
     with open(args.records) as f:
         records = [record_from_dict(json.loads(line)) for line in f if line.strip()]
     summary = metrics.summarize(first_questions(records, args.n))
