@@ -1,12 +1,18 @@
-"""The summary of `kvcomm eval` over the first N measured questions of its records.
+"""The summary of `kvcomm eval` over the first N measured questions of its records, or
+over several runs' records pooled.
 
 Compares a smaller run with a larger one on the same questions (the dense pass is
 deterministic, and the measured questions are taken in order from the same offset):
 
-    python benchmarks/eval_subset.py results/eval-gsm8k-smollm2-135m.jsonl 20
+    python benchmarks/eval_subset.py results/eval-gsm8k-smollm2-135m.jsonl --first 20
 
-Prints the summary's quality fields as JSON (warm-up questions stay in the records
-but, as in `kvcomm eval`, are not counted).
+Pools runs over disjoint questions (e.g. `--offset 0` and `--offset 25`, each with its
+own warm-up and an anchor pool that starts empty) into one summary:
+
+    python benchmarks/eval_subset.py run-a.jsonl run-b.jsonl
+
+Prints the summary's quality fields and per-agent TTFT as JSON (warm-up questions stay
+in the records but, as in `kvcomm eval`, are not counted).
 """
 from __future__ import annotations
 
@@ -18,7 +24,8 @@ from kvcomm.runtime import metrics
 from kvcomm.runtime.records import MEASURE, record_from_dict
 
 FIELDS = ("questions", "reuse_rate", "accuracy", "answer_agreement", "judge_consistency",
-          "judge_without_choice", "first_token_agreement", "first_token_pairs", "first_token_agreement_reuse")
+          "judge_without_choice", "first_token_agreement", "first_token_pairs", "first_token_agreement_reuse",
+          "agents")
 
 
 def first_questions(records: list, n: int) -> list:
@@ -33,16 +40,41 @@ def first_questions(records: list, n: int) -> list:
     return [r for r in records if r.phase != MEASURE or r.question_id in keep]
 
 
+def measured_ids(records: list) -> set:
+    return {r.question_id for r in records if r.phase == MEASURE}
+
+
+def pooled(runs: dict) -> list:
+    """The records of several runs in one list; a question measured in two runs would be
+    counted twice, so overlapping runs are refused."""
+    out, seen = [], {}
+    for path, records in runs.items():
+        for qid in sorted(measured_ids(records)):
+            if qid in seen:
+                raise SystemExit(f"question {qid} is measured in both {seen[qid]} and {path}; "
+                                 "pool only runs over disjoint questions")
+            seen[qid] = path
+        out.extend(records)
+    return out
+
+
+def read_records(path: str) -> list:
+    with open(path) as f:
+        return [record_from_dict(json.loads(line)) for line in f if line.strip()]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("records", help="the .jsonl that `kvcomm eval --records` wrote")
-    p.add_argument("n", type=int, help="how many measured questions, from the first")
+    p.add_argument("records", nargs="+", help="the .jsonl files that `kvcomm eval --records` wrote")
+    p.add_argument("--first", type=int, default=None,
+                   help="only the first N measured questions (in file order; default: all)")
     args = p.parse_args(argv)
-    if args.n < 1:
-        p.error(f"n: at least 1 question, got {args.n}")
-    with open(args.records) as f:
-        records = [record_from_dict(json.loads(line)) for line in f if line.strip()]
-    summary = metrics.summarize(first_questions(records, args.n))
+    if args.first is not None and args.first < 1:
+        p.error(f"--first: at least 1 question, got {args.first}")
+    records = pooled({path: read_records(path) for path in args.records})
+    if args.first is not None:
+        records = first_questions(records, args.first)
+    summary = metrics.summarize(records)
     print(json.dumps({k: summary[k] for k in FIELDS if k in summary}, indent=1))
     return 0
 

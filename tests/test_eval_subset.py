@@ -1,5 +1,6 @@
 """benchmarks/eval_subset.py: the first N measured questions of an eval's records; over
-all of them it must give back the summary the eval itself wrote."""
+all of them it must give back the summary the eval itself wrote. Pooling runs over
+disjoint questions must count every question once."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,7 @@ import os
 import pytest
 
 from benchmark_modules import load_benchmark
-from kvcomm.runtime.records import record_from_dict
+from kvcomm.runtime.records import record_from_dict, record_to_dict
 
 ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
 subset = load_benchmark("eval_subset")
@@ -41,3 +42,45 @@ def test_a_prefix_keeps_both_modes_of_the_first_questions_and_the_warm_up():
     assert [r for r in records if r.phase != "measure"] == [r for r in sub if r.phase != "measure"]
     with pytest.raises(SystemExit, match="fewer than"):
         subset.first_questions(records, 1000)
+
+
+def _split(records, n):
+    """The records as two runs: the first n measured questions and the rest, each with
+    the warm-up (as two `kvcomm eval --offset` runs would have)."""
+    first = subset.first_questions(records, n)
+    head_ids = subset.measured_ids(first)
+    rest = [r for r in records if r.phase != "measure" or r.question_id not in head_ids]
+    return first, rest
+
+
+def test_pooling_two_disjoint_runs_gives_the_whole_runs_summary():
+    records = _records()
+    first, rest = _split(records, 15)
+    whole = subset.metrics.summarize(records)
+    pooled = subset.metrics.summarize(subset.pooled({"a": first, "b": rest}))
+    assert pooled["questions"] == whole["questions"] == 40
+    for key in ("reuse_rate", "accuracy", "answer_agreement", "judge_consistency",
+                "first_token_agreement", "first_token_agreement_reuse"):
+        assert pooled[key] == pytest.approx(whole[key]), key
+
+
+def test_pooling_refuses_runs_that_share_a_question():
+    records = _records()
+    first, _ = _split(records, 5)
+    with pytest.raises(SystemExit, match="measured in both a and b"):
+        subset.pooled({"a": records, "b": first})
+
+
+def test_the_command_line_pools_files_and_takes_first(tmp_path, capsys):
+    records = _records()
+    first, rest = _split(records, 15)
+    paths = []
+    for name, part in (("a", first), ("b", rest)):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(record_to_dict(r)) + "\n" for r in part))
+        paths.append(str(path))
+    assert subset.main(paths + ["--first", "20"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["questions"] == 20 and "decision" in out["agents"]
+    with pytest.raises(SystemExit):
+        subset.main(paths + ["--first", "0"])
