@@ -12,7 +12,6 @@
 
 #include <array>
 #include <atomic>
-#include <cstring>
 #include <vector>
 
 #include "kernel_launch.cuh"
@@ -42,16 +41,18 @@ class CudaExec {
 
   int sm_count() const { return sms_; }
 
-  // More deltas than fit in the kernel parameters: their table goes to the
-  // device by an asynchronous copy from pinned memory on the op's stream
-  // (the caching host allocator keeps the source alive until it is done).
-  const KVRef* upload(const std::vector<KVRef>& refs, const at::Tensor& like, at::Tensor& keep) {
-    const int64_t bytes = static_cast<int64_t>(refs.size() * sizeof(KVRef));
-    at::Tensor host =
-        at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-    std::memcpy(host.data_ptr(), refs.data(), bytes);
-    keep = host.to(like.device(), /*non_blocking=*/true);
-    return static_cast<const KVRef*>(keep.data_ptr());
+  // Room for n KVRefs in device memory on the op's device; `keep` owns it
+  // (freed when the launcher returns: the caching allocator reuses it only
+  // for work queued after this op on the same stream).
+  KVRef* alloc_refs(int64_t n, const at::Tensor& like, at::Tensor& keep) {
+    keep = at::empty({n * static_cast<int64_t>(sizeof(KVRef))}, like.options().dtype(at::kByte));
+    return static_cast<KVRef*>(keep.data_ptr());
+  }
+
+  // count (<= kMaxParamRefs) entries of a device table, from the kernel
+  // parameters of one tiny launch (no host memory: safe in graph capture).
+  void store_refs(const RefTable& chunk, int64_t count, KVRef* out) {
+    C10_CUDA_CHECK(launch_store_refs(chunk, count, out, stream_));
   }
 
   template <typename T, bool kVec, bool kRotate>

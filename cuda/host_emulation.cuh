@@ -5,9 +5,14 @@
 // segment_accumulate, the finalize functions) with the launch shapes that
 // launchers.cuh planned. What it checks: the launchers (checks, vector/strided
 // choice, anchor chunking, the device table for many deltas, launch shapes)
-// and all index arithmetic. What it cannot check: warp shuffles, shared
-// memory, real alignment faults and timing; those need a GPU
-// (tests/test_cuda_ops.py runs the real kernels when one is present).
+// and all index arithmetic. It also checks, on every launch, what a GPU
+// would refuse or get wrong silently: CUDA's grid and block limits, the
+// kernels' __launch_bounds__ (256 threads), the block shapes their shuffles
+// and shared-memory reductions assume, no zero-size grids, and that every
+// 16-byte vector access is 16-byte aligned (a host memcpy would not care).
+// What it cannot check: the shuffles and shared memory themselves, races
+// between threads (they run one after another here) and timing; those need
+// a GPU (tests/test_cuda_ops.py runs the real kernels when one is present).
 //
 // Not part of the extension: tests/test_cuda_ops.py compiles it with the
 // host compiler into a throwaway library that registers torch.ops.kvcomm_emu.
@@ -15,14 +20,37 @@
 
 #include <ATen/ATen.h>
 
-#include <cstring>
+#include <cstdint>
 #include <tuple>
 #include <vector>
+
+// Must come before the kernel headers, which default it to a no-op.
+#ifdef KVCOMM_KERNEL_COMMON_INCLUDED
+#error "include host_emulation.cuh before any kvcomm kernel header"
+#endif
+#define KVCOMM_HOST_CHECK_VECTOR_ALIGNED(p)                                            \
+  TORCH_INTERNAL_ASSERT(reinterpret_cast<uintptr_t>(p) % 16 == 0,                      \
+                        "kvcomm emulation: 16-byte vector access at a misaligned address ", \
+                        static_cast<const void*>(p))
 
 #include "launchers.cuh"
 
 namespace kvcomm {
 namespace cuda {
+
+// CUDA's limits for a launch of grid (gx, gy) x block (bx, by), and the
+// kernel's __launch_bounds__ (more threads than that fail to launch).
+inline void check_launch(const char* kernel, const Launch& g, unsigned max_threads) {
+  TORCH_INTERNAL_ASSERT(g.grid_x >= 1 && g.grid_x <= 2147483647u, kernel, ": gridDim.x = ",
+                        g.grid_x, " outside [1, 2^31-1]");
+  TORCH_INTERNAL_ASSERT(g.grid_y >= 1 && g.grid_y <= 65535u, kernel, ": gridDim.y = ", g.grid_y,
+                        " outside [1, 65535]");
+  TORCH_INTERNAL_ASSERT(g.block_x >= 1 && g.block_y >= 1 && g.block_x <= 1024 &&
+                            g.block_y <= 1024 &&
+                            static_cast<uint64_t>(g.block_x) * g.block_y <= max_threads,
+                        kernel, ": block ", g.block_x, " x ", g.block_y, " over ", max_threads,
+                        " threads (__launch_bounds__)");
+}
 
 class HostExec {
  public:
@@ -36,15 +64,23 @@ class HostExec {
   explicit HostExec(const at::Tensor&) {}
   int sm_count() const { return assumed_sms(); }
 
-  const KVRef* upload(const std::vector<KVRef>& refs, const at::Tensor&, at::Tensor& keep) {
-    const int64_t bytes = static_cast<int64_t>(refs.size() * sizeof(KVRef));
-    keep = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
-    std::memcpy(keep.data_ptr(), refs.data(), bytes);
-    return static_cast<const KVRef*>(keep.data_ptr());
+  KVRef* alloc_refs(int64_t n, const at::Tensor&, at::Tensor& keep) {
+    keep = at::empty({n * static_cast<int64_t>(sizeof(KVRef))}, at::TensorOptions().dtype(at::kByte));
+    return static_cast<KVRef*>(keep.data_ptr());
+  }
+
+  // store_refs_kernel: one block of kMaxParamRefs threads.
+  void store_refs(const RefTable& chunk, int64_t count, KVRef* out) {
+    TORCH_INTERNAL_ASSERT(count >= 1 && count <= kMaxParamRefs, "store_refs: count ", count);
+    for (int64_t i = 0; i < count; ++i) store_ref(chunk, i, out);
   }
 
   template <typename T, bool kVec, bool kRotate>
   void offset(const Launch& g, const OffsetArgs& a, const RefTable& table) {
+    check_launch("offset_kernel", g, 256);
+    TORCH_INTERNAL_ASSERT(static_cast<int64_t>(g.grid_x) * g.block_y >= a.tokens &&
+                          static_cast<int64_t>(g.grid_y) * a.rows_per_group >= a.layers * a.heads);
+    TORCH_INTERNAL_ASSERT(a.delta_table != nullptr || a.num_deltas <= kMaxParamRefs);
     for (unsigned by = 0; by < g.grid_y; ++by)
       for (unsigned bx = 0; bx < g.grid_x; ++bx)
         for (unsigned ty = 0; ty < g.block_y; ++ty) {
@@ -58,6 +94,11 @@ class HostExec {
 
   template <typename T, bool kVec, int NMAX>
   void distances(const Launch& g, const DistanceArgs& a, const RefTable& table) {
+    check_launch("distance_kernel", g, 256);
+    // The block reduction: 8 full warps in x (warp_sums[8][NMAX]); thread u
+    // < num_refs writes anchor u.
+    TORCH_INTERNAL_ASSERT(g.block_x == 256 && g.block_y == 1 && g.grid_y == 1);
+    TORCH_INTERNAL_ASSERT(a.num_refs >= 1 && a.num_refs <= NMAX);
     const int64_t step = static_cast<int64_t>(g.grid_x) * g.block_x;
     for (unsigned bx = 0; bx < g.grid_x; ++bx) {
       float block[NMAX] = {};
@@ -72,6 +113,10 @@ class HostExec {
   }
 
   void distances_finish(const DistanceFinishArgs& a) {
+    const Launch g = plan_distance_finish(a.n);
+    check_launch("distance_finish_kernel", g, 256);
+    TORCH_INTERNAL_ASSERT(g.block_x % 32 == 0 && g.block_x <= 256);  // warp_sums[8]
+    TORCH_INTERNAL_ASSERT(static_cast<int64_t>(g.grid_x) == a.n);
     for (int64_t u = 0; u < a.n; ++u) {
       double s = 0.0;
       for (int64_t b = 0; b < a.blocks; ++b) s += a.partial[b * a.n + u];
@@ -83,6 +128,14 @@ class HostExec {
 
   template <typename T, bool kVec, int NMAX>
   void token_scores(const Launch& g, const TokenArgs& a, const RefTable& table) {
+    check_launch("token_score_kernel", g, 256);
+    // Full-mask shuffles over groups of block_x lanes: block_x a power of two
+    // <= 32 and every warp full.
+    TORCH_INTERNAL_ASSERT(g.block_x <= 32 && (g.block_x & (g.block_x - 1)) == 0 &&
+                          (g.block_x * g.block_y) % 32 == 0);
+    TORCH_INTERNAL_ASSERT(a.num_refs >= 1 && a.num_refs <= NMAX);
+    TORCH_INTERNAL_ASSERT(static_cast<int64_t>(g.grid_x) * g.block_y >= a.tokens &&
+                          static_cast<int64_t>(g.grid_y) * a.rows_per_group >= a.rows);
     for (unsigned by = 0; by < g.grid_y; ++by)
       for (unsigned bx = 0; bx < g.grid_x; ++bx)
         for (unsigned ty = 0; ty < g.block_y; ++ty) {
@@ -101,11 +154,21 @@ class HostExec {
   }
 
   void token_finish(const TokenFinishArgs& a) {
-    for (int64_t t = 0; t < a.tokens; ++t) cuda::token_finish(a, t);
+    const Launch g = plan_finish(a.tokens);
+    check_launch("token_finish_kernel", g, 256);
+    for (unsigned bx = 0; bx < g.grid_x; ++bx)
+      for (unsigned tx = 0; tx < g.block_x; ++tx) {
+        const int64_t t = static_cast<int64_t>(bx) * g.block_x + tx;
+        if (t < a.tokens) cuda::token_finish(a, t);
+      }
   }
 
   template <typename T, int NMAX>
   void segment_scores(const Launch& g, const SegmentArgs& a, const RefTable& table) {
+    check_launch("segment_score_kernel", g, 256);
+    TORCH_INTERNAL_ASSERT(g.block_y == 1 && a.num_refs >= 1 && a.num_refs <= NMAX);
+    TORCH_INTERNAL_ASSERT(static_cast<int64_t>(g.grid_x) * g.block_x >= a.channels &&
+                          static_cast<int64_t>(g.grid_y) * a.tokens_per_chunk >= a.tokens);
     for (unsigned by = 0; by < g.grid_y; ++by)
       for (int64_t ch = 0; ch < static_cast<int64_t>(g.grid_x) * g.block_x; ++ch) {
         if (ch >= a.channels) continue;
@@ -117,7 +180,13 @@ class HostExec {
   }
 
   void segment_finish(const SegmentFinishArgs& a) {
-    for (int64_t ch = 0; ch < a.channels; ++ch) cuda::segment_finish(a, ch);
+    const Launch g = plan_finish(a.channels);
+    check_launch("segment_finish_kernel", g, 256);
+    for (unsigned bx = 0; bx < g.grid_x; ++bx)
+      for (unsigned tx = 0; tx < g.block_x; ++tx) {
+        const int64_t ch = static_cast<int64_t>(bx) * g.block_x + tx;
+        if (ch < a.channels) cuda::segment_finish(a, ch);
+      }
   }
 };
 

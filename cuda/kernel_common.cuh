@@ -12,9 +12,25 @@
 
 #include "kvcomm/math.h"
 
-#if defined(__CUDACC__)
+// __grid_constant__ (kernel parameters read in place, even when indexed at
+// run time) exists from compute_70 on; nvcc rejects it for older targets, so
+// it is spelled only in the device pass for those that have it (the host
+// pass and older targets get a plain const parameter, which is correct, only
+// copied to local memory when indexed dynamically).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
 #define KVCOMM_GRID_CONSTANT __grid_constant__
+#else
+#define KVCOMM_GRID_CONSTANT
 #endif
+
+// Called by the host branch of every 16-byte vector access below. The host
+// emulation (host_emulation.cuh) defines it to check the address is 16-byte
+// aligned, as the GPU's 128-bit loads require (a host memcpy would not
+// notice); a no-op everywhere else.
+#ifndef KVCOMM_HOST_CHECK_VECTOR_ALIGNED
+#define KVCOMM_HOST_CHECK_VECTOR_ALIGNED(p) ((void)0)
+#endif
+#define KVCOMM_KERNEL_COMMON_INCLUDED 1
 
 namespace kvcomm {
 namespace cuda {
@@ -24,7 +40,7 @@ using math::Strides4;
 // Anchors / deltas handed to one launch through the kernel parameters (no
 // host-to-device copy): 32 x 40 bytes, well inside the parameter space.
 // More than this: distances and weights launch once per chunk of 32;
-// the fused offset reads a table uploaded to the device.
+// the fused offset reads a table written to device memory (store_ref).
 constexpr int kMaxParamRefs = 32;
 
 // One [layers, heads, tokens, head_dim] view: its first element and strides
@@ -38,6 +54,10 @@ struct KVRef {
 struct RefTable {
   KVRef r[kMaxParamRefs];
 };
+static_assert(sizeof(KVRef) == 40, "KVRef is shared by host and device: keep it plain");
+// A kernel's parameters may take 4 KB (32 KB only from CUDA 12.1 on Volta+);
+// a table plus the largest argument struct (~250 bytes) must stay under that.
+static_assert(sizeof(RefTable) + 512 <= 4096, "RefTable too big for the kernel parameters");
 
 // A launch shape that is also meaningful to the host emulation.
 struct Launch {
@@ -68,6 +88,7 @@ KVCOMM_HD void load_float(const T* p, float* out) {
     T e[V];
     memcpy(e, &bits, 16);
 #else
+    KVCOMM_HOST_CHECK_VECTOR_ALIGNED(p);
     T e[V];
     memcpy(e, p, 16);
 #endif
@@ -92,6 +113,7 @@ KVCOMM_HD void store_float(T* p, const float* in) {
     memcpy(&bits, e, 16);
     *reinterpret_cast<uint4*>(p) = bits;
 #else
+    KVCOMM_HOST_CHECK_VECTOR_ALIGNED(p);
     memcpy(p, e, 16);
 #endif
   }

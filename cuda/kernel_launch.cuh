@@ -17,6 +17,10 @@
 namespace kvcomm {
 namespace cuda {
 
+// Writes count (<= kMaxParamRefs) table entries at out (device memory).
+cudaError_t launch_store_refs(const RefTable& chunk, int64_t count, KVRef* out,
+                              cudaStream_t stream);
+
 template <typename T, bool kVec, bool kRotate>
 cudaError_t launch_offset(const Launch& g, const OffsetArgs& a, const RefTable& table,
                           cudaStream_t stream);

@@ -110,7 +110,14 @@ void offset_into(const char* op, const at::Tensor& dst, const at::Tensor& base,
     for (size_t u = 0; u < refs.size(); ++u) small.r[u] = refs[u];
     a.delta_table = nullptr;
   } else {
-    a.delta_table = ex.upload(refs, base, table_keepalive);
+    // The device table, written chunk by chunk from kernel parameters
+    // (offset_kernel.cuh: store_ref); stream order makes it ready before the
+    // offset kernel reads it.
+    KVRef* table = ex.alloc_refs(plan.num_deltas, base, table_keepalive);
+    for_ref_chunks(refs, kMaxParamRefs, [&](int64_t first, int64_t count, const RefTable& chunk) {
+      ex.store_refs(chunk, count, table + first);
+    });
+    a.delta_table = table;
   }
   const Launch g = plan_offset(s.layers, s.heads, s.tokens, a.lanes, ex.sm_count(),
                                &a.rows_per_group);

@@ -100,6 +100,15 @@ inline Launch plan_distances(int64_t total, int sm_count) {
   return g;
 }
 
+// The finalize: one block of 256 threads per anchor (n >= 1: a zero grid is
+// a launch error, so the launcher returns before for no anchors).
+inline Launch plan_distance_finish(int64_t n) {
+  Launch g;
+  g.grid_x = static_cast<unsigned>(n);
+  g.block_x = 256;
+  return g;
+}
+
 #if defined(__CUDACC__)
 template <typename T, bool kVec, int NMAX>
 __global__ void __launch_bounds__(256)

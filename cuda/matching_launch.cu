@@ -36,7 +36,8 @@ cudaError_t launch_distances(const Launch& g, const DistanceArgs& a, const RefTa
 }
 
 cudaError_t launch_distances_finish(const DistanceFinishArgs& a, cudaStream_t stream) {
-  distance_finish_kernel<<<static_cast<unsigned>(a.n), 256, 0, stream>>>(a);
+  const Launch g = plan_distance_finish(a.n);
+  distance_finish_kernel<<<g.grid_x, g.block_x, 0, stream>>>(a);
   return cudaGetLastError();
 }
 

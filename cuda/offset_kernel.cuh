@@ -35,6 +35,15 @@ struct OffsetArgs {
   bool per_token_shift;
   const float* inv_freq;  // [dim/2], rotation only
 };
+static_assert(sizeof(OffsetArgs) + sizeof(RefTable) <= 4096, "offset kernel parameters over 4 KB");
+
+// More deltas than kMaxParamRefs: the launcher writes their table to device
+// memory in chunks of kMaxParamRefs, each chunk carried by the parameters of
+// a tiny kernel whose thread i stores entry i. No host buffer is involved, so
+// this stays correct inside CUDA graph capture, where a copy from pinned host
+// memory would be replayed later from a buffer the host allocator may have
+// handed out again.
+KVCOMM_HD void store_ref(const RefTable& chunk, int64_t i, KVRef* out) { out[i] = chunk.r[i]; }
 
 // V consecutive float weights; as float4 loads when the launcher found them
 // 16-byte aligned (V is then a multiple of 4 and c a multiple of V).
@@ -54,6 +63,9 @@ KVCOMM_HD void load_weights(const float* w, bool vec4, float* out) {
       return;
     }
   }
+#else
+  // The device takes the float4 path here: it needs 16-byte alignment.
+  if (V % 4 == 0 && vec4) KVCOMM_HOST_CHECK_VECTOR_ALIGNED(w);
 #endif
   (void)vec4;
 #pragma unroll

@@ -8,6 +8,20 @@
 namespace kvcomm {
 namespace cuda {
 
+// Entry i of a delta table chunk (offset_kernel.cuh: store_ref). Defined
+// here, not in the header, because a non-template kernel may be defined in
+// only one translation unit.
+__global__ void __launch_bounds__(kMaxParamRefs)
+    store_refs_kernel(const KVCOMM_GRID_CONSTANT RefTable chunk, int count, KVRef* out) {
+  if (static_cast<int>(threadIdx.x) < count) store_ref(chunk, threadIdx.x, out);
+}
+
+cudaError_t launch_store_refs(const RefTable& chunk, int64_t count, KVRef* out,
+                              cudaStream_t stream) {
+  store_refs_kernel<<<1, kMaxParamRefs, 0, stream>>>(chunk, static_cast<int>(count), out);
+  return cudaGetLastError();
+}
+
 template <typename T, bool kVec, bool kRotate>
 cudaError_t launch_offset(const Launch& g, const OffsetArgs& a, const RefTable& table,
                           cudaStream_t stream) {

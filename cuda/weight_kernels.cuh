@@ -164,6 +164,16 @@ inline Launch plan_segment_scores(int64_t channels, int64_t tokens, int sm_count
   return g;
 }
 
+// The finalize kernels: one thread per token (token weights) or per channel
+// (segment weights), 256 per block; items >= 1 (the launchers return early
+// for empty outputs: a zero grid is a launch error).
+inline Launch plan_finish(int64_t items) {
+  Launch g;
+  g.block_x = 256;
+  g.grid_x = static_cast<unsigned>(ceil_div(items, 256));
+  return g;
+}
+
 #if defined(__CUDACC__)
 template <typename T, bool kVec, int NMAX>
 __global__ void __launch_bounds__(256)

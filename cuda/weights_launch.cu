@@ -29,7 +29,8 @@ cudaError_t launch_token_scores(const Launch& g, const TokenArgs& a, const RefTa
 }
 
 cudaError_t launch_token_finish(const TokenFinishArgs& a, cudaStream_t stream) {
-  token_finish_kernel<<<static_cast<unsigned>(ceil_div(a.tokens, 256)), 256, 0, stream>>>(a);
+  const Launch g = plan_finish(a.tokens);
+  token_finish_kernel<<<g.grid_x, g.block_x, 0, stream>>>(a);
   return cudaGetLastError();
 }
 
@@ -41,8 +42,8 @@ cudaError_t launch_segment_scores(const Launch& g, const SegmentArgs& a, const R
 }
 
 cudaError_t launch_segment_finish(const SegmentFinishArgs& a, cudaStream_t stream) {
-  segment_finish_kernel<<<static_cast<unsigned>(ceil_div(a.channels, 256)), 256, 0, stream>>>(
-      a);
+  const Launch g = plan_finish(a.channels);
+  segment_finish_kernel<<<g.grid_x, g.block_x, 0, stream>>>(a);
   return cudaGetLastError();
 }
 
