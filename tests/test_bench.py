@@ -6,10 +6,11 @@ import random
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import kvcomm
 from kvcomm import cli
-from kvcomm.bench import sweep
+from kvcomm.bench import sweep, ttft
 from kvcomm.bench.setting import SettingBuilder, TTFTSetting, template_for
 from kvcomm.bench.texts import TextMaker
 from kvcomm.engine import KVCommEngine
@@ -166,6 +167,48 @@ def test_static_step_windows_and_errors(tiny):
         step(object(), 1, 0)
 
 
+class _HostSyncs(TorchDispatchMode):
+    """Records the aten ops that read a device value back to the host: under CUDA graph
+    capture each is an error (or a silent constant baked into the graph)."""
+
+    SYNCING = ("aten._local_scalar_dense", "aten.is_nonzero", "aten.item", "aten.nonzero",
+               "aten.masked_select", "aten.equal", "aten.allclose", "aten.unique", "aten._unique",
+               "aten.repeat_interleave.Tensor", "aten.bincount", "aten.histc")
+
+    def __init__(self):
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if name.startswith(self.SYNCING):
+            self.found.append(name)
+        if name.startswith("aten.index.Tensor") and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or [])):
+            self.found.append(name + " (boolean mask: nonzero)")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3"])
+def test_static_step_forward_reads_nothing_back_to_the_host(tiny, arch):
+    """What the CUDA graph captures is StaticOneTokenStep._forward; a host sync in it
+    (an .item(), a tensor in an `if`, a boolean-mask index) fails the capture on a GPU.
+    On the CPU no sync happens, so the ops are checked by name as they are dispatched."""
+    from kvcomm.engine.static_step import StaticOneTokenStep
+
+    model, _ = tiny(arch)
+    step = StaticOneTokenStep(model, kvcomm.hf.inspect_model(model), 64, bucket=32, capture=False)
+    window_cache = step._window(32)[0]
+    step.pos.fill_(7)
+    with torch.inference_mode():
+        with _HostSyncs() as probe:          # the probe itself catches a sync
+            bool(torch.tensor(1) > 0)
+        assert probe.found
+        with _HostSyncs() as probe:
+            logits = step._forward(window_cache)
+    assert probe.found == [] and logits.shape == (model.config.vocab_size,)
+
+
 # ---------------------------------------------------------------- kvcomm bench ttft
 
 TOP_LEVEL = {"setting", "device", "git_sha", "command", "agents", "reuse_rate", "model", "dtype",
@@ -201,6 +244,28 @@ def test_bench_ttft_end_to_end_json_and_png(tmp_path, capsys):
     assert out.with_suffix(".png").read_bytes()[:8] == PNG
 
 
+def test_bench_ttft_share_always_takes_the_reuse_path_after_warm_up(tmp_path, capsys):
+    out = tmp_path / "always.json"
+    args = [a for a in TINY_ARGS if a not in ("--gamma", "1.0")]
+    assert cli.main(args + ["--share", "always", "--requests", "2", "--warmup", "2", "--json", str(out)]) == 0
+    assert "share: always" in capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    assert doc["share"] == "always" and doc["pool"]["gamma"] == ttft.ALWAYS_SHARE_GAMMA
+    assert doc["warmup_reuse_rate"] == 0.0 and doc["reuse_rate"] == 1.0
+    # the decision still ran (and was timed) on every reuse-path call
+    reused = [s for s in doc["samples"] if s["mode"] == "kvcomm" and s["phase"] == "measure"]
+    assert reused and all(s["path"] == "reuse" and "decide" in s["timings"] for s in reused)
+
+
+def test_share_policy_sets_the_pool_gamma():
+    assert ttft.pool_gamma("gate", None) is None and ttft.pool_gamma("gate", 0.5) == 0.5
+    assert ttft.pool_gamma("always", None) >= 1.0      # H <= log2 N always holds from gamma 1
+    with pytest.raises(ValueError, match="gamma"):
+        ttft.pool_gamma("always", 0.3)
+    with pytest.raises(ValueError, match="share"):
+        ttft.pool_gamma("sometimes", None)
+
+
 def test_bench_ttft_scaling_agents_and_prefix(tmp_path):
     a_json, p_json = tmp_path / "agents.json", tmp_path / "prefix.json"
     common = TINY_ARGS + ["--requests", "1", "--warmup", "2"]
@@ -228,6 +293,8 @@ def test_bench_rejects_bad_arguments(capsys):
     assert cli.main(TINY_ARGS + ["--prefix", "2", "--no-write"]) == 2
     assert "prefix" in capsys.readouterr().err
     assert cli.main(TINY_ARGS + ["--scaling", "agents", "--values", "0,2", "--no-write"]) == 2
+    assert cli.main(TINY_ARGS + ["--share", "always", "--no-write"]) == 2    # conflicts with --gamma
+    assert "gamma" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(TINY_ARGS + ["--step", "fastest"])
 

@@ -117,6 +117,11 @@ def _add_bench_ttft(bsub) -> None:
     t.add_argument("--step", default="auto", choices=["auto", "eager", "static", "graph"],
                    help="the reuse path's last-token forward: auto = CUDA graph on CUDA, eager on CPU")
     t.add_argument("--gamma", type=float, default=None, help="entropy gate of the pool (default 0.3)")
+    t.add_argument("--share", choices=["gate", "always"], default="gate",
+                   help="gate (default): the pool's entropy gate decides, as in use; always: every slot "
+                        "with two candidate anchors shares, so every call after warm-up takes the reuse "
+                        "path (for timing it where the gate's decision means nothing: random weights, "
+                        "filler texts; the decision still runs and is timed)")
     t.add_argument("--capacity", type=int, default=None, help="anchors per slot (default 20)")
     t.add_argument("--exact-tail", type=int, default=1, metavar="N",
                    help="prompt tokens at the end the reuse path runs (default 1, as the paper)")
@@ -297,6 +302,7 @@ def cmd_bench_ttft(args) -> int:
     dtype_name = args.dtype or ("bfloat16" if torch.device(args.device).type == "cuda" else "float32")
     try:
         base = TTFTSetting(args.agents, args.prefix, args.input, args.output)
+        ttft.pool_gamma(args.share, args.gamma)     # a conflicting --gamma fails before the model loads
         values = None
         if args.scaling:
             default = "2,3,4,5,6,7,8" if args.scaling == "agents" else "64,128,256,512,1024"
@@ -312,7 +318,7 @@ def cmd_bench_ttft(args) -> int:
     load_s = time.perf_counter() - t0
     log = None if args.no_progress else ttft.stderr_log
     kw = dict(requests=args.requests, warmup=args.warmup, seed=args.seed, gamma=args.gamma,
-              capacity=args.capacity, step=args.step, exact_tail=args.exact_tail, log=log)
+              capacity=args.capacity, step=args.step, exact_tail=args.exact_tail, share=args.share, log=log)
     tag = output.device_tag(args.device)
     head = {"benchmark": "ttft", "device": tag, "device_detail": output.device_detail(args.device, dtype_name),
             "model": model_name, "dtype": dtype_name, "git_sha": git_sha(), "command": _command(args)}

@@ -77,10 +77,16 @@ def console_summary(doc: dict) -> str:
     head = (f"kvcomm bench ttft: {s['agents']} agents, prefix {s['prefix']}, input {s['input']}, "
             f"output {s['output']} tokens; {doc['model']} on {doc['device_detail']}; "
             f"{doc['requests']} measured requests after {doc['warmup']} warm-up; one-token step: "
-            f"{doc['one_token_step']}")
+            f"{doc['one_token_step']}; share: {_share(doc)}")
     tail = (f"reuse rate {_pct(doc['reuse_rate'])} (warm-up {_pct(doc['warmup_reuse_rate'])}); "
             f"replies reused from the sender's cache: {_pct(doc['replies_captured'])}")
     return "\n".join([head, agents_table(doc), tail])
+
+
+def _share(doc: dict) -> str:
+    if doc.get("share") == "always":
+        return "always (every slot with 2 candidate anchors shares: timing of the reuse path)"
+    return f"entropy gate (gamma {doc.get('pool', {}).get('gamma', 0.3)})"
 
 
 def plot_agents(doc: dict, path: str) -> None:
@@ -111,7 +117,8 @@ def plot_agents(doc: dict, path: str) -> None:
     ax.set_xlabel(f"reuse rate over all KVCOMM calls: {_pct(doc.get('reuse_rate'))}", fontsize=8)
     s = doc["setting"]
     ax.set_title(f"TTFT, {s['agents']} agents ({s['prefix']}/{s['input']}/{s['output']}), "
-                 f"{doc['model']}, {doc['device']}", fontsize=10)
+                 f"{doc['model']}, {doc['device']}"
+                 + (", every slot shared" if doc.get("share") == "always" else ""), fontsize=10)
     ax.legend(fontsize=8, loc="upper left")
     ax.margins(y=0.15)
     fig.tight_layout()
