@@ -8,9 +8,15 @@
 #   bash .ci/cuda_compile_check.sh [VENV]
 #
 # VENV: a virtual environment with the CUDA torch. Created if missing, and
-# torch==2.14.1 ninja pybind11 setuptools wheel numpy installed into it when
-# it lacks them (pip takes torch from this machine's disk). Default:
-# $KVCOMM_CUDA_VENV, else build/venv-cuda (ignored by git).
+# torch==$KVCOMM_CUDA_TORCH ninja pybind11 setuptools wheel numpy installed
+# into it when it lacks them. Default: $KVCOMM_CUDA_VENV, else build/venv-cuda
+# (ignored by git).
+#
+# KVCOMM_CUDA_TORCH: the torch release to build against (default 2.14.1,
+# which pip takes from this machine's disk; CI uses that). The lent GPU
+# machine has torch 2.11.0: `KVCOMM_CUDA_TORCH=2.11.0 bash
+# .ci/cuda_compile_check.sh build/venv-cuda-211` checks the kernels build
+# there too (pip downloads that release, ~4 GB with its CUDA libraries).
 #
 # The three settings (DEVELOPERS.md), each overridable from the environment:
 # CUDA_HOME (where nvcc is, default /usr/local/cuda), TORCH_CUDA_ARCH_LIST
@@ -26,6 +32,7 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export KVCOMM_CUDA=1
 export MAX_JOBS=${MAX_JOBS:-2}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+TORCH_RELEASE=${KVCOMM_CUDA_TORCH:-2.14.1}
 start=$(date +%s)
 say() { echo "[cuda-check $(( $(date +%s) - start ))s] $*"; }
 
@@ -40,14 +47,14 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
-if ! "$PY" - <<'EOF' 2>/dev/null
+if ! "$PY" - "$TORCH_RELEASE" <<'EOF' 2>/dev/null
 import sys, torch, ninja, pybind11, setuptools, wheel, numpy  # noqa: F401
-sys.exit(0 if torch.__version__.startswith("2.14.1") and torch.version.cuda else 1)
+sys.exit(0 if torch.__version__.startswith(sys.argv[1]) and torch.version.cuda else 1)
 EOF
 then
-  say "installing torch==2.14.1 (CUDA build) and the build tools into $VENV"
+  say "installing torch==$TORCH_RELEASE (CUDA build) and the build tools into $VENV"
   # (The grep drops pip's notes about this machine's empty local index dirs.)
-  "$PY" -m pip install -q torch==2.14.1 ninja pybind11 setuptools wheel numpy 2>&1 \
+  "$PY" -m pip install -q "torch==$TORCH_RELEASE" ninja pybind11 setuptools wheel numpy 2>&1 \
     | { grep -v "is ignored: it is neither a file nor a directory" || true; }
   [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "cuda_compile_check: pip install failed" >&2; exit 1; }
 fi

@@ -257,6 +257,13 @@ def test_bench_ttft_share_always_takes_the_reuse_path_after_warm_up(tmp_path, ca
     assert reused and all(s["path"] == "reuse" and "decide" in s["timings"] for s in reused)
 
 
+def test_default_result_paths_keep_runs_apart():
+    assert ttft.result_stem("h200") == "results/ttft-h200"
+    assert ttft.result_stem("h200", share="always") == "results/ttft-h200-share-always"
+    assert ttft.result_stem("h200", share="always", step="eager", scaling="agents") == \
+        "results/ttft-h200-share-always-step-eager-scaling-agents"
+
+
 def test_share_policy_sets_the_pool_gamma():
     assert ttft.pool_gamma("gate", None) is None and ttft.pool_gamma("gate", 0.5) == 0.5
     assert ttft.pool_gamma("always", None) >= 1.0      # H <= log2 N always holds from gamma 1

@@ -62,7 +62,7 @@ def fresh_kv(model, ids):
     """K, V [L,H,T,D] of `ids` from a plain transformers forward (DynamicCache)."""
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(input_ids=torch.tensor([list(ids)]), past_key_values=cache, use_cache=True)
+        model(input_ids=torch.tensor([list(ids)], device=model.device), past_key_values=cache, use_cache=True)
     k = torch.stack([layer.keys[0] for layer in cache.layers])
     v = torch.stack([layer.values[0] for layer in cache.layers])
     return k, v
@@ -232,8 +232,8 @@ class MovedSlot:
     def estimate(self, position, seg_position):
         s = self.spec
         n, S = self.b0 - self.a0, self.sb0 - self.sa0
-        dk = torch.zeros(s.num_layers, s.kv_heads, n, s.head_dim, dtype=s.dtype)
-        gk = torch.zeros(s.num_layers, s.kv_heads, S, s.head_dim, dtype=s.dtype)
+        dk = torch.zeros(s.num_layers, s.kv_heads, n, s.head_dim, dtype=s.dtype, device=s.device)
+        gk = torch.zeros(s.num_layers, s.kv_heads, S, s.head_dim, dtype=s.dtype, device=s.device)
         dv, gv = torch.zeros_like(dk), torch.zeros_like(gk)
         res = self.eng.pool.estimate("user_question", self.st.key, self.content.base_k, self.content.base_v,
                                      s.inv_freq, position, dk, dv, seg_template_k=self.st.seg_k[1],
@@ -261,9 +261,13 @@ class MovedSlot:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_moved_slot_key_deltas_move_exactly(tiny, arch):
+    check_moved_slot_exact(*tiny(arch))
+
+
+def check_moved_slot_exact(model, tok):
     """Only the position changes: the estimate at p + s must be the real KV at p
     moved by s (keys rotated, values unchanged), for the slot and its segment."""
-    m = MovedSlot(*tiny(arch))
+    m = MovedSlot(model, tok)
     inv = m.spec.inv_freq
     real = (m.k0[:, :, m.a0:m.b0], m.v0[:, :, m.a0:m.b0], m.k0[:, :, m.sa0:m.sb0], m.v0[:, :, m.sa0:m.sb0])
     for shift in (0, 7, 150):
@@ -434,3 +438,32 @@ def test_exact_tail_must_be_a_positive_int(tiny, bad):
     model, tok = tiny("llama")
     with pytest.raises(ValueError, match="exact_tail must be an int >= 1"):
         KVCommEngine(model, tok, exact_tail=bad)
+
+
+# ------------------------------------------------------------------ the same on a GPU
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="no CUDA device: the engine did not run on a GPU")
+
+
+@needs_cuda
+@pytest.mark.parametrize("arch", ARCHS)
+def test_engine_exactness_on_cuda(tiny, arch):
+    """(a)-(d) with the model, the pool's tensors and every op on the GPU."""
+    import copy
+
+    model, tok = tiny(arch)
+    model = copy.deepcopy(model).cuda()
+    check_layer0_and_prefix(model, tok)
+    eng = check_identical_anchor(model, tok)
+    assert eng.last_cache.k.is_cuda
+    check_moved_slot_exact(model, tok)
+    check_moved_slot_vs_dense(model, tok, unrotated_margin=1.3)
+
+
+@needs_cuda
+def test_engine_exactness_on_cuda_bf16(tiny):
+    import copy
+
+    model, tok = tiny("qwen3", dtype=torch.bfloat16)
+    check_identical_anchor(copy.deepcopy(model).cuda(), tok, atol=0.1, first_logits_atol=0.15)

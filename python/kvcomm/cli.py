@@ -132,7 +132,9 @@ def _add_bench_ttft(bsub) -> None:
                    help="scaling values (default agents 2,3,4,5,6,7,8; prefix 64,128,256,512,1024)")
     t.add_argument("--seed", type=int, default=0, help="seed of the synthetic texts")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    t.add_argument("--json", metavar="PATH", help="JSON path (default results/ttft-<device>[-scaling-<what>].json)")
+    t.add_argument("--json", metavar="PATH",
+                   help="JSON path (default results/ttft-<device>[-share-always][-step-<step>]"
+                        "[-scaling-<what>].json)")
     t.add_argument("--plot", metavar="PATH", help="PNG path (default: the JSON path with .png)")
     t.add_argument("--no-write", action="store_true", help="print only; write no JSON or PNG")
     t.add_argument("--no-progress", action="store_true", help="no per-request progress lines")
@@ -345,7 +347,7 @@ def cmd_bench_ttft(args) -> int:
         print(output.console_summary(doc))
     print(f"wall time {doc['wall_s']:.0f} s ({load_s:.0f} s loading)")
     if not args.no_write:
-        stem = f"results/ttft-{tag}" + (f"-scaling-{args.scaling}" if args.scaling else "")
+        stem = ttft.result_stem(tag, share=args.share, step=args.step, scaling=args.scaling)
         path = args.json or stem + ".json"
         report.write_json(_plain(doc), path)
         png = args.plot or (path[:-5] if path.endswith(".json") else path) + ".png"

@@ -19,7 +19,9 @@ _ops = torch.ops.kvcomm
 def _as_shift(shift: int | Tensor, like: Tensor) -> Tensor:
     if isinstance(shift, Tensor):
         return shift
-    return torch.tensor(int(shift), dtype=torch.int64, device=like.device)
+    # torch.full, not torch.tensor: on CUDA a fill kernel, where torch.tensor would copy
+    # from pageable host memory (a stream sync before every op call).
+    return torch.full((), int(shift), dtype=torch.int64, device=like.device)
 
 
 def rope_move(keys: Tensor, inv_freq: Tensor, shift: int | Tensor) -> Tensor:

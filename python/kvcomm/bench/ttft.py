@@ -184,6 +184,17 @@ def pool_gamma(share: str, gamma: float | None) -> float | None:
     return gamma
 
 
+def result_stem(device_tag: str, *, share: str = "gate", step: str = "auto", scaling: str | None = None) -> str:
+    """results/ttft-<device>, then what sets this run apart from the default one, so
+    runs of one session that differ in these do not overwrite each other."""
+    stem = f"results/ttft-{device_tag}"
+    if share != "gate":
+        stem += f"-share-{share}"
+    if step != "auto":
+        stem += f"-step-{step}"
+    return stem + (f"-scaling-{scaling}" if scaling else "")
+
+
 def run_setting(model, tokenizer, setting: TTFTSetting, *, requests: int, warmup: int, seed: int = 0,
                 gamma: float | None = None, capacity: int | None = None, step: str = "auto",
                 exact_tail: int = 1, share: str = "gate", log=None) -> dict:
