@@ -27,6 +27,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SRC=${KVCOMM_SRC:-$ROOT}
 VENV=${1:-${KVCOMM_CUDA_VENV:-$ROOT/build/venv-cuda}}
+case $VENV in /*) ;; *) VENV=$PWD/$VENV ;; esac   # the build runs in another directory
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export KVCOMM_CUDA=1
