@@ -18,7 +18,8 @@
 # it, so its numbers are not taken on faith while the tests wait). Each is bounded by
 # `timeout`: at most its own cap, and never past the deadline
 # (KVCOMM_GPU_DEADLINE_S seconds after the start, default 540, inside a
-# 600-second call). A stage that would get under 20 s is skipped and reported.
+# 600-second call). A stage that would get under 20 s (KVCOMM_GPU_MIN_STAGE_S)
+# is skipped and reported.
 # Logs and every result file go to $OUT after each stage (the device tool
 # brings that folder back even when the call is cut off); without $OUT they
 # stay in ./gpu-out. A failing stage is reported and the next still runs; the
@@ -29,6 +30,7 @@ OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 DEADLINE=${KVCOMM_GPU_DEADLINE_S:-540}
+MIN_STAGE=${KVCOMM_GPU_MIN_STAGE_S:-20}   # a stage that would get less is skipped
 status=0
 export PYTHONUNBUFFERED=1
 
@@ -36,7 +38,7 @@ run_stage() {  # name, cap in seconds, command...
   local name=$1 cap=$2; shift 2
   local left=$((DEADLINE - SECONDS))
   [ "$cap" -gt "$left" ] && cap=$left
-  if [ "$cap" -lt 20 ]; then
+  if [ "$cap" -lt "$MIN_STAGE" ]; then
     echo "== $name: SKIPPED (${left} s left before the ${DEADLINE} s deadline)"
     [ $status -eq 0 ] && status=124
     return

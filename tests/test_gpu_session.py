@@ -18,7 +18,7 @@ exit 0
 """
 
 
-def _run(tmp_path, *stages, fail_on="", slow_on="", deadline=None):
+def _run(tmp_path, *stages, fail_on="", slow_on="", deadline=None, min_stage=None):
     fake = tmp_path / "python"
     fake.write_text(FAKE_PY)
     fake.chmod(0o755)
@@ -28,6 +28,8 @@ def _run(tmp_path, *stages, fail_on="", slow_on="", deadline=None):
                FAIL_ON=fail_on, SLOW_ON=slow_on)
     if deadline is not None:
         env["KVCOMM_GPU_DEADLINE_S"] = str(deadline)
+    if min_stage is not None:
+        env["KVCOMM_GPU_MIN_STAGE_S"] = str(min_stage)
     p = subprocess.run(["bash", str(SCRIPT), *stages], env=env, capture_output=True, text=True, timeout=120)
     lines = [c for c in calls.read_text().splitlines() if not c.startswith("-c ")]
     return p, lines
@@ -51,9 +53,9 @@ def test_a_failing_stage_is_reported_and_the_rest_still_run(tmp_path):
 
 
 def test_stages_stop_at_the_deadline(tmp_path):
-    # build is cut off by the deadline (30 s sleep, 25 s deadline); nothing after it
-    # has the 20 s a stage needs, so it is skipped, and the exit status says so.
-    p, calls = _run(tmp_path, "build", "ops", slow_on="pip install", deadline=25)
+    # build is cut off by the deadline (30 s sleep, 4 s deadline); nothing after it
+    # has the 2 s a stage needs here, so it is skipped, and the exit status says so.
+    p, calls = _run(tmp_path, "build", "ops", slow_on="pip install", deadline=4, min_stage=2)
     assert p.returncode == 124
     assert "== build: TIMED OUT" in p.stdout and "== ops: SKIPPED" in p.stdout
     assert not any("ops.py" in c for c in calls)
