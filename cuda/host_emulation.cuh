@@ -154,13 +154,7 @@ class HostExec {
   }
 
   void token_finish(const TokenFinishArgs& a) {
-    const Launch g = plan_finish(a.tokens);
-    check_launch("token_finish_kernel", g, 256);
-    for (unsigned bx = 0; bx < g.grid_x; ++bx)
-      for (unsigned tx = 0; tx < g.block_x; ++tx) {
-        const int64_t t = static_cast<int64_t>(bx) * g.block_x + tx;
-        if (t < a.tokens) cuda::token_finish(a, t);
-      }
+    finish_threads("token_finish_kernel", a.tokens, [&](int64_t t) { cuda::token_finish(a, t); });
   }
 
   template <typename T, int NMAX>
@@ -180,12 +174,20 @@ class HostExec {
   }
 
   void segment_finish(const SegmentFinishArgs& a) {
-    const Launch g = plan_finish(a.channels);
-    check_launch("segment_finish_kernel", g, 256);
+    finish_threads("segment_finish_kernel", a.channels, [&](int64_t ch) { cuda::segment_finish(a, ch); });
+  }
+
+ private:
+  // A finalize kernel: plan_finish's launch over `items`, one item per thread,
+  // threads past the end idle (as the kernels' bounds check does).
+  template <typename F>
+  static void finish_threads(const char* kernel, int64_t items, F body) {
+    const Launch g = plan_finish(items);
+    check_launch(kernel, g, 256);
     for (unsigned bx = 0; bx < g.grid_x; ++bx)
       for (unsigned tx = 0; tx < g.block_x; ++tx) {
-        const int64_t ch = static_cast<int64_t>(bx) * g.block_x + tx;
-        if (ch < a.channels) cuda::segment_finish(a, ch);
+        const int64_t i = static_cast<int64_t>(bx) * g.block_x + tx;
+        if (i < items) body(i);
       }
   }
 };

@@ -33,3 +33,17 @@ def kv(shape, dtype, gen: torch.Generator, device="cpu", extra_tokens: int = 0) 
 def anchors(shape, dtype, n: int, gen: torch.Generator, device="cpu", max_extra: int = 3):
     """n anchors, each at least as long as the content (lengths vary)."""
     return [kv(shape, dtype, gen, device, extra_tokens=i % (max_extra + 1)) for i in range(n)]
+
+
+def captured(fn) -> "torch.cuda.CUDAGraph":
+    """fn() run once on a side stream (warm-up, as capture requires), then captured
+    into a CUDA graph, which is returned for replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph

@@ -34,7 +34,7 @@ from torch.testing import assert_close
 
 from kvcomm import ops
 from kvcomm import reference as ref
-from op_cases import DTYPES, anchors, inv_freq, kv, tol
+from op_cases import DTYPES, anchors, captured, inv_freq, kv, tol
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
@@ -371,14 +371,7 @@ def test_cuda_many_deltas_replayed_from_a_cuda_graph():
     w = torch.softmax(torch.randn(40, 9, generator=g), 0).cuda()
     f, shift = inv_freq(64).cuda(), torch.tensor(19, device="cuda")
     dst = torch.empty_like(base)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        ops.fused_offset_into(dst, base, deltas, w, shift, f)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        ops.fused_offset_into(dst, base, deltas, w, shift, f)
+    graph = captured(lambda: ops.fused_offset_into(dst, base, deltas, w, shift, f))
     for _ in range(8):  # churn the pinned host allocator
         torch.full((4096,), 255, dtype=torch.uint8).pin_memory().cuda(non_blocking=True)
     dst.zero_()

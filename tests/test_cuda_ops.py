@@ -30,7 +30,7 @@ from torch.testing import assert_close
 import kvcomm
 from kvcomm import ops
 from kvcomm import reference as ref
-from op_cases import ANCHOR_COUNTS, DTYPES, SHAPES, anchors, inv_freq, kv, tol
+from op_cases import ANCHOR_COUNTS, DTYPES, SHAPES, anchors, captured, inv_freq, kv, tol
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_CUDA = torch.cuda.is_available()
@@ -519,14 +519,7 @@ def test_cuda_fused_offset_in_a_cuda_graph():
     w = torch.softmax(torch.randn(4, 9, generator=g), 0).cuda()
     f, shift = inv_freq(64).cuda(), torch.tensor(17, device="cuda")
     dst = torch.empty_like(base)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        ops.fused_offset_into(dst, base, deltas, w, shift, f)  # warm-up off the default stream
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        ops.fused_offset_into(dst, base, deltas, w, shift, f)
+    graph = captured(lambda: ops.fused_offset_into(dst, base, deltas, w, shift, f))
     dst.zero_()
     base.mul_(2)  # replay reads the live inputs
     graph.replay()
