@@ -77,12 +77,30 @@ done
 { nvidia-smi --query-gpu=name,memory.total,clocks.max.memory,driver_version --format=csv
   "$PY" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
 } >"$OUT/gpu.txt" 2>&1
+# The extension with its CUDA kernels (a build that silently left them out would
+# send every later stage to "no CUDA kernel" errors, so that is a build failure).
+build_with_cuda() {
+  if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then
+    CUDA_HOME=$(dirname "$(dirname "$(command -v nvcc)")")
+    export CUDA_HOME
+  fi
+  KVCOMM_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" MAX_JOBS="${MAX_JOBS:-16}" \
+    "$PY" -m pip install --no-build-isolation --no-deps -e . || return
+  "$PY" - <<'EOF'
+import torch, kvcomm  # noqa: F401
+names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("kvcomm::"))
+missing = [n for n in names if not torch._C._dispatch_has_kernel_for_dispatch_key(n, "CUDA")]
+assert names and not missing, f"built without CUDA kernels for: {missing or 'every op'}"
+print(f"CUDA kernels for all {len(names)} kvcomm ops; GPU: {torch.cuda.get_device_name()}")
+EOF
+}
+export -f build_with_cuda
+export PY
 TTFT=("$PY" -m kvcomm.cli bench ttft --device cuda --no-progress)
 for stage in "${stages[@]}"; do
   case $stage in
     build)
-      run_stage build 240 env TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" MAX_JOBS="${MAX_JOBS:-16}" \
-        "$PY" -m pip install --no-build-isolation --no-deps -e . ;;
+      run_stage build 240 bash -c build_with_cuda ;;
     test)
       # The host emulation of the kernels already runs in CI; here only the real GPU.
       run_stage test 150 env KVCOMM_SKIP_EMULATION=1 "$PY" -m pytest -q -rs --maxfail=20 -p no:cacheprovider \

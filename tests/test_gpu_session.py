@@ -31,7 +31,8 @@ def _run(tmp_path, *stages, fail_on="", slow_on="", deadline=None, min_stage=Non
     if min_stage is not None:
         env["KVCOMM_GPU_MIN_STAGE_S"] = str(min_stage)
     p = subprocess.run(["bash", str(SCRIPT), *stages], env=env, capture_output=True, text=True, timeout=120)
-    lines = [c for c in calls.read_text().splitlines() if not c.startswith("-c ")]
+    # "-c ..." and "-" (a script on stdin) are the plan's own checks, not stages
+    lines = [c for c in calls.read_text().splitlines() if not c.startswith("-c ") and c != "-"]
     return p, lines
 
 
