@@ -20,14 +20,16 @@
 # (KVCOMM_GPU_DEADLINE_S seconds after the start, default 540, inside a
 # 600-second call). A stage that would get under 20 s (KVCOMM_GPU_MIN_STAGE_S)
 # is skipped and reported.
-# Logs and every result file go to $OUT after each stage (the device tool
-# brings that folder back even when the call is cut off); without $OUT they
-# stay in ./gpu-out. A failing stage is reported and the next still runs; the
-# exit status is that of the first failure.
+# Logs and every result file written since the start collect in ./gpu-out
+# (ignored by git; KVCOMM_GPU_WORK); after each stage they are packed into $OUT/gpu-session.tgz
+# when $OUT is set: the device tool brings back at most 8 files, and brings
+# $OUT back even when the call is cut off. A failing stage is reported and the
+# next still runs; the exit status is that of the first failure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-gpu-out}
-mkdir -p "$OUT"
+WORK=${KVCOMM_GPU_WORK:-gpu-out}
+mkdir -p "$WORK"
+rm -rf "$WORK/results" "$WORK/docs" "$WORK"/*.log   # an earlier run's, not this one's
 PY=${PYTHON:-python3}
 DEADLINE=${KVCOMM_GPU_DEADLINE_S:-540}
 MIN_STAGE=${KVCOMM_GPU_MIN_STAGE_S:-20}   # a stage that would get less is skipped
@@ -45,22 +47,23 @@ run_stage() {  # name, cap in seconds, command...
   fi
   local t0=$SECONDS
   echo "== $name (at ${t0} s, up to ${cap} s): $*"
-  timeout --signal=INT --kill-after=10 "$cap" "$@" >"$OUT/$name.log" 2>&1
+  timeout --signal=INT --kill-after=10 "$cap" "$@" >"$WORK/$name.log" 2>&1
   local rc=$?
   if [ $rc -eq 0 ]; then
     echo "== $name: ok in $((SECONDS - t0)) s"
   else
     [ $rc -eq 124 ] && echo "== $name: TIMED OUT after $((SECONDS - t0)) s" \
                     || echo "== $name: FAILED (exit $rc) after $((SECONDS - t0)) s"
-    echo "   last lines of $OUT/$name.log:"
-    tail -n 25 "$OUT/$name.log" | sed 's/^/   /'
+    echo "   last lines of $WORK/$name.log:"
+    tail -n 25 "$WORK/$name.log" | sed 's/^/   /'
     [ $status -eq 0 ] && status=$rc
   fi
 }
 
-touch "$OUT/.start"
-collect() {  # every result and doc written since this script started
-  find results docs -type f -newer "$OUT/.start" -exec cp -f --parents {} "$OUT/" \; 2>/dev/null
+touch "$WORK/.start"
+collect() {  # every result and doc written since this script started, packed for $OUT
+  find results docs -type f -newer "$WORK/.start" -exec cp -f --parents {} "$WORK/" \; 2>/dev/null
+  [ -z "${OUT:-}" ] || tar -czf "$OUT/gpu-session.tgz" -C "$WORK" --exclude=.start .
   return 0
 }
 
@@ -76,7 +79,7 @@ done
 
 { nvidia-smi --query-gpu=name,memory.total,clocks.max.memory,driver_version --format=csv
   "$PY" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'
-} >"$OUT/gpu.txt" 2>&1
+} >"$WORK/gpu.txt" 2>&1
 # The extension with its CUDA kernels (a build that silently left them out would
 # send every later stage to "no CUDA kernel" errors, so that is a build failure).
 build_with_cuda() {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tarfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +25,9 @@ def _run(tmp_path, *stages, fail_on="", slow_on="", deadline=None, min_stage=Non
     fake.chmod(0o755)
     calls = tmp_path / "calls.txt"
     calls.write_text("")
-    env = dict(os.environ, PYTHON=str(fake), OUT=str(tmp_path / "out"), CALLS=str(calls),
+    (tmp_path / "out").mkdir(exist_ok=True)
+    env = dict(os.environ, PYTHON=str(fake), OUT=str(tmp_path / "out"), KVCOMM_GPU_WORK=str(tmp_path / "work"),
+               CALLS=str(calls),
                FAIL_ON=fail_on, SLOW_ON=slow_on)
     if deadline is not None:
         env["KVCOMM_GPU_DEADLINE_S"] = str(deadline)
@@ -43,7 +46,13 @@ def test_all_runs_every_stage_in_priority_order(tmp_path):
              or ("--scaling" in c and "scaling") or ("--share always" in c and "ttft-share")
              or ("bench ttft" in c and "ttft") for c in calls]
     assert kinds == ["build", "ops", "ttft-share", "test", "ttft", "scaling", "scaling"]
-    assert (tmp_path / "out" / "ops.log").exists() and "== done" in p.stdout
+    assert "== done" in p.stdout
+    # $OUT holds one archive (the device tool brings back at most 8 files) with every log
+    with tarfile.open(tmp_path / "out" / "gpu-session.tgz") as tar:
+        names = {os.path.basename(n) for n in tar.getnames()}
+    assert list((tmp_path / "out").iterdir()) == [tmp_path / "out" / "gpu-session.tgz"]
+    assert {"gpu.txt", "build.log", "ops.log", "ttft-share.log", "test.log", "ttft.log",
+            "scaling-agents.log", "scaling-prefix.log"} <= names
 
 
 def test_a_failing_stage_is_reported_and_the_rest_still_run(tmp_path):
