@@ -5,26 +5,33 @@
 #
 #   bash benchmarks/gpu_session.sh all          # = build ops ttft-share test ttft scaling
 #
-# or name stages: build, test (CUDA tests: ops, launches, pool, engine on the
-# GPU), ops (results/ops-<device>.json), ttft-share (the paper setting with
-# every slot shared, the reuse path timed on every call:
-# results/ttft-<device>-share-always.json), ttft (the same with the pool's
-# entropy gate deciding, fallbacks counted: results/ttft-<device>.json), eager
-# (the reuse path's last token eager instead of a CUDA graph), scaling (TTFT
-# vs agents and vs prefix, reduced requests).
+# or name stages:
+#   build       the extension with its CUDA kernels (fails if an op has none)
+#   test        the CUDA tests: ops, launches, the pool end to end, the engine's
+#               exactness on the GPU
+#   ops         op benchmark -> results/ops-<device>.json
+#   ttft-share  the paper setting, every slot shared: the reuse path timed on
+#               every call -> results/ttft-<device>-share-always.json
+#   ttft        the same with the pool's entropy gate deciding, fallbacks
+#               counted -> results/ttft-<device>.json
+#   eager       ttft-share with the last token eager instead of a CUDA graph
+#   scaling     TTFT vs agents and vs prefix (5 measured requests each)
 #
 # Stages run in the order given; `all` puts the measurements the issues' bars
 # need first (ops.py checks every kernel against its torch twin before timing
-# it, so its numbers are not taken on faith while the tests wait). Each is bounded by
-# `timeout`: at most its own cap, and never past the deadline
+# it, so its numbers are not taken on faith while the tests wait). Each stage
+# is bounded by `timeout`: at most its own cap, and never past the deadline
 # (KVCOMM_GPU_DEADLINE_S seconds after the start, default 540, inside a
 # 600-second call). A stage that would get under 20 s (KVCOMM_GPU_MIN_STAGE_S)
 # is skipped and reported.
+#
 # Logs and every result file written since the start collect in ./gpu-out
-# (ignored by git; KVCOMM_GPU_WORK); after each stage they are packed into $OUT/gpu-session.tgz
-# when $OUT is set: the device tool brings back at most 8 files, and brings
-# $OUT back even when the call is cut off. A failing stage is reported and the
-# next still runs; the exit status is that of the first failure.
+# (ignored by git; KVCOMM_GPU_WORK); after each stage they are packed into
+# $OUT/gpu-session.tgz when $OUT is set: the device tool brings back at most 8
+# files, and brings $OUT back even when the call is cut off. A failing stage is
+# reported and the next still runs; the exit status is that of the first
+# failure. Through the device tool: run `bash benchmarks/gpu_session.sh all`
+# with timeout_s 600, then unpack gpu-session.tgz from its files_at.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 WORK=${KVCOMM_GPU_WORK:-gpu-out}
@@ -105,10 +112,10 @@ for stage in "${stages[@]}"; do
     build)
       run_stage build 240 bash -c build_with_cuda ;;
     test)
-      # The host emulation of the kernels already runs in CI; here only the real GPU.
+      # The suites with GPU tests (the CPU ones and the kernels' host emulation run in
+      # CI); test_engine_exact's CPU tests come along, cheap, on the GPU's torch.
       run_stage test 150 env KVCOMM_SKIP_EMULATION=1 "$PY" -m pytest -q -rs --maxfail=20 -p no:cacheprovider \
-        tests/test_cuda_ops.py tests/test_cuda_launch_config.py tests/test_engine_exact.py \
-        tests/test_pool.py tests/test_bench.py ;;
+        tests/test_cuda_ops.py tests/test_cuda_launch_config.py tests/test_engine_exact.py ;;
     ops)
       run_stage ops 120 "$PY" benchmarks/ops.py --device cuda --md docs/benchmarks.md ;;
     ttft-share)
