@@ -25,8 +25,6 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def encode_values(model, bos: int, ids: list[int]) -> torch.Tensor:
     """Values [layers, kv_heads, n, head_dim] of ids behind BOS (the BOS dropped)."""

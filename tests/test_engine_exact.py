@@ -15,6 +15,8 @@ others, and (b) would only be approximate by design).
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -446,14 +448,17 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="no CUDA device: the engine did not run on a GPU")
 
 
+def on_cuda(model):
+    """A GPU copy (the tiny fixture's CPU model is cached and shared)."""
+    return copy.deepcopy(model).cuda()
+
+
 @needs_cuda
 @pytest.mark.parametrize("arch", ARCHS)
 def test_engine_exactness_on_cuda(tiny, arch):
     """(a)-(d) with the model, the pool's tensors and every op on the GPU."""
-    import copy
-
     model, tok = tiny(arch)
-    model = copy.deepcopy(model).cuda()
+    model = on_cuda(model)
     check_layer0_and_prefix(model, tok)
     eng = check_identical_anchor(model, tok)
     assert eng.last_cache.k.is_cuda
@@ -463,7 +468,5 @@ def test_engine_exactness_on_cuda(tiny, arch):
 
 @needs_cuda
 def test_engine_exactness_on_cuda_bf16(tiny):
-    import copy
-
     model, tok = tiny("qwen3", dtype=torch.bfloat16)
-    check_identical_anchor(copy.deepcopy(model).cuda(), tok, atol=0.1, first_logits_atol=0.15)
+    check_identical_anchor(on_cuda(model), tok, atol=0.1, first_logits_atol=0.15)
