@@ -31,6 +31,28 @@ cxx_flags = ["-O3", "-fvisibility=hidden"] + ([] if debug else ["-g0"])
 link_flags = [] if debug else ["-Wl,--strip-debug"]
 include_dirs = [os.path.join(ROOT, "cpp"), os.path.join(ROOT, "cpp", "include")]
 cpp_sources = sources("cpp/*.cpp")
+# Headers are not sources, so setuptools would not see that an edit to one makes the
+# built library stale; listing them makes it rebuild (ninja then recompiles only the
+# objects that include them).
+headers = sources("cpp/*.h") + sources("cpp/include/kvcomm/*.h") + sources("cuda/*.cuh")
+
+# One object directory for every build of this checkout. The editable install
+# (.ci/setup.sh) would otherwise compile in a fresh temporary directory and the wheel
+# build (.ci/wheel_check.sh) again in another: with this, the wheel build finds every
+# object up to date and only links (about 100 s less per CI run on 2 cores), and
+# re-running setup.sh rebuilds only what changed. Ninja recompiles an object whose
+# command line changed, so switching torch builds (CPU/CUDA) in one checkout is safe.
+# `setup.py build_ext --build-temp DIR` still overrides it.
+BUILD_TEMP = os.path.join(ROOT, "build", "ext-objects")
+
+
+class BuildExtInOneObjectDir(BuildExtension.with_options(use_ninja=True)):
+    def finalize_options(self):
+        # Set before the base class copies the `build` command's directory (which the
+        # editable install points at a temporary one); None means not given explicitly.
+        if self.build_temp is None:
+            self.build_temp = BUILD_TEMP
+        super().finalize_options()
 
 if want_cuda():
     ext = CUDAExtension(
@@ -38,16 +60,17 @@ if want_cuda():
         cpp_sources + sources("cuda/*.cu"),
         include_dirs=include_dirs,
         define_macros=[("KVCOMM_WITH_CUDA", "1")],
+        depends=headers,
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
         extra_link_args=link_flags,
     )
 else:
-    ext = CppExtension("kvcomm._C", cpp_sources, include_dirs=include_dirs,
+    ext = CppExtension("kvcomm._C", cpp_sources, include_dirs=include_dirs, depends=headers,
                        extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
 
 setup(
     packages=find_packages("python"),
     package_dir={"": "python"},
     ext_modules=[ext],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtInOneObjectDir},
 )

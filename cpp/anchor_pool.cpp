@@ -2,6 +2,9 @@
 // eviction. Save/load live in pool_file.cpp.
 #include "kvcomm/anchor_pool.h"
 
+#include <ATen/ops/cat.h>
+#include <ATen/ops/full.h>
+
 #include <algorithm>
 #include <cmath>
 

@@ -1,7 +1,9 @@
 // pybind11 module kvcomm._C: AnchorPool and its value types. The ops
 // themselves are reached through torch.ops.kvcomm (schemas.cpp); this is the
-// only translation unit that includes torch/python.h.
-#include <torch/python.h>
+// only translation unit that includes torch's pybind11 headers.
+// The at::Tensor <-> torch.Tensor casters without the rest of torch/python.h
+// (the libtorch C++ API), which doubled this file's compile time.
+#include <torch/csrc/utils/pybind.h>
 #include <pybind11/stl.h>
 
 #include "kvcomm/anchor_pool.h"

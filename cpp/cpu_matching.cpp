@@ -2,6 +2,8 @@
 // share-or-anchor decision (SPEC section 4).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 
 #include <cmath>
 #include <vector>

@@ -1,7 +1,7 @@
 // CPU implementations of the kvcomm ops (registered in cpu_register.cpp).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <tuple>
 

@@ -2,6 +2,7 @@
 // tokens and per-(layer, head, channel) weights for the following segment.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 
 #include <cmath>
 #include <vector>

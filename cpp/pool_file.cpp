@@ -11,6 +11,8 @@
 //               [seg_k seg_v]
 //   u64 FNV-1a checksum of every byte before it
 // str = u64 size + bytes; tensor = i8 dtype, i64 ndim, i64 sizes..., raw data.
+#include <ATen/ops/empty.h>
+
 #include <cstdio>
 #include <cstring>
 #include <fstream>

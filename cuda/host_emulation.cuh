@@ -18,7 +18,8 @@
 // host compiler into a throwaway library that registers torch.ops.kvcomm_emu.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <cstdint>
 #include <tuple>

@@ -14,7 +14,7 @@
 // no estimate can see a half-written anchor.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <atomic>
 #include <cstdint>

@@ -5,7 +5,7 @@
 // Content KV layout everywhere: [layers, kv_heads, tokens, head_dim].
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <tuple>
 
