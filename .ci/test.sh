@@ -4,9 +4,13 @@
 # KVCOMM_SANITIZE=OFF. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+start=$(date +%s)
+stamp() { echo "-- $1 ($(( $(date +%s) - start )) s)"; }
+stamp "setup"
 bash .ci/setup.sh
 . "${KVCOMM_VENV:-.venv}/bin/activate"
 
+stamp "pytest"
 set +e
 python -m pytest -q "$@"
 rc=$?
@@ -15,8 +19,10 @@ set -e
 if [ "$rc" -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi
 [ "$rc" -eq 0 ] || exit "$rc"
 
+stamp "C++ suite (cmake + ctest)"
 BUILD=build/cmake
 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DKVCOMM_SANITIZE="${KVCOMM_SANITIZE:-ON}" \
   -DCMAKE_PREFIX_PATH="$(python -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" >/dev/null
 cmake --build "$BUILD" -j "${MAX_JOBS:-2}"
 ctest --test-dir "$BUILD" --output-on-failure
+stamp "tests done"
