@@ -12,16 +12,22 @@ own warm-up and an anchor pool that starts empty) into one summary:
     python benchmarks/eval_subset.py run-a.jsonl run-b.jsonl
 
 Prints the summary's quality fields and per-agent TTFT as JSON (warm-up questions stay
-in the records but, as in `kvcomm eval`, are not counted).
+in the records but, as in `kvcomm eval`, are not counted). `--json PATH` also writes it,
+with the records it came from (path and measured questions of each), `git_sha` and
+`command`, as a results file:
+
+    python benchmarks/eval_subset.py run-a.jsonl run-b.jsonl --json results/eval-pooled.json
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 
 from kvcomm.runtime import metrics
 from kvcomm.runtime.records import MEASURE, record_from_dict
+from kvcomm.runtime.session import git_sha
 
 FIELDS = ("questions", "reuse_rate", "accuracy", "answer_agreement", "judge_consistency",
           "judge_without_choice", "first_token_agreement", "first_token_pairs", "first_token_agreement_reuse",
@@ -68,14 +74,28 @@ def main(argv=None) -> int:
     p.add_argument("records", nargs="+", help="the .jsonl files that `kvcomm eval --records` wrote")
     p.add_argument("--first", type=int, default=None,
                    help="only the first N measured questions (in file order; default: all)")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="also write the summary, its sources, git_sha and command to PATH")
     args = p.parse_args(argv)
     if args.first is not None and args.first < 1:
         p.error(f"--first: at least 1 question, got {args.first}")
-    records = pooled({path: read_records(path) for path in args.records})
+    runs = {path: read_records(path) for path in args.records}
+    records = pooled(runs)
     if args.first is not None:
         records = first_questions(records, args.first)
     summary = metrics.summarize(records)
-    print(json.dumps({k: summary[k] for k in FIELDS if k in summary}, indent=1))
+    out = {k: summary[k] for k in FIELDS if k in summary}
+    print(json.dumps(out, indent=1))
+    if args.json:
+        kept = measured_ids(records)
+        out["sources"] = [dict(records=path, questions=len(measured_ids(rs) & kept))
+                          for path, rs in runs.items()]
+        out["git_sha"] = git_sha()
+        given = sys.argv[1:] if argv is None else argv
+        out["command"] = shlex.join(["python", "benchmarks/eval_subset.py", *given])
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+            f.write("\n")
     return 0
 
 

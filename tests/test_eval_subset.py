@@ -84,3 +84,22 @@ def test_the_command_line_pools_files_and_takes_first(tmp_path, capsys):
     assert out["questions"] == 20 and "decision" in out["agents"]
     with pytest.raises(SystemExit):
         subset.main(paths + ["--first", "0"])
+
+
+def test_the_json_file_holds_the_summary_and_where_it_came_from(tmp_path, capsys):
+    records = _records()
+    first, rest = _split(records, 15)
+    paths = []
+    for name, part in (("a", first), ("b", rest)):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(record_to_dict(r)) + "\n" for r in part))
+        paths.append(str(path))
+    out_path = tmp_path / "pooled.json"
+    assert subset.main(paths + ["--first", "20", "--json", str(out_path)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    written = json.loads(out_path.read_text())
+    assert {k: written[k] for k in printed} == printed
+    # --first 20 keeps all 15 questions of the first run and 5 of the second
+    assert written["sources"] == [dict(records=paths[0], questions=15), dict(records=paths[1], questions=5)]
+    assert written["command"].startswith("python benchmarks/eval_subset.py ")
+    assert written["command"].endswith(f"--json {out_path}")
