@@ -109,6 +109,39 @@ def _first_token_gap(call, dense) -> tuple[bool, float]:
     return call.first_token_id == dense.first_token_id, float((logp_d.exp() * (logp_d - logp_r)).sum())
 
 
+def _dense_view_of(call, dense) -> dict:
+    """How sure dense prefill was of its first token, and where the call's token ranks in
+    dense's distribution (0: dense's own choice, 1: its second choice, ...). A flat dense
+    distribution (a small top-1 minus top-2 margin) flips on a small KV error."""
+    probs = torch.softmax(dense.first_logits.double(), -1)
+    top2 = torch.topk(probs, 2).values
+    rank = int((probs > probs[call.first_token_id]).sum())
+    return {"dense_margin": float(top2[0] - top2[1]), "rank_in_dense": rank}
+
+
+# Bins of the dense top-1 minus top-2 probability margin, for agreement by confidence.
+MARGIN_BINS = ((0.0, 0.1), (0.1, 0.3), (0.3, 1.01))
+
+
+def agreement_by_dense_margin(reuse_rows: list) -> dict:
+    """Top-1 agreement of the reuse calls grouped by how sure dense was, and what the
+    disagreeing calls picked instead (their token's rank in dense's distribution)."""
+    rows = [r for r in reuse_rows if "dense_margin" in r]
+    if not rows:
+        return {}
+    bins = {}
+    for lo, hi in MARGIN_BINS:
+        mine = [r for r in rows if lo <= r["dense_margin"] < hi]
+        bins[f"{lo:.1f}-{min(hi, 1.0):.1f}"] = {
+            "calls": len(mine), "top1_agreement": sum(r["agree"] for r in mine) / len(mine) if mine else None}
+    missed = [r for r in rows if not r["agree"]]
+    missed_margin = statistics.median(r["dense_margin"] for r in missed) if missed else None
+    return {"bins": bins, "disagreements": len(missed),
+            "disagreement_dense_margin_median": missed_margin,
+            "disagreement_picked_dense_second": sum(r["rank_in_dense"] == 1 for r in missed),
+            "disagreement_picked_dense_top5": sum(r["rank_in_dense"] < 5 for r in missed)}
+
+
 def _other_tails(eng, name: str, inputs: dict, dense, tails) -> dict:
     """The same reuse call again with each other exact_tail (decisions are per request,
     so the slots and anchors are the ones the compared call used)."""
@@ -166,7 +199,8 @@ def run_request(eng, question: str, max_new_tokens: int, compare: bool, rows: li
         dense = eng.call(name, inputs, mode="dense", max_new_tokens=1, return_first_logits=True)
         agree, kl = _first_token_gap(call, dense)
         rows.append({"agent": name, "path": "reuse", "reason": call.reason, "agree": agree, "kl": kl,
-                     "tokens": call.prompt_tokens, "ttft_reuse": call.ttft_ms, "ttft_dense": dense.ttft_ms,
+                     **_dense_view_of(call, dense), "tokens": call.prompt_tokens,
+                     "ttft_reuse": call.ttft_ms, "ttft_dense": dense.ttft_ms,
                      "tails": _other_tails(eng, name, inputs, dense, other_tails)})
         if ttft is not None:
             ttft.setdefault(name, []).append((call.prompt_tokens, call.ttft_ms, dense.ttft_ms, call.timings))
@@ -184,6 +218,7 @@ def summarize_quality(rows: list) -> dict:
             mine = [r for r in reuse if r["agent"] == name]
             if mine:
                 out[f"agreement_{name}"] = sum(r["agree"] for r in mine) / len(mine)
+        out["by_dense_margin"] = agreement_by_dense_margin(reuse)
     tails = sorted({t for r in reuse for t in r.get("tails", {})}, key=int)
     if tails:
         out["other_exact_tails"] = {}
