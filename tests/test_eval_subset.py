@@ -71,14 +71,18 @@ def test_pooling_refuses_runs_that_share_a_question():
         subset.pooled({"a": records, "b": first})
 
 
-def test_the_command_line_pools_files_and_takes_first(tmp_path, capsys):
-    records = _records()
-    first, rest = _split(records, 15)
+def _two_run_files(tmp_path, n):
+    """The recorded run split after n measured questions, written as two .jsonl files."""
     paths = []
-    for name, part in (("a", first), ("b", rest)):
+    for name, part in zip(("a", "b"), _split(_records(), n)):
         path = tmp_path / f"{name}.jsonl"
         path.write_text("".join(json.dumps(record_to_dict(r)) + "\n" for r in part))
         paths.append(str(path))
+    return paths
+
+
+def test_the_command_line_pools_files_and_takes_first(tmp_path, capsys):
+    paths = _two_run_files(tmp_path, 15)
     assert subset.main(paths + ["--first", "20"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["questions"] == 20 and "decision" in out["agents"]
@@ -87,13 +91,7 @@ def test_the_command_line_pools_files_and_takes_first(tmp_path, capsys):
 
 
 def test_the_json_file_holds_the_summary_and_where_it_came_from(tmp_path, capsys):
-    records = _records()
-    first, rest = _split(records, 15)
-    paths = []
-    for name, part in (("a", first), ("b", rest)):
-        path = tmp_path / f"{name}.jsonl"
-        path.write_text("".join(json.dumps(record_to_dict(r)) + "\n" for r in part))
-        paths.append(str(path))
+    paths = _two_run_files(tmp_path, 15)
     out_path = tmp_path / "pooled.json"
     assert subset.main(paths + ["--first", "20", "--json", str(out_path)]) == 0
     printed = json.loads(capsys.readouterr().out)
