@@ -31,6 +31,7 @@ from kvcomm.runtime.session import git_sha
 
 FIELDS = ("questions", "reuse_rate", "accuracy", "answer_agreement", "judge_consistency",
           "judge_without_choice", "first_token_agreement", "first_token_pairs", "first_token_agreement_reuse",
+          "first_token_pairs_reuse",
           "agents")
 
 
