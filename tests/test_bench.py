@@ -348,4 +348,30 @@ def test_eval_sweep_runs_dense_once_and_every_point(tmp_path, capsys):
     assert rates[(0.5, 10)] == 1.0 and rates[(0.5, 5)] == 0.0
     assert all(r["answer_agreement"] is not None for r in doc["grid"])
     assert doc["sweep"]["dense_runs"] == 1 and doc["task"] == "gsm8k" and doc["command"] == "kvcomm eval --sweep"
+    assert doc["sweep"]["complete"] is True and doc["sweep"]["points_done"] == 4
     assert cli.main(["eval", "--task", "gsm8k", "--sweep", "--gamma", "0.3"]) == 2
+
+
+def test_eval_sweep_cut_off_keeps_the_points_it_finished(tmp_path):
+    made = []
+
+    def factory(pool):
+        if len(made) == 2:      # the third grid point never starts (a run cut off, a crash)
+            raise RuntimeError("cut off")
+        made.append(pool)
+        return ScriptedEngine(warm_after=1)
+
+    out = tmp_path / "sweep.json"
+    args = cli.build_parser().parse_args(
+        ["eval", "--task", "gsm8k", "--agents", "3", "--questions", "2", "--warmup", "1", "--sweep",
+         "--sweep-gammas", "0.3,0.9", "--sweep-capacities", "5,20", "--no-progress", "--no-judge-shadow",
+         "--json", str(out)])
+    args.argv = ["eval", "--sweep"]
+    with pytest.raises(RuntimeError, match="cut off"):
+        cli.cmd_eval(args, sweep_factory=factory)
+    doc = json.loads(out.read_text())
+    assert doc["sweep"]["complete"] is False and doc["sweep"]["points"] == 4
+    assert doc["sweep"]["points_done"] == 2
+    assert [(r["gamma"], r["capacity"]) for r in doc["grid"]] == [(0.3, 5), (0.3, 20)]
+    assert doc["default_point"]["capacity"] == 20 and doc["dense"]["accuracy"] is not None
+    assert doc["command"] == "kvcomm eval --sweep" and "git_sha" in doc

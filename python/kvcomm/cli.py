@@ -257,15 +257,18 @@ def cmd_sweep(args, cfg, sweep_factory=None) -> int:
         torch.set_num_threads(args.threads)
     info = {"model_name": "scripted", "device_detail": f"{args.device} (scripted)"} if sweep_factory else None
     sha = git_sha()
-    doc = sweep.run_sweep(cfg, points, engine_factory=sweep_factory, info=info)
-    doc.update(git_sha=sha, command=_command(args), config=asdict(cfg))
+    path = args.json or f"results/eval-{cfg.task}-{_model_tag(cfg.model)}-sweep.json"
+
+    def write(doc: dict) -> None:   # after the dense pass and every point: a cut-off run keeps its rows
+        doc.update(git_sha=sha, command=_command(args), config=asdict(cfg))
+        report.write_json(_plain(doc), path)
+
+    doc = sweep.run_sweep(cfg, points, engine_factory=sweep_factory, info=info, on_progress=write)
     print()
     print(f"kvcomm eval --sweep: {cfg.task}, {cfg.topology}, {cfg.n_agents} agents + decision, "
           f"{cfg.questions} questions after {cfg.warmup} warm-up; {doc['model']} on {doc['device_detail']}")
     print(sweep.format_table(doc))
-    path = args.json or f"results/eval-{cfg.task}-{_model_tag(cfg.model)}-sweep.json"
-    report.write_json(_plain(doc), path)
-    print(f"wrote {path}")
+    print(f"wrote {path} (rewritten after every grid point)")
     return 0
 
 

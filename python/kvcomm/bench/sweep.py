@@ -12,6 +12,11 @@ For one task, graph and question set:
 Engines are made by `engine_factory(pool: dict) -> engine`; by default the first one
 comes from runtime.session.load_engine (the model loaded once, exactly as `kvcomm eval`
 builds it) and later ones reuse its model and tokenizer.
+
+A full grid at benchmark sizes runs for hours, so `on_progress(doc)` is handed the
+result document after the dense pass and after every grid point (`complete` false
+until the last): the CLI writes it each time, and a run that is cut off still leaves
+every point it finished.
 """
 from __future__ import annotations
 
@@ -71,7 +76,8 @@ def default_engine_factory(cfg, log=print) -> tuple[Callable[[dict], object], di
 
 
 def run_sweep(cfg, points: list[tuple[float, int]], *, engine_factory: Callable[[dict], object] | None = None,
-              info: dict | None = None, log: Callable[[str], None] = print) -> dict:
+              info: dict | None = None, log: Callable[[str], None] = print,
+              on_progress: Callable[[dict], None] | None = None) -> dict:
     """Runs the dense pass once and one KVCOMM pass per (gamma, capacity)."""
     from ..runtime.compare import run_comparison
     from ..runtime.executor import GraphRunner
@@ -107,8 +113,16 @@ def run_sweep(cfg, points: list[tuple[float, int]], *, engine_factory: Callable[
                                    desc=f"{cfg.task} dense")
     dense_s = time.perf_counter() - t0
     dense_summary = summarize(dense_records, MEASURE)
+    dense = {"accuracy": dense_summary["accuracy"]["dense"], "run_s": dense_s,
+             "ttft_ms": {n: a["ttft_ms_dense"] for n, a in dense_summary["agents"].items()}}
 
-    rows = []
+    rows: list[dict] = []
+
+    def document() -> dict:
+        return _document(cfg, points, info, dense, rows, time.perf_counter() - t0)
+
+    if on_progress is not None:
+        on_progress(document())
     for k, (gamma, capacity) in enumerate(points):
         engine = first if k == 0 else engine_factory(dict(base_pool, gamma=gamma, capacity=capacity))
         t1 = time.perf_counter()
@@ -125,20 +139,27 @@ def run_sweep(cfg, points: list[tuple[float, int]], *, engine_factory: Callable[
             f"{_pct(r['answer_agreement'])}, judge consistency {_pct(r['judge_consistency'])}")
         if engine is not first:
             del engine
+        if on_progress is not None:
+            on_progress(document())
+    return document()
+
+
+def _document(cfg, points, info: dict, dense: dict, rows: list[dict], wall_s: float) -> dict:
+    """The sweep's result so far: every finished grid point, `complete` once all are."""
     default = next((r for r in rows if (r["gamma"], r["capacity"]) == DEFAULT_POINT), None)
     return {
         "sweep": {"gammas": sorted({g for g, _ in points}), "capacities": sorted({c for _, c in points}),
-                  "points": len(points), "dense_runs": 1,
+                  "points": len(points), "points_done": len(rows), "complete": len(rows) == len(points),
+                  "dense_runs": 1,
                   "note": "dense run once and paired with every grid point; fresh pool per point"},
         "task": cfg.task, "topology": cfg.topology, "n_agents": cfg.n_agents, "questions": cfg.questions,
         "warmup": cfg.warmup, "offset": cfg.offset, "max_new_tokens": cfg.max_new_tokens,
         "decision_dense": cfg.decision_dense, "judge_shadow": cfg.judge_shadow,
         "model": info.get("model_name"), "device": cfg.device, "device_detail": info.get("device_detail"),
-        "dense": {"accuracy": dense_summary["accuracy"]["dense"], "run_s": dense_s,
-                  "ttft_ms": {n: a["ttft_ms_dense"] for n, a in dense_summary["agents"].items()}},
-        "grid": rows,
+        "dense": dense,
+        "grid": list(rows),
         "default_point": default,
-        "wall_s": time.perf_counter() - t0,
+        "wall_s": wall_s,
     }
 
 
