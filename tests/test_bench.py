@@ -321,6 +321,16 @@ def test_sweep_grid():
         sweep.parse_list("a,b", int)
 
 
+def _sweep_args(out, gammas: str, capacities: str):
+    """`kvcomm eval --sweep` on 2 GSM8K questions after 1 warm-up, the grid given, JSON to `out`."""
+    args = cli.build_parser().parse_args(
+        ["eval", "--task", "gsm8k", "--agents", "3", "--questions", "2", "--warmup", "1", "--sweep",
+         "--sweep-gammas", gammas, "--sweep-capacities", capacities, "--no-progress", "--no-judge-shadow",
+         "--json", str(out)])
+    args.argv = ["eval", "--sweep"]
+    return args
+
+
 def test_eval_sweep_runs_dense_once_and_every_point(tmp_path, capsys):
     made = []
 
@@ -331,11 +341,7 @@ def test_eval_sweep_runs_dense_once_and_every_point(tmp_path, capsys):
         return eng
 
     out = tmp_path / "sweep.json"
-    args = cli.build_parser().parse_args(
-        ["eval", "--task", "gsm8k", "--agents", "3", "--questions", "2", "--warmup", "1", "--sweep",
-         "--sweep-gammas", "0,0.5", "--sweep-capacities", "5,10", "--no-progress", "--no-judge-shadow",
-         "--json", str(out)])
-    args.argv = ["eval", "--sweep"]
+    args = _sweep_args(out, "0,0.5", "5,10")
     assert cli.cmd_eval(args, sweep_factory=factory) == 0
     assert "| gamma | capacity |" in capsys.readouterr().out
     assert [(g, c) for g, c, _ in made] == [(0.0, 5), (0.0, 10), (0.5, 5), (0.5, 10)]
@@ -362,11 +368,7 @@ def test_eval_sweep_cut_off_keeps_the_points_it_finished(tmp_path):
         return ScriptedEngine(warm_after=1)
 
     out = tmp_path / "sweep.json"
-    args = cli.build_parser().parse_args(
-        ["eval", "--task", "gsm8k", "--agents", "3", "--questions", "2", "--warmup", "1", "--sweep",
-         "--sweep-gammas", "0.3,0.9", "--sweep-capacities", "5,20", "--no-progress", "--no-judge-shadow",
-         "--json", str(out)])
-    args.argv = ["eval", "--sweep"]
+    args = _sweep_args(out, "0.3,0.9", "5,20")
     with pytest.raises(RuntimeError, match="cut off"):
         cli.cmd_eval(args, sweep_factory=factory)
     doc = json.loads(out.read_text())
