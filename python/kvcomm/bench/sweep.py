@@ -163,6 +163,56 @@ def _document(cfg, points, info: dict, dense: dict, rows: list[dict], wall_s: fl
     }
 
 
+# What must match for two sweeps' rows to share one table: the same questions, graph and
+# model, so that their (deterministic) dense passes are the same run.
+SAME_SETTING = ("task", "topology", "n_agents", "questions", "warmup", "offset", "max_new_tokens",
+                "decision_dense", "judge_shadow", "model", "device")
+
+
+def merge(docs: dict[str, dict]) -> dict:
+    """One sweep document from several {path: doc} run on disjoint parts of a grid (e.g. two
+    cores, each with its own dense pass). Refuses different settings, a dense accuracy that
+    differs (the dense pass is deterministic, so a difference means the runs differ) and a
+    grid point present twice."""
+    if not docs:
+        raise ValueError("merge: no sweeps given")
+    paths = list(docs)
+    first = docs[paths[0]]
+    rows, seen = [], {}
+    for path in paths:
+        doc = docs[path]
+        for key in SAME_SETTING:
+            if doc.get(key) != first.get(key):
+                raise ValueError(f"merge: {path} has {key}={doc.get(key)!r}, {paths[0]} has {first.get(key)!r}")
+        if doc["dense"]["accuracy"] != first["dense"]["accuracy"]:
+            raise ValueError(f"merge: dense accuracy {doc['dense']['accuracy']} in {path} vs "
+                             f"{first['dense']['accuracy']} in {paths[0]}: not the same dense run")
+        for r in doc["grid"]:
+            point = (r["gamma"], r["capacity"])
+            if point in seen:
+                raise ValueError(f"merge: grid point gamma={point[0]:g} capacity={point[1]} "
+                                 f"is in both {seen[point]} and {path}")
+            seen[point] = path
+            rows.append(r)
+    rows.sort(key=lambda r: (r["gamma"], r["capacity"]))
+    out = {k: first.get(k) for k in SAME_SETTING}
+    out.update(
+        sweep={"gammas": sorted({r["gamma"] for r in rows}), "capacities": sorted({r["capacity"] for r in rows}),
+               "points": sum(d["sweep"]["points"] for d in docs.values()), "points_done": len(rows),
+               "complete": all(d["sweep"].get("complete", True) for d in docs.values()),
+               "dense_runs": len(docs),
+               "note": "merged from sweeps over disjoint grid points; each ran its own (identical) dense pass"},
+        device_detail=first.get("device_detail"),
+        dense=first["dense"],
+        grid=rows,
+        default_point=next((r for r in rows if (r["gamma"], r["capacity"]) == DEFAULT_POINT), None),
+        sources=[{"path": p, "git_sha": d.get("git_sha"), "command": d.get("command"),
+                  "points": d["sweep"]["points"], "points_done": len(d["grid"]),
+                  "wall_s": d.get("wall_s")} for p, d in docs.items()],
+    )
+    return out
+
+
 def _stats(engine) -> dict:
     try:
         s = dict(engine.stats())
