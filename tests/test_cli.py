@@ -43,6 +43,10 @@ def test_demo_writes_json_plot_and_records(tmp_path, capsys):
     lines = rec.read_text().splitlines()
     assert len(lines) == 2 * (2 + 2)          # (warm-up + measured) x both modes
     assert {json.loads(l)["mode"] for l in lines} == {"dense", "kvcomm"}
+    calls = [c for l in lines for c in json.loads(l)["calls"]]
+    # each call's slot decisions arrive in the records with the numbers behind them
+    assert all(set(c["slot_gates"]) == set(c["slot_decisions"]) for c in calls if c["call_mode"] == "kvcomm")
+    assert any(g["candidates"] == 2 for c in calls for g in c["slot_gates"].values())
 
 
 def test_eval_runs_other_tasks_and_topologies(tmp_path, capsys):

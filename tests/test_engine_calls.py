@@ -134,8 +134,16 @@ def test_call_reports_path_reason_and_timings(tiny):
     reuse = eng.call("a", INPUTS[0], max_new_tokens=4)
     assert reuse.path == "reuse" and reuse.reason == "all slots shared"
     assert all(d.startswith("share (estimated from anchors [") for d in reuse.slot_decisions.values())
+    # the decision's numbers: none to compare on the cold call, two anchors on the shared one
+    assert set(first.slot_gates) == set(reuse.slot_gates) == set(first.slot_decisions)
+    for slot, g in first.slot_gates.items():
+        assert g["candidates"] == 0 and g["nearest"] == [] and g["top_prob"] is None and g["tokens"] > 0
+    for slot, g in reuse.slot_gates.items():
+        assert g["candidates"] == 2 and len(g["nearest"]) == 2 and g["nearest"][0] <= g["nearest"][1]
+        assert g["entropy"] <= g["threshold"] and 0.5 <= g["top_prob"] <= 1.0
     baseline = eng.call("a", INPUTS[0], mode="dense", max_new_tokens=4)
     assert (baseline.path, baseline.reason, baseline.mode) == ("dense", "baseline", "dense")
+    assert baseline.slot_gates == {}
     for call in (first, reuse, baseline):
         t = call.timings
         assert set(TTFT_PARTS) <= set(t) and "total" in t

@@ -31,7 +31,7 @@ from .agent import AgentState, build_agent
 from .bases import HeaderEncoder
 from .gate import GateConfig, GateResult, check as _check_gate
 from .kv import forward, neutral_pair
-from .request import Content, Reply, RequestState
+from .request import Content, Reply, RequestState, decision_numbers
 from .template import AGENT_NAME_RE, CONDITION, CURRENT, HISTORY, QUESTION, TemplateError, fill, render_layout
 from .template import check_inputs, special_texts
 
@@ -55,6 +55,7 @@ class AgentCall:
     new_tokens: int
     slot_decisions: dict          # slot -> decision reason
     token_ids: list = field(default_factory=list)   # generated ids (first token included)
+    slot_gates: dict = field(default_factory=dict)  # slot -> the decision's numbers (decision_numbers)
 
 
 def _longest_input(lay, inputs: dict) -> str:
@@ -271,7 +272,7 @@ class KVCommEngine:
                          timings=timings, first_token_id=int(first),
                          first_logits=logits.detach().cpu() if want_logits else None,
                          prompt_tokens=T, new_tokens=len(tokens), slot_decisions=slot_decisions,
-                         token_ids=tokens)
+                         token_ids=tokens, slot_gates={c.slot: c.gate for c in contents})
 
     # ------------------------------------------------------------------ correctness gate
 
@@ -332,7 +333,7 @@ class KVCommEngine:
     def _decide(self, slot: str, ids: tuple, k: torch.Tensor, v: torch.Tensor, source: str) -> Content:
         d = self.pool.decide(slot, v)
         content = Content(slot=slot, ids=ids, base_k=k, base_v=v, source=source, share=bool(d.share),
-                          reason=d.reason)
+                          reason=d.reason, gate=decision_numbers(d, len(ids)))
         if not d.share:
             content.anchor_id = self.pool.add_anchor(slot, k, v)
         return content

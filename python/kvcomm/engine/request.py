@@ -6,6 +6,16 @@ from dataclasses import dataclass, field
 import torch
 
 
+def decision_numbers(decision, tokens: int) -> dict:
+    """What the pool's share-or-anchor decision (SPEC section 4) saw, small enough for a
+    call record: with it a run's records say why the gate fired (how many candidates,
+    how close the nearest two were, the entropy against its threshold), not only that it did."""
+    dist = sorted(float(x) for x in decision.distances)
+    return {"tokens": int(tokens), "candidates": len(decision.candidates),
+            "entropy": float(decision.entropy), "threshold": float(decision.threshold),
+            "nearest": dist[:2], "top_prob": max((float(p) for p in decision.probs), default=None)}
+
+
 @dataclass
 class Content:
     """One content in one slot of this request: its base and the SPEC section 4 decision.
@@ -20,6 +30,7 @@ class Content:
     share: bool
     reason: str                   # the pool's decision reason
     anchor_id: int | None = None  # set when this content is an anchor of its slot
+    gate: dict = field(default_factory=dict)   # the decision's numbers (decision_numbers)
 
     @property
     def length(self) -> int:

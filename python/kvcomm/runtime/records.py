@@ -40,6 +40,7 @@ class CallRecord:
     prompt_tokens: int = 0
     new_tokens: int = 0
     slot_decisions: dict = field(default_factory=dict)
+    slot_gates: dict = field(default_factory=dict)   # slot -> what the pool's decision saw
     tool: dict | None = None  # tool result this call produced or consumed, summarised
 
 

@@ -29,6 +29,7 @@ class ScriptedCall:
     prompt_tokens: int = 0
     new_tokens: int = 0
     slot_decisions: dict = field(default_factory=dict)
+    slot_gates: dict = field(default_factory=dict)
 
 
 class ScriptedPool:
@@ -106,7 +107,8 @@ class ScriptedEngine:
             ttft_ms=ttft, timings={"total": ttft, "first_token": ttft},
             first_token_id=zlib.crc32(text.encode()) % 1000, prompt_tokens=len(prompt) // 4,
             new_tokens=len(text) // 4,
-            slot_decisions={n: {"share": reuse, "reason": "scripted"} for n in names})
+            slot_decisions={n: {"share": reuse, "reason": "scripted"} for n in names},
+            slot_gates={n: {"candidates": 2 if reuse else 0} for n in names} if mode == "kvcomm" else {})
 
     def stats(self) -> dict:
         return {"requests": self.requests, "calls": len(self.log), "anchors": self.pool.size()}
