@@ -17,7 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import statistics
 import sys
+
+from kvcomm.runtime import report
 
 
 def decisions(paths: list[str], phase: str = "measure") -> list[dict]:
@@ -61,18 +64,13 @@ def summarize(rows: list[dict]) -> dict:
         rel = sorted((r["nearest"][1] - r["nearest"][0]) / r["nearest"][1] for r in group if r["nearest"][1] > 0)
         out[outcome] = {
             "decisions": len(group),
-            "gap_min": gaps[0], "gap_median": _median(gaps), "gap_max": gaps[-1],
+            "gap_min": gaps[0], "gap_median": statistics.median(gaps), "gap_max": gaps[-1],
             "relative_gap_max": rel[-1] if rel else None, "relative_gap_min": rel[0] if rel else None,
             "nearest_min": min(r["nearest"][0] for r in group), "nearest_max": max(r["nearest"][0] for r in group),
             "entropy_minus_threshold_min": min(r["entropy"] - r["threshold"] for r in group),
             "entropy_minus_threshold_max": max(r["entropy"] - r["threshold"] for r in group),
         }
     return out
-
-
-def _median(xs: list[float]) -> float:
-    n = len(xs)
-    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,9 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         doc.update(sources=args.records, command=shlex.join(
             ["python", "benchmarks/gate_numbers.py", *(argv if argv is not None else sys.argv[1:])]))
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=2)
-            f.write("\n")
+        report.write_json(doc, args.json)
     return 0
 
 

@@ -15,6 +15,7 @@ from kvcomm.bench.setting import SettingBuilder, TTFTSetting, template_for
 from kvcomm.bench.texts import TextMaker
 from kvcomm.engine import KVCommEngine
 from kvcomm.runtime.testing import ScriptedEngine
+from sweep_args import sweep_args
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -321,16 +322,6 @@ def test_sweep_grid():
         sweep.parse_list("a,b", int)
 
 
-def _sweep_args(out, gammas: str, capacities: str):
-    """`kvcomm eval --sweep` on 2 GSM8K questions after 1 warm-up, the grid given, JSON to `out`."""
-    args = cli.build_parser().parse_args(
-        ["eval", "--task", "gsm8k", "--agents", "3", "--questions", "2", "--warmup", "1", "--sweep",
-         "--sweep-gammas", gammas, "--sweep-capacities", capacities, "--no-progress", "--no-judge-shadow",
-         "--json", str(out)])
-    args.argv = ["eval", "--sweep"]
-    return args
-
-
 def test_eval_sweep_runs_dense_once_and_every_point(tmp_path, capsys):
     made = []
 
@@ -341,7 +332,7 @@ def test_eval_sweep_runs_dense_once_and_every_point(tmp_path, capsys):
         return eng
 
     out = tmp_path / "sweep.json"
-    args = _sweep_args(out, "0,0.5", "5,10")
+    args = sweep_args(out, "0,0.5", "5,10")
     assert cli.cmd_eval(args, sweep_factory=factory) == 0
     assert "| gamma | capacity |" in capsys.readouterr().out
     assert [(g, c) for g, c, _ in made] == [(0.0, 5), (0.0, 10), (0.5, 5), (0.5, 10)]
@@ -368,7 +359,7 @@ def test_eval_sweep_cut_off_keeps_the_points_it_finished(tmp_path):
         return ScriptedEngine(warm_after=1)
 
     out = tmp_path / "sweep.json"
-    args = _sweep_args(out, "0.3,0.9", "5,20")
+    args = sweep_args(out, "0.3,0.9", "5,20")
     with pytest.raises(RuntimeError, match="cut off"):
         cli.cmd_eval(args, sweep_factory=factory)
     doc = json.loads(out.read_text())

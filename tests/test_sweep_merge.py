@@ -8,17 +8,14 @@ import json
 from benchmark_modules import load_benchmark
 from kvcomm import cli
 from kvcomm.runtime.testing import ScriptedEngine
+from sweep_args import sweep_args
 
 merge_sweeps = load_benchmark("merge_sweeps")
 
 
 def _sweep(tmp_path, name: str, gammas: str, capacities: str, questions: int = 2) -> str:
     out = tmp_path / f"{name}.json"
-    args = cli.build_parser().parse_args(
-        ["eval", "--task", "gsm8k", "--agents", "3", "--questions", str(questions), "--warmup", "1", "--sweep",
-         "--sweep-gammas", gammas, "--sweep-capacities", capacities, "--no-progress", "--no-judge-shadow",
-         "--json", str(out)])
-    args.argv = ["eval", "--sweep", name]
+    args = sweep_args(out, gammas, capacities, questions=questions, name=name)
     assert cli.cmd_eval(args, sweep_factory=lambda pool: ScriptedEngine(warm_after=1)) == 0
     return str(out)
 

@@ -146,7 +146,6 @@ def run_sweep(cfg, points: list[tuple[float, int]], *, engine_factory: Callable[
 
 def _document(cfg, points, info: dict, dense: dict, rows: list[dict], wall_s: float) -> dict:
     """The sweep's result so far: every finished grid point, `complete` once all are."""
-    default = next((r for r in rows if (r["gamma"], r["capacity"]) == DEFAULT_POINT), None)
     return {
         "sweep": {"gammas": sorted({g for g, _ in points}), "capacities": sorted({c for _, c in points}),
                   "points": len(points), "points_done": len(rows), "complete": len(rows) == len(points),
@@ -158,7 +157,7 @@ def _document(cfg, points, info: dict, dense: dict, rows: list[dict], wall_s: fl
         "model": info.get("model_name"), "device": cfg.device, "device_detail": info.get("device_detail"),
         "dense": dense,
         "grid": list(rows),
-        "default_point": default,
+        "default_point": _default_row(rows),
         "wall_s": wall_s,
     }
 
@@ -205,12 +204,16 @@ def merge(docs: dict[str, dict]) -> dict:
         device_detail=first.get("device_detail"),
         dense=first["dense"],
         grid=rows,
-        default_point=next((r for r in rows if (r["gamma"], r["capacity"]) == DEFAULT_POINT), None),
+        default_point=_default_row(rows),
         sources=[{"path": p, "git_sha": d.get("git_sha"), "command": d.get("command"),
                   "points": d["sweep"]["points"], "points_done": len(d["grid"]),
                   "wall_s": d.get("wall_s")} for p, d in docs.items()],
     )
     return out
+
+
+def _default_row(rows: list[dict]) -> dict | None:
+    return next((r for r in rows if (r["gamma"], r["capacity"]) == DEFAULT_POINT), None)
 
 
 def _stats(engine) -> dict:

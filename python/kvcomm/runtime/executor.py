@@ -161,7 +161,7 @@ class GraphRunner:
             first_token_id=None if out.first_token_id is None else int(out.first_token_id),
             prompt_tokens=int(out.prompt_tokens or 0), new_tokens=int(out.new_tokens or 0),
             slot_decisions=jsonable(out.slot_decisions or {}),
-            slot_gates=jsonable(getattr(out, "slot_gates", None) or {}))
+            slot_gates=jsonable(out.slot_gates or {}))
 
 
 def _pool_stats(eng) -> tuple[int | None, int | None]:
