@@ -25,6 +25,8 @@ def test_parse_kinds_and_literals():
 
 @pytest.mark.parametrize("text,needle", [
     ("Q: {user_question", "unbalanced '{' at position 3"),
+    ("Q: {user_question", "(no closing '}'; write '{{' for a literal brace)"),
+    ("Q: user_question}", "(write '}}' for a literal brace)"),
     ("Q: user_question}", "unbalanced '}' at position 16"),
     ("Q: {{user_question}", "unbalanced '}'"),
     ("a {b {user_question}}", "unbalanced '{' at position 2"),

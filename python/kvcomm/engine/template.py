@@ -94,7 +94,7 @@ def parse_template(text: str) -> Template:
             opened = text.find("{", i + 1)
             if close < 0 or (0 <= opened < close):
                 raise TemplateError(f"unbalanced '{{' at position {i} of the template (no closing '}}'; "
-                                    "write '{{{{' for a literal brace)")
+                                    "write '{{' for a literal brace)")
             name = text[i + 1:close]
             where = f" at position {i}"
             if not name.strip():
