@@ -20,6 +20,8 @@ import sys
 import time
 from dataclasses import asdict
 
+from .cli_checks import UsageError, check_args
+
 
 def _add_common(p: argparse.ArgumentParser, *, questions: int, warmup: int, max_new_tokens: int) -> None:
     p.add_argument("--model", default=None, metavar="PATH",
@@ -158,12 +160,6 @@ def _run_and_report(cfg, args, title: str, engine_factory=None) -> int:
     from .runtime.records import record_to_dict
     from .runtime.session import command_line, git_sha, run_experiment
 
-    if args.questions < 1:
-        print("kvcomm: --questions must be at least 1", file=sys.stderr)
-        return 2
-    if args.exact_tail < 1:
-        print("kvcomm: --exact-tail must be at least 1 (the last prompt token always runs)", file=sys.stderr)
-        return 2
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
@@ -239,9 +235,6 @@ def cmd_sweep(args, cfg, sweep_factory=None) -> int:
     from .runtime import report
     from .runtime.session import git_sha
 
-    if args.questions < 1:
-        print("kvcomm: --questions must be at least 1", file=sys.stderr)
-        return 2
     if args.gamma is not None or args.capacity is not None:
         print("kvcomm: --gamma/--capacity set one point; with --sweep use --sweep-gammas/--sweep-capacities",
               file=sys.stderr)
@@ -296,9 +289,6 @@ def cmd_bench_ttft(args) -> int:
     from .runtime import report
     from .runtime.session import git_sha
 
-    if args.requests < 1 or args.warmup < 0:
-        print("kvcomm: --requests must be at least 1 and --warmup at least 0", file=sys.stderr)
-        return 2
     if args.requests < 10:
         print(f"kvcomm: note: {args.requests} measured requests (the benchmark's standard is at least 10)",
               file=sys.stderr)
@@ -376,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         args.argv = list(argv) if argv is not None else sys.argv[1:]
+        check_args(args, _named_models(args))
         if args.command == "demo":
             return cmd_demo(args)
         if args.command == "eval":
@@ -384,12 +375,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except UsageError as e:
+        print(f"kvcomm: {e}", file=sys.stderr)
+        return 2
     except Exception as e:
         from .runtime.datasets import DataNotInstalled
         if isinstance(e, DataNotInstalled):
             print(f"kvcomm: {e}", file=sys.stderr)
             return 1
         raise
+
+
+def _named_models(args) -> tuple[str, ...]:
+    """The model names --model takes besides a folder: bench ttft's built-in ones."""
+    if getattr(args, "benchmark", None) != "ttft":
+        return ()
+    from .bench.models import NAMED
+    return NAMED
 
 
 if __name__ == "__main__":
