@@ -84,11 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         print("gate_numbers: no slot_gates in these records (written before session 8?)", file=sys.stderr)
         return 2
     doc = summarize(rows)
+    if args.json:   # before printing: a reader that closes the pipe early must not cost the file
+        report.write_json(dict(doc, sources=args.records, command=shlex.join(
+            ["python", "benchmarks/gate_numbers.py", *(argv if argv is not None else sys.argv[1:])])),
+            args.json)
     print(json.dumps(doc, indent=1))
-    if args.json:
-        doc.update(sources=args.records, command=shlex.join(
-            ["python", "benchmarks/gate_numbers.py", *(argv if argv is not None else sys.argv[1:])]))
-        report.write_json(doc, args.json)
     return 0
 
 
