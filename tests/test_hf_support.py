@@ -181,3 +181,22 @@ def test_attention_refuses_a_cache_shorter_than_the_queries():
     kv = torch.zeros(1, 4, 3, 16)
     with pytest.raises(RuntimeError, match="3 cached keys for 5 queries in layer 0"):
         kattn.kvcomm_attention(layer, q, kv, kv, None, scaling=0.25)
+
+
+
+def test_kernel_device_types_of_this_build():
+    from kvcomm import ops
+    kinds = ops.kernel_device_types()
+    assert "cpu" in kinds and kinds <= {"cpu", "cuda"}
+    if "cuda" in kinds and torch.cuda.is_available():     # the claim holds: an op runs there
+        x = torch.randn(1, 1, 2, 4, device="cuda")
+        assert ops.rope_move(x, torch.ones(2, device="cuda"), 1).device.type == "cuda"
+
+
+def test_model_on_a_device_without_kernels_is_refused(monkeypatch):
+    model, _ = random_model("llama")
+    monkeypatch.setattr("kvcomm.ops.kernel_device_types", lambda: frozenset({"cpu"}))
+    khf.inspect_model(model)                                   # on the CPU: fine
+    with pytest.raises(UnsupportedModelError, match=r"the model is on meta, but this kvcomm build has "
+                                                    r"kernels for cpu only"):
+        khf.inspect_model(model.to("meta"))

@@ -16,6 +16,15 @@ from . import _C  # noqa: F401  (loads the library that registers the ops)
 _ops = torch.ops.kvcomm
 
 
+def kernel_device_types() -> frozenset[str]:
+    """Device types every torch.ops.kvcomm op has a kernel for in this build: "cpu",
+    and "cuda" when the extension was compiled with its CUDA kernels (torch with CUDA
+    and nvcc at build time, or KVCOMM_CUDA=1)."""
+    names = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("kvcomm::")]
+    return frozenset(kind for kind, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+                     if names and all(torch._C._dispatch_has_kernel_for_dispatch_key(n, key) for n in names))
+
+
 def _as_shift(shift: int | Tensor, like: Tensor) -> Tensor:
     if isinstance(shift, Tensor):
         return shift

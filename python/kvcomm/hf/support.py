@@ -112,6 +112,20 @@ def _check_rope(config, rotary, head_dim: int, model_type: str) -> tuple[str, in
     return rope_type, exact_positions
 
 
+def _check_device(device: torch.device) -> None:
+    """The model's device must be one the ops have kernels for in this build; otherwise the
+    first offset would fail deep inside a call with the dispatcher's backend error."""
+    from ..ops import kernel_device_types
+
+    kinds = kernel_device_types()
+    if device.type in kinds:
+        return
+    hint = (" (this build has no CUDA kernels: rebuild with nvcc on the PATH and a CUDA torch, or "
+            "KVCOMM_CUDA=1)" if device.type == "cuda" else "")
+    raise UnsupportedModelError(f"kvcomm: the model is on {device}, but this kvcomm build has kernels for "
+                                f"{', '.join(sorted(kinds))} only{hint}")
+
+
 def inspect_model(model) -> ModelSpec:
     """Checks `model` and returns its ModelSpec, or raises UnsupportedModelError."""
     config = getattr(model, "config", None)
@@ -137,6 +151,7 @@ def inspect_model(model) -> ModelSpec:
     inv = getattr(rotary, "original_inv_freq", None) if rope_type == "dynamic" else None
     inv = rotary.inv_freq if inv is None else inv
     param = next(model.parameters())
+    _check_device(param.device)
     return ModelSpec(
         model_type=model_type,
         num_layers=config.num_hidden_layers,
