@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 
-from kvcomm.runtime import metrics
+from kvcomm.runtime import metrics, report
 from kvcomm.runtime.records import MEASURE, record_from_dict
 from kvcomm.runtime.session import git_sha
 
@@ -92,8 +91,7 @@ def main(argv=None) -> int:
         out["sources"] = [dict(records=path, questions=len(measured_ids(rs) & kept))
                           for path, rs in runs.items()]
         out["git_sha"] = git_sha()
-        given = sys.argv[1:] if argv is None else argv
-        out["command"] = shlex.join(["python", "benchmarks/eval_subset.py", *given])
+        out["command"] = report.script_command("benchmarks/eval_subset.py", argv)
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
             f.write("\n")

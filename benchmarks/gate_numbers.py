@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
 import sys
 
@@ -84,11 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         print("gate_numbers: no slot_gates in these records (written before session 8?)", file=sys.stderr)
         return 2
     doc = summarize(rows)
-    if args.json:   # before printing: a reader that closes the pipe early must not cost the file
-        report.write_json(dict(doc, sources=args.records, command=shlex.join(
-            ["python", "benchmarks/gate_numbers.py", *(argv if argv is not None else sys.argv[1:])])),
-            args.json)
-    print(json.dumps(doc, indent=1))
+    report.write_and_print(doc, args.json, script="benchmarks/gate_numbers.py", argv=argv,
+                           sources=args.records)
     return 0
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shlex
 import sys
 
 from kvcomm.runtime import metrics, report
@@ -69,11 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         print("gate_value: no reuse-path calls with slot_gates and a dense twin in these records",
               file=sys.stderr)
         return 2
-    if args.json:
-        report.write_json(dict(doc, sources=args.records, command=shlex.join(
-            ["python", "benchmarks/gate_value.py", *(argv if argv is not None else sys.argv[1:])])),
-            args.json)
-    print(json.dumps(doc, indent=1))
+    report.write_and_print(doc, args.json, script="benchmarks/gate_value.py", argv=argv,
+                           sources=args.records)
     return 0
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 
 from kvcomm.bench import sweep
@@ -37,8 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(sweep.format_table(merged))
     if args.json:
-        merged.update(git_sha=git_sha(), command=shlex.join(
-            ["python", "benchmarks/merge_sweeps.py", *(argv if argv is not None else sys.argv[1:])]))
+        merged.update(git_sha=git_sha(), command=report.script_command("benchmarks/merge_sweeps.py", argv))
         report.write_json(merged, args.json)
         print(f"wrote {args.json}")
     return 0
