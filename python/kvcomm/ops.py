@@ -95,6 +95,17 @@ def fused_offset_into(dst: Tensor, base: Tensor, deltas: Sequence[Tensor], weigh
     return dst
 
 
+def token_spread(deltas: Sequence[Tensor], weights: Tensor) -> Tensor:
+    """float32 [n]: how much N anchors disagree on each token's offset.
+
+    deltas: N tensors [L,H,>=n,D] (first n tokens used); weights: float32 [N, n]
+    per-token weights whose columns sum to 1 (token_weights). Per token, the root
+    of the mean over layers >= 1, heads and channels of the weighted variance of
+    the deltas across anchors. Zeros when N < 2 or L == 1.
+    """
+    return _ops.token_spread(list(deltas), weights)
+
+
 # ---- fake kernels: shapes only, so torch.compile and FakeTensor can trace ----
 
 @torch.library.register_fake("kvcomm::rope_move")
@@ -138,3 +149,8 @@ def _fused_offset_fake(base, deltas, weights, shift, inv_freq):
 @torch.library.register_fake("kvcomm::fused_offset_into")
 def _fused_offset_into_fake(dst, base, deltas, weights, shift, inv_freq):
     return None
+
+
+@torch.library.register_fake("kvcomm::token_spread")
+def _token_spread_fake(deltas, weights):
+    return weights.new_empty(weights.shape[1], dtype=torch.float32)

@@ -108,6 +108,19 @@ def fused_offset(base: Tensor, deltas: Sequence[Tensor], weights: Tensor, shift:
     return acc.to(base.dtype)
 
 
+def token_spread(deltas: Sequence[Tensor], weights: Tensor) -> Tensor:
+    """Per token: sqrt(mean over layers >= 1, heads, channels of sum_u w_u (d_u - mean_w d)^2)."""
+    n = weights.shape[1]
+    out = torch.zeros(n, dtype=torch.float32, device=weights.device)
+    if len(deltas) < 2 or deltas[0].shape[0] < 2 or n == 0:
+        return out
+    x = torch.stack([d[1:, :, :n].to(torch.float32) for d in deltas])  # [N, L-1, H, n, D]
+    w = weights.to(torch.float32).view(len(deltas), 1, 1, n, 1)
+    mean = (w * x).sum(0)
+    var = (w * (x - mean) ** 2).sum(0)                                  # [L-1, H, n, D]
+    return var.double().mean(dim=(0, 1, 3)).sqrt().float()
+
+
 def estimate(pool_anchors, base_k: Tensor, base_v: Tensor, inv_freq: Tensor, position: int,
              tau: float, seg_template_k: Tensor | None = None, seg_template_v: Tensor | None = None,
              seg_position: int = 0):

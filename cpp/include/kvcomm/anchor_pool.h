@@ -36,6 +36,10 @@ struct PoolConfig {
   int64_t capacity = 20;         // anchors per slot (V)
   int64_t window = 5;            // eviction looks at the W oldest anchors
   int64_t byte_budget = 0;       // whole pool, bytes; 0 = unlimited
+  // Coverage: a content becomes an anchor while its slot has fewer than this
+  // many long-enough candidates (>= 2; 2 is the method as published). Estimates
+  // from more anchors agree with dense prefill more often.
+  int64_t min_anchors = 2;
   DistanceMode distance = DistanceMode::kFrobenius;
   // Expected content layout; 0 = taken from the first anchor. Every anchor
   // and every loaded file must match it.
@@ -80,10 +84,15 @@ struct EstimateRequest {
   at::Tensor seg_template_k, seg_template_v;  // neutral frame [L, H, S, D]
   int64_t seg_position = 0;
   at::Tensor seg_dst_k, seg_dst_v;  // [L, H, S, D]
+  bool want_spread = false;         // also return the per-token spread
 };
 
 struct EstimateResult {
   std::vector<int64_t> anchors;  // ids whose deltas were used
+  // float32 [n] when the request asked for it: how much the anchors disagree
+  // on each placeholder token's offset (token_spread of the K deltas plus that
+  // of the V deltas, under their token weights). Undefined otherwise.
+  at::Tensor spread;
   bool ok() const { return !anchors.empty(); }
 };
 
