@@ -21,6 +21,17 @@ def forward(model, cache: KVBufferCache, ids: list[int], want_logits: bool = Tru
     return out.logits[0, -1].float() if want_logits else None
 
 
+def forward_logits(model, cache: KVBufferCache, ids: list[int], rows: int) -> torch.Tensor | None:
+    """Runs `ids` after what `cache` holds; float32 logits [rows, vocab] of the first `rows`
+    positions (teacher forcing: row j predicts the token after ids[j]), None for 0."""
+    x = torch.tensor([ids], dtype=torch.long, device=cache.k.device)
+    if rows <= 0:
+        model(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return None
+    out = model(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=len(ids))
+    return out.logits[0, :rows].float()
+
+
 def neutral_keys(keys: torch.Tensor, start: int, inv_freq: torch.Tensor) -> torch.Tensor:
     """Keys [L,H,n,D] whose first token sits at `start`, moved to start at 0 (new tensor)."""
     return ops.rope_move(keys, inv_freq, -int(start)) if start else keys.contiguous().clone()
