@@ -29,13 +29,12 @@ from .._C import AnchorPool, PoolConfig
 from ..hf.cache import KVBufferCache
 from .agent import AgentState, build_agent
 from .bases import HeaderEncoder
-from .gate import GateConfig, GateResult, check as _check_gate
 from .kv import forward, neutral_pair
+from .modes import MODES
 from .request import Content, Reply, RequestState, decision_numbers
 from .template import AGENT_NAME_RE, CONDITION, CURRENT, HISTORY, QUESTION, TemplateError, fill, render_layout
 from .template import check_inputs, special_texts
 
-MODES = ("kvcomm", "dense")
 _KIND_OF = {QUESTION: "question", CONDITION: "condition", CURRENT: "reply", HISTORY: "reply"}
 
 
@@ -56,6 +55,10 @@ class AgentCall:
     slot_decisions: dict          # slot -> decision reason
     token_ids: list = field(default_factory=list)   # generated ids (first token included)
     slot_gates: dict = field(default_factory=dict)  # slot -> the decision's numbers (decision_numbers)
+    # Only with call(..., keep_cache=True): the call's KVBufferCache (prompt, then the
+    # reply's fed-back tokens) and its PromptLayout (token ids, slot spans, segments).
+    cache: KVBufferCache | None = field(default=None, repr=False)
+    layout: object = field(default=None, repr=False)
 
 
 def _longest_input(lay, inputs: dict) -> str:
@@ -88,10 +91,9 @@ class KVCommEngine:
     pool_config: kvcomm.PoolConfig (defaults of SPEC section 4 when None);
     pool: an existing AnchorPool (e.g. loaded from disk) instead;
     lead_ins: per content kind ("question", "condition", "reply") header lead-in text.
-    gate: the correctness gate (kvcomm.engine.gate): a GateConfig, True (defaults) or
-      False/None (off, the default here; `kvcomm demo/eval` turn it on). When on, the
-      first kvcomm-mode call probes reuse vs dense on this model (cached per model) and,
-      if reuse is refused, every kvcomm call runs dense with the gate's reason.
+    Reuse can be refused for the whole engine with refuse_reuse(reason): every
+    kvcomm-mode call then runs dense with that reason. The correctness gate
+    (kvcomm.engine.gate.apply) uses it; nothing is refused by default.
     exact_tail: prompt tokens at the end that the reuse path runs through the model
       (default 1: the last token only, SPEC section 6). More replaces the estimated KV
       of those tokens with KV computed against the estimated rest.
@@ -99,7 +101,7 @@ class KVCommEngine:
 
     def __init__(self, model, tokenizer, pool_config: PoolConfig | None = None, *,
                  pool: AnchorPool | None = None, lead_ins: dict | None = None,
-                 gate: GateConfig | bool | None = None, exact_tail: int = 1):
+                 exact_tail: int = 1):
         self.exact_tail = exact_tail
         self.spec = hf.enable(model)
         self.model = model
@@ -120,16 +122,11 @@ class KVCommEngine:
             eos.append(tokenizer.eos_token_id)
         self.eos_ids = sorted(set(eos))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
-        # Tests and diagnostics: keep the cache and layout of the last call.
         self._blank: dict[int, bool] = {}
-        self.keep_last_cache = False
-        self.last_cache: KVBufferCache | None = None
-        self.last_layout = None
         # Optional static / CUDA-graph last-token step of the reuse path (use_static_step).
         self.static_step = None
-        self.gate_config: GateConfig | None = GateConfig() if gate is True else (gate or None)
         self._special_texts = special_texts(tokenizer)
-        self.gate_result: GateResult | None = None
+        self._refusal: str | None = None
 
     @property
     def exact_tail(self) -> int:
@@ -169,7 +166,7 @@ class KVCommEngine:
     def call(self, agent: str, inputs: dict, *, mode: str = "kvcomm", max_new_tokens: int = 128,
              do_sample: bool = False, temperature: float = 1.0,
              return_first_logits: bool = False, reply_ids: list[int] | None = None,
-             capture: bool = True) -> AgentCall:
+             capture: bool = True, keep_cache: bool = False) -> AgentCall:
         """reply_ids: a forced reply (benchmarks). The first token is still computed and
         timed as usual; the reply is then these tokens instead of a generated one, fed
         through the model in one forward in kvcomm mode and captured like a generated
@@ -177,7 +174,11 @@ class KVCommEngine:
 
         capture=False leaves the request's replies and the pool's reply slots alone: for
         re-running a call to compare it (otherwise the re-run's reply replaces the
-        original as the base of {agent_<name>_current} and goes through the decision)."""
+        original as the base of {agent_<name>_current} and goes through the decision).
+
+        keep_cache=True fills AgentCall.cache (this call's KVBufferCache) and
+        AgentCall.layout (its PromptLayout), e.g. to compare the reuse path's KV with a
+        dense call's; by default the call keeps neither."""
         if reply_ids is not None:
             reply_ids = [int(t) for t in reply_ids]
             if not reply_ids:
@@ -193,18 +194,15 @@ class KVCommEngine:
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
         if isinstance(inputs, Mapping):
             inputs = dict(inputs)
-        # Input errors first: they must not wait for (or trigger) the gate's probe.
         check_inputs(self.agents[agent].template, inputs, agent, self._special_texts)
-        if mode == "kvcomm":
-            self.check_gate()   # before the call's clock: the one-off probe is not its TTFT
         if self.request is None:
             self.new_request()
         with torch.inference_mode():
             return self._call(self.agents[agent], dict(inputs), mode, max_new_tokens, do_sample,
-                              float(temperature), return_first_logits, reply_ids, capture)
+                              float(temperature), return_first_logits, reply_ids, capture, keep_cache)
 
     def _call(self, st: AgentState, inputs, mode, max_new_tokens, do_sample, temperature, want_logits,
-              reply_ids=None, capture=True):
+              reply_ids=None, capture=True, keep_cache=False):
         clock = _Clock()
         start = clock._last
         user_text, cspans = fill(st.template, inputs, st.name)
@@ -227,8 +225,7 @@ class KVCommEngine:
             cache, logits = self._prefill(st, lay, capacity, use_prefix=False)
             clock.lap("forward")
         else:
-            refused = self._gate_refusal()
-            reason = refused or self._unaligned(st, lay, max_new_tokens)
+            reason = self._refusal or self._unaligned(st, lay, max_new_tokens)
             aligned = reason is None
             if aligned:
                 contents = self._contents(st, lay, clock)
@@ -259,34 +256,35 @@ class KVCommEngine:
         clock.lap("decode")
         lo, hi = self._reply_span(tokens)
         text = self.tokenizer.decode(tokens[lo:hi], skip_special_tokens=True)
-        if mode == "kvcomm" and capture and hi > lo and self._exact_range_ok(T + len(tokens)) and not self._gate_refusal():
+        if mode == "kvcomm" and capture and hi > lo and self._exact_range_ok(T + len(tokens)) and not self._refusal:
             self._capture(st, cache, T, tokens, lo, hi, text)
             clock.lap("capture")
 
         self._paths["baseline" if mode == "dense" else path] += 1
-        if self.keep_last_cache:
-            self.last_cache, self.last_layout = cache, lay
         timings = dict(clock.t)
         timings["total"] = (time.perf_counter() - start) * 1000.0
         return AgentCall(agent=st.name, text=text, mode=mode, path=path, reason=reason, ttft_ms=ttft_ms,
                          timings=timings, first_token_id=int(first),
                          first_logits=logits.detach().cpu() if want_logits else None,
                          prompt_tokens=T, new_tokens=len(tokens), slot_decisions=slot_decisions,
-                         token_ids=tokens, slot_gates={c.slot: c.gate for c in contents})
+                         token_ids=tokens, slot_gates={c.slot: c.gate for c in contents},
+                         cache=cache if keep_cache else None, layout=lay if keep_cache else None)
 
-    # ------------------------------------------------------------------ correctness gate
+    # ------------------------------------------------------------------ refusing reuse
 
-    def check_gate(self) -> GateResult | None:
-        """Runs (or fetches from the per-model cache) the correctness gate; None when off."""
-        if self.gate_config is not None and self.gate_result is None:
-            self.gate_result = _check_gate(self, self.gate_config)
-        return self.gate_result
+    def refuse_reuse(self, reason: str | None) -> None:
+        """reason: every later kvcomm-mode call runs dense with this reason, and the pool
+        is not used at all (no decisions, anchors or captures); None lifts the refusal.
+        The correctness gate (kvcomm.engine.gate.apply) sets it when reuse disagrees with
+        dense on this model."""
+        if reason is not None and (not isinstance(reason, str) or not reason.strip()):
+            raise ValueError(f"refuse_reuse: reason must be a non-empty string or None, got {reason!r}")
+        self._refusal = reason
 
-    def _gate_refusal(self) -> str | None:
-        """The gate's reason when it refused reuse for this model (then the pool is not
-        used at all: no decisions, anchors or captures), else None."""
-        g = self.gate_result
-        return g.reason if g is not None and not g.allowed else None
+    @property
+    def reuse_refusal(self) -> str | None:
+        """The reason given to refuse_reuse, or None when reuse is allowed."""
+        return self._refusal
 
     # ------------------------------------------------------------------ per-slot content
 
@@ -533,8 +531,6 @@ class KVCommEngine:
             "calls": {"reuse": self._paths["reuse"], "dense": self._paths["dense"],
                       "baseline": self._paths["baseline"]},
             "requests": self._requests,
-            "gate": None if self.gate_result is None else
-            {k: v for k, v in self.gate_result.to_dict().items() if k != "details"},
             "agents": {n: {"setup_ms": a.setup_ms, "s0_tokens": a.s0, "template_problem": a.problem}
                        for n, a in self.agents.items()},
         }

@@ -3,7 +3,13 @@
 KVCOMM's offsets are estimates (SPEC section 5). For most models they are close enough
 that the reuse path picks the same tokens as dense prefill; for some (an unusual
 architecture, a quantisation, a bug) they are not, and every reused call would then be
-silently wrong. The gate measures this before the engine reuses anything:
+silently wrong. The gate measures this before the engine reuses anything. It sits
+above the engine and drives it through its public API only:
+
+    res = gate.apply(engine, GateConfig())   # check, then engine.refuse_reuse(reason or None)
+
+- check(engine, cfg) returns the GateResult (and changes nothing); apply() also sets the
+  engine's refusal, after which every kvcomm-mode call runs dense with the gate's reason.
 
 - a probe engine (same model, tokenizer, lead-ins and pool parameters; its own fresh
   pool, so the caller's pool is untouched) gets two agents: `gate_a` reads a question,
@@ -38,6 +44,9 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+
+from .._C import AnchorPool, PoolConfig
+from .engine import KVCommEngine
 
 GATE_VERSION = 1          # bump when the probe changes: old disk entries stop matching
 REASON_PREFIX = "correctness gate"
@@ -242,16 +251,12 @@ def _kv_error(reuse_cache, dense_cache, stop: int) -> float:
 
 def run_probe(engine, cfg: GateConfig, key: str = "") -> GateResult:
     """Runs the probe against `engine`'s model (a separate engine and pool) and judges it."""
-    from .._C import AnchorPool, PoolConfig
-    from .engine import KVCommEngine
-
     t0 = time.perf_counter()
     pc = engine.pool.config
     s = engine.spec
     pool = AnchorPool(PoolConfig(gamma=pc.gamma, tau=pc.tau, top_p=pc.top_p, distance=pc.distance,
                                  layers=s.num_layers, kv_heads=s.kv_heads, head_dim=s.head_dim))
-    probe = KVCommEngine(engine.model, engine.tokenizer, pool=pool, lead_ins=engine.encoder.lead_ins,
-                         gate=False)
+    probe = KVCommEngine(engine.model, engine.tokenizer, pool=pool, lead_ins=engine.encoder.lead_ins)
     for name, (system, template) in PROBE_AGENTS.items():
         probe.add_agent(name, system, template)
 
@@ -267,23 +272,20 @@ def run_probe(engine, cfg: GateConfig, key: str = "") -> GateResult:
         probe.new_request()
         inputs = {"user_question": q}
         for agent in PROBE_AGENTS:
-            probe.keep_last_cache = True
-            kv = probe.call(agent, inputs, max_new_tokens=cfg.reply_tokens if agent == "gate_a" else 1)
-            reuse_cache, T = probe.last_cache, kv.prompt_tokens
-            dense = probe.call(agent, inputs, mode="dense", max_new_tokens=1, return_first_logits=True)
-            dense_cache = probe.last_cache
-            probe.keep_last_cache = False
+            kv = probe.call(agent, inputs, max_new_tokens=cfg.reply_tokens if agent == "gate_a" else 1,
+                            keep_cache=True)
+            dense = probe.call(agent, inputs, mode="dense", max_new_tokens=1, return_first_logits=True,
+                               keep_cache=True)
             calls += 1
             if kv.path == "reuse":
                 p = torch.softmax(dense.first_logits.float(), dim=-1)
                 ratio = float(p[kv.first_token_id] / p.max())
                 details.append({"agent": agent, "top1": kv.first_token_id == dense.first_token_id,
                                 "dense_ratio": ratio, "agree": ratio >= cfg.tie_ratio,
-                                "kv_error": _kv_error(reuse_cache, dense_cache, T - 1),
-                                "prompt_tokens": T})
+                                "kv_error": _kv_error(kv.cache, dense.cache, kv.prompt_tokens - 1),
+                                "prompt_tokens": kv.prompt_tokens})
             if agent == "gate_a":
                 inputs = {**inputs, "agent_gate_a_current": _slot_text(kv.text)}
-        probe.last_cache = None
     return judge(details, calls, cfg, key, time.perf_counter() - t0)
 
 
@@ -348,6 +350,14 @@ def check(engine, cfg: GateConfig) -> GateResult:
         if cfg.disk_cache:
             _write_disk(res)
         return res
+
+
+def apply(engine, cfg: GateConfig) -> GateResult:
+    """check(engine, cfg), then engine.refuse_reuse(the reason) when refused, or
+    refuse_reuse(None) when allowed. Returns the result."""
+    res = check(engine, cfg)
+    engine.refuse_reuse(None if res.allowed else res.reason)
+    return res
 
 
 def _copy(res: GateResult, source: str) -> GateResult:
