@@ -1,6 +1,6 @@
-"""Engine quality and TTFT on CPU: KVCOMM reuse path vs dense prefill, same prompts. Command-
-line entry point; the code is kvcomm_app/bench/engine_quality.py (run with --help for the
-options)."""
+"""Engine quality and TTFT on CPU: KVCOMM reuse path vs dense prefill, same prompts.
+
+The command line of kvcomm_app/bench/engine_quality.py (`--help` lists the options)."""
 import sys
 
 from kvcomm_app.bench.engine_quality import main

@@ -1,6 +1,6 @@
-"""Which part of the offset estimate decides first-token agreement with dense? Command-line
-entry point; the code is kvcomm_app/bench/estimate_ablation.py (run with --help for the
-options)."""
+"""Which part of the offset estimate decides first-token agreement with dense?
+
+The command line of kvcomm_app/bench/estimate_ablation.py (`--help` lists the options)."""
 import sys
 
 from kvcomm_app.bench.estimate_ablation import main

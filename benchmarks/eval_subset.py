@@ -1,6 +1,7 @@
 """The summary of `kvcomm eval` over the first N measured questions of its records, or over
-several runs' records pooled. Command-line entry point; the code is
-kvcomm_app/bench/eval_subset.py (run with --help for the options)."""
+several runs' records pooled.
+
+The command line of kvcomm_app/bench/eval_subset.py (`--help` lists the options)."""
 import sys
 
 from kvcomm_app.bench.eval_subset import main

@@ -1,7 +1,8 @@
-"""How the pool's share-or-anchor gate (SPEC section 4) decides on the TTFT benchmark's inputs
-with the GPU benchmark's model: fresh filler texts through the Llama-3.1-8B-shaped random
-model, cut to a few layers so it runs on a CPU. Command-line entry point; the code is
-kvcomm_app/bench/gate_random_texts.py (run with --help for the options)."""
+"""How the pool's share-or-anchor gate (docs/method.md section 4) decides on the TTFT
+benchmark's inputs with the GPU benchmark's model: fresh filler texts through the
+Llama-3.1-8B-shaped random model, cut to a few layers so it runs on a CPU.
+
+The command line of kvcomm_app/bench/gate_random_texts.py (`--help` lists the options)."""
 import sys
 
 from kvcomm_app.bench.gate_random_texts import main

@@ -1,6 +1,6 @@
-"""What the entropy gate's fallbacks protect, from a run that shared past the gate. Command-
-line entry point; the code is kvcomm_app/bench/gate_value.py (run with --help for the
-options)."""
+"""What the entropy gate's fallbacks protect, from a run that shared past the gate.
+
+The command line of kvcomm_app/bench/gate_value.py (`--help` lists the options)."""
 import sys
 
 from kvcomm_app.bench.gate_value import main

@@ -1,6 +1,6 @@
 """Merges `kvcomm eval --sweep` results run over disjoint parts of one grid into one file.
-Command-line entry point; the code is kvcomm_app/bench/merge_sweeps.py (run with --help for
-the options)."""
+
+The command line of kvcomm_app/bench/merge_sweeps.py (`--help` lists the options)."""
 import sys
 
 from kvcomm_app.bench.merge_sweeps import main

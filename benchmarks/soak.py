@@ -1,5 +1,6 @@
-"""Soak: the demo graph over many requests with a small pool byte budget (issue 7.5). Command-
-line entry point; the code is kvcomm_app/bench/soak.py (run with --help for the options)."""
+"""Soak: the demo graph over many requests with a small pool byte budget.
+
+The command line of kvcomm_app/bench/soak.py (`--help` lists the options)."""
 import sys
 
 from kvcomm_app.bench.soak import main

@@ -1,4 +1,4 @@
-"""CI-sized soak (issue 7.5): the demo graph (4 agents + decision, runtime GraphRunner)
+"""CI-sized soak: the demo graph (4 agents + decision, runtime GraphRunner)
 over many requests on a tiny random Llama with a pool byte budget that forces eviction.
 
 Asserts: no exception; pool bytes never over the budget (and the budget really binds:

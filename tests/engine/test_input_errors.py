@@ -1,4 +1,4 @@
-"""Template and input errors are clear errors at the call, never a wrong prompt (issue 7.6).
+"""Template and input errors are clear errors at the call, never a wrong prompt.
 
 Every bad template fails at add_agent and every bad input at call, with a TemplateError
 (a ValueError) whose message names what was wrong; a rejected call leaves the engine and

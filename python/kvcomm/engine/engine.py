@@ -1,6 +1,6 @@
 """KVCommEngine: one agent call = decide per slot -> reuse or dense -> decode -> capture.
 
-SPEC sections 4-6 on a Hugging Face model. Per call, in kvcomm mode:
+docs/method.md sections 4-6 on a Hugging Face model. Per call, in kvcomm mode:
 1. render the agent's prompt and tokenize it once; locate slots and segments;
 2. for each slot, the content's base KV (a captured reply, or encoded behind a
    header) and the pool's share-or-anchor decision, both once per request;
@@ -88,14 +88,14 @@ class _Clock:
 class KVCommEngine:
     """KVCOMM on a transformers model. See the module docstring for one call.
 
-    pool_config: kvcomm.PoolConfig (defaults of SPEC section 4 when None);
+    pool_config: kvcomm.PoolConfig (defaults of docs/method.md section 4 when None);
     pool: an existing AnchorPool (e.g. loaded from disk) instead;
     lead_ins: per content kind ("question", "condition", "reply") header lead-in text.
     Reuse can be refused for the whole engine with refuse_reuse(reason): every
     kvcomm-mode call then runs dense with that reason. The correctness gate
     (kvcomm.engine.gate.apply) uses it; nothing is refused by default.
     exact_tail: prompt tokens at the end that the reuse path runs through the model
-      (default 1: the last token only, SPEC section 6). More replaces the estimated KV
+      (default 1: the last token only, docs/method.md section 6). More replaces the estimated KV
       of those tokens with KV computed against the estimated rest.
     """
 
@@ -509,7 +509,7 @@ class KVCommEngine:
                  text: str) -> None:
         """The reply's KV, cut from this call's cache. Every generated token but the
         last was fed back; if the last one is content it still needs its KV
-        (SPEC section 8), computed here with one more forward."""
+        (docs/method.md section 8), computed here with one more forward."""
         if cache.length < T + hi:
             forward(self.model, cache, tokens[cache.length - T:hi], want_logits=False)
         k, v = neutral_pair(cache, T + lo, T + hi, self.spec.inv_freq)

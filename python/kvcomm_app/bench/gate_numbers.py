@@ -1,7 +1,7 @@
-"""Why the anchor pool's entropy gate fired, from `kvcomm eval --records` (session 8 on).
+"""Why the anchor pool's entropy gate fired, from `kvcomm eval --records`.
 
 Each KVCOMM call record carries `slot_gates`: per slot, the numbers behind the pool's
-share-or-anchor decision (SPEC section 4). A content is decided once per request and
+share-or-anchor decision (docs/method.md section 4). A content is decided once per request and
 every agent that reads it sees the same decision, so decisions are counted once per
 (question, slot). Among those with at least two candidates, it compares the ones the
 gate turned into new anchors with the ones it shared: the gap between the two nearest
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rows = decisions(args.records, args.phase)
     if not rows:
-        print("gate_numbers: no slot_gates in these records (written before session 8?)", file=sys.stderr)
+        print("gate_numbers: no slot_gates in these records (written by an older kvcomm that did not record them?)", file=sys.stderr)
         return 2
     doc = summarize(rows)
     report.write_and_print(doc, args.json, script="benchmarks/gate_numbers.py", argv=argv,

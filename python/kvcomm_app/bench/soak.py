@@ -1,4 +1,4 @@
-"""Soak: the demo graph over many requests with a small pool byte budget (issue 7.5).
+"""Soak: the demo graph over many requests with a small pool byte budget.
 
 The `kvcomm demo` graph (fully connected 4 agents + decision on GSM8K, built by the
 runtime's workload/topology/graph/GraphRunner, engine from the session's load_engine,

@@ -56,7 +56,7 @@ def format_table(summary: dict, warmup: dict | None = None, title: str | None = 
 
 def summary_json(summary: dict, *, model: str, device: str, warmup: dict | None = None,
                  extra: dict | None = None) -> dict:
-    """The --json document: the fields the issue fixes at the top, details after."""
+    """The --json document: the headline fields at the top, details after."""
     doc = {
         "model": model,
         "device": device,
