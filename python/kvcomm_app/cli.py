@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--mmlu-split", default="validation", choices=["dev", "validation", "test"])
     ev.add_argument("--sweep", action="store_true",
                     help="run a gamma x capacity grid (dense once, KVCOMM per point); writes "
-                         "results/eval-<task>-<model>-sweep.json unless --json is given")
+                         "results/sweep/eval-<task>-<model>-sweep.json unless --json is given")
     ev.add_argument("--sweep-gammas", default="0,0.1,0.3,0.5,0.9", metavar="LIST",
                     help="gammas of the sweep (default 0,0.1,0.3,0.5,0.9)")
     ev.add_argument("--sweep-capacities", default="5,10,20", metavar="LIST",
@@ -101,7 +101,7 @@ def _add_bench_ttft(bsub) -> None:
         "fixed synthetic texts of exactly O tokens (the first token is computed and timed; the reply is "
         "then fed through the model and captured like a generated one). Per agent: median TTFT of dense "
         "prefill and of KVCOMM over the measured requests, in the same run, every cost counted; reuse "
-        "rate. Writes results/ttft-<device>.json and .png (or -scaling-<what> with --scaling).")
+        "rate. Writes results/ttft/ttft-<device>.json and .png (or -scaling-<what> with --scaling).")
     t.add_argument("--agents", type=int, default=5, help="agents (default 5)")
     t.add_argument("--prefix", type=int, default=512, help="prefix tokens per agent (default 512)")
     t.add_argument("--input", type=int, default=1024, help="shared input tokens (default 1024)")
@@ -135,7 +135,7 @@ def _add_bench_ttft(bsub) -> None:
     t.add_argument("--seed", type=int, default=0, help="seed of the synthetic texts")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--json", metavar="PATH",
-                   help="JSON path (default results/ttft-<device>[-share-always][-step-<step>]"
+                   help="JSON path (default results/ttft/ttft-<device>[-share-always][-step-<step>]"
                         "[-scaling-<what>].json)")
     t.add_argument("--plot", metavar="PATH", help="PNG path (default: the JSON path with .png)")
     t.add_argument("--no-write", action="store_true", help="print only; write no JSON or PNG")
@@ -157,7 +157,7 @@ def _config(args, task: str, n_agents: int, topology: str, rounds: int = 2, laye
 
 def _run_and_report(cfg, args, title: str, engine_factory=None) -> int:
     from .runtime import report
-    from .runtime.records import record_to_dict
+    from .runtime.records import write_records
     from .runtime.session import command_line, git_sha, run_experiment
 
     if args.threads:
@@ -190,9 +190,7 @@ def _run_and_report(cfg, args, title: str, engine_factory=None) -> int:
         report.plot_ttft(res.summary, args.plot, title=f"{title}: TTFT per agent ({res.model_name})")
         print(f"wrote {args.plot}")
     if args.records:
-        with open(args.records, "w", encoding="utf-8") as f:
-            for r in res.records:
-                f.write(json.dumps(record_to_dict(r), ensure_ascii=False) + "\n")
+        write_records(res.records, args.records)
         print(f"wrote {args.records}")
     return 0
 
@@ -250,7 +248,7 @@ def cmd_sweep(args, cfg, sweep_factory=None) -> int:
         torch.set_num_threads(args.threads)
     info = {"model_name": "scripted", "device_detail": f"{args.device} (scripted)"} if sweep_factory else None
     sha = git_sha()
-    path = args.json or f"results/eval-{cfg.task}-{_model_tag(cfg.model)}-sweep.json"
+    path = args.json or f"results/sweep/eval-{cfg.task}-{_model_tag(cfg.model)}-sweep.json"
 
     def write(doc: dict) -> None:   # after the dense pass and every point: a cut-off run keeps its rows
         doc.update(git_sha=sha, command=_command(args), config=asdict(cfg))

@@ -259,10 +259,10 @@ def test_bench_ttft_share_always_takes_the_reuse_path_after_warm_up(tmp_path, ca
 
 
 def test_default_result_paths_keep_runs_apart():
-    assert ttft.result_stem("h200") == "results/ttft-h200"
-    assert ttft.result_stem("h200", share="always") == "results/ttft-h200-share-always"
+    assert ttft.result_stem("h200") == "results/ttft/ttft-h200"
+    assert ttft.result_stem("h200", share="always") == "results/ttft/ttft-h200-share-always"
     assert ttft.result_stem("h200", share="always", step="eager", scaling="agents") == \
-        "results/ttft-h200-share-always-step-eager-scaling-agents"
+        "results/ttft/ttft-h200-share-always-step-eager-scaling-agents"
 
 
 def test_share_policy_sets_the_pool_gamma():

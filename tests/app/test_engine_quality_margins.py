@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
 from kvcomm_app.bench import engine_quality as quality
 
 

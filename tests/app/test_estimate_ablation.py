@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch.testing import assert_close
 
-import kvcomm
-from kvcomm import ops
 from rope_freqs import inv_freq
 
+import kvcomm
+from kvcomm import ops
 from kvcomm_app.bench import estimate_ablation as ablation
 
 L, H, D, N, S = 3, 2, 64, 6, 4

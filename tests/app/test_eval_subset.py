@@ -8,16 +8,26 @@ import os
 
 import pytest
 
-from kvcomm_app.runtime.records import record_from_dict, record_to_dict
+from kvcomm_app.bench import eval_subset as subset
+from kvcomm_app.runtime.records import read_records, record_to_dict, write_records
 
 ROOT = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir)
-from kvcomm_app.bench import eval_subset as subset
-RUN = os.path.join(ROOT, "results", "eval-humaneval-smollm2-135m")
+RUN = os.path.join(ROOT, "results", "quality", "eval-humaneval-smollm2-135m")
 
 
 def _records():
-    with open(RUN + ".jsonl") as f:
-        return [record_from_dict(json.loads(line)) for line in f]
+    return read_records(RUN + ".jsonl.gz")
+
+
+def test_records_read_the_same_compressed_or_plain(tmp_path):
+    """results/ keeps raw records as .jsonl.gz; every reader takes either form."""
+    records = _records()[:6]
+    for name in ("r.jsonl", "r.jsonl.gz"):
+        write_records(records, str(tmp_path / name))
+    assert (tmp_path / "r.jsonl.gz").read_bytes()[:2] == b"\x1f\x8b"   # gzip's magic number
+    plain, packed = (read_records(str(tmp_path / n)) for n in ("r.jsonl", "r.jsonl.gz"))
+    assert [record_to_dict(r) for r in plain] == [record_to_dict(r) for r in packed] == \
+        [record_to_dict(r) for r in records]
 
 
 def test_all_questions_give_the_evals_own_summary():
@@ -71,12 +81,13 @@ def test_pooling_refuses_runs_that_share_a_question():
 
 
 def _two_run_files(tmp_path, n):
-    """The recorded run split after n measured questions, written as two .jsonl files."""
+    """The recorded run split after n measured questions, written as two records files,
+    one plain and one compressed (the command line reads both)."""
     paths = []
-    for name, part in zip(("a", "b"), _split(_records(), n)):
-        path = tmp_path / f"{name}.jsonl"
-        path.write_text("".join(json.dumps(record_to_dict(r)) + "\n" for r in part))
-        paths.append(str(path))
+    for name, part in zip(("a.jsonl", "b.jsonl.gz"), _split(_records(), n)):
+        path = str(tmp_path / name)
+        write_records(part, path)
+        paths.append(path)
     return paths
 
 

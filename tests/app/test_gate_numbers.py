@@ -2,9 +2,11 @@
 the gated and shared decisions' distance gaps are summarised apart."""
 from __future__ import annotations
 
+import gzip
 import json
 
 import pytest
+
 from kvcomm_app.bench import gate_numbers
 
 
@@ -33,8 +35,9 @@ def _write(tmp_path):
         _question("w1", [({"user_question": gated}, {"user_question": "entropy_above_gate (new anchor)"})],
                   phase="warmup"),
     ]
-    path = tmp_path / "calls.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = tmp_path / "calls.jsonl.gz"   # what results/ keeps; a plain .jsonl reads the same
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import torch
+
 from kvcomm_app.bench import gate_random_texts as gate_bench
 
 

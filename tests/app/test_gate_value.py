@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 
-from kvcomm_app.runtime.records import CallRecord, QuestionRecord, record_to_dict
-
 from kvcomm_app.bench import gate_value
+from kvcomm_app.runtime.records import CallRecord, QuestionRecord, record_to_dict
 
 NEAR_TIE = {"tokens": 9, "candidates": 2, "entropy": 0.9, "nearest": [100.0, 100.5]}   # > 0.3 * log2 2
 CLEAR = {"tokens": 9, "candidates": 4, "entropy": 0.1, "nearest": [50.0, 90.0]}        # < 0.3 * log2 4

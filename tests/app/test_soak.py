@@ -7,7 +7,7 @@ within bounds that a realistic leak breaks
 (test_the_rss_bound_catches_a_leak keeps every call's KV cache alive, as a bug that holds
 on to caches would, and must exceed it); the reuse rate is non-zero in every window after
 the cold start. The full-size soak on SmolLM2 is benchmarks/soak.py --full
-(results/soak-cpu.json, docs/soak-rss.png).
+(results/soak/soak-cpu.json, docs/soak-rss.png).
 
 Each soak runs in a fresh Python process (this file run as a script): inside the long
 pytest process, memory freed by earlier tests sits in malloc's heap and silently absorbs a
@@ -23,6 +23,7 @@ import subprocess
 import sys
 
 import pytest
+
 from kvcomm_app.bench import soak
 
 BUDGET = 3 * 2 ** 20        # about half of what the unbounded pool reaches in this run

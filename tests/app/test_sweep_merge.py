@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 
-from kvcomm_app import cli
-from kvcomm_app.runtime.testing import ScriptedEngine
 from sweep_args import sweep_args
 
+from kvcomm_app import cli
 from kvcomm_app.bench import merge_sweeps
+from kvcomm_app.runtime.testing import ScriptedEngine
 
 
 def _sweep(tmp_path, name: str, gammas: str, capacities: str, questions: int = 2) -> str:

@@ -14,7 +14,7 @@ the judge's prompt is ~1K tokens; per agent, median TTFT of the reuse path
 vs a dense prefill of the same prompt.
 
     python benchmarks/engine_quality.py                 # embedded SmolLM2, defaults
-    python benchmarks/engine_quality.py --json results/engine-quality-cpu.json
+    python benchmarks/engine_quality.py --json results/quality/engine-quality-cpu.json
 """
 from __future__ import annotations
 

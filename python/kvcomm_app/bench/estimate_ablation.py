@@ -17,7 +17,7 @@ captured) once per variant of the estimate:
 
 and each re-run's first token is compared with the same dense prefill.
 
-    python benchmarks/estimate_ablation.py --json results/estimate-ablation-cpu.json
+    python benchmarks/estimate_ablation.py --json results/quality/estimate-ablation-cpu.json
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ over several runs' records pooled.
 Compares a smaller run with a larger one on the same questions (the dense pass is
 deterministic, and the measured questions are taken in order from the same offset):
 
-    python benchmarks/eval_subset.py results/eval-gsm8k-smollm2-135m.jsonl --first 20
+    python benchmarks/eval_subset.py results/quality/eval-gsm8k-smollm2-135m.jsonl.gz --first 20
 
 Pools runs over disjoint questions (e.g. `--offset 0` and `--offset 25`, each with its
 own warm-up and an anchor pool that starts empty) into one summary:
@@ -16,7 +16,7 @@ in the records but, as in `kvcomm eval`, are not counted). `--json PATH` also wr
 with the records it came from (path and measured questions of each), `git_sha` and
 `command`, as a results file:
 
-    python benchmarks/eval_subset.py run-a.jsonl run-b.jsonl --json results/eval-pooled.json
+    python benchmarks/eval_subset.py run-a.jsonl run-b.jsonl --json results/quality/eval-pooled.json
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import json
 import sys
 
 from ..runtime import metrics, report
-from ..runtime.records import MEASURE, record_from_dict
+from ..runtime.records import MEASURE, read_records
 from ..runtime.session import git_sha
 
 FIELDS = ("questions", "reuse_rate", "accuracy", "answer_agreement", "judge_consistency",
@@ -62,11 +62,6 @@ def pooled(runs: dict) -> list:
             seen[qid] = path
         out.extend(records)
     return out
-
-
-def read_records(path: str) -> list:
-    with open(path) as f:
-        return [record_from_dict(json.loads(line)) for line in f if line.strip()]
 
 
 def main(argv=None) -> int:

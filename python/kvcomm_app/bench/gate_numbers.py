@@ -8,38 +8,36 @@ gate turned into new anchors with the ones it shared: the gap between the two ne
 candidates' distances, absolute and relative to the nearest, and the entropy against its
 threshold.
 
-    python benchmarks/gate_numbers.py results/eval-math500-smollm2-135m-5a-gates-10.jsonl
+    python benchmarks/gate_numbers.py results/quality/eval-math500-smollm2-135m-5a-gates-10.jsonl.gz
 
 Prints a JSON summary (`--json PATH` also writes it, with `sources` and `command`).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 
 from ..runtime import report
+from ..runtime.records import read_record_dicts
 
 
 def decisions(paths: list[str], phase: str = "measure") -> list[dict]:
     """One row per (run, question, slot): the first KVCOMM call's numbers and outcome."""
     rows, seen = [], set()
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                q = json.loads(line)
-                if q["mode"] != "kvcomm" or q["phase"] != phase:
-                    continue
-                for call in q["calls"]:
-                    for slot, g in (call.get("slot_gates") or {}).items():
-                        key = (path, q["question_id"], slot)
-                        if key in seen or not g:
-                            continue
-                        seen.add(key)
-                        decision = (call.get("slot_decisions") or {}).get(slot, "")
-                        rows.append(dict(g, slot=slot, question_id=q["question_id"],
-                                         outcome=_outcome(decision)))
+        for q in read_record_dicts(path):
+            if q["mode"] != "kvcomm" or q["phase"] != phase:
+                continue
+            for call in q["calls"]:
+                for slot, g in (call.get("slot_gates") or {}).items():
+                    key = (path, q["question_id"], slot)
+                    if key in seen or not g:
+                        continue
+                    seen.add(key)
+                    decision = (call.get("slot_decisions") or {}).get(slot, "")
+                    rows.append(dict(g, slot=slot, question_id=q["question_id"],
+                                     outcome=_outcome(decision)))
     return rows
 
 

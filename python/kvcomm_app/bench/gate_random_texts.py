@@ -11,7 +11,7 @@ gate's threshold, share or not. The gap is what the gate reads (softmax of -d/ta
 on random texts it is an accident of the draw.
 
     python benchmarks/gate_random_texts.py --layers 2 --tokens 1024 --texts 8 \
-        --json results/gate-random-texts-cpu.json
+        --json results/gate/gate-random-texts-cpu.json
 """
 from __future__ import annotations
 

@@ -9,20 +9,20 @@ the reuse-path calls that have a dense twin on identical inputs into those the g
 would also have let through (every slot shared) and those it would have sent dense, and
 reports first-token agreement with dense for each group:
 
-    python benchmarks/gate_value.py results/eval-mmlu-smollm2-135m-5a-gamma2.jsonl --gamma 0.3
+    python benchmarks/gate_value.py results/quality/eval-mmlu-smollm2-135m-5a-gamma2.jsonl.gz --gamma 0.3
 
 Prints a JSON summary; `--json PATH` also writes it with `sources` and `command`.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 
 from ..runtime import metrics, report
 from ..runtime.metrics import REUSE
-from ..runtime.records import MEASURE, record_from_dict
+from ..runtime import records
+from ..runtime.records import MEASURE
 
 
 def gated_slots(call, gamma: float) -> list[str]:
@@ -48,11 +48,8 @@ def split(records: list, gamma: float) -> dict:
 
 
 def read_records(paths: list[str]) -> list:
-    out = []
-    for path in paths:
-        with open(path, encoding="utf-8") as f:
-            out.extend(record_from_dict(json.loads(line)) for line in f if line.strip())
-    return out
+    """The records of every file, in order (.jsonl or .jsonl.gz)."""
+    return [r for path in paths for r in records.read_records(path)]
 
 
 def main(argv: list[str] | None = None) -> int:

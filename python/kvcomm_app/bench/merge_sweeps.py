@@ -4,7 +4,7 @@ A full grid takes hours on CPU; two sweeps on two cores, each with its own share
 points (`--sweep-gammas` / `--sweep-capacities`), run it in half the time. Their dense
 passes are identical (deterministic, same questions), so their rows belong in one table:
 
-    python benchmarks/merge_sweeps.py a.json b.json --json results/eval-gsm8k-smollm2-135m-sweep.json
+    python benchmarks/merge_sweeps.py a.json b.json --json results/sweep/eval-gsm8k-smollm2-135m-sweep.json
 
 Refuses sweeps whose settings (task, graph, questions, model, ...) or dense accuracy
 differ, and a grid point present in two of them. Prints the merged table (markdown).

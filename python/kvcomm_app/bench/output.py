@@ -1,4 +1,4 @@
-"""What `kvcomm bench ttft` leaves behind: results/ttft-<device>.json, a PNG, a markdown table."""
+"""What `kvcomm bench ttft` leaves behind: results/ttft/ttft-<device>.json, a PNG, a markdown table."""
 from __future__ import annotations
 
 import os
@@ -18,7 +18,7 @@ PAPER = {
 
 
 def device_tag(device: str) -> str:
-    """The <device> of results/ttft-<device>.json: cpu, h100, h200, or cuda."""
+    """The <device> of results/ttft/ttft-<device>.json: cpu, h100, h200, or cuda."""
     dev = torch.device(device)
     if dev.type != "cuda":
         return dev.type

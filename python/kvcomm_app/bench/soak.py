@@ -15,7 +15,7 @@ machinery holds memory and reuse steady under load, not accuracy (see `kvcomm de
 
     python benchmarks/soak.py --requests 40                       # quick look
     flock /tmp/kvcomm-cpu.lock python benchmarks/soak.py --full \\
-        --json results/soak-cpu.json --plot docs/soak-rss.png      # 300 requests
+        --json results/soak/soak-cpu.json --plot docs/soak-rss.png      # 300 requests
 """
 from __future__ import annotations
 

@@ -185,9 +185,9 @@ def pool_gamma(share: str, gamma: float | None) -> float | None:
 
 
 def result_stem(device_tag: str, *, share: str = "gate", step: str = "auto", scaling: str | None = None) -> str:
-    """results/ttft-<device>, then what sets this run apart from the default one, so
+    """results/ttft/ttft-<device>, then what sets this run apart from the default one, so
     runs of one session that differ in these do not overwrite each other."""
-    stem = f"results/ttft-{device_tag}"
+    stem = f"results/ttft/ttft-{device_tag}"
     if share != "gate":
         stem += f"-share-{share}"
     if step != "auto":

@@ -5,8 +5,10 @@ Plain dataclasses of JSON-friendly values, so metrics are pure functions over th
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 
 from kvcomm.engine.modes import DENSE, KVCOMM, MODES  # noqa: F401  (the engine's modes, re-exported)
@@ -93,3 +95,29 @@ def record_from_dict(d: dict) -> QuestionRecord:
     d = dict(d)
     d["calls"] = [CallRecord(**c) for c in d.get("calls", [])]
     return QuestionRecord(**d)
+
+
+def open_records(path: str, mode: str = "r"):
+    """A JSON-lines records file opened as text; gzip-compressed when its name ends in
+    .gz (results/ keeps raw per-call records as .jsonl.gz), plain otherwise."""
+    if str(path).endswith(".gz"):
+        return gzip.open(path, mode + "t", encoding="utf-8")
+    return open(path, mode, encoding="utf-8")
+
+
+def read_record_dicts(path: str) -> list[dict]:
+    """The question records of one file (`kvcomm eval --records`) as plain dicts."""
+    with open_records(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def read_records(path: str) -> list[QuestionRecord]:
+    return [record_from_dict(d) for d in read_record_dicts(path)]
+
+
+def write_records(records: list[QuestionRecord], path: str) -> None:
+    """One JSON line per question record; gzip-compressed when `path` ends in .gz."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open_records(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(record_to_dict(r), ensure_ascii=False) + "\n")
