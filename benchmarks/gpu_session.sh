@@ -106,7 +106,7 @@ EOF
 }
 export -f build_with_cuda
 export PY
-TTFT=("$PY" -m kvcomm.cli bench ttft --device cuda --no-progress)
+TTFT=("$PY" -m kvcomm_app.cli bench ttft --device cuda --no-progress)
 for stage in "${stages[@]}"; do
   case $stage in
     build)

@@ -106,7 +106,7 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("config", &AnchorPool::config)
       .def("decide", &AnchorPool::decide, py::arg("slot"), py::arg("content_v"),
            py::arg("credit") = true, release(),
-           "Share-or-anchor decision (SPEC 4) for content values [L,H,n,D].")
+           "Share-or-anchor decision (docs/method.md section 4) for content values [L,H,n,D].")
       .def("add_anchor", &AnchorPool::add_anchor, py::arg("slot"), py::arg("base_k"),
            py::arg("base_v"), release(),
            "New anchor from neutral-frame base K/V [L,H,n,D]; returns its id.")
@@ -150,8 +150,9 @@ PYBIND11_MODULE(_C, m) {
           py::arg("seg_template_k") = py::none(), py::arg("seg_template_v") = py::none(),
           py::arg("seg_position") = 0, py::arg("seg_dst_k") = py::none(),
           py::arg("seg_dst_v") = py::none(), py::arg("want_spread") = false, release(),
-          "Estimate (SPEC 5) the placeholder (and following segment) KV for an agent into "
-          "dst tensors; returns the anchors used (empty: nothing written, run dense).")
+          "Estimate (docs/method.md section 5) the placeholder (and following segment) KV for an "
+          "agent into dst tensors; returns the anchors used (empty: nothing written, run dense) "
+          "and, with want_spread, the per-token spread of the anchors' deltas.")
       .def("has_slot", &AnchorPool::has_slot)
       .def("slots", &AnchorPool::slots)
       .def("anchors", &AnchorPool::anchors, py::arg("slot"))

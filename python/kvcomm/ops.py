@@ -58,7 +58,7 @@ def value_distances(content: Tensor, anchors: Sequence[Tensor], rms: bool = Fals
 
 
 def match_decide(distances: Tensor, tau: float = 1.0, gamma: float = 0.3, top_p: float = 0.9):
-    """SPEC section 4 decision from distances [N] (float32).
+    """docs/method.md section 4 decision from distances [N] (float32).
 
     Returns (probs [N] float32, entropy [] float32 bits, share [] bool,
     credit [N] bool): share iff N >= 2 and entropy <= gamma*log2(N); credit

@@ -1,6 +1,6 @@
 """Pure-torch reference of every kvcomm op and of AnchorPool.estimate.
 
-Slow and simple on purpose: each function is the SPEC formula written with
+Slow and simple on purpose: each function is the method's formula (docs/method.md) written with
 plain torch ops in float32, the yardstick the C++/CUDA ops are tested against.
 Content KV layout: [layers, kv_heads, tokens, head_dim].
 """
@@ -50,7 +50,7 @@ def value_distances(content: Tensor, anchors: Sequence[Tensor], rms: bool = Fals
 
 
 def match_decide(distances: Tensor, tau: float, gamma: float, top_p: float):
-    """(probs, entropy bits, share, credit) of SPEC section 4."""
+    """(probs, entropy bits, share, credit) of docs/method.md section 4."""
     d = distances.to(torch.float32)
     n = d.numel()
     # Shift by the minimum before dividing (as the kernels do) so huge finite

@@ -1,4 +1,4 @@
-// AnchorPool: per-slot anchors of the KVCOMM method (SPEC sections 4-6).
+// AnchorPool: per-slot anchors of the KVCOMM method (docs/method.md sections 4-6).
 //
 // An anchor is one content that was computed densely: its base K/V in the
 // position-neutral frame (content starts at position 0) and, for each agent
@@ -102,7 +102,7 @@ class AnchorPool {
 
   const PoolConfig& config() const { return config_; }
 
-  // SPEC section 4 for new content values [L,H,n,D] against the slot's pool.
+  // docs/method.md section 4 for new content values [L,H,n,D] against the slot's pool.
   // On share, credits one activation to the top-p anchors (unless credit is
   // false). An unknown slot has no candidates and so decides "anchor".
   Decision decide(const std::string& slot, const at::Tensor& content_v,
@@ -117,7 +117,7 @@ class AnchorPool {
   void record_deltas(const std::string& slot, int64_t id,
                      const std::string& agent, const AgentDeltas& deltas);
 
-  // SPEC section 5: writes the estimated placeholder (and segment) KV for
+  // docs/method.md section 5: writes the estimated placeholder (and segment) KV for
   // `agent` into the request's destinations. Uses every anchor of the slot
   // with length >= n and deltas recorded for `agent` (and, for the segment,
   // of the same segment length). Returns the ids used; when none qualifies

@@ -107,7 +107,7 @@ class _Clock:
 class KVCommEngine:
     """KVCOMM on a transformers model. See the module docstring for one call.
 
-    pool_config: kvcomm.PoolConfig (defaults of SPEC section 4 when None);
+    pool_config: kvcomm.PoolConfig (defaults of docs/method.md section 4 when None);
     pool: an existing AnchorPool (e.g. loaded from disk) instead;
     lead_ins: per content kind ("question", "condition", "reply") header lead-in text.
     Reuse can be refused for the whole engine with refuse_reuse(reason): every
@@ -524,7 +524,7 @@ class KVCommEngine:
                  text: str) -> None:
         """The reply's KV, cut from this call's cache. Every generated token but the
         last was fed back; if the last one is content it still needs its KV
-        (SPEC section 8), computed here with one more forward."""
+        (docs/method.md section 8), computed here with one more forward."""
         if cache.length < T + hi:
             forward(self.model, cache, tokens[cache.length - T:hi], want_logits=False)
         k, v = neutral_pair(cache, T + lo, T + hi, self.spec.inv_freq)

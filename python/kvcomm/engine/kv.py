@@ -2,7 +2,7 @@
 
 Everything the engine stores (bases, template segments, deltas) is in the
 position-neutral frame: keys rotated back so the piece's first token sits at
-position 0 (SPEC section 3). `neutral_keys(k, start)` is one core op call over
+position 0 (docs/method.md section 3). `neutral_keys(k, start)` is one core op call over
 all layers.
 """
 from __future__ import annotations
