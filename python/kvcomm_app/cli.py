@@ -23,7 +23,25 @@ from dataclasses import asdict
 from .cli_checks import UsageError, check_args
 
 
-def _add_common(p: argparse.ArgumentParser, *, questions: int, warmup: int, max_new_tokens: int) -> None:
+def _add_reuse_options(p: argparse.ArgumentParser) -> None:
+    """How a KVCOMM call reuses: shared by demo, eval and bench ttft."""
+    from kvcomm.engine.recompute import DEFAULT_POLICY
+
+    p.add_argument("--recompute", default=DEFAULT_POLICY, metavar="POLICY",
+                   help="prompt tokens a KVCOMM call runs through the model besides the slots it cannot "
+                        f"estimate (default '{DEFAULT_POLICY}'): 'none' (the last token only, as the paper) "
+                        "or parts 'segments', 'first=K', 'spread', 'budget=F', 'tail=N', e.g. "
+                        "'segments,first=4,spread,budget=0.1' (docs/method.md section 9)")
+    p.add_argument("--min-anchors", type=int, default=None, metavar="M",
+                   help="a content becomes an anchor while its slot has fewer than M long-enough anchors "
+                        "(default: the pool's, see kvcomm.PoolConfig)")
+    p.add_argument("--no-partial", action="store_true",
+                   help="a call with a slot that cannot be estimated runs fully dense, as the paper "
+                        "(default: estimate the other slots, compute that one in context)")
+
+
+def _add_common(p: argparse.ArgumentParser, *, questions: int, warmup: int, max_new_tokens: int,
+                paired: bool = False) -> None:
     p.add_argument("--model", default=None, metavar="PATH",
                    help="a local transformers model folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--questions", type=int, default=questions, metavar="N",
@@ -40,10 +58,19 @@ def _add_common(p: argparse.ArgumentParser, *, questions: int, warmup: int, max_
                    help="skip the dense re-run of the decision agent that measures judge consistency")
     p.add_argument("--gamma", type=float, default=None, help="entropy gate of the anchor pool (default 0.3)")
     p.add_argument("--capacity", type=int, default=None, help="anchors per slot (default 20)")
-    p.add_argument("--exact-tail", type=int, default=1, metavar="N",
-                   help="prompt tokens at the end that the reuse path runs through the model (default 1: "
-                        "the last token, as the paper); more trades TTFT for agreement with dense "
-                        "(docs/quality.md)")
+    _add_reuse_options(p)
+    p.add_argument("--paired", action="store_true", default=paired,
+                   help="also replay every dense run on a second KVCOMM engine with identical inputs and "
+                        "the dense replies fed in (teacher forcing): first-token agreement and KL, and "
+                        f"agreement over the dense reply's first tokens, per call{' (default on)' if paired else ''}")
+    p.add_argument("--no-paired", dest="paired", action="store_false", help="no paired replay")
+    p.add_argument("--paired-only", action="store_true",
+                   help="with --paired: skip the free-running KVCOMM run (no KVCOMM accuracy or TTFT)")
+    p.add_argument("--pool", metavar="PATH", default=None,
+                   help="start from the anchor pool saved at PATH if it exists, save the pool there at the end")
+    p.add_argument("--fidelity-json", metavar="PATH", default=None,
+                   help="with --paired: add this run's fidelity entry to PATH (e.g. results/fidelity.json), "
+                        "replacing an earlier run of the same task, graph, questions and settings")
     p.add_argument("--no-gate", action="store_true",
                    help="skip the correctness gate: a short reuse-vs-dense probe on the model (cached per "
                         "model) that keeps every call dense when reuse disagrees with dense")
@@ -66,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Runs a fully connected 4-agent + decision math graph (solver, "
                           "analyst, programming expert, inspector) over GSM8K questions, once with "
                           "dense prefill and once with KVCOMM, and compares them.")
-    _add_common(demo, questions=6, warmup=2, max_new_tokens=96)
+    _add_common(demo, questions=6, warmup=2, max_new_tokens=96, paired=True)
 
     ev = sub.add_parser("eval", help="dense vs KVCOMM on gsm8k, math500, mmlu or humaneval",
                         description="The demo's comparison on any task, graph size and topology.")
@@ -125,8 +152,9 @@ def _add_bench_ttft(bsub) -> None:
                         "path (for timing it where the gate's decision means nothing: random weights, "
                         "filler texts; the decision still runs and is timed)")
     t.add_argument("--capacity", type=int, default=None, help="anchors per slot (default 20)")
-    t.add_argument("--exact-tail", type=int, default=1, metavar="N",
-                   help="prompt tokens at the end the reuse path runs (default 1, as the paper)")
+    t.add_argument("--pool", metavar="PATH", default=None,
+                   help="start from the anchor pool saved at PATH if it exists, save the pool there at the end")
+    _add_reuse_options(t)
     t.add_argument("--scaling", choices=["agents", "prefix"], default=None,
                    help="TTFT vs agent count (one run of the largest count: its first N agents are the "
                         "N-agent system) or vs prefix length (one run per prefix)")
@@ -145,14 +173,16 @@ def _add_bench_ttft(bsub) -> None:
 def _config(args, task: str, n_agents: int, topology: str, rounds: int = 2, layers=None,
             mmlu_split: str = "validation"):
     from .runtime.session import ExperimentConfig
-    pool = {k: v for k, v in (("gamma", args.gamma), ("capacity", args.capacity)) if v is not None}
+    pool = {k: v for k, v in (("gamma", args.gamma), ("capacity", args.capacity),
+                              ("min_anchors", args.min_anchors)) if v is not None}
     return ExperimentConfig(
         task=task, n_agents=n_agents, topology=topology, rounds=rounds, layers=layers,
         questions=args.questions, warmup=args.warmup, offset=args.offset,
         max_new_tokens=args.max_new_tokens, decision_dense=args.decision_dense,
         judge_shadow=not args.no_judge_shadow, model=args.model, device=args.device,
         dtype=args.dtype, pool=pool, progress=not args.no_progress, mmlu_split=mmlu_split,
-        gate=not args.no_gate, exact_tail=args.exact_tail)
+        gate=not args.no_gate, recompute=args.recompute, partial=not args.no_partial,
+        paired=args.paired, free=not args.paired_only, pool_path=args.pool)
 
 
 def _run_and_report(cfg, args, title: str, engine_factory=None) -> int:
@@ -186,6 +216,13 @@ def _run_and_report(cfg, args, title: str, engine_factory=None) -> int:
                                       "config": asdict(cfg)})
         report.write_json(doc, args.json)
         print(f"wrote {args.json}")
+    if getattr(args, "fidelity_json", None):
+        from .runtime.fidelity_report import fidelity_entry, update_fidelity_file
+        if not res.summary.get("fidelity"):
+            print("kvcomm: --fidelity-json needs --paired (no paired calls were measured)", file=sys.stderr)
+        else:
+            update_fidelity_file(args.fidelity_json, fidelity_entry(res, command=command_line(), commit=sha))
+            print(f"wrote {args.fidelity_json}")
     if args.plot:
         report.plot_ttft(res.summary, args.plot, title=f"{title}: TTFT per agent ({res.model_name})")
         print(f"wrote {args.plot}")
@@ -311,7 +348,8 @@ def cmd_bench_ttft(args) -> int:
     load_s = time.perf_counter() - t0
     log = None if args.no_progress else ttft.stderr_log
     kw = dict(requests=args.requests, warmup=args.warmup, seed=args.seed, gamma=args.gamma,
-              capacity=args.capacity, step=args.step, exact_tail=args.exact_tail, share=args.share, log=log)
+              capacity=args.capacity, step=args.step, recompute=args.recompute, min_anchors=args.min_anchors,
+              partial=not args.no_partial, share=args.share, pool_path=args.pool, log=log)
     tag = output.device_tag(args.device)
     head = {"benchmark": "ttft", "device": tag, "device_detail": output.device_detail(args.device, dtype_name),
             "model": model_name, "dtype": dtype_name, "git_sha": git_sha(), "command": _command(args)}

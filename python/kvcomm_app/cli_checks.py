@@ -16,13 +16,13 @@ class UsageError(ValueError):
 # (an option a command does not have is skipped; None means "not given").
 _MINIMUMS = {
     "questions": 1, "warmup": 0, "offset": 0, "max_new_tokens": 1, "capacity": 1, "gamma": 0.0,
-    "exact_tail": 1, "threads": 1, "agents": 1, "rounds": 1, "requests": 1, "prefix": 1,
+    "min_anchors": 2, "threads": 1, "agents": 1, "rounds": 1, "requests": 1, "prefix": 1,
     "input": 1, "output": 1,
 }
 
 # Why the smallest value, where the bare bound would puzzle.
 _WHY = {
-    "exact_tail": " (the last prompt token always runs)",
+    "min_anchors": " (a slot shares from at least 2 anchors)",
     "capacity": " (anchors per slot)",
     "gamma": " (the entropy gate: 0 shares nothing)",
 }
@@ -68,6 +68,14 @@ def check_args(args, named_models: tuple[str, ...] = ()) -> None:
         if value is not None and value < least:
             flag = "--" + name.replace("_", "-")
             raise UsageError(f"{flag} must be at least {least}{_WHY.get(name, '')}, got {value}")
+    if getattr(args, "recompute", None) is not None:
+        from kvcomm.engine.recompute import RecomputePolicy
+        try:
+            RecomputePolicy.parse(args.recompute)
+        except ValueError as e:
+            raise UsageError(f"--recompute: {e}") from None
+    if getattr(args, "paired_only", False) and not getattr(args, "paired", False):
+        raise UsageError("--paired-only needs --paired (it drops the free-running KVCOMM run)")
     if getattr(args, "device", None) is not None:
         check_device(args.device)
     check_model(getattr(args, "model", None), named_models)

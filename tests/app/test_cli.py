@@ -41,9 +41,18 @@ def test_demo_writes_json_plot_and_records(tmp_path, capsys):
     assert doc["reuse_rate"] == 1.0 and doc["warmup"]["questions"] == 2
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     lines = rec.read_text().splitlines()
-    assert len(lines) == 2 * (2 + 2)          # (warm-up + measured) x both modes
-    assert {json.loads(l)["mode"] for l in lines} == {"dense", "kvcomm"}
-    calls = [c for l in lines for c in json.loads(l)["calls"]]
+    assert len(lines) == 3 * (2 + 2)          # (warm-up + measured) x (dense, its paired replay, kvcomm)
+    assert {json.loads(l)["mode"] for l in lines} == {"dense", "paired", "kvcomm"}
+    # The demo's paired replay: every call of the dense run, on a second engine, compared.
+    paired = [c for l in lines if json.loads(l)["mode"] == "paired" for c in json.loads(l)["calls"]]
+    dense = [c for l in lines if json.loads(l)["mode"] == "dense" for c in json.loads(l)["calls"]]
+    assert [(c["agent_id"], c["inputs_digest"]) for c in paired] == [(c["agent_id"], c["inputs_digest"]) for c in dense]
+    assert all(c["fidelity"]["tf_positions"] >= 1 for c in paired)
+    assert "Paired calls (teacher-forced" in text and "first-token agreement" in text
+    fid = doc["fidelity"]
+    assert fid["calls"] == sum(1 for c in paired if c["path"] == "reuse" and c["phase"] == "measure")
+    assert fid["first_token_agreement"]["n"] == fid["calls"] and len(fid["first_token_agreement"]["ci95"]) == 2
+    calls = [c for l in lines for c in json.loads(l)["calls"] if json.loads(l)["mode"] != "paired"]
     # each call's slot decisions arrive in the records with the numbers behind them
     assert all(set(c["slot_gates"]) == set(c["slot_decisions"]) for c in calls if c["call_mode"] == "kvcomm")
     assert any(g["candidates"] == 2 for c in calls for g in c["slot_gates"].values())
@@ -70,8 +79,12 @@ def test_bad_arguments_are_rejected(capsys):
     with pytest.raises(SystemExit):
         cli.main(["eval", "--task", "trivia"])
     assert cli.main(["demo", "--questions", "0"]) == 2
-    assert cli.main(["demo", "--exact-tail", "0"]) == 2
-    assert "--exact-tail must be at least 1" in capsys.readouterr().err
+    assert cli.main(["demo", "--min-anchors", "1"]) == 2
+    assert "--min-anchors must be at least 2" in capsys.readouterr().err
+    assert cli.main(["demo", "--recompute", "segmentz"]) == 2
+    assert "--recompute" in capsys.readouterr().err
+    assert cli.main(["eval", "--task", "gsm8k", "--paired-only", "--no-paired"]) == 2
+    assert "--paired-only needs --paired" in capsys.readouterr().err
 
 
 def _engine_available() -> bool:
@@ -110,14 +123,16 @@ def test_real_demo_one_question(tmp_path):
     print(f"real demo (1 question): {elapsed:.1f} s\n{proc.stdout}")
 
 
-def test_exact_tail_reaches_the_engine(tiny, monkeypatch):
-    """--exact-tail goes through ExperimentConfig into the engine load_engine builds."""
+def test_reuse_options_reach_the_engine(tiny, monkeypatch):
+    """--recompute, --min-anchors and --no-partial go through ExperimentConfig into the engine
+    load_engine builds."""
     import kvcomm.models
     from kvcomm_app.runtime import session
 
     monkeypatch.setattr(kvcomm.models, "load_model", lambda *a, **k: tiny("llama"))
-    args = cli.build_parser().parse_args(["demo", "--exact-tail", "7", "--no-gate"])
+    args = cli.build_parser().parse_args(["demo", "--recompute", "tail=7", "--min-anchors", "5",
+                                          "--no-partial", "--no-gate"])
     cfg = cli._config(args, "gsm8k", 4, "fully_connected")
-    assert cfg.exact_tail == 7
+    assert (cfg.recompute, cfg.pool["min_anchors"], cfg.partial) == ("tail=7", 5, False)
     engine, *_ = session.load_engine(cfg)
-    assert engine.exact_tail == 7
+    assert engine.exact_tail == 7 and engine.pool.config.min_anchors == 5 and not engine.partial

@@ -59,8 +59,9 @@ def test_reuse_rate_counts_kvcomm_calls_without_shadows(records):
     assert M.reuse_rate(calls) == pytest.approx(5 / 6)
     assert M.reuse_rate(M.all_calls(M.measured(records, "warmup"))) == 0.0
     assert M.reuse_rate([]) is None
-    assert M.path_counts(calls) == {"a0": {"reuse": 1, "dense": 1}, "a1": {"reuse": 2, "dense": 0},
-                                    "a2": {"reuse": 2, "dense": 0}}
+    assert M.path_counts(calls) == {"a0": {"reuse": 1, "partial": 0, "dense": 1},
+                                    "a1": {"reuse": 2, "partial": 0, "dense": 0},
+                                    "a2": {"reuse": 2, "partial": 0, "dense": 0}}
 
 
 def test_accuracy_and_answer_agreement(records):
@@ -113,7 +114,7 @@ def test_per_agent_ttft_medians_and_speedup(records):
     assert a0["ttft_ms_kvcomm"] == pytest.approx(85.0)         # median of 110 (dense path), 60
     assert a0["speedup"] == pytest.approx(110.0 / 85.0)
     assert a0["ttft_ms_kvcomm_reuse_only"] == pytest.approx(60.0)
-    assert a0["reuse_rate"] == 0.5 and a0["paths"] == {"reuse": 1, "dense": 1}
+    assert a0["reuse_rate"] == 0.5 and a0["paths"] == {"reuse": 1, "partial": 0, "dense": 1}
     a2 = table["a2"]                                           # shadows (999 ms) excluded
     assert a2["ttft_ms_kvcomm"] == pytest.approx(40.0) and a2["calls_kvcomm"] == 2
     assert a2["ttft_ms_dense"] == pytest.approx(315.0)

@@ -158,7 +158,7 @@ def test_call_reports_path_reason_and_timings(tiny):
     with_logits = eng.call("a", INPUTS[0], mode="dense", max_new_tokens=1, return_first_logits=True)
     assert with_logits.first_logits.shape == (model.config.vocab_size,)
     assert int(with_logits.first_logits.argmax()) == with_logits.first_token_id
-    assert eng.stats()["calls"] == {"reuse": 1, "dense": 2, "baseline": 2}
+    assert eng.stats()["calls"] == {"reuse": 1, "partial": 0, "dense": 2, "baseline": 2}
 
 
 def test_keep_cache_returns_the_calls_cache_and_layout(tiny):

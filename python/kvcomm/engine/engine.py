@@ -175,6 +175,15 @@ class KVCommEngine:
             raise ValueError(f"exact_tail must be an int >= 1 (prompt tokens the reuse path runs), got {n!r}")
         self._recompute = dataclasses.replace(self._recompute, tail=n)
 
+    def sibling(self, pool: AnchorPool | None = None) -> "KVCommEngine":
+        """A new engine on the same model and tokenizer, with this engine's pool settings,
+        lead-ins and recompute policy, but its own pool (a fresh one with the same config
+        unless `pool` is given), agents, requests and reuse refusal. For running two
+        measurements side by side without either seeing the other's anchors."""
+        return KVCommEngine(self.model, self.tokenizer,
+                            pool=pool if pool is not None else AnchorPool(self.pool.config),
+                            lead_ins=self.encoder.lead_ins, recompute=self.recompute, partial=self.partial)
+
     # ------------------------------------------------------------------ setup
 
     def add_agent(self, name: str, system_prompt: str, template: str) -> None:

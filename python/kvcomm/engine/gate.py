@@ -155,8 +155,9 @@ def code_fingerprint() -> str:
     return h.hexdigest()
 
 
-def model_key(model, spec, pool_config, lead_ins: dict, cfg: GateConfig) -> str:
-    """The gate's cache key: everything that changes what the probe would measure."""
+def model_key(model, spec, pool_config, lead_ins: dict, cfg: GateConfig, recompute: str = "none") -> str:
+    """The gate's cache key: everything that changes what the probe would measure (the
+    recompute policy included: the probe runs the engine's own reuse path)."""
     config = model.config.to_dict()
     config.pop("_attn_implementation_internal", None)
     config.pop("_attn_implementation", None)
@@ -164,7 +165,8 @@ def model_key(model, spec, pool_config, lead_ins: dict, cfg: GateConfig) -> str:
     gate = {k: v for k, v in asdict(cfg).items() if k != "disk_cache"}
     blob = json.dumps({"v": GATE_VERSION, "code": code_fingerprint(), "config": config, "weights": weights_fingerprint(model),
                        "dtype": str(spec.dtype), "device": str(spec.device), "pool": pool,
-                       "lead_ins": lead_ins, "gate": gate}, sort_keys=True, default=str)
+                       "lead_ins": lead_ins, "gate": gate, "recompute": recompute},
+                      sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:20]
 
 
@@ -256,7 +258,8 @@ def run_probe(engine, cfg: GateConfig, key: str = "") -> GateResult:
     s = engine.spec
     pool = AnchorPool(PoolConfig(gamma=pc.gamma, tau=pc.tau, top_p=pc.top_p, distance=pc.distance,
                                  layers=s.num_layers, kv_heads=s.kv_heads, head_dim=s.head_dim))
-    probe = KVCommEngine(engine.model, engine.tokenizer, pool=pool, lead_ins=engine.encoder.lead_ins)
+    probe = KVCommEngine(engine.model, engine.tokenizer, pool=pool, lead_ins=engine.encoder.lead_ins,
+                         recompute=engine.recompute, partial=engine.partial)
     for name, (system, template) in PROBE_AGENTS.items():
         probe.add_agent(name, system, template)
 
@@ -325,7 +328,8 @@ def judge(details: list, calls: int, cfg: GateConfig, key: str, seconds: float) 
 
 def check(engine, cfg: GateConfig) -> GateResult:
     """The gate's result for `engine`'s model: from memory, from disk, or a fresh probe."""
-    key = model_key(engine.model, engine.spec, engine.pool.config, engine.encoder.lead_ins, cfg)
+    key = model_key(engine.model, engine.spec, engine.pool.config, engine.encoder.lead_ins, cfg,
+                    engine.recompute.describe())
     with _lock:   # one probe per model at a time; others wait for its result
         hit = _memory.get(key)
         if hit is not None:

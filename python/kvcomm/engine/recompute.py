@@ -30,6 +30,9 @@ import math
 import re
 from dataclasses import dataclass, field
 
+# The policy KVCommEngine and the `kvcomm` command use unless told otherwise.
+DEFAULT_POLICY = "none"
+
 _PART = re.compile(r"^(segments|spread|none|first=\d+|tail=\d+|budget=[0-9.]+)$")
 
 
@@ -57,7 +60,7 @@ class RecomputePolicy:
         """'none' (the last token only), or comma-separated parts: 'segments', 'first=K',
         'spread', 'budget=F', 'tail=N', e.g. 'segments,first=4,spread,budget=0.1'."""
         if text is None:
-            return cls()
+            text = DEFAULT_POLICY
         if isinstance(text, RecomputePolicy):
             return text
         if not isinstance(text, str):

@@ -18,6 +18,7 @@ warm the kernels; they are reported apart.
 """
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -54,11 +55,13 @@ class Sample:
 
 def build_engine(model, tokenizer, builder: SettingBuilder, *, gamma: float | None = None,
                  capacity: int | None = None, step: str = "auto", step_capacity: int | None = None,
-                 exact_tail: int = 1):
+                 recompute: str = "none", min_anchors: int | None = None, partial: bool = True,
+                 pool_path: str | None = None):
     """(KVCommEngine with the setting's agents, step used). The reuse path's last-token
     step: auto = CUDA graph on CUDA, eager otherwise; static = the static buffer without
     capture (CPU-testable); graph = static + CUDA graph (CUDA only). The static step
-    runs one token: with exact_tail > 1 the tail runs through the ordinary forward."""
+    runs one token: a call that recomputes more goes through the scattered forward.
+    pool_path: a saved pool to start from (when the file exists)."""
     import kvcomm
     from kvcomm.engine import KVCommEngine
 
@@ -70,7 +73,12 @@ def build_engine(model, tokenizer, builder: SettingBuilder, *, gamma: float | No
         pool["gamma"] = gamma
     if capacity is not None:
         pool["capacity"] = capacity
-    engine = KVCommEngine(model, tokenizer, pool_config=kvcomm.PoolConfig(**pool), exact_tail=exact_tail)
+    if min_anchors is not None:
+        pool["min_anchors"] = min_anchors
+    engine = KVCommEngine(model, tokenizer, pool_config=kvcomm.PoolConfig(**pool), recompute=recompute,
+                          partial=partial)
+    if pool_path and os.path.exists(pool_path):
+        engine.pool.load(pool_path)
     for a in builder.agents:
         engine.add_agent(a.name, a.system_prompt, a.template)
     on_cuda = spec.device.type == "cuda"
@@ -197,7 +205,8 @@ def result_stem(device_tag: str, *, share: str = "gate", step: str = "auto", sca
 
 def run_setting(model, tokenizer, setting: TTFTSetting, *, requests: int, warmup: int, seed: int = 0,
                 gamma: float | None = None, capacity: int | None = None, step: str = "auto",
-                exact_tail: int = 1, share: str = "gate", log=None) -> dict:
+                recompute: str = "none", min_anchors: int | None = None, partial: bool = True,
+                share: str = "gate", pool_path: str | None = None, log=None) -> dict:
     """Builds the prompts and the engine, measures, summarises. The engine is fresh
     (empty pool) for every call of this function. `share`: see pool_gamma."""
     gamma = pool_gamma(share, gamma)
@@ -209,17 +218,22 @@ def run_setting(model, tokenizer, setting: TTFTSetting, *, requests: int, warmup
         raise ValueError(f"TTFT setting: the last agent's prompt ({max_tokens} tokens) plus its reply "
                          f"({setting.output}) exceeds the model's {limit} positions; use smaller sizes")
     engine, step = build_engine(model, tokenizer, builder, gamma=gamma, capacity=capacity, step=step,
-                                step_capacity=max_tokens + setting.output + 2, exact_tail=exact_tail)
+                                step_capacity=max_tokens + setting.output + 2, recompute=recompute,
+                                min_anchors=min_anchors, partial=partial, pool_path=pool_path)
     t0 = time.perf_counter()
     samples = measure(engine, builder, requests=requests, warmup=warmup, log=log)
+    if pool_path:
+        engine.pool.save(pool_path)
     out = summarize(samples, setting, token_rows)
     stats = engine.stats()
     out.update({
         "setting": setting.as_dict(), "requests": requests, "warmup": warmup, "seed": seed,
-        "exact_tail": exact_tail, "share": share,
+        "recompute": engine.recompute.describe(), "partial": partial,
+        "min_anchors": engine.pool.config.min_anchors, "share": share,
         "one_token_step": step if engine.static_step is None else f"{step}: {engine.static_step.describe()}",
         "pool": {"gamma": engine.pool.config.gamma, "anchors": stats.get("anchors"), "bytes": stats.get("bytes"),
-                 "evictions": stats.get("evictions")},
+                 "evictions": stats.get("evictions"), "loaded_from": pool_path if pool_path and
+                 os.path.exists(pool_path) else None},
         "run_s": time.perf_counter() - t0,
         "samples": [asdict(s) for s in samples],
     })

@@ -44,6 +44,12 @@ class SlotRef:
         return f"agent_{self.source}_{self.kind}"
 
 
+def slot_kind(slot: SlotRef) -> str:
+    """What a slot holds, as fidelity reports group it: "question", "condition" (a tool
+    result) or "reply" (another agent's reply, this round or the last)."""
+    return {QUESTION: "question", CONDITION: "condition"}.get(slot.kind, "reply")
+
+
 @dataclass(frozen=True)
 class ToolContext:
     """What a tool sees. `reply` is the owner's reply (tools that run after the call);

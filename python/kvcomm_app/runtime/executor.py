@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from .agents import CONDITION, CURRENT, HISTORY, QUESTION, Agent, ToolContext
+from .agents import CONDITION, CURRENT, HISTORY, QUESTION, Agent, ToolContext, slot_kind
 from .datasets import Problem
 from .graph import AgentGraph
 from .records import DENSE, KVCOMM, MODES, CallRecord, QuestionRecord, digest_inputs, jsonable
@@ -50,6 +50,11 @@ class GraphRunner:
         self.judge_shadow = judge_shadow
         self.gen = {"do_sample": do_sample, "temperature": temperature}
         self._registered: set[int] = set()
+        # Paired evaluation (kvcomm_app.runtime.paired): when a list, each dense-mode call of
+        # the next run appends (agent, inputs, round, AgentCall) with `trace_logits` rows of
+        # teacher-forced reply logits, for a KVCOMM replay on identical inputs.
+        self.trace: list | None = None
+        self.trace_logits = 0
 
     def register(self) -> None:
         """Add every agent to every engine once (idempotent)."""
@@ -151,8 +156,18 @@ class GraphRunner:
     def _call(self, eng, agent: Agent, inputs: dict[str, str], mode: str, call_mode: str,
               problem: Problem, phase: str, rnd: int, shadow: bool = False) -> CallRecord:
         budget = self.decision_max_new_tokens if agent.is_decision else self.max_new_tokens
-        out = eng.call(agent.id, inputs, mode=call_mode, max_new_tokens=budget, **self.gen)
-        return CallRecord(
+        traced = self.trace is not None and call_mode == DENSE and not shadow
+        extra = {"reply_logits": self.trace_logits} if traced and self.trace_logits else {}
+        out = eng.call(agent.id, inputs, mode=call_mode, max_new_tokens=budget, **self.gen, **extra)
+        if traced:
+            self.trace.append((agent, dict(inputs), rnd, out))
+        return call_record(out, agent, inputs, problem, mode, call_mode, phase, rnd, shadow)
+
+
+def call_record(out, agent: Agent, inputs: dict[str, str], problem: Problem, mode: str, call_mode: str,
+                phase: str, rnd: int, shadow: bool = False) -> CallRecord:
+    """The record of one engine call (an AgentCall, or a scripted engine's equivalent)."""
+    return CallRecord(
             question_id=problem.id, mode=mode, phase=phase, round=rnd, agent_id=agent.id,
             agent_name=agent.name, role=agent.role.name, call_mode=call_mode,
             path=str(out.path), reason=str(out.reason or ""), ttft_ms=float(out.ttft_ms),
@@ -161,7 +176,13 @@ class GraphRunner:
             first_token_id=None if out.first_token_id is None else int(out.first_token_id),
             prompt_tokens=int(out.prompt_tokens or 0), new_tokens=int(out.new_tokens or 0),
             slot_decisions=jsonable(out.slot_decisions or {}),
-            slot_gates=jsonable(out.slot_gates or {}))
+            slot_gates=jsonable(out.slot_gates or {}),
+            s0_tokens=int(getattr(out, "s0_tokens", 0) or 0),
+            computed_tokens=int(getattr(out, "computed_tokens", out.prompt_tokens or 0) or 0),
+            encoded_tokens=int(getattr(out, "encoded_tokens", 0) or 0),
+            recomputed=jsonable(getattr(out, "recomputed", None) or {}),
+            slot_anchors=jsonable(getattr(out, "slot_anchors", None) or {}),
+            slot_kinds={s.placeholder: slot_kind(s) for s in agent.reads})
 
 
 def _pool_stats(eng) -> tuple[int | None, int | None]:

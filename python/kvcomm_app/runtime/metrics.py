@@ -15,9 +15,11 @@ from __future__ import annotations
 import statistics
 from collections import OrderedDict
 
-from .records import DENSE, KVCOMM, MEASURE, CallRecord, QuestionRecord
+from . import fidelity
+from .records import DENSE, KVCOMM, MEASURE, PAIRED, CallRecord, QuestionRecord
 
 REUSE = "reuse"
+PARTIAL = "partial"   # some slots estimated, the others computed in context
 # Reason prefix of calls the engine's correctness gate sent dense (kvcomm.engine.gate.
 # REASON_PREFIX; repeated here so metrics import without the engine and transformers;
 # a test checks the two agree).
@@ -57,7 +59,7 @@ def path_counts(calls: list[CallRecord]) -> "OrderedDict[str, dict[str, int]]":
     """Per agent (first-seen order): how many KVCOMM calls took each path."""
     out: OrderedDict[str, dict[str, int]] = OrderedDict()
     for c in kvcomm_calls(calls):
-        out.setdefault(c.agent_name, {REUSE: 0, DENSE: 0})
+        out.setdefault(c.agent_name, {REUSE: 0, PARTIAL: 0, DENSE: 0})
         out[c.agent_name][c.path] = out[c.agent_name].get(c.path, 0) + 1
     return out
 
@@ -139,12 +141,15 @@ def per_agent_ttft(calls: list[CallRecord], stat=statistics.median) -> "OrderedD
     for c in calls:
         if c.shadow:
             continue
+        if c.mode not in (DENSE, KVCOMM):
+            continue   # paired replays are fidelity measurements, not runs to time
         by_agent.setdefault(c.agent_name, {DENSE: [], KVCOMM: []})[c.mode].append(c)
     out: OrderedDict[str, dict] = OrderedDict()
     for name, modes in by_agent.items():
         dense = [c.ttft_ms for c in modes[DENSE]]
         kv = [c.ttft_ms for c in modes[KVCOMM]]
         kv_reuse = [c.ttft_ms for c in modes[KVCOMM] if c.path == REUSE]
+        kv_partial = sum(1 for c in modes[KVCOMM] if c.path == PARTIAL)
         d = stat(dense) if dense else None
         k = stat(kv) if kv else None
         out[name] = {
@@ -153,7 +158,7 @@ def per_agent_ttft(calls: list[CallRecord], stat=statistics.median) -> "OrderedD
             "ttft_ms_kvcomm_reuse_only": stat(kv_reuse) if kv_reuse else None,
             "reuse_rate": _ratio(len(kv_reuse), len(kv)),
             "calls_dense": len(dense), "calls_kvcomm": len(kv),
-            "paths": {REUSE: len(kv_reuse), DENSE: len(kv) - len(kv_reuse)},
+            "paths": {REUSE: len(kv_reuse), PARTIAL: kv_partial, DENSE: len(kv) - len(kv_reuse) - kv_partial},
             "is_decision": any(c.is_decision for c in modes[DENSE] + modes[KVCOMM]),
         }
     return out
@@ -186,4 +191,16 @@ def summarize(questions: list[QuestionRecord], phase: str = MEASURE) -> dict:
         "first_token_agreement_reuse": ft_reuse, "first_token_pairs_reuse": ft_reuse_n,
         "agents": per_agent_ttft(calls),
         "pool": pool_stats(questions),
+        "tokens": fidelity.token_reuse(kvcomm_calls(calls)),
+        "fidelity": paired_fidelity(calls),
     }
+
+
+def paired_fidelity(calls: list[CallRecord]) -> dict | None:
+    """Teacher-forced fidelity of the paired replays (kvcomm_app.runtime.paired), overall
+    and per agent, slot kind and anchors used; None when the run had no paired replay."""
+    paired = [c for c in calls if c.mode == PAIRED]
+    if not paired:
+        return None
+    return {**fidelity.summary(paired), "agents": fidelity.by_agent(paired),
+            "slot_kinds": fidelity.by_slot_kind(paired), "anchors": fidelity.by_anchors(paired)}

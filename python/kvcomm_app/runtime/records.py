@@ -15,6 +15,9 @@ from kvcomm.engine.modes import DENSE, KVCOMM, MODES  # noqa: F401  (the engine'
 
 WARMUP = "warmup"
 MEASURE = "measure"
+# A question record whose KVCOMM calls replayed the dense run's calls on identical inputs,
+# fed the dense replies (teacher forcing): kvcomm_app.runtime.paired.
+PAIRED = "paired"
 
 
 @dataclass
@@ -29,7 +32,7 @@ class CallRecord:
     agent_name: str
     role: str
     call_mode: str            # the mode this call ran with ("dense" for a pinned decision agent)
-    path: str                 # "reuse" or "dense": what the engine actually did
+    path: str                 # "reuse", "partial" or "dense": what the engine actually did
     reason: str
     ttft_ms: float
     text: str
@@ -43,6 +46,15 @@ class CallRecord:
     slot_decisions: dict = field(default_factory=dict)
     slot_gates: dict = field(default_factory=dict)   # slot -> what the pool's decision saw
     tool: dict | None = None  # tool result this call produced or consumed, summarised
+    # Token accounting of the engine (kvcomm.engine.AgentCall): exact prefix copied, prompt
+    # tokens run through the model, content tokens this call encoded behind a header.
+    s0_tokens: int = 0
+    computed_tokens: int = 0
+    encoded_tokens: int = 0
+    recomputed: dict = field(default_factory=dict)    # recompute group -> tokens
+    slot_anchors: dict = field(default_factory=dict)  # estimated slot -> anchor ids used
+    slot_kinds: dict = field(default_factory=dict)    # slot -> "question", "condition" or "reply"
+    fidelity: dict | None = None  # paired calls only: agreement with the dense twin (fidelity.py)
 
 
 @dataclass

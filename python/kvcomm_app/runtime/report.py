@@ -14,10 +14,11 @@ _pct = partial(pct, digits=1)
 
 def format_table(summary: dict, warmup: dict | None = None, title: str | None = None) -> str:
     """Per agent: KVCOMM path counts, median TTFT dense and KVCOMM, speedup; then totals."""
-    rows = [("agent", "reuse/dense", "TTFT dense ms", "TTFT kvcomm ms", "speedup", "reuse-only ms")]
+    rows = [("agent", "reuse/partial/dense", "TTFT dense ms", "TTFT kvcomm ms", "speedup", "reuse-only ms")]
     for name, a in summary["agents"].items():
         label = f"{name} (decision)" if a.get("is_decision") and "decision" not in name else name
-        rows.append((label, f"{a['paths']['reuse']}/{a['paths']['dense']}", _ms(a["ttft_ms_dense"]),
+        p = a["paths"]
+        rows.append((label, f"{p['reuse']}/{p.get('partial', 0)}/{p['dense']}", _ms(a["ttft_ms_dense"]),
                      _ms(a["ttft_ms_kvcomm"]), _x(a["speedup"]), _ms(a["ttft_ms_kvcomm_reuse_only"])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
@@ -43,6 +44,12 @@ def format_table(summary: dict, warmup: dict | None = None, title: str | None = 
         + (f"; reuse-path calls {_pct(summary['first_token_agreement_reuse'])} of "
            f"{summary['first_token_pairs_reuse']}" if summary.get("first_token_pairs_reuse") else ""),
     ]
+    tokens = summary.get("tokens") or {}
+    if tokens.get("kvcomm_calls"):
+        out.append(f"token reuse             {_pct(tokens['token_reuse']['rate'])} of the prompt tokens after "
+                   f"the exact prefix not computed ({_pct(tokens['token_reuse_with_encoding']['rate'])} "
+                   "counting content encodings); partial calls "
+                   f"{tokens['paths']['partial']} of {tokens['kvcomm_calls']}")
     pool = summary.get("pool") or {}
     if pool.get("anchors") is not None:
         out.append(f"anchor pool             {pool['anchors']} anchors, {pool['bytes'] / 2**20:.1f} MiB")
@@ -51,6 +58,9 @@ def format_table(summary: dict, warmup: dict | None = None, title: str | None = 
                    f"{_pct(warmup['reuse_rate'])} while the pool filled")
     out.append("TTFT = median time to first token of each agent call, every cost counted "
                "(encode inputs, decide, estimate, forward); kvcomm counts dense fallbacks too.")
+    if summary.get("fidelity"):
+        from .fidelity_report import format_fidelity
+        out += ["", format_fidelity(summary["fidelity"])]
     return "\n".join(out)
 
 
@@ -75,6 +85,8 @@ def summary_json(summary: dict, *, model: str, device: str, warmup: dict | None 
         "first_token_agreement": summary["first_token_agreement"],
         "first_token_pairs": summary["first_token_pairs"],
         "pool": summary.get("pool"),
+        "tokens": summary.get("tokens"),
+        "fidelity": summary.get("fidelity"),
         "ttft_statistic": "median",
     }
     if warmup is not None:

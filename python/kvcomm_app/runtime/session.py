@@ -16,7 +16,8 @@ from .datasets import load_task
 from .executor import GraphRunner
 from .graph import build_graph
 from .metrics import summarize
-from .records import MEASURE, WARMUP, QuestionRecord
+from .paired import PairedReplay
+from .records import DENSE, KVCOMM, MEASURE, WARMUP, QuestionRecord
 from .topology import make_topology
 from .workloads import make_workload
 
@@ -47,7 +48,12 @@ class ExperimentConfig:
     seed: int = 0
     gate: object = True                 # correctness gate before reuse (kvcomm.engine.gate): True
                                         # (its defaults), False, or a GateConfig
-    exact_tail: int = 1                 # prompt tokens the reuse path runs (KVCommEngine.exact_tail)
+    recompute: str = "none"             # KVCommEngine(recompute=...): prompt tokens a KVCOMM call runs
+    partial: bool = True                # KVCommEngine(partial=...): estimate what can be, compute the rest
+    paired: bool = False                # also replay each dense run teacher-forced (runtime/paired.py)
+    paired_positions: int = 32          # reply positions compared per paired call
+    free: bool = True                   # run KVCOMM free-running too (accuracy, end answers, TTFT)
+    pool_path: str | None = None        # load the anchor pool from here if present; save it at the end
 
 
 @dataclass
@@ -99,7 +105,8 @@ def load_engine(cfg: ExperimentConfig):
     t0 = time.perf_counter()
     model, tokenizer = load_model(cfg.model, dtype=dtype, device=cfg.device)
     pool_config = kvcomm.PoolConfig(**cfg.pool) if cfg.pool else None
-    engine = KVCommEngine(model, tokenizer, pool_config=pool_config, exact_tail=cfg.exact_tail)
+    engine = KVCommEngine(model, tokenizer, pool_config=pool_config, recompute=cfg.recompute,
+                          partial=cfg.partial)
     load_s = time.perf_counter() - t0
     name = EMBEDDED_MODEL if cfg.model is None else os.path.basename(os.path.normpath(cfg.model))
     detail = f"{cfg.device}, {cfg.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads"
@@ -148,9 +155,25 @@ def run_experiment(cfg: ExperimentConfig, engine_factory: Callable | None = None
     runner = GraphRunner(graph, workload, engine, max_new_tokens=cfg.max_new_tokens,
                          decision_max_new_tokens=cfg.decision_max_new_tokens,
                          decision_dense=cfg.decision_dense, judge_shadow=cfg.judge_shadow)
+    paired = None
+    if cfg.paired:
+        if not hasattr(engine, "sibling"):
+            raise ValueError("paired evaluation needs a KVCommEngine (teacher forcing, reply logits)")
+        paired_engine = engine.sibling()
+        if res is not None:
+            paired_engine.refuse_reuse(engine.reuse_refusal)
+        paired = PairedReplay(paired_engine, graph, workload, positions=cfg.paired_positions)
+    pools = [e.pool for e in ([engine] if cfg.free else []) + ([paired.engine] if paired else [])]
+    loaded = load_pool(cfg.pool_path, pools, log)
+    modes = (DENSE, KVCOMM) if cfg.free else (DENSE,)
     t0 = time.perf_counter()
-    records = run_comparison(runner, measured, warm, progress=cfg.progress, desc=cfg.task)
+    records = run_comparison(runner, measured, warm, modes=modes, progress=cfg.progress, desc=cfg.task,
+                             paired=paired)
     run_s = time.perf_counter() - t0
+    if cfg.pool_path and pools:
+        pools[0].save(cfg.pool_path)
+        log(f"anchor pool saved to {cfg.pool_path} ({pools[0].size()} anchors"
+            f"{'; it started from the saved one' if loaded else ''})")
     stats = {}
     if hasattr(engine, "stats"):
         try:
@@ -161,6 +184,20 @@ def run_experiment(cfg: ExperimentConfig, engine_factory: Callable | None = None
             stats["gate"] = gate
     return ExperimentResult(cfg, records, summarize(records, MEASURE), summarize(records, WARMUP),
                             model_name, cfg.device, detail, load_s, run_s, stats, gate)
+
+
+def load_pool(path: str | None, pools: list, log: Callable[[str], None]) -> bool:
+    """Loads a saved anchor pool into every pool of the run (each gets its own copy) when
+    `path` names a file; a missing file is a cold start. True when one was loaded."""
+    if not path or not os.path.exists(path):
+        if path:
+            log(f"no anchor pool at {path} yet: starting cold; it is saved there at the end")
+        return False
+    for pool in pools:
+        pool.load(path)
+    if pools:
+        log(f"anchor pool loaded from {path}: {pools[0].size()} anchors in {len(pools[0].slots())} slots")
+    return True
 
 
 def git_sha() -> str | None:
