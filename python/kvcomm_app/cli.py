@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="dense vs KVCOMM on gsm8k, math500, mmlu or humaneval",
                         description="The demo's comparison on any task, graph size and topology.")
-    ev.add_argument("--task", required=True, choices=["gsm8k", "math500", "mmlu", "humaneval"])
+    ev.add_argument("--task", required=True, choices=["gsm8k", "math500", "mmlu", "humaneval", "squad"],
+                    help="squad: reading comprehension, the passage a shared retrieved slot (EM and F1)")
     ev.add_argument("--agents", type=int, default=3, help="worker agents (default 3), plus the decision agent")
     ev.add_argument("--topology", default="fully_connected",
                     choices=["fully_connected", "chain", "star", "layered", "debate"])

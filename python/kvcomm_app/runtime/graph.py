@@ -52,9 +52,12 @@ def _reads_of(i: int, topo: Topology, roles: list[Role]) -> tuple[SlotRef, ...]:
     return tuple(reads)
 
 
-def render_template(agent: Agent, titles: dict[str, str], question_label: str) -> str:
+def render_template(agent: Agent, titles: dict[str, str], question_label: str,
+                    labels: dict[str, str] | None = None) -> str:
     """The user-turn text with placeholders: one labelled block per slot, the role's
-    instruction last. Labels are fixed text, so they are part of the template segments."""
+    instruction last. Labels are fixed text, so they are part of the template segments.
+    labels: agent id -> the label of its tool's result, where the tool names one."""
+    labels = labels or {}
     blocks = []
     for slot in agent.reads:
         if slot.kind == QUESTION:
@@ -64,6 +67,8 @@ def render_template(agent: Agent, titles: dict[str, str], question_label: str) -
         elif slot.kind == HISTORY:
             who = "your own" if slot.source == agent.id else f"the {titles[slot.source]}'s"
             label = f"Last round, {who} reply:"
+        elif labels.get(slot.source):
+            label = f"{labels[slot.source]}:"
         elif slot.source == agent.id:
             label = "Results of your tool:"
         else:
@@ -81,11 +86,12 @@ def build_graph(topology: Topology, roles: list[Role], decision_role: Role | Non
         raise ValueError(f"{len(roles)} roles for a topology of {topology.n_agents} agents")
     names = _unique_names(roles + ([decision_role] if decision_role else []))
     titles = {str(i): r.title for i, r in enumerate(roles)}
+    labels = {str(i): r.tool.label for i, r in enumerate(roles) if r.tool is not None and r.tool.label}
     agents = {i: Agent(str(i), names[i], roles[i], _reads_of(i, topology, roles))
               for i in range(topology.n_agents)}
     order = [agents[i] for i in topological_order(topology)]
     for a in order:
-        a.template = render_template(a, titles, question_label)
+        a.template = render_template(a, titles, question_label, labels)
     decision = None
     if decision_role is not None:
         reads = [SlotRef(QUESTION)]
@@ -95,5 +101,5 @@ def build_graph(topology: Topology, roles: list[Role], decision_role: Role | Non
                 reads.append(SlotRef(CONDITION, str(i)))
         n = topology.n_agents
         decision = Agent(str(n), names[n], decision_role, tuple(reads), is_decision=True)
-        decision.template = render_template(decision, titles, question_label)
+        decision.template = render_template(decision, titles, question_label, labels)
     return AgentGraph(topology, order, decision)

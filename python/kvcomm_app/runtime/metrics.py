@@ -69,6 +69,12 @@ def accuracy(questions: list[QuestionRecord], mode: str) -> float | None:
     return _ratio(sum(1 for q in qs if q.correct), len(qs))
 
 
+def mean_score(questions: list[QuestionRecord], mode: str) -> float | None:
+    """Mean graded score (e.g. token F1) of a mode's questions; None when the task has none."""
+    xs = [q.score for q in questions if q.mode == mode and q.score is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
 def _pairs(questions: list[QuestionRecord]) -> list[tuple[QuestionRecord, QuestionRecord]]:
     """(dense, kvcomm) records of the same question and phase."""
     dense = {(q.question_id, q.phase): q for q in questions if q.mode == DENSE}
@@ -184,6 +190,7 @@ def summarize(questions: list[QuestionRecord], phase: str = MEASURE) -> dict:
         "reuse_rate": reuse_rate(calls),
         "gate_refused_calls": gate_refused(calls),
         "accuracy": {DENSE: accuracy(qs, DENSE), KVCOMM: accuracy(qs, KVCOMM)},
+        "score": {DENSE: mean_score(qs, DENSE), KVCOMM: mean_score(qs, KVCOMM)},
         "answer_agreement": answer_agreement(qs),
         "judge_consistency": judge_consistency(qs),
         "judge_without_choice": judge_without_choice(qs),

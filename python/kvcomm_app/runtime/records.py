@@ -74,6 +74,7 @@ class QuestionRecord:
     pool_size: int | None = None
     pool_bytes: int | None = None
     wall_ms: float = 0.0
+    score: float | None = None   # the task's graded score when it has one (token F1 for squad)
 
 
 def digest_inputs(inputs: dict[str, str]) -> str:

@@ -84,7 +84,8 @@ def select_problems(cfg: ExperimentConfig):
     # the warm-up takes the longest questions of a held-out tail slice: anchors that
     # cover the lengths of the measured questions, like a pool that has seen traffic.
     held_out = problems[max(cfg.offset + cfg.questions, len(problems) - WARMUP_POOL):]
-    warm = sorted(held_out, key=lambda p: len(p.question), reverse=True)[:max(cfg.warmup, 0)]
+    warm = sorted(held_out, key=lambda p: len(p.question) + len(p.extra.get("passage", "")),
+                  reverse=True)[:max(cfg.warmup, 0)]
     if len(measured) < cfg.questions:
         raise ValueError(f"{cfg.task} has {len(problems)} questions; cannot take {cfg.questions} "
                          f"from offset {cfg.offset}")

@@ -173,3 +173,15 @@ def passes_hidden_tests(problem, code: str | None, timeout_s: float = 10.0) -> b
         return False
     program += "\n\n" + problem.extra["test"] + f"\n\ncheck({problem.extra['entry_point']})\n"
     return run_python(program, timeout_s=timeout_s).ok
+
+
+def passage_retrieval() -> Tool:
+    """Tool of the passage task's first reader: 'retrieves' the question's passage (the
+    dataset ships it with the question) so that it enters every prompt as one shared
+    slot, {condition_<reader>_current}, as a retrieved document does in a RAG pipeline."""
+    def run(ctx: ToolContext) -> ToolResult:
+        extra = ctx.problem.extra
+        title = extra.get("title", "")
+        text = f"{title}\n{extra['passage']}" if title else extra["passage"]
+        return ToolResult(text, {"chars": len(text)})
+    return Tool("passage_retrieval", "before", run, label="Retrieved passage")

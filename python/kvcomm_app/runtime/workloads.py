@@ -6,6 +6,10 @@ final answer is extracted and scored.
 - mmlu: experts and a critic, then a decision agent that names a letter.
 - humaneval: writers and a test analyst whose internal-test results are a condition,
   then a decision agent that writes the final function.
+- squad (reading comprehension, the paper's retrieval-augmented setting): the first
+  reader's retrieval tool puts the question's passage into every prompt as one shared
+  slot; readers and a checker answer with a span, a decision agent gives the final span,
+  scored by exact match (correct) and token F1.
 Prompts are fixed text (no braces) and short: every token is prefill cost on CPU.
 """
 from __future__ import annotations
@@ -14,9 +18,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .agents import Role
-from .answers import extract_choice, extract_code, extract_math, extract_number, normalize_math, numbers_equal
+from .answers import (best_em, best_f1, extract_choice, extract_code, extract_math, extract_number, extract_span,
+                      normalize_math, normalize_span, numbers_equal)
 from .datasets import Problem
-from .tools import internal_tests, passes_hidden_tests, python_executor
+from .tools import internal_tests, passage_retrieval, passes_hidden_tests, python_executor
 
 
 @dataclass
@@ -30,6 +35,7 @@ class Workload:
     extract: Callable[[str, Problem], str | None]   # final answer (or code) from a reply
     score: Callable[[str | None, Problem], bool]    # is the extracted answer right
     choice: Callable[[str, Problem], str | None]    # the judge's choice, for consistency
+    partial_score: Callable[[str | None, Problem], float] | None = None   # e.g. token F1
 
 
 # ---- math -------------------------------------------------------------------------
@@ -180,6 +186,36 @@ def code_workload(n_agents: int = 3, test_timeout_s: float = 5.0) -> Workload:
                     lambda code, p: passes_hidden_tests(p, code), choice)
 
 
+# ---- reading comprehension (SQuAD) --------------------------------------------------
+
+_SPAN_FORMAT = "Reply with the answer only: a few words copied from the passage."
+
+SQUAD_PRESETS = {1: ["reader"], 2: ["reader", "checker"], 3: ["reader", "reader", "checker"],
+                 4: ["reader", "reader", "reader", "checker"],
+                 5: ["reader", "reader", "reader", "checker", "checker"]}
+
+
+def squad_workload(n_agents: int = 3) -> Workload:
+    names = _preset(SQUAD_PRESETS, n_agents)
+    reader = lambda tool: Role(  # noqa: E731
+        "reader", "Reader", "You answer questions about a passage with a short span copied from it.",
+        f"Answer the question from the passage. {_SPAN_FORMAT}", tool=tool)
+    checker = Role("checker", "Checker",
+                   "You check answers to questions about a passage against the passage.",
+                   f"Check the answers above against the passage and give the correct one. {_SPAN_FORMAT}")
+    # Only the first reader retrieves: its tool result is the one passage every agent reads.
+    roles = [reader(passage_retrieval()) if i == 0 else (reader(None) if n == "reader" else checker)
+             for i, n in enumerate(names)]
+    decision = Role("decision", "Final Decision Maker",
+                    "You give the final answer to a question about a passage.",
+                    f"Give the final answer. {_SPAN_FORMAT}")
+    extract = lambda text, p: extract_span(text)  # noqa: E731
+    choice = lambda text, p: (lambda s: None if s is None else normalize_span(s))(extract_span(text))  # noqa: E731
+    return Workload("squad", ("squad",), roles, decision, "Question", lambda p: p.question, extract,
+                    lambda pred, p: best_em(pred, p.extra["answers"]), choice,
+                    partial_score=lambda pred, p: best_f1(pred, p.extra["answers"]))
+
+
 def make_workload(task: str, n_agents: int) -> Workload:
     if task in ("gsm8k", "math500"):
         return math_workload(n_agents, task)
@@ -187,8 +223,10 @@ def make_workload(task: str, n_agents: int) -> Workload:
         return mmlu_workload(n_agents)
     if task == "humaneval":
         return code_workload(n_agents)
-    raise ValueError(f"no workload for task {task!r}; known: gsm8k, math500, mmlu, humaneval")
+    if task == "squad":
+        return squad_workload(n_agents)
+    raise ValueError(f"no workload for task {task!r}; known: gsm8k, math500, mmlu, humaneval, squad")
 
 
-__all__ = ["Workload", "math_workload", "mmlu_workload", "code_workload", "make_workload",
+__all__ = ["Workload", "math_workload", "mmlu_workload", "code_workload", "squad_workload", "make_workload",
            "normalize_math"]
