@@ -226,6 +226,15 @@ EstimateResult AnchorPool::estimate(const std::string& slot,
                                     const std::string& agent,
                                     const EstimateRequest& req) const {
   const char* op = "AnchorPool.estimate";
+  // Positions in the prompt, where the estimate's keys are rotated to: a negative
+  // one would silently rotate them backwards (to before the prompt's start).
+  TORCH_CHECK(req.position >= 0, op,
+              ": position (the placeholder's first token in the prompt) must be >= 0, got ",
+              req.position);
+  TORCH_CHECK(req.seg_position >= 0, op,
+              ": seg_position (the following segment's first token in the prompt) must be "
+              ">= 0, got ",
+              req.seg_position);
   check_pair(op, "base_k", req.base_k, "base_v", req.base_v);
   const int64_t n = req.base_k.size(2);
   checks::inv_freq(op, req.inv_freq, req.base_k.size(3), req.base_k);

@@ -13,26 +13,27 @@ import torch
 from torch import Tensor
 
 
-def _shift_rows(shift: Tensor, tokens: int) -> Tensor:
-    """Shift as float [tokens or 1, 1] rows for broadcasting."""
-    s = shift.reshape(-1).to(torch.float32)
+def _shift_rows(shift: int | Tensor, tokens: int) -> Tensor:
+    """Shift (an int, or a tensor [] or [T], as kvcomm.ops takes it) as float32
+    [tokens or 1, 1] rows on the CPU, for broadcasting."""
+    s = torch.as_tensor(shift).detach().cpu().reshape(-1).to(torch.float32)
     if s.numel() == 1:
         return s.reshape(1, 1)
     assert s.numel() == tokens
     return s.reshape(tokens, 1)
 
 
-def rope_rotate(x: Tensor, inv_freq: Tensor, shift: Tensor) -> Tensor:
+def rope_rotate(x: Tensor, inv_freq: Tensor, shift: int | Tensor) -> Tensor:
     """Rotate-half RoPE by `shift` positions, float32 math, result float32."""
     x = x.to(torch.float32)
     half = x.shape[-1] // 2
-    angle = _shift_rows(shift.cpu(), x.shape[2]).to(x.device) * inv_freq.to(x.device, torch.float32)
+    angle = _shift_rows(shift, x.shape[2]).to(x.device) * inv_freq.to(x.device, torch.float32)
     cos, sin = angle.cos(), angle.sin()  # [T or 1, half]
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-def rope_move(keys: Tensor, inv_freq: Tensor, shift: Tensor) -> Tensor:
+def rope_move(keys: Tensor, inv_freq: Tensor, shift: int | Tensor) -> Tensor:
     return rope_rotate(keys, inv_freq, shift).to(keys.dtype)
 
 
@@ -93,8 +94,8 @@ def segment_weights(base: Tensor, anchors: Sequence[Tensor], tau: float) -> Tens
     return torch.softmax(-r / tau, dim=0)
 
 
-def fused_offset(base: Tensor, deltas: Sequence[Tensor], weights: Tensor, shift: Tensor,
-                 inv_freq: Tensor | None) -> Tensor:
+def fused_offset(base: Tensor, deltas: Sequence[Tensor], weights: Tensor, shift: int | Tensor,
+                 inv_freq: Tensor | None = None) -> Tensor:
     L, H, T, D = base.shape
     acc = base.to(torch.float32).clone()
     for u, delta in enumerate(deltas):

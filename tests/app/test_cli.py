@@ -58,6 +58,29 @@ def test_demo_writes_json_plot_and_records(tmp_path, capsys):
     assert any(g["candidates"] == 2 for c in calls for g in c["slot_gates"].values())
 
 
+def test_the_demo_plot_title_fits_in_the_image():
+    """The demo's title (command, task, graph and model: ~100 characters) is wrapped to the
+    figure's width: every line of it lies inside the saved image."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from kvcomm_app.runtime import report
+
+    title = ("kvcomm demo (GSM8K, fully connected 4 agents + decision): TTFT per agent "
+             "(SmolLM2-135M-Instruct (embedded))")
+    for width in (5.0, 8.5):
+        fig, ax = plt.subplots(figsize=(width, 4.0))
+        ax.bar([0, 1], [1.0, 2.0])
+        text = report.fit_title(fig, ax, title)
+        fig.tight_layout()
+        fig.canvas.draw()
+        box, frame = text.get_window_extent(), fig.bbox
+        assert "\n" in text.get_text() and text.get_text().replace("\n", " ") == title
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and box.y1 <= frame.y1, (width, box, frame)
+        plt.close(fig)
+
+
 def test_eval_runs_other_tasks_and_topologies(tmp_path, capsys):
     out = tmp_path / "eval.json"
     args = cli.build_parser().parse_args(

@@ -301,6 +301,13 @@ def test_concurrent_use_from_eight_threads():
                                torch.zeros(3, 2, 4, 64), None), "both seg_k and seg_v"),
     (lambda p: p.anchor_deltas("q", 0, "ghost"), "no deltas for agent 'ghost'"),
     (lambda p: p.estimate("q", "a", kv(5, 0), kv(5, 0), inv_freq(32), 0, kv(5, 0), kv(5, 0)), "inv_freq"),
+    (lambda p: p.estimate("q", "a", kv(5, 0), kv(5, 0), inv_freq(64), -1, kv(5, 0), kv(5, 0)),
+     r"AnchorPool.estimate: position \(the placeholder's first token in the prompt\) must be >= 0, got -1"),
+    (lambda p: p.estimate("q", "a", kv(5, 0), kv(5, 0), inv_freq(64), 0, kv(5, 0), kv(5, 0),
+                          seg_template_k=kv(2, 1), seg_template_v=kv(2, 1), seg_position=-7,
+                          seg_dst_k=kv(2, 0), seg_dst_v=kv(2, 0)),
+     r"AnchorPool.estimate: seg_position \(the following segment's first token in the prompt\) must be >= 0, "
+     "got -7"),
     (lambda p: p.decide("q", torch.zeros(4, 2, 5, 64)), "this pool holds"),
     (lambda p: p.add_anchor("q", torch.zeros(3, 2, 5, 64, dtype=torch.float16),
                             torch.zeros(3, 2, 5, 64, dtype=torch.float16)), "this pool holds"),

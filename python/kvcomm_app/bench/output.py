@@ -6,6 +6,7 @@ import os
 import torch
 
 from .._fmt import ms as _ms, pct as _pct, x as _x
+from ..runtime.report import fit_title
 
 # docs/method.md section 7 / the paper (arXiv 2510.12872): 5 fully connected agents, 512 prefix, 1K input,
 # 512 output tokens, one H100, Llama-3.1-8B-Instruct. Read off the paper's figure: approximate.
@@ -116,9 +117,9 @@ def plot_agents(doc: dict, path: str) -> None:
     ax.set_ylabel("median time to first token (ms)")
     ax.set_xlabel(f"reuse rate over all KVCOMM calls: {_pct(doc.get('reuse_rate'))}", fontsize=8)
     s = doc["setting"]
-    ax.set_title(f"TTFT, {s['agents']} agents ({s['prefix']}/{s['input']}/{s['output']}), "
-                 f"{doc['model']}, {doc['device']}"
-                 + (", every slot shared" if doc.get("share") == "always" else ""), fontsize=10)
+    fit_title(fig, ax, f"TTFT, {s['agents']} agents ({s['prefix']}/{s['input']}/{s['output']}), "
+              f"{doc['model']}, {doc['device']}"
+              + (", every slot shared" if doc.get("share") == "always" else ""), fontsize=10)
     ax.legend(fontsize=8, loc="upper left")
     ax.margins(y=0.15)
     fig.tight_layout()
@@ -152,8 +153,8 @@ def plot_scaling(doc: dict, path: str) -> None:
     ax.set_xticklabels([str(x) for x in xs])
     ax.set_xlabel("agents" if key == "agents" else "prefix tokens per agent")
     ax.set_ylabel("last agent's median TTFT (ms)")
-    ax.set_title(f"TTFT vs {'agent count' if key == 'agents' else 'prefix length'}, {doc['model']}, "
-                 f"{doc['device']}", fontsize=10)
+    fit_title(fig, ax, f"TTFT vs {'agent count' if key == 'agents' else 'prefix length'}, {doc['model']}, "
+              f"{doc['device']}", fontsize=10)
     ax.legend(fontsize=8)
     ax.margins(y=0.15)
     fig.tight_layout()

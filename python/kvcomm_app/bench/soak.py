@@ -166,6 +166,8 @@ def plot(report: dict, path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..runtime.report import fit_title
+
     s = report["samples"]
     xs = [x["request"] for x in s]
     fig, ax = plt.subplots(figsize=(8.0, 4.2))
@@ -186,7 +188,7 @@ def plot(report: dict, path: str, title: str) -> None:
     lines = ax.get_legend_handles_labels()
     lines2 = ax2.get_legend_handles_labels()
     ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="lower right", fontsize=8)
-    ax.set_title(title, fontsize=10)
+    fit_title(fig, ax, title, fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)

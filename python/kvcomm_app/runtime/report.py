@@ -5,6 +5,7 @@ import json
 import os
 import shlex
 import sys
+import textwrap
 from functools import partial
 
 from .._fmt import ms as _ms, pct, x as _x
@@ -124,6 +125,13 @@ def write_json(doc: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
+def fit_title(fig, ax, title: str, fontsize: float = 11):
+    """Sets ax's title wrapped to the figure's width (a long one-line title ran off
+    both sides of the image); tight_layout then makes room for its lines."""
+    chars = max(20, int(fig.get_figwidth() * 72 / (0.6 * fontsize)))   # ~0.6 em per character
+    return ax.set_title(textwrap.fill(title, chars), fontsize=fontsize)
+
+
 def plot_ttft(summary: dict, path: str, title: str = "Time to first token per agent") -> None:
     """Grouped bars: dense vs KVCOMM median TTFT per agent, speedup written above."""
     import matplotlib
@@ -145,7 +153,7 @@ def plot_ttft(summary: dict, path: str, title: str = "Time to first token per ag
     ax.set_xticks(list(xs))
     ax.set_xticklabels(names, rotation=20)
     ax.set_ylabel("median TTFT (ms)")
-    ax.set_title(title)
+    fit_title(fig, ax, title)
     ax.legend()
     ax.margins(y=0.15)
     fig.tight_layout()
