@@ -8,7 +8,11 @@ from torch.testing import assert_close
 import kvcomm
 from kvcomm import ops
 from benchmark_modules import load_benchmark
-from op_cases import inv_freq
+
+
+def inv_freq(head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+
 
 ablation = load_benchmark("estimate_ablation")
 

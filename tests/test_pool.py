@@ -11,7 +11,11 @@ from torch.testing import assert_close
 
 import kvcomm
 from kvcomm import reference as ref
-from op_cases import inv_freq
+
+
+def inv_freq(head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+
 
 L, H, D = 3, 2, 64
 
