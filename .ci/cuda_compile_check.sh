@@ -150,8 +150,11 @@ say "SASS check of the vector kernels ($CUOBJDUMP)"
 ARCH=${TORCH_CUDA_ARCH_LIST%%[ ;]*}
 ARCH=${ARCH%+PTX}
 ARCH="sm_${ARCH//./}"
-STD=$("$PY" -c 'import torch; v = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]); print(20 if v >= (2, 13) else 17)')
-TORCH_INC=$("$PY" -c 'import torch.utils.cpp_extension as c; print(" ".join("-I" + p for p in c.include_paths()))')
+# The C++ standard torch's headers need (C++20 from 2.13 on) and their include paths.
+read -r STD TORCH_INC < <("$PY" -c '
+import torch, torch.utils.cpp_extension as c
+v = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+print(20 if v >= (2, 13) else 17, " ".join("-I" + p for p in c.include_paths()))' 2>/dev/null)
 say "negative control: cuda/offset_launch.cu with -DKVCOMM_PLAIN_CXX_VECTOR_ACCESS ($ARCH, C++$STD)"
 # shellcheck disable=SC2086
 if ! "$CUDA_HOME/bin/nvcc" -std=c++$STD -O3 -arch="$ARCH" -cubin $TORCH_INC -I"$WORK/src/cpp" -I"$WORK/src/cpp/include" \

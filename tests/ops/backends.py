@@ -23,6 +23,7 @@ import re
 import tempfile
 from pathlib import Path
 
+import pytest
 import torch
 
 from kvcomm import ops
@@ -165,3 +166,29 @@ def relaid(x: torch.Tensor, device) -> torch.Tensor:
     out = flat.as_strided(x.shape, x.stride(), x.storage_offset())
     out.copy_(x)
     return out
+
+
+# ---- fixtures ----------------------------------------------------------------
+# Defined here and imported by the test modules (`from backends import backend`),
+# not in a tests/ops/conftest.py: a second conftest.py would take the module name
+# `conftest` from tests/conftest.py, which other suites import from.
+
+@pytest.fixture(scope="session")
+def emu():
+    """torch.ops.kvcomm_emu (built once per session)."""
+    if "emulated" not in selected():
+        pytest.skip("the host emulation is not selected (KVCOMM_TEST_BACKENDS / KVCOMM_SKIP_EMULATION)")
+    return build_emulator()
+
+
+@pytest.fixture(params=ALL)
+def backend(request):
+    """One test body on each backend: cpu, emulated, cuda."""
+    name = request.param
+    if name not in selected():
+        pytest.skip(f"backend {name} not selected (KVCOMM_TEST_BACKENDS)")
+    if name == "cuda" and not HAS_CUDA:
+        pytest.skip(NO_CUDA)
+    b = Backend(name, request.getfixturevalue("emu") if name == "emulated" else None)
+    b.sms(132)
+    return b

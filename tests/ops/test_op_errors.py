@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from backends import backend, emu  # noqa: F401  (fixtures)
 from op_cases import inv_freq
 
 K = torch.zeros(2, 3, 5, 64)

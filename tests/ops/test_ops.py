@@ -18,6 +18,7 @@ from torch.testing import assert_close
 
 from kvcomm import ops
 from kvcomm import reference as ref
+from backends import backend, emu  # noqa: F401  (fixtures)
 from op_cases import (BF16, DISTANCE_TOL, EMPTY, F16, F32, GQA3_ODD, HEADS8_D128, MANY_ROWS, MQA_ODD,
                       ONE_TOKEN, SCORE_TOL, anchors, destination, gen, inv_freq, kv, laid_out, misaligned, tol)
 
@@ -40,6 +41,20 @@ def _shift(kind, tokens, g):
     if kind == "per_token":
         return torch.randint(-50, 5000, (tokens,), generator=g)
     return torch.tensor(37 if kind == "scalar" else int(kind))
+
+
+def _content_and_anchors(c, seed, *, replace_pool=None):
+    """The case's content and anchors on the CPU, and the same laid out as the
+    case says (the op's arguments, still on the CPU). replace_pool(content,
+    pool, g) may swap in anchors built from the content."""
+    g = gen(seed)
+    content = kv(c["shape"], c["dtype"], g)
+    pool = anchors(c["shape"], c["dtype"], c["n"], g)
+    if replace_pool is not None:
+        pool = replace_pool(content, pool, g)
+    args = (laid_out(content, c.get("layout", "contiguous")),
+            [laid_out(a, c.get("anchor_layout", "contiguous")) for a in pool])
+    return content, pool, args
 
 
 # ---- rope_move -------------------------------------------------------------
@@ -120,13 +135,10 @@ DISTANCES = [
 
 @pytest.mark.parametrize("c", DISTANCES)
 def test_value_distances(backend, c):
-    g = gen(5)
-    content = kv(c["shape"], c["dtype"], g)
-    pool = anchors(c["shape"], c["dtype"], c["n"], g)
-    if c.get("identical"):
-        pool[0] = torch.cat([content, kv(c["shape"], c["dtype"], g, extra_tokens=3)], dim=2)
-    args = (laid_out(content, c.get("layout", "contiguous")),
-            [laid_out(a, c.get("anchor_layout", "contiguous")) for a in pool])
+    def identical_first(content, pool, g):  # anchor 0 starts with exactly the content
+        return [torch.cat([content, kv(c["shape"], c["dtype"], g, extra_tokens=3)], dim=2)] + pool[1:]
+
+    content, pool, args = _content_and_anchors(c, 5, replace_pool=identical_first if c.get("identical") else None)
     backend.sms(c["sms"])
     got = backend.ops.value_distances(*backend.to(args), c["rms"])
     assert got.shape == (c["n"],) and got.dtype == torch.float32
@@ -206,11 +218,7 @@ TOKEN = [
 
 @pytest.mark.parametrize("c", TOKEN)
 def test_token_weights(backend, c):
-    g = gen(7)
-    base = kv(c["shape"], c["dtype"], g)
-    pool = anchors(c["shape"], c["dtype"], c["n"], g)
-    args = (laid_out(base, c.get("layout", "contiguous")),
-            [laid_out(a, c.get("anchor_layout", "contiguous")) for a in pool])
+    base, pool, args = _content_and_anchors(c, 7)
     backend.sms(c["sms"])
     got = backend.ops.token_weights(*backend.to(args), 0.7)
     T = c["shape"][2]
@@ -239,14 +247,11 @@ SEGMENT = [
 
 @pytest.mark.parametrize("c", SEGMENT)
 def test_segment_weights(backend, c):
-    g = gen(8)
-    base = kv(c["shape"], c["dtype"], g)
-    pool = anchors(c["shape"], c["dtype"], c["n"], g)
-    if c.get("last_tokens"):  # anchor 0 ends with the content, anchor 1 starts with it
-        pool = [torch.cat([kv(c["shape"], c["dtype"], g, extra_tokens=-1), base], dim=2),
+    def ends_and_starts(base, pool, g):  # anchor 0 ends with the content, anchor 1 starts with it
+        return [torch.cat([kv(c["shape"], c["dtype"], g, extra_tokens=-1), base], dim=2),
                 torch.cat([base, kv(c["shape"], c["dtype"], g, extra_tokens=-1)], dim=2)]
-    args = (laid_out(base, c.get("layout", "contiguous")),
-            [laid_out(a, c.get("anchor_layout", "contiguous")) for a in pool])
+
+    base, pool, args = _content_and_anchors(c, 8, replace_pool=ends_and_starts if c.get("last_tokens") else None)
     backend.sms(c["sms"])
     tau = 0.1 if c.get("last_tokens") else 2.0
     got = backend.ops.segment_weights(*backend.to(args), tau)
