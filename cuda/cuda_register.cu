@@ -2,8 +2,8 @@
 // cpp/schemas.cpp: the dispatcher sends calls whose tensors are on a CUDA
 // device here. Each op is the shared launcher (launchers.cuh) run by
 // CudaExec; the kernels live in the *_launch.cu files. This is the only CUDA
-// file that includes ATen. tests/test_cuda_ops.py checks that every schema
-// has an m.impl below.
+// file that includes ATen. tests/ops/test_cuda_registration.py checks that
+// every schema has an m.impl below.
 #include <torch/library.h>
 
 #include "cuda_exec.cuh"

@@ -11,11 +11,13 @@
 // and shared-memory reductions assume, no zero-size grids, and that every
 // 16-byte vector access is 16-byte aligned (a host memcpy would not care).
 // What it cannot check: the shuffles and shared memory themselves, races
-// between threads (they run one after another here) and timing; those need
-// a GPU (tests/test_cuda_ops.py runs the real kernels when one is present).
+// between threads (they run one after another here), the device branch of
+// the 16-byte accesses (PTX on the GPU, memcpy here; .ci/sass_check.py reads
+// their machine code) and timing; those need a GPU (the cuda backend of tests/ops runs the real kernels when one is
+// present).
 //
-// Not part of the extension: tests/test_cuda_ops.py compiles it with the
-// host compiler into a throwaway library that registers torch.ops.kvcomm_emu.
+// Not part of the extension: tests/ops/backends.py compiles it with the host
+// compiler into a throwaway library that registers torch.ops.kvcomm_emu.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -62,7 +64,7 @@ class HostExec {
     return n;
   }
 
-  explicit HostExec(const at::Tensor&) {}
+  HostExec(const char*, const at::Tensor&) {}
   int sm_count() const { return assumed_sms(); }
 
   KVRef* alloc_refs(int64_t n, const at::Tensor&, at::Tensor& keep) {

@@ -9,7 +9,6 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
@@ -18,18 +17,11 @@
 #include <tuple>
 #include <vector>
 
+#include "dispatch.h"
 #include "matching_kernels.cuh"
 #include "offset_kernel.cuh"
 #include "op_checks.h"
 #include "weight_kernels.cuh"
-
-// float32, float16 and bfloat16 only (op_checks rejects the rest), so no
-// float64 kernels are compiled for nothing.
-#define KVCOMM_DISPATCH_KV_TYPES(TYPE, NAME, ...)                     \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                                      \
-                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)        \
-                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)         \
-                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 namespace kvcomm {
 namespace cuda {
@@ -75,7 +67,7 @@ void offset_into(const char* op, const at::Tensor& dst, const at::Tensor& base,
   const checks::OffsetPlan plan = checks::offset(op, dst, base, deltas, weights, shift, inv_freq);
   const checks::KVShape& s = plan.shape;
   if (dst.numel() == 0) return;
-  Exec ex(base);
+  Exec ex(op, base);
   const at::Tensor w = weights.contiguous();
   const at::Tensor sh = shift.reshape({-1}).contiguous();
   const at::Tensor f = plan.rotate ? inv_freq->contiguous() : at::Tensor();
@@ -173,7 +165,7 @@ at::Tensor value_distances(const at::Tensor& content, at::TensorList anchors, bo
   const auto fopts = content.options().dtype(at::kFloat);
   if (n == 0) return at::empty({0}, fopts);
   if (content.numel() == 0) return at::zeros({n}, fopts);
-  Exec ex(content);
+  Exec ex(op, content);
   std::vector<KVRef> refs;
   for (const at::Tensor& a : anchors) refs.push_back(ref_of(a));
   const int64_t esize = content.element_size();
@@ -218,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> match_decide(
   const char* op = "kvcomm.match_decide";
   checks::distances(op, distances);
   checks::decide_params(op, tau, gamma, top_p);
-  Exec ex(distances);
+  Exec ex(op, distances);
   const int64_t n = distances.size(0);
   const auto opts = distances.options();
   at::Tensor probs = at::empty({n}, opts);
@@ -246,7 +238,7 @@ at::Tensor token_weights(const at::Tensor& base, at::TensorList anchors, double 
   const auto fopts = base.options().dtype(at::kFloat);
   at::Tensor out = at::empty({n, s.tokens}, fopts);
   if (n == 0 || s.tokens == 0) return out;
-  Exec ex(base);
+  Exec ex(op, base);
   const int64_t rows = s.layers * s.heads;
   int64_t groups = 0;
   at::Tensor partial;
@@ -300,7 +292,7 @@ at::Tensor segment_weights(const at::Tensor& base, at::TensorList anchors, doubl
   const int64_t channels = s.layers * s.heads * s.dim;
   at::Tensor out = at::empty({n, s.layers, s.heads, s.dim}, base.options().dtype(at::kFloat));
   if (n == 0 || channels == 0) return out;
-  Exec ex(base);
+  Exec ex(op, base);
   int64_t chunks = 0;
   at::Tensor partial;
   if (s.tokens > 0) {
