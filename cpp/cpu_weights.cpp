@@ -1,4 +1,4 @@
-// CPU offset weights (SPEC section 5): per-token weights for placeholder
+// CPU offset weights (docs/method.md section 5): per-token weights for placeholder
 // tokens and per-(layer, head, channel) weights for the following segment.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
