@@ -148,6 +148,18 @@ def _build_embedded_cache(gguf: str, out_dir: str) -> None:
         raise
 
 
+def embedded_model_dir() -> str:
+    """The embedded SmolLM2's folder in the cache (config.json, model.safetensors,
+    tokenizer), built from the GGUF on first use: a plain transformers folder that other
+    loaders (vLLM) read too."""
+    gguf = embedded_gguf_path()
+    folder = _embedded_cache_dir(gguf)
+    if not os.path.isfile(os.path.join(folder, "model.safetensors")):
+        with _quiet_transformers():
+            _build_embedded_cache(gguf, folder)
+    return folder
+
+
 def load_model(path: str | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """(model, tokenizer) in eval mode.
 
@@ -158,10 +170,7 @@ def load_model(path: str | None = None, dtype: torch.dtype = torch.float32, devi
 
     with _quiet_transformers():
         if path is None:
-            gguf = embedded_gguf_path()
-            folder = _embedded_cache_dir(gguf)
-            if not os.path.isfile(os.path.join(folder, "model.safetensors")):
-                _build_embedded_cache(gguf, folder)
+            folder = embedded_model_dir()
         else:
             folder = path
             if not os.path.isdir(folder):

@@ -8,20 +8,7 @@ from dataclasses import dataclass, field
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
 
-
-@dataclass
-class CallLayout:
-    """An agent call's prompt as the server's front end laid it out (token positions)."""
-    agent_key: str
-    agent_name: str
-    session: str
-    round: int
-    learn: bool
-    spans: list           # [(slot, start, stop)] token ranges of the placeholders
-    segments: list        # [(start, stop)] the text after each placeholder
-    s0: int
-    problem: str | None   # why the layout cannot reuse (a slot edge inside a token), else None
-    max_tokens: int
+from .worker_state import CallLayout, PlanResult
 
 
 @dataclass
@@ -72,15 +59,6 @@ class KVCommMeta(KVConnectorMetadata):
     saves: list = field(default_factory=list)
     captures: list = field(default_factory=list)
     drops: list = field(default_factory=list)       # finished request ids: free worker-side state
-
-
-@dataclass
-class PlanResult:
-    path: str                  # "reuse" or "dense"
-    reason: str
-    prefix: int                # tokens the connector writes: T-1 (reuse) or the exact S0 prefix (dense)
-    slots: dict = field(default_factory=dict)    # slot -> what was decided
-    gates: dict = field(default_factory=dict)    # slot -> the decision's numbers
 
 
 @dataclass

@@ -27,10 +27,33 @@ from ..engine.agent import AgentState
 from ..engine.kv import neutral_keys
 from ..engine.request import Reply, RequestState
 from ..engine.template import CONDITION, CURRENT, HISTORY, QUESTION, PromptLayout, classify, parse_template
-from .jobs import CallLayout, PlanResult
 from .tp import RankGroup, reduced_decide
 
 KIND_OF = {QUESTION: "question", CONDITION: "condition", CURRENT: "reply", HISTORY: "reply"}
+
+
+@dataclass
+class CallLayout:
+    """An agent call's prompt as the server's front end laid it out (token positions)."""
+    agent_key: str
+    agent_name: str
+    session: str
+    round: int
+    learn: bool
+    spans: list           # [(slot, start, stop)] token ranges of the placeholders
+    segments: list        # [(start, stop)] the text after each placeholder
+    s0: int
+    problem: str | None   # why the layout cannot reuse (a slot edge inside a token), else None
+    max_tokens: int
+
+
+@dataclass
+class PlanResult:
+    path: str                  # "reuse" or "dense"
+    reason: str
+    prefix: int                # tokens the connector writes: T-1 (reuse) or the exact S0 prefix (dense)
+    slots: dict = field(default_factory=dict)    # slot -> what was decided
+    gates: dict = field(default_factory=dict)    # slot -> the decision's numbers
 
 
 @dataclass
