@@ -1,0 +1,126 @@
+"""Fixtures of the vLLM tests. They run in the vLLM environment that `bash .ci/vllm.sh`
+sets up (a CI stage of their own); in an environment without vLLM this folder is not
+collected.
+
+Sizes are small on purpose (SmolLM2-135M, short prompts, a few tokens): vLLM on two
+shared CPU cores takes seconds per step."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+HAVE_VLLM = importlib.util.find_spec("vllm") is not None
+collect_ignore_glob = [] if HAVE_VLLM else ["test_*.py"]
+
+# vLLM on CPU: a small KV cache, no OpenMP core binding (the machine's cores are shared;
+# a bound thread waits for its one core), the engine in this process for the offline
+# tests (so they can read the connector's worker-side state).
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+
+SOLVER = ("solver", "You are a careful math tutor.",
+          "Solve this problem.\nProblem:\n{user_question}\nReply with the final number only.")
+CRITIC = ("critic", "You check answers.",
+          "Problem:\n{user_question}\nProposed answer:\n{agent_solver_current}\nIs it correct? Say yes or no.")
+WARM = ["What is 12 plus 7?", "A farmer has 3 cows and buys 5 more. How many cows does he have?",
+        "What is 9 times 8?", "Tom has 20 apples and eats 4. How many apples are left?", "What is 100 minus 37?",
+        "A box holds 6 eggs. How many eggs are in 4 boxes?"]
+TEST = ["Sara has 15 pens and gives away 6. How many pens remain?", "What is 7 times 6?"]
+
+
+@pytest.fixture(scope="session")
+def model_dir():
+    from kvcomm.models import embedded_model_dir
+    return embedded_model_dir()
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.fixture(scope="session")
+def offline(model_dir):
+    """KVCommLLM (vLLM's LLM with the connector) in this process, fp32, with the
+    connector keeping a read-back of every load it writes."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from kvcomm.vllm.offline import KVCommLLM
+    eng = KVCommLLM(model_dir, dtype="float32", max_model_len=1024, enforce_eager=True, seed=0, block_size=32,
+                    keep_loads=True)
+    for a in (SOLVER, CRITIC):
+        eng.add_agent(*a)
+    return eng
+
+
+@pytest.fixture(scope="session")
+def connector(offline):
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+    return get_kv_transfer_group()
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    """A KVCOMM server (`python -m kvcomm.vllm.vllm_cli serve` with the connector and the
+    front end) on a free loopback port; stopped by its process id at the end."""
+    from kvcomm.vllm.client import KVCommClient
+    from kvcomm.vllm.launch import serve_argv
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    argv = serve_argv(model_dir, port=port, dtype="float32", max_model_len=1024, served_model_name="smol",
+                      extra_args=["--enforce-eager", "--block-size", "32", "--uvicorn-log-level", "warning",
+                                  "--max-num-seqs", "8"])
+    env = dict(os.environ)
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    log = open(log_path, "w")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    client = KVCommClient(f"http://127.0.0.1:{port}", model="smol")
+    deadline = time.time() + 600
+    try:
+        while not client.healthy():
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"the server did not start; its log:\n{open(log_path).read()[-4000:]}")
+            time.sleep(1)
+        client.log_path = str(log_path)
+        yield client
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(30)
+        log.close()
+
+
+def run_reference(model_dir: str, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """Greedy fp32 token ids of `prompts` from vLLM without any connector, in a separate
+    process (a second engine in this process would share its distributed state)."""
+    import json
+    code = ("import json, os, sys\n"
+            "os.environ['VLLM_ENABLE_V1_MULTIPROCESSING'] = '0'\n"
+            "from vllm import LLM, SamplingParams\n"
+            "from vllm.inputs import TokensPrompt\n"
+            "a = json.loads(sys.stdin.read())\n"
+            "llm = LLM(model=a['model'], dtype='float32', max_model_len=1024, enforce_eager=True, seed=0,"
+            " block_size=32)\n"
+            "outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in a['prompts']],"
+            " SamplingParams(max_tokens=a['max_tokens'], temperature=0.0), use_tqdm=False)\n"
+            "print('RESULT ' + json.dumps([list(o.outputs[0].token_ids) for o in outs]))\n")
+    env = dict(os.environ)
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    out = subprocess.run([sys.executable, "-c", code], input=json.dumps(
+        {"model": model_dir, "prompts": prompts, "max_tokens": max_tokens}), capture_output=True, text=True,
+        env=env, timeout=900)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    if out.returncode != 0 or not lines:
+        raise RuntimeError(f"reference run failed ({out.returncode}):\n{out.stderr[-4000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
