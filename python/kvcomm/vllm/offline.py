@@ -48,6 +48,10 @@ class KVCommLLM:
         self._done: set = set()
         self._replies: dict = {}
 
+    def captured(self, session: str, agent: str, rnd: int = 0):
+        """The reply ids the connector captured for that call (None: not captured)."""
+        return self._replies.get((session, agent, rnd))
+
     def add_agent(self, name: str, system_prompt: str, template: str) -> None:
         self.agents[name] = (system_prompt or "", template)
 
