@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import subprocess
-import sys
 import time
 
 import pytest
+
+from kvcomm.vllm.verify import free_port, run_reference  # noqa: F401  (run_reference: used by the tests)
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 collect_ignore_glob = [] if HAVE_VLLM else ["test_*.py"]
@@ -38,14 +38,6 @@ TEST = ["Sara has 15 pens and gives away 6. How many pens remain?", "What is 7 t
 def model_dir():
     from kvcomm.models import embedded_model_dir
     return embedded_model_dir()
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 @pytest.fixture(scope="session")
@@ -99,28 +91,3 @@ def server(model_dir, tmp_path_factory):
             proc.kill()
             proc.wait(30)
         log.close()
-
-
-def run_reference(model_dir: str, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    """Greedy fp32 token ids of `prompts` from vLLM without any connector, in a separate
-    process (a second engine in this process would share its distributed state)."""
-    import json
-    code = ("import json, os, sys\n"
-            "os.environ['VLLM_ENABLE_V1_MULTIPROCESSING'] = '0'\n"
-            "from vllm import LLM, SamplingParams\n"
-            "from vllm.inputs import TokensPrompt\n"
-            "a = json.loads(sys.stdin.read())\n"
-            "llm = LLM(model=a['model'], dtype='float32', max_model_len=1024, enforce_eager=True, seed=0,"
-            " block_size=32)\n"
-            "outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in a['prompts']],"
-            " SamplingParams(max_tokens=a['max_tokens'], temperature=0.0), use_tqdm=False)\n"
-            "print('RESULT ' + json.dumps([list(o.outputs[0].token_ids) for o in outs]))\n")
-    env = dict(os.environ)
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-    out = subprocess.run([sys.executable, "-c", code], input=json.dumps(
-        {"model": model_dir, "prompts": prompts, "max_tokens": max_tokens}), capture_output=True, text=True,
-        env=env, timeout=900)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-    if out.returncode != 0 or not lines:
-        raise RuntimeError(f"reference run failed ({out.returncode}):\n{out.stderr[-4000:]}")
-    return json.loads(lines[-1][len("RESULT "):])

@@ -214,9 +214,17 @@ class KVCommClient:
                 finish = ch.get("finish_reason") or finish
             usage = chunk.get("usage") or usage
         total = (time.perf_counter() - t0) * 1000.0
-        return RemoteCall(agent, "".join(text), mode, "baseline" if mode == DENSE else "?",
-                          "plain vLLM" if mode == DENSE else "", float(ttft if ttft is not None else total),
-                          {"total": total}, ids[0] if ids else None, int(usage.get("prompt_tokens", 0)),
+        prompt = int(usage.get("prompt_tokens", 0))
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+        path, reason = "baseline", "plain vLLM"
+        if mode == KVCOMM:
+            # A streamed response carries no kv_transfer_params; the prompt tokens vLLM did not
+            # compute say the path: all but the last on the reuse path (needs the server's
+            # --enable-prompt-tokens-details, which `kvcomm serve` sets).
+            path = "?" if cached is None else ("reuse" if prompt and cached == prompt - 1 else "dense")
+            reason = "" if cached is None else f"{cached} of {prompt} prompt tokens supplied by KVCOMM"
+        return RemoteCall(agent, "".join(text), mode, path, reason, float(ttft if ttft is not None else total),
+                          {"total": total}, ids[0] if ids else None, prompt,
                           int(usage.get("completion_tokens", len(ids))), {}, {}, ids, finish)
 
     def engine(self, *, stream: bool = False, learn: bool = True) -> "RemoteEngine":
@@ -226,9 +234,9 @@ class KVCommClient:
 class RemoteEngine:
     """The KVCommEngine interface over a KVCOMM server, for the agent runtime.
 
-    stream=False (default): each call reports the server's path and reason (the
-    response's kv_transfer_params); stream=True measures TTFT instead (a streamed
-    response carries no kv_transfer_params, so path is "?" for KVCOMM calls)."""
+    stream=False (default): each call reports the server's path, reason and per-slot
+    decisions (the response's kv_transfer_params); stream=True measures TTFT too and
+    tells the path from the prompt tokens vLLM reports as cached."""
 
     def __init__(self, client: KVCommClient, *, stream: bool = False, learn: bool = True):
         self.client = client

@@ -43,7 +43,10 @@ def serve_argv(model: str, *, host: str = "127.0.0.1", port: int = 8000, dtype: 
     front end. config: transfer_config's keyword arguments."""
     argv = [sys.executable, "-m", "kvcomm.vllm.vllm_cli", "serve", model, "--host", host, "--port", str(port),
             "--dtype", dtype, "--kv-transfer-config", json.dumps(transfer_config(**config)),
-            "--middleware", MIDDLEWARE]
+            "--middleware", MIDDLEWARE,
+            # usage.prompt_tokens_details.cached_tokens: how many prompt tokens vLLM did not
+            # compute (all but the last on the reuse path); streamed calls read their path there
+            "--enable-prompt-tokens-details"]
     if max_model_len:
         argv += ["--max-model-len", str(max_model_len)]
     if served_model_name:
