@@ -24,6 +24,10 @@ collect_ignore_glob = [] if HAVE_VLLM else ["test_*.py"]
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
+# An explicit KV cache size: without it vLLM's CPU worker refuses to start when less than
+# --gpu-memory-utilization (0.92) of the machine's memory is free, which other jobs decide.
+KV_BYTES = 1 << 30
+
 SOLVER = ("solver", "You are a careful math tutor.",
           "Solve this problem.\nProblem:\n{user_question}\nReply with the final number only.")
 CRITIC = ("critic", "You check answers.",
@@ -47,7 +51,7 @@ def offline(model_dir):
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from kvcomm.vllm.offline import KVCommLLM
     eng = KVCommLLM(model_dir, dtype="float32", max_model_len=1024, enforce_eager=True, seed=0, block_size=32,
-                    keep_loads=True)
+                    kv_cache_memory_bytes=KV_BYTES, keep_loads=True)
     for a in (SOLVER, CRITIC):
         eng.add_agent(*a)
     return eng
@@ -69,7 +73,7 @@ def server(model_dir, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     argv = serve_argv(model_dir, port=port, dtype="float32", max_model_len=1024, served_model_name="smol",
                       extra_args=["--enforce-eager", "--block-size", "32", "--uvicorn-log-level", "warning",
-                                  "--max-num-seqs", "8"])
+                                  "--max-num-seqs", "8", "--kv-cache-memory-bytes", str(KV_BYTES)])
     env = dict(os.environ)
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     log = open(log_path, "w")

@@ -121,8 +121,8 @@ def run_reference(model_dir: str, prompts: list[list[int]], max_tokens: int) -> 
             "from vllm import LLM, SamplingParams\n"
             "from vllm.inputs import TokensPrompt\n"
             "a = json.loads(sys.stdin.read())\n"
-            "llm = LLM(model=a['model'], dtype='float32', max_model_len=1024, enforce_eager=True, seed=0,"
-            " block_size=32)\n"
+            "llm = LLM(model=a['model'], dtype='float32', max_model_len=2048, enforce_eager=True, seed=0,"
+            " block_size=32, kv_cache_memory_bytes=1 << 30)\n"
             "outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in a['prompts']],"
             " SamplingParams(max_tokens=a['max_tokens'], temperature=0.0), use_tqdm=False)\n"
             "print('RESULT ' + json.dumps([list(o.outputs[0].token_ids) for o in outs]))\n")

@@ -56,7 +56,7 @@ def start_server(model_dir: str, port: int, log_path: str, max_num_seqs: int):
     from kvcomm.vllm.launch import serve_argv
     argv = serve_argv(model_dir, port=port, dtype="float32", max_model_len=2048, served_model_name="kvcomm",
                       extra_args=["--enforce-eager", "--block-size", "32", "--uvicorn-log-level", "warning",
-                                  "--max-num-seqs", str(max_num_seqs)])
+                                  "--max-num-seqs", str(max_num_seqs), "--kv-cache-memory-bytes", str(2 << 30)])
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
@@ -102,7 +102,7 @@ def checks_phase(model_dir: str, log) -> dict:
     from kvcomm.vllm.verify import reuse_vs_hf, run_reference
     from vllm.distributed.kv_transfer import get_kv_transfer_group
     eng = KVCommLLM(model_dir, dtype="float32", max_model_len=2048, enforce_eager=True, seed=0, block_size=32,
-                    keep_loads=True)
+                    kv_cache_memory_bytes=1 << 30, keep_loads=True)
     for a in AGENTS:
         eng.add_agent(*a)
     calls = []
