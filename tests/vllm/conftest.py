@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import time
 
 import pytest
 
-from kvcomm.vllm.verify import free_port, run_reference  # noqa: F401  (run_reference: used by the tests)
+from kvcomm.vllm.verify import run_reference  # noqa: F401  (used by the tests)
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 collect_ignore_glob = [] if HAVE_VLLM else ["test_*.py"]
@@ -66,32 +64,11 @@ def connector(offline):
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     """A KVCOMM server (`python -m kvcomm.vllm.vllm_cli serve` with the connector and the
-    front end) on a free loopback port; stopped by its process id at the end."""
-    from kvcomm.vllm.client import KVCommClient
-    from kvcomm.vllm.launch import serve_argv
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
-    argv = serve_argv(model_dir, port=port, dtype="float32", max_model_len=1024, served_model_name="smol",
-                      extra_args=["--enforce-eager", "--block-size", "32", "--uvicorn-log-level", "warning",
-                                  "--max-num-seqs", "8", "--kv-cache-memory-bytes", str(KV_BYTES)])
-    env = dict(os.environ)
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-    log = open(log_path, "w")
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    client = KVCommClient(f"http://127.0.0.1:{port}", model="smol")
-    deadline = time.time() + 600
-    try:
-        while not client.healthy():
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"the server did not start; its log:\n{open(log_path).read()[-4000:]}")
-            time.sleep(1)
-        client.log_path = str(log_path)
+    front end) on a free loopback port, fp32; stopped by its process id at the end."""
+    from kvcomm.vllm.launch import Server
+    log_path = str(tmp_path_factory.mktemp("server") / "server.log")
+    with Server(model_dir, log_path, served_model_name="smol", dtype="float32", max_model_len=1024,
+                extra_args=["--enforce-eager", "--block-size", "32", "--uvicorn-log-level", "warning",
+                            "--max-num-seqs", "8", "--kv-cache-memory-bytes", str(KV_BYTES)]) as client:
+        client.log_path = log_path
         yield client
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(30)
-        log.close()

@@ -52,3 +52,58 @@ def serve_argv(model: str, *, host: str = "127.0.0.1", port: int = 8000, dtype: 
     if served_model_name:
         argv += ["--served-model-name", served_model_name]
     return argv + list(extra_args or [])
+
+
+class Server:
+    """A KVCOMM server in a child process, for tests and benchmarks:
+
+        with Server(model_dir, log_path, dtype="float32") as client:   # a KVCommClient
+            ...
+
+    Starts `serve_argv(model, port=<free loopback port>, **kw)`, waits until /health
+    answers (or the process exits, or `timeout` s pass: RuntimeError with the log's
+    tail), and stops the process it started (terminate, then kill) on exit."""
+
+    def __init__(self, model: str, log_path: str, *, timeout: float = 900.0, env: dict | None = None,
+                 served_model_name: str = "kvcomm", **kw):
+        self.model, self.log_path, self.timeout = model, log_path, timeout
+        self.env, self.name, self.kw = env, served_model_name, kw
+        self.proc = None
+
+    def __enter__(self):
+        import os
+        import subprocess
+        import time
+
+        from .client import KVCommClient
+        from .verify import free_port
+        port = free_port()
+        env = dict(os.environ)
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)   # the server runs its engine in its own processes
+        env.update(self.env or {})
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(serve_argv(self.model, port=port, served_model_name=self.name, **self.kw),
+                                     stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        client = KVCommClient(f"http://127.0.0.1:{port}", model=self.name)
+        t0 = time.perf_counter()
+        while not client.healthy():
+            if self.proc.poll() is not None or time.perf_counter() - t0 > self.timeout:
+                self.__exit__(None, None, None)
+                with open(self.log_path) as f:
+                    raise RuntimeError(f"the KVCOMM server did not start; its log ends:\n{f.read()[-4000:]}")
+            time.sleep(1)
+        self.startup_s = time.perf_counter() - t0
+        return client
+
+    def __exit__(self, *exc):
+        import subprocess
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(30)
+        self._log.close()
+        return False

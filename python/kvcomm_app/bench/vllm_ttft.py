@@ -52,19 +52,6 @@ def question(i: int) -> str:
             f"Question: how many {it} were left on the shelves at the end of the week?")
 
 
-def start_server(model_dir: str, port: int, log_path: str, max_num_seqs: int):
-    from kvcomm.vllm.launch import serve_argv
-    argv = serve_argv(model_dir, port=port, dtype="float32", max_model_len=2048, served_model_name="kvcomm",
-                      extra_args=["--enforce-eager", "--block-size", "32", "--uvicorn-log-level", "warning",
-                                  "--max-num-seqs", str(max_num_seqs), "--kv-cache-memory-bytes", str(2 << 30)])
-    env = dict(os.environ)
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-    log = open(log_path, "w")
-    return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True), log
-
-
 def run_graph(client, q: str, mode: str, learn: bool, tokens: int, stream: bool):
     from kvcomm.vllm.client import RemoteEngine
     eng = RemoteEngine(client, stream=stream, learn=learn)
@@ -128,18 +115,12 @@ def checks_phase(model_dir: str, log) -> dict:
 
 
 def server_phase(model_dir: str, args, log) -> dict:
-    from kvcomm.vllm.client import KVCommClient
-    from kvcomm.vllm.verify import free_port
-    port = free_port()
-    proc, logf = start_server(model_dir, port, args.server_log, 8)
-    client = KVCommClient(f"http://127.0.0.1:{port}", model="kvcomm")
-    try:
-        t0 = time.perf_counter()
-        while not client.healthy():
-            if proc.poll() is not None or time.perf_counter() - t0 > 900:
-                raise RuntimeError(f"server did not start; see {args.server_log}")
-            time.sleep(1)
-        log(f"server ready in {time.perf_counter() - t0:.0f} s")
+    from kvcomm.vllm.launch import Server
+    server = Server(model_dir, args.server_log, dtype="float32", max_model_len=2048,
+                    extra_args=["--enforce-eager", "--block-size", "32", "--uvicorn-log-level", "warning",
+                                "--max-num-seqs", "8", "--kv-cache-memory-bytes", str(2 << 30)])
+    with server as client:
+        log(f"server ready in {server.startup_s:.0f} s")
         for a in AGENTS:
             client.add_agent(*a)
         lost = 0
@@ -191,13 +172,6 @@ def server_phase(model_dir: str, args, log) -> dict:
                 "concurrent_equal_sequential": equal, "lost_requests": lost,
                 "graph": [a[0] for a in AGENTS], "tokens_per_call": args.tokens, "measured_questions": args.questions,
                 "warmup_questions": args.warmup}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        logf.close()
 
 
 def git_commit() -> str | None:
