@@ -13,7 +13,10 @@ import pytest
 
 from kvcomm.vllm.verify import run_reference  # noqa: F401  (used by the tests)
 
-HAVE_VLLM = importlib.util.find_spec("vllm") is not None
+# (this folder is itself named vllm: on sys.path it looks like a namespace package,
+# which has no origin; the real vLLM is a regular package)
+_spec = importlib.util.find_spec("vllm")
+HAVE_VLLM = _spec is not None and _spec.origin is not None
 collect_ignore_glob = [] if HAVE_VLLM else ["test_*.py"]
 
 # vLLM on CPU: a small KV cache, no OpenMP core binding (the machine's cores are shared;
