@@ -107,7 +107,9 @@ class KVCommFrontend:
         while more:
             msg = await receive()
             if msg["type"] != "http.request":   # the client left before sending everything
-                return await self.app(scope, _replay(b"".join(chunks), receive), send)
+                async def then(first=msg):
+                    return first
+                return await self.app(scope, _replay(b"".join(chunks), then), send)
             chunks.append(msg.get("body", b""))
             more = msg.get("more_body", False)
         body = b"".join(chunks)
