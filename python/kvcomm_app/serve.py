@@ -86,7 +86,7 @@ def vllm_engine_factory(args):
                             pool=dict(cfg.pool) or None)
             client = server.__enter__()
             atexit.register(server.__exit__, None, None, None)   # stopped when the command ends
-        eng = client.engine()
+        eng = client.engine(stream=True)   # TTFT measured; the path read from cached prompt tokens
         name = cfg.model or "SmolLM2-135M-Instruct (embedded)"
         return eng, f"{name} via vLLM", f"vLLM server {client.host}:{client.port}, {cfg.dtype}", \
             time.perf_counter() - t0
