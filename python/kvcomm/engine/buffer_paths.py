@@ -1,10 +1,10 @@
 """The per-call steps of the method on explicit KV buffers, for engines that do not own the model.
 
-KVCommEngine runs the same steps on its own transformers cache (paths.py, which adds
-partial calls and recompute); the vLLM
-connector (kvcomm.vllm) runs them on KV it reads from and writes to vLLM's paged
-cache. Both need the same arithmetic, so it is written here once, on plain
-[layers, kv_heads, tokens, head_dim] buffers indexed by absolute prompt position:
+The vLLM connector (kvcomm.vllm) runs these steps on KV it reads from and writes to
+vLLM's paged cache, on plain [layers, kv_heads, tokens, head_dim] buffers indexed by
+absolute prompt position. KVCommEngine runs the same decisions on its own transformers
+cache through paths.py, which also plans partial calls and recompute (docs/method.md
+section 9); the connector takes the all-or-nothing path of section 6:
 
 - decide_content: the share-or-anchor decision for one content (docs/method.md §4);
 - path_reason: whether every slot can be estimated for this agent (§6);

@@ -3,7 +3,7 @@
 The connector's worker side reads KV out of vLLM's paged cache and writes KV into it
 (paged.py); everything in between is here, on dense [layers, kv_heads, tokens,
 head_dim] tensors of this rank's heads, with the steps the Hugging Face engine uses
-(kvcomm.engine.paths, kvcomm.engine.agent, kvcomm.engine.request):
+(kvcomm.engine.buffer_paths, kvcomm.engine.agent, kvcomm.engine.request):
 
 - an agent's exact S0 and neutral template segments come from the template request's
   prefill (vLLM computed it; the front end sent the prompt rendered with the
