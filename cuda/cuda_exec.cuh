@@ -98,6 +98,11 @@ class CudaExec {
     check("segment_finish_kernel", launch_segment_finish(a, stream_));
   }
 
+  template <typename T, bool kTable>
+  void spread(const Launch& g, const SpreadArgs& a, const RefTable& table) {
+    check("spread_kernel", launch_spread<T, kTable>(g, a, table, stream_));
+  }
+
  private:
   // The result of cudaGetLastError() right after a launch: a launch error of
   // this kernel, or an asynchronous fault of work queued before it that

@@ -52,6 +52,10 @@ void fused_offset_into(const at::Tensor& dst, const at::Tensor& base, at::Tensor
                               inv_freq);
 }
 
+at::Tensor token_spread(at::TensorList deltas, const at::Tensor& weights) {
+  return cuda::token_spread<CudaExec>(deltas, weights);
+}
+
 }  // namespace gpu
 }  // namespace kvcomm
 
@@ -64,4 +68,5 @@ TORCH_LIBRARY_IMPL(kvcomm, CUDA, m) {
   m.impl("segment_weights", &kvcomm::gpu::segment_weights);
   m.impl("fused_offset", &kvcomm::gpu::fused_offset);
   m.impl("fused_offset_into", &kvcomm::gpu::fused_offset_into);
+  m.impl("token_spread", &kvcomm::gpu::token_spread);
 }

@@ -21,6 +21,8 @@
 #include "matching_kernels.cuh"
 #include "offset_kernel.cuh"
 #include "op_checks.h"
+#include "spread.h"
+#include "spread_kernels.cuh"
 #include "weight_kernels.cuh"
 
 namespace kvcomm {
@@ -324,6 +326,47 @@ at::Tensor segment_weights(const at::Tensor& base, at::TensorList anchors, doubl
   SegmentFinishArgs fa{partial.defined() ? partial.data_ptr<float>() : nullptr, chunks, n,
                        channels, static_cast<float>(tau), out.data_ptr<float>()};
   ex.segment_finish(fa);
+  return out;
+}
+
+// ---- per-token spread ----------------------------------------------------
+
+template <class Exec>
+at::Tensor token_spread(at::TensorList deltas, const at::Tensor& weights) {
+  const char* op = "kvcomm.token_spread";
+  const checks::SpreadPlan p = checks::token_spread(op, deltas, weights);
+  at::Tensor out = at::zeros({p.tokens}, weights.options());
+  // As on the CPU: fewer than two anchors, or no layer that carries an
+  // offset, leave nothing to disagree about.
+  if (p.num_deltas < 2 || p.layers < 2 || p.tokens == 0 || p.heads * p.dim == 0) return out;
+  Exec ex(op, weights);
+  const at::Tensor w = weights.contiguous();
+  std::vector<KVRef> refs;
+  for (const at::Tensor& d : deltas) refs.push_back(ref_of(d));
+  SpreadArgs a{};
+  a.weights = w.data_ptr<float>();
+  a.num_deltas = p.num_deltas;
+  a.heads = p.heads;
+  a.tokens = p.tokens;
+  a.dim = p.dim;
+  a.elements = (p.layers - 1) * p.heads * p.dim;
+  a.out = out.data_ptr<float>();
+  RefTable small{};
+  at::Tensor table_keepalive;
+  if (p.num_deltas <= kMaxParamRefs) {
+    for (size_t u = 0; u < refs.size(); ++u) small.r[u] = refs[u];
+  } else {  // the device table, as the fused offset builds it
+    KVRef* table = ex.alloc_refs(p.num_deltas, weights, table_keepalive);
+    for_ref_chunks(refs, kMaxParamRefs, [&](int64_t first, int64_t count, const RefTable& chunk) {
+      ex.store_refs(chunk, count, table + first);
+    });
+    a.table = table;
+  }
+  const Launch g = plan_spread(p.tokens);
+  KVCOMM_DISPATCH_KV_TYPES(deltas[0].scalar_type(), "kvcomm.token_spread", [&] {
+    if (a.table != nullptr) ex.template spread<scalar_t, true>(g, a, small);
+    else ex.template spread<scalar_t, false>(g, a, small);
+  });
   return out;
 }
 

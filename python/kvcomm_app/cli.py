@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import asdict
 
+from . import serve
 from .cli_checks import UsageError, check_args
 
 
@@ -117,11 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--sweep-capacities", default="5,10,20", metavar="LIST",
                     help="pool capacities of the sweep (default 5,10,20)")
     _add_common(ev, questions=10, warmup=2, max_new_tokens=128)
+    serve.add_backend_args(ev)
 
     bench = sub.add_parser("bench", help="benchmarks: `kvcomm bench ttft`",
                            description="Benchmarks. `kvcomm bench ttft --help` for the TTFT one.")
     bsub = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK")
     _add_bench_ttft(bsub)
+    serve.add_serve_parser(sub)
     return parser
 
 
@@ -167,6 +170,7 @@ def _add_bench_ttft(bsub) -> None:
                    help="scaling values (default agents 2,3,4,5,6,7,8; prefix 64,128,256,512,1024)")
     t.add_argument("--seed", type=int, default=0, help="seed of the synthetic texts")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    serve.add_backend_args(t)
     t.add_argument("--json", metavar="PATH",
                    help="JSON path (default results/ttft/ttft-<device>[-share-always][-step-<step>]"
                         "[-scaling-<what>].json)")
@@ -317,6 +321,8 @@ def cmd_bench(args) -> int:
         print("usage: kvcomm bench ttft [options]   (kvcomm bench ttft --help for the options)",
               file=sys.stderr)
         return 2
+    if getattr(args, "backend", "hf") == "vllm":
+        return serve.cmd_bench_ttft_vllm(args)
     return cmd_bench_ttft(args)
 
 
@@ -411,7 +417,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             return cmd_demo(args)
         if args.command == "eval":
-            return cmd_eval(args)
+            vllm = getattr(args, "backend", "hf") == "vllm"
+            return cmd_eval(args, serve.vllm_engine_factory(args) if vllm else None)
+        if args.command == "serve":
+            return serve.cmd_serve(args)
         return cmd_bench(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

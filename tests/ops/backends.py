@@ -83,8 +83,9 @@ def build_emulator():
     if not src.exists() or src.read_text() != source:
         src.write_text(source)
     flags = ["-O0", "--coverage"] if coverage else ["-O2"]
-    # op_checks.cpp: the argument checks the launchers share with the CPU ops.
-    load(name="kvcomm_cuda_emulation", sources=[str(src), str(ROOT / "cpp" / "op_checks.cpp")],
+    # op_checks.cpp, spread_checks.cpp: the argument checks the launchers share with the CPU ops.
+    load(name="kvcomm_cuda_emulation",
+         sources=[str(src), str(ROOT / "cpp" / "op_checks.cpp"), str(ROOT / "cpp" / "spread_checks.cpp")],
          extra_include_paths=[str(ROOT / "cpp"), str(ROOT / "cpp" / "include"), str(ROOT / "cuda")],
          extra_cflags=flags, extra_ldflags=["--coverage"] if coverage else [], build_directory=str(build),
          is_python_module=False, verbose=False)
@@ -119,6 +120,9 @@ class EmulatedOps:
 
     def segment_weights(self, base, anchors, tau=1.0):
         return self._emu.segment_weights(base, list(anchors), tau)
+
+    def token_spread(self, deltas, weights):
+        return self._emu.token_spread(list(deltas), weights)
 
     def fused_offset(self, base, deltas, weights, shift, inv_freq=None):
         return self._emu.fused_offset(base, list(deltas), weights, _shift(shift, base), inv_freq)

@@ -30,6 +30,7 @@ def cases(device):
         yield _ops.rope_move, (base, f, shift)
         yield _ops.value_distances, (base, anchors, dtype == torch.bfloat16)
         yield _ops.fused_offset, (base, anchors, tw, shift, f)
+        yield _ops.token_spread, (anchors, tw)
         if dtype == torch.float32:
             yield _ops.rope_move, (base, f, torch.arange(5, device=device))
             yield _ops.rope_move_, (base.clone(), f, shift)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from backends import backend, emu  # noqa: F401  (fixtures)
 from kvcomm import ops, reference as ref
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=1e-4, rtol=1e-4),
@@ -29,6 +30,23 @@ def _inputs(L, H, n, D, N, extra, dtype, seed=0):
 def test_matches_reference(case, dtype):
     deltas, w = _inputs(*case, dtype)
     assert_close(ops.token_spread(deltas, w), ref.token_spread(deltas, w), **TOL[dtype])
+
+
+# 40 anchors: more than the kernel parameters hold, so the CUDA launcher builds the device table.
+BACKEND_CASES = CASES[:3] + [(3, 2, 9, 64, 40, 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", BACKEND_CASES)
+def test_backend_matches_reference(backend, case, dtype):
+    """The CPU op, the CUDA launcher + kernel body run by the host emulation, and the
+    real CUDA kernel, each against the reference; strided (sliced) deltas included."""
+    deltas, w = _inputs(*case, dtype)
+    if case[5]:  # anchors longer than the content, sliced: a strided view from token 1 on
+        deltas = [d[:, :, 1:] for d in deltas]
+    got = backend.ops.token_spread(*backend.to((deltas, w)))
+    assert got.device == backend.device and got.shape == (w.shape[1],)
+    assert_close(got.cpu(), ref.token_spread(deltas, w), **TOL[dtype])
 
 
 def test_strided_deltas_match_contiguous():
