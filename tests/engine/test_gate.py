@@ -131,19 +131,17 @@ def test_garbage_estimates_are_refused(tiny, monkeypatch):
     """A deliberately broken reuse path: every estimated slot and segment is overwritten
     with noise of the real KV's scale. The probe must catch it."""
     model, tok = tiny("llama")
-    real_assemble = engine_mod.KVCommEngine._assemble
+    real_assemble = engine_mod.assemble   # kvcomm.engine.paths.assemble, as the engine calls it
 
-    def broken(self, st, lay, contents, capacity, slot_decisions):
-        cache, why = real_assemble(self, st, lay, contents, capacity, slot_decisions)
-        if cache is not None:
-            a, b = lay.spans[0][1], lay.length - 1
-            g = torch.Generator().manual_seed(0)
-            for t in (cache.k, cache.v):
-                region = t[1:, :, a:b]
-                region.copy_(torch.randn(region.shape, generator=g) * region.std() * 3)
-        return cache, why
+    def broken(pool, st, lay, contents, plan, cache, *args, **kwargs):
+        real_assemble(pool, st, lay, contents, plan, cache, *args, **kwargs)
+        a, b = lay.spans[0][1], lay.length - 1
+        g = torch.Generator().manual_seed(0)
+        for t in (cache.k, cache.v):
+            region = t[1:, :, a:b]
+            region.copy_(torch.randn(region.shape, generator=g) * region.std() * 3)
 
-    monkeypatch.setattr(engine_mod.KVCommEngine, "_assemble", broken)
+    monkeypatch.setattr(engine_mod, "assemble", broken)
     eng = make_engine(model, tok)
     res = gate.apply(eng, gate_cfg(max_kv_error=1.0))
     assert not res.allowed, res.reason
@@ -284,7 +282,7 @@ def test_a_probe_that_fails_refuses_reuse(tiny, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("estimate kernel exploded\nsecond line")
 
-    monkeypatch.setattr(engine_mod.KVCommEngine, "_assemble", boom)
+    monkeypatch.setattr(engine_mod, "assemble", boom)
     eng = make_engine(model, tok)
     res = gate.apply(eng, gate_cfg(disk_cache=True))
     calls = run_requests(eng, QUESTIONS[:2])

@@ -37,8 +37,8 @@ def format_table(summary: dict, warmup: dict | None = None, title: str | None = 
         f"questions measured      {summary['questions']}",
         f"reuse rate              {_pct(summary['reuse_rate'])}  (KVCOMM calls on the reuse path)",
         f"accuracy                dense {_pct(acc['dense'])}   kvcomm {_pct(acc['kvcomm'])}"
-        + (f"   (score, e.g. F1: dense {_pct(summary['score']['dense'], 1)}   kvcomm "
-           f"{_pct(summary['score']['kvcomm'], 1)})" if (summary.get('score') or {}).get('dense') is not None else ""),
+        + (f"   (score, e.g. F1: dense {_pct(summary['score']['dense'])}   kvcomm "
+           f"{_pct(summary['score']['kvcomm'])})" if (summary.get('score') or {}).get('dense') is not None else ""),
         f"answer agreement        {_pct(summary['answer_agreement'])}  (KVCOMM final answer = dense final answer)",
         f"judge consistency       {_pct(summary['judge_consistency'])}  (decision agent's choice, KVCOMM vs dense, same inputs"
         + (f"; {summary['judge_without_choice']} with no choice either way)" if summary.get("judge_without_choice")
