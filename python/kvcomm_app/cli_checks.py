@@ -76,6 +76,50 @@ def check_args(args, named_models: tuple[str, ...] = ()) -> None:
             raise UsageError(f"--recompute: {e}") from None
     if getattr(args, "paired_only", False) and not getattr(args, "paired", False):
         raise UsageError("--paired-only needs --paired (it drops the free-running KVCOMM run)")
+    for spec in getattr(args, "paired_variant", None) or []:
+        if not getattr(args, "paired", False):
+            raise UsageError("--paired-variant needs --paired (it replays the dense run teacher-forced)")
+        parse_variant(spec)
     if getattr(args, "device", None) is not None:
         check_device(args.device)
     check_model(getattr(args, "model", None), named_models)
+
+
+# PoolConfig fields a --paired-variant may set, with their types.
+_VARIANT_POOL = {"gamma": float, "capacity": int, "min_anchors": int, "tau": float, "top_p": float,
+                 "window": int}
+
+
+def parse_variant(spec: str) -> dict:
+    """'min_anchors=4 recompute=segments,budget=0.1 partial=off' -> overrides; UsageError
+    naming the part that is wrong."""
+    from kvcomm.engine.recompute import RecomputePolicy
+
+    out: dict = {}
+    for part in spec.split():
+        key, eq, value = part.partition("=")
+        if not eq or not value:
+            raise UsageError(f"--paired-variant {spec!r}: {part!r} is not KEY=VALUE")
+        if key == "recompute":
+            try:
+                RecomputePolicy.parse(value)
+            except ValueError as e:
+                raise UsageError(f"--paired-variant {spec!r}: {e}") from None
+            out[key] = value
+        elif key == "partial":
+            if value not in ("on", "off"):
+                raise UsageError(f"--paired-variant {spec!r}: partial must be on or off, got {value!r}")
+            out[key] = value == "on"
+        elif key in _VARIANT_POOL:
+            try:
+                out[key] = _VARIANT_POOL[key](value)
+            except ValueError:
+                raise UsageError(f"--paired-variant {spec!r}: {key} must be a number, got {value!r}") from None
+            if key == "min_anchors" and out[key] < 2:
+                raise UsageError(f"--paired-variant {spec!r}: min_anchors must be at least 2, got {out[key]}")
+        else:
+            raise UsageError(f"--paired-variant {spec!r}: unknown setting {key!r}; use recompute, partial or "
+                             f"a PoolConfig field ({', '.join(sorted(_VARIANT_POOL))})")
+    if not out:
+        raise UsageError(f"--paired-variant {spec!r}: no settings")
+    return out
