@@ -33,6 +33,8 @@ def _add_reuse_options(p: argparse.ArgumentParser) -> None:
                         f"estimate (default '{DEFAULT_POLICY}'): 'none' (the last token only, as the paper) "
                         "or parts 'segments', 'first=K', 'spread', 'budget=F', 'tail=N', e.g. "
                         "'segments,first=4,spread,budget=0.1' (docs/method.md section 9)")
+    p.add_argument("--exact-tail", type=int, default=None, metavar="N",
+                   help="the last N prompt tokens recomputed: the same as adding 'tail=N' to --recompute")
     p.add_argument("--min-anchors", type=int, default=None, metavar="M",
                    help="a content becomes an anchor while its slot has fewer than M long-enough anchors "
                         "(default: the pool's, see kvcomm.PoolConfig)")

@@ -68,6 +68,11 @@ def check_args(args, named_models: tuple[str, ...] = ()) -> None:
         if value is not None and value < least:
             flag = "--" + name.replace("_", "-")
             raise UsageError(f"{flag} must be at least {least}{_WHY.get(name, '')}, got {value}")
+    if getattr(args, "exact_tail", None) is not None:
+        if args.exact_tail < 1:
+            raise UsageError(f"--exact-tail must be at least 1 (the last prompt token), got {args.exact_tail}")
+        base = args.recompute if args.recompute not in (None, "none") else ""
+        args.recompute = ",".join(p for p in (base, f"tail={args.exact_tail}") if p)
     if getattr(args, "recompute", None) is not None:
         from kvcomm.engine.recompute import RecomputePolicy
         try:
