@@ -296,7 +296,9 @@ class KVCommEngine:
                 assemble(self.pool, st, lay, contents, plan, cache, self.spec.inv_freq,
                          self.recompute.wants_spread, slot_decisions, slot_anchors)
                 clock.lap("estimate")
-                if plan.any_estimated or not contents:
+                # Anchors evicted since the decision can leave a slot to compute: without
+                # partial calls that sends the whole call dense, as the decision would have.
+                if (plan.any_estimated or not contents) and (self.partial or not plan.computed):
                     sel = select_positions(self.recompute, plan.slots, st.s0, T)
                     logits = self._run_positions(cache, lay, sel.positions)
                     path = "partial" if plan.computed else "reuse"
