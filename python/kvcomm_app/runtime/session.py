@@ -164,7 +164,9 @@ def run_experiment(cfg: ExperimentConfig, engine_factory: Callable | None = None
         if res is not None:
             paired_engine.refuse_reuse(engine.reuse_refusal)
         paired = PairedReplay(paired_engine, graph, workload, positions=cfg.paired_positions)
-    pools = [e.pool for e in ([engine] if cfg.free else []) + ([paired.engine] if paired else [])]
+    # a remote engine (kvcomm.vllm.client.RemoteEngine) has no pool here: the server holds it
+    pools = [e.pool for e in ([engine] if cfg.free else []) + ([paired.engine] if paired else [])
+             if getattr(e, "pool", None) is not None]
     loaded = load_pool(cfg.pool_path, pools, log)
     modes = (DENSE, KVCOMM) if cfg.free else (DENSE,)
     t0 = time.perf_counter()
