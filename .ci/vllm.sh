@@ -7,8 +7,8 @@
 #   bash .ci/vllm.sh --setup-only set up only
 #   KVCOMM_VLLM_VENV=DIR          where the environment lives (default build/venv-vllm)
 #
-# Extra arguments go to pytest. Takes about 1 min to install from PyPI on a fresh
-# machine, then the tests (see docs/serving.md for the measured wall time).
+# Extra arguments go to pytest. A new environment takes about 5 min to install from PyPI
+# on 2 shared cores, the tests about 4 min (docs/serving.md has the measured wall times).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
