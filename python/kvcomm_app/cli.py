@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict
 
 from . import serve
-from .cli_checks import UsageError, check_args
+from .cli_checks import UsageError, check_args, parse_variant
 
 
 def _add_reuse_options(p: argparse.ArgumentParser) -> None:
@@ -33,6 +33,8 @@ def _add_reuse_options(p: argparse.ArgumentParser) -> None:
                         f"estimate (default '{DEFAULT_POLICY}'): 'none' (the last token only, as the paper) "
                         "or parts 'segments', 'first=K', 'spread', 'budget=F', 'tail=N', e.g. "
                         "'segments,first=4,spread,budget=0.1' (docs/method.md section 9)")
+    p.add_argument("--exact-tail", type=int, default=None, metavar="N",
+                   help="the last N prompt tokens recomputed: the same as adding 'tail=N' to --recompute")
     p.add_argument("--min-anchors", type=int, default=None, metavar="M",
                    help="a content becomes an anchor while its slot has fewer than M long-enough anchors "
                         "(default: the pool's, see kvcomm.PoolConfig)")
@@ -67,6 +69,11 @@ def _add_common(p: argparse.ArgumentParser, *, questions: int, warmup: int, max_
     p.add_argument("--no-paired", dest="paired", action="store_false", help="no paired replay")
     p.add_argument("--paired-only", action="store_true",
                    help="with --paired: skip the free-running KVCOMM run (no KVCOMM accuracy or TTFT)")
+    p.add_argument("--paired-variant", action="append", default=[], metavar="SETTINGS",
+                   help="with --paired: replay the same dense run again with other settings, on an engine "
+                        "and pool of their own, e.g. 'min_anchors=6' or 'recompute=segments,budget=0.1' or "
+                        "'min_anchors=4 recompute=none partial=off' (PoolConfig fields, recompute, partial; "
+                        "repeatable; each gets its own fidelity table and --fidelity-json entry)")
     p.add_argument("--pool", metavar="PATH", default=None,
                    help="start from the anchor pool saved at PATH if it exists, save the pool there at the end")
     p.add_argument("--fidelity-json", metavar="PATH", default=None,
@@ -191,7 +198,8 @@ def _config(args, task: str, n_agents: int, topology: str, rounds: int = 2, laye
         judge_shadow=not args.no_judge_shadow, model=args.model, device=args.device,
         dtype=args.dtype, pool=pool, progress=not args.no_progress, mmlu_split=mmlu_split,
         gate=not args.no_gate, recompute=args.recompute, partial=not args.no_partial,
-        paired=args.paired, free=not args.paired_only, pool_path=args.pool)
+        paired=args.paired, free=not args.paired_only, pool_path=args.pool,
+        variants=[(spec, parse_variant(spec)) for spec in getattr(args, "paired_variant", [])])
 
 
 def _run_and_report(cfg, args, title: str, engine_factory=None) -> int:
@@ -209,6 +217,11 @@ def _run_and_report(cfg, args, title: str, engine_factory=None) -> int:
     print()
     print(report.format_table(res.summary, res.warmup_summary,
                               title=f"{title}: {res.model_name} on {res.device_detail}"))
+    for v in res.variants:
+        from .runtime.fidelity_report import format_fidelity
+        if v.summary.get("fidelity"):
+            print(f"\nvariant {v.config.pool} recompute={v.config.recompute!r} partial={v.config.partial}:")
+            print(format_fidelity(v.summary["fidelity"]))
     print(f"wall time: {total_s:.0f} s in all ({res.load_s:.0f} s loading, {res.run_s:.0f} s running "
           f"{cfg.warmup} warm-up + {cfg.questions} measured questions in both modes)")
     if args.json:
@@ -230,8 +243,9 @@ def _run_and_report(cfg, args, title: str, engine_factory=None) -> int:
         if not res.summary.get("fidelity"):
             print("kvcomm: --fidelity-json needs --paired (no paired calls were measured)", file=sys.stderr)
         else:
-            update_fidelity_file(args.fidelity_json, fidelity_entry(res, command=command_line(), commit=sha))
-            print(f"wrote {args.fidelity_json}")
+            for r in [res] + res.variants:
+                update_fidelity_file(args.fidelity_json, fidelity_entry(r, command=command_line(), commit=sha))
+            print(f"wrote {args.fidelity_json} ({1 + len(res.variants)} entries)")
     if args.plot:
         report.plot_ttft(res.summary, args.plot, title=f"{title}: TTFT per agent ({res.model_name})")
         print(f"wrote {args.plot}")

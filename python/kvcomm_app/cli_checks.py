@@ -68,6 +68,11 @@ def check_args(args, named_models: tuple[str, ...] = ()) -> None:
         if value is not None and value < least:
             flag = "--" + name.replace("_", "-")
             raise UsageError(f"{flag} must be at least {least}{_WHY.get(name, '')}, got {value}")
+    if getattr(args, "exact_tail", None) is not None:
+        if args.exact_tail < 1:
+            raise UsageError(f"--exact-tail must be at least 1 (the last prompt token), got {args.exact_tail}")
+        base = args.recompute if args.recompute not in (None, "none") else ""
+        args.recompute = ",".join(p for p in (base, f"tail={args.exact_tail}") if p)
     if getattr(args, "recompute", None) is not None:
         from kvcomm.engine.recompute import RecomputePolicy
         try:
@@ -78,6 +83,10 @@ def check_args(args, named_models: tuple[str, ...] = ()) -> None:
         raise UsageError("--paired-only needs --paired (it drops the free-running KVCOMM run)")
     if getattr(args, "backend", "hf") == "vllm":
         check_vllm_backend(args)
+    for spec in getattr(args, "paired_variant", None) or []:
+        if not getattr(args, "paired", False):
+            raise UsageError("--paired-variant needs --paired (it replays the dense run teacher-forced)")
+        parse_variant(spec)
     if getattr(args, "device", None) is not None:
         check_device(args.device)
     check_model(getattr(args, "model", None), named_models)
@@ -97,3 +106,43 @@ def check_vllm_backend(args) -> None:
     if getattr(args, "pool", None):
         raise UsageError("--pool: with --backend vllm the anchor pool lives in the server; start it with "
                          "`kvcomm serve --pool-file PATH` and pass --server")
+
+
+# PoolConfig fields a --paired-variant may set, with their types.
+_VARIANT_POOL = {"gamma": float, "capacity": int, "min_anchors": int, "tau": float, "top_p": float,
+                 "window": int}
+
+
+def parse_variant(spec: str) -> dict:
+    """'min_anchors=4 recompute=segments,budget=0.1 partial=off' -> overrides; UsageError
+    naming the part that is wrong."""
+    from kvcomm.engine.recompute import RecomputePolicy
+
+    out: dict = {}
+    for part in spec.split():
+        key, eq, value = part.partition("=")
+        if not eq or not value:
+            raise UsageError(f"--paired-variant {spec!r}: {part!r} is not KEY=VALUE")
+        if key == "recompute":
+            try:
+                RecomputePolicy.parse(value)
+            except ValueError as e:
+                raise UsageError(f"--paired-variant {spec!r}: {e}") from None
+            out[key] = value
+        elif key == "partial":
+            if value not in ("on", "off"):
+                raise UsageError(f"--paired-variant {spec!r}: partial must be on or off, got {value!r}")
+            out[key] = value == "on"
+        elif key in _VARIANT_POOL:
+            try:
+                out[key] = _VARIANT_POOL[key](value)
+            except ValueError:
+                raise UsageError(f"--paired-variant {spec!r}: {key} must be a number, got {value!r}") from None
+            if key == "min_anchors" and out[key] < 2:
+                raise UsageError(f"--paired-variant {spec!r}: min_anchors must be at least 2, got {out[key]}")
+        else:
+            raise UsageError(f"--paired-variant {spec!r}: unknown setting {key!r}; use recompute, partial or "
+                             f"a PoolConfig field ({', '.join(sorted(_VARIANT_POOL))})")
+    if not out:
+        raise UsageError(f"--paired-variant {spec!r}: no settings")
+    return out

@@ -70,3 +70,18 @@ def test_good_values_pass(tmp_path):
     check_model("tiny-random", ("tiny-random",))
     with pytest.raises(UsageError):
         check_model("tiny-random")      # a name only where the command knows it
+
+
+def test_exact_tail_is_recompute_tail():
+    from kvcomm_app import cli
+    from kvcomm_app.cli_checks import UsageError, check_args
+
+    args = cli.build_parser().parse_args(["eval", "--task", "gsm8k", "--exact-tail", "64"])
+    check_args(args)
+    assert args.recompute == "tail=64"
+    args = cli.build_parser().parse_args(["eval", "--task", "gsm8k", "--exact-tail", "8", "--recompute", "segments"])
+    check_args(args)
+    assert args.recompute == "segments,tail=8"
+    args = cli.build_parser().parse_args(["eval", "--task", "gsm8k", "--exact-tail", "0"])
+    with pytest.raises(UsageError, match="--exact-tail must be at least 1"):
+        check_args(args)

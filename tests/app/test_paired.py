@@ -97,3 +97,51 @@ def test_paired_replay_of_a_real_engine_is_exact_on_dense_path_calls(tiny):
     assert f is not None and f["calls"] == sum(1 for c in warm if c.phase == "measure")
     assert set(f["agents"]) <= {c.agent_name for c in paired}
     assert math.isfinite(f["first_token_kl"])
+
+
+def test_paired_variants_replay_the_same_dense_run_with_their_own_settings(tiny):
+    """--paired-variant: each variant replays the one dense run on its own engine and pool;
+    its result has the variant's settings and its own paired calls, the dense records are
+    shared, and min_anchors=8 keeps every slot collecting anchors (no reuse in a short run)."""
+    import kvcomm
+    from kvcomm.engine import KVCommEngine
+    from kvcomm_app.cli_checks import parse_variant
+    from kvcomm_app.runtime.session import ExperimentConfig, run_experiment
+
+    model, tok = tiny("llama")
+
+    def factory(cfg):
+        spec = kvcomm.hf.inspect_model(model)
+        pool = kvcomm.PoolConfig(layers=spec.num_layers, kv_heads=spec.kv_heads, head_dim=spec.head_dim)
+        return KVCommEngine(model, tok, pool_config=pool), "tiny", "cpu", 0.0
+
+    variants = [(s, parse_variant(s)) for s in ("min_anchors=8", "recompute=segments partial=off")]
+    cfg = ExperimentConfig(task="gsm8k", n_agents=2, questions=2, warmup=2, max_new_tokens=6, gate=False,
+                           paired=True, paired_positions=4, progress=False, free=False, variants=variants)
+    res = run_experiment(cfg, engine_factory=factory, log=lambda *_: None)
+    assert {r.variant for r in res.records} == {None}
+    assert [v.config.pool.get("min_anchors") for v in res.variants] == [8, None]
+    assert res.variants[1].config.recompute == "segments" and res.variants[1].config.partial is False
+    dense_ids = [id(r) for r in res.records if r.mode == "dense"]
+    for (label, _), v in zip(variants, res.variants):
+        assert [id(r) for r in v.records if r.mode == "dense"] == dense_ids
+        paired = [q for q in v.records if q.mode == "paired"]
+        assert len(paired) == len(dense_ids) and all(q.variant == label for q in paired)
+    m8 = [c for q in res.variants[0].records if q.mode == "paired" for c in q.calls]
+    assert m8 and all(c.path in ("dense", "partial") for c in m8), "8 anchors are never reached in 4 questions"
+    own = [c for q in res.records if q.mode == "paired" for c in q.calls]
+    assert any(c.path in ("reuse", "partial") for c in own)
+    nopartial = [c for q in res.variants[1].records if q.mode == "paired" for c in q.calls]
+    assert all(c.path in ("reuse", "dense") for c in nopartial)
+
+
+def test_parse_variant_names_what_is_wrong():
+    from kvcomm_app.cli_checks import UsageError, parse_variant
+
+    assert parse_variant("min_anchors=6 recompute=segments,budget=0.1 partial=off") == {
+        "min_anchors": 6, "recompute": "segments,budget=0.1", "partial": False}
+    for bad, needle in [("min_anchors=1", "at least 2"), ("colour=red", "unknown setting 'colour'"),
+                        ("recompute=everything", "unknown part"), ("partial=maybe", "on or off"),
+                        ("gamma", "not KEY=VALUE"), ("", "no settings")]:
+        with pytest.raises(UsageError, match=needle):
+            parse_variant(bad)

@@ -44,6 +44,32 @@ TEST(AnchorPool, ColdStartThenShare) {
   EXPECT_EQ(pool.anchors("q")[0].activations, 1);
 }
 
+// min_anchors = 4: the slot keeps collecting anchors (too_few_candidates) until 4
+// long-enough candidates exist, although 2 would already decide; shorter anchors
+// do not count.
+TEST(AnchorPool, MinAnchorsCoverageBeforeSharing) {
+  kvcomm::PoolConfig cfg;
+  cfg.min_anchors = 4;
+  kvcomm::AnchorPool pool(cfg);
+  const at::Tensor c = kv(6, 1);
+  for (int64_t i = 0; i < 3; ++i) {
+    EXPECT_EQ(pool.decide("q", c).reason, "too_few_candidates") << "with " << i << " anchors";
+    pool.add_anchor("q", kv(6, 10 + i), kv(6, 10 + i));
+  }
+  pool.add_anchor("q", kv(4, 20), kv(4, 20));  // too short for a 6-token content
+  EXPECT_EQ(pool.decide("q", c).reason, "too_few_candidates");
+  pool.add_anchor("q", c, c);
+  const kvcomm::Decision d = pool.decide("q", c + 1e-3);
+  EXPECT_NE(d.reason, "too_few_candidates");
+  EXPECT_TRUE(d.share);
+}
+
+TEST(AnchorPool, MinAnchorsBelowTwoIsRejected) {
+  kvcomm::PoolConfig cfg;
+  cfg.min_anchors = 1;
+  EXPECT_THROW(kvcomm::AnchorPool pool(cfg), c10::Error);
+}
+
 TEST(AnchorPool, EstimateUsesRecordedDeltas) {
   kvcomm::AnchorPool pool;
   const at::Tensor base = kv(5, 3);

@@ -94,6 +94,22 @@ TEST(Ops, FusedOffsetIntoBufferSlice) {
   EXPECT_EQ(buf.narrow(2, 7, 3).abs().sum().item<float>(), 0.f);
 }
 
+// token_spread: zero where the anchors agree, and for one token that disagrees on
+// layers >= 1 the root mean of the weighted variance (here 0.5 * 0.5 * 2^2 = 1 on
+// every element, so 1).
+TEST(Ops, TokenSpreadMeasuresDisagreement) {
+  const at::Tensor a = at::zeros({3, 2, 4, 64});
+  at::Tensor b = a.clone();
+  b.narrow(0, 1, 2).narrow(2, 1, 1).fill_(2.0);
+  const at::Tensor w = at::full({2, 4}, 0.5);
+  const at::Tensor s = kvcomm::token_spread({a, b}, w);
+  ASSERT_EQ(s.size(0), 4);
+  EXPECT_FLOAT_EQ(s[0].item<float>(), 0.f);
+  EXPECT_NEAR(s[1].item<float>(), 1.f, 1e-6);
+  EXPECT_FLOAT_EQ(s[2].item<float>(), 0.f);
+  EXPECT_THROW(kvcomm::token_spread({a, b}, at::full({3, 4}, 0.5)), c10::Error);
+}
+
 TEST(Ops, BadInputThrowsWithArgumentName) {
   const at::Tensor k = at::zeros({2, 3, 5, 64});
   try {

@@ -175,14 +175,17 @@ class KVCommEngine:
             raise ValueError(f"exact_tail must be an int >= 1 (prompt tokens the reuse path runs), got {n!r}")
         self._recompute = dataclasses.replace(self._recompute, tail=n)
 
-    def sibling(self, pool: AnchorPool | None = None) -> "KVCommEngine":
+    def sibling(self, pool: AnchorPool | None = None, *, recompute=None,
+                partial: bool | None = None) -> "KVCommEngine":
         """A new engine on the same model and tokenizer, with this engine's pool settings,
-        lead-ins and recompute policy, but its own pool (a fresh one with the same config
-        unless `pool` is given), agents, requests and reuse refusal. For running two
-        measurements side by side without either seeing the other's anchors."""
+        lead-ins, recompute policy and partial setting unless given, but its own pool (a
+        fresh one with the same config unless `pool` is given), agents, requests and reuse
+        refusal. For running measurements side by side without one seeing another's anchors."""
         return KVCommEngine(self.model, self.tokenizer,
                             pool=pool if pool is not None else AnchorPool(self.pool.config),
-                            lead_ins=self.encoder.lead_ins, recompute=self.recompute, partial=self.partial)
+                            lead_ins=self.encoder.lead_ins,
+                            recompute=self.recompute if recompute is None else recompute,
+                            partial=self.partial if partial is None else partial)
 
     # ------------------------------------------------------------------ setup
 

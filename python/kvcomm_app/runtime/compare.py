@@ -21,10 +21,12 @@ def run_comparison(runner: GraphRunner, problems: list[Problem], warmup: list[Pr
     """Run every question in every mode (dense first, so KVCOMM never benefits from a
     cache the dense run left warmer). Returns the records in run order.
 
-    paired: a PairedReplay (kvcomm_app.runtime.paired): each dense run is traced and its
-    calls replayed on the replay's own KVCOMM engine, teacher-forced, right after it (a
-    record of mode "paired"); needs DENSE in `modes`."""
-    if paired is not None and DENSE not in modes:
+    paired: a PairedReplay (kvcomm_app.runtime.paired), or a list of them: each dense run
+    is traced and its calls replayed on every replay's own KVCOMM engine, teacher-forced,
+    right after it (records of mode "paired", labelled by the replay); needs DENSE in
+    `modes`."""
+    replays = [] if paired is None else (list(paired) if isinstance(paired, (list, tuple)) else [paired])
+    if replays and DENSE not in modes:
         raise ValueError("paired evaluation replays the dense run: modes must include dense")
     jobs = [(p, WARMUP) for p in warmup] + [(p, MEASURE) for p in problems]
     records: list[QuestionRecord] = []
@@ -34,9 +36,9 @@ def run_comparison(runner: GraphRunner, problems: list[Problem], warmup: list[Pr
             for mode in modes:
                 if bar is not None:
                     bar.set_description(f"{desc} [{phase} {mode}]")
-                traced = paired is not None and mode == DENSE
+                traced = bool(replays) and mode == DENSE
                 if traced:
-                    runner.trace, runner.trace_logits = [], paired.positions
+                    runner.trace, runner.trace_logits = [], max(r.positions for r in replays)
                 try:
                     rec = runner.run(problem, mode, phase)
                     trace = runner.trace
@@ -44,7 +46,7 @@ def run_comparison(runner: GraphRunner, problems: list[Problem], warmup: list[Pr
                     runner.trace = None
                 found = [rec]
                 if traced:
-                    found.append(paired.run(problem, phase, trace))
+                    found += [r.run(problem, phase, trace) for r in replays]
                 for r in found:
                     records.append(r)
                     if on_record is not None:

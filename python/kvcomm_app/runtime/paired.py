@@ -44,10 +44,12 @@ def compare_logits(dense, kvcomm) -> dict:
 class PairedReplay:
     """Replays a dense run's traced calls (GraphRunner.trace) on a KVCOMM engine."""
 
-    def __init__(self, engine, graph, workload, positions: int = DEFAULT_POSITIONS):
+    def __init__(self, engine, graph, workload, positions: int = DEFAULT_POSITIONS,
+                 label: str | None = None):
         if positions < 1:
             raise ValueError(f"paired positions must be >= 1, got {positions}")
         self.engine = engine
+        self.label = label   # None: the run's own settings; else a variant's (records carry it)
         self.graph = graph
         self.workload = workload
         self.positions = positions
@@ -88,4 +90,4 @@ class PairedReplay:
             final_text=final_text, judge_choice=self.workload.choice(final_text, problem), calls=calls,
             pool_size=None if pool is None else int(pool.size()),
             pool_bytes=None if pool is None else int(pool.memory_bytes()),
-            wall_ms=(time.perf_counter() - start) * 1000.0)
+            wall_ms=(time.perf_counter() - start) * 1000.0, variant=self.label)

@@ -75,6 +75,7 @@ class QuestionRecord:
     pool_bytes: int | None = None
     wall_ms: float = 0.0
     score: float | None = None   # the task's graded score when it has one (token F1 for squad)
+    variant: str | None = None   # paired records of a --paired-variant replay: its label
 
 
 def digest_inputs(inputs: dict[str, str]) -> str:

@@ -54,6 +54,9 @@ class ExperimentConfig:
     paired_positions: int = 32          # reply positions compared per paired call
     free: bool = True                   # run KVCOMM free-running too (accuracy, end answers, TTFT)
     pool_path: str | None = None        # load the anchor pool from here if present; save it at the end
+    variants: list = field(default_factory=list)   # [(label, overrides)]: more paired replays of the
+                                        # same dense run, each with its own engine and pool; overrides
+                                        # take PoolConfig fields, "recompute" and "partial"
 
 
 @dataclass
@@ -69,6 +72,7 @@ class ExperimentResult:
     run_s: float
     engine_stats: dict
     gate: dict | None = None            # the correctness gate's result (None: off or not supported)
+    variants: list = field(default_factory=list)   # an ExperimentResult per paired variant
 
 
 def select_problems(cfg: ExperimentConfig):
@@ -163,9 +167,17 @@ def run_experiment(cfg: ExperimentConfig, engine_factory: Callable | None = None
         paired_engine = engine.sibling()
         if res is not None:
             paired_engine.refuse_reuse(engine.reuse_refusal)
-        paired = PairedReplay(paired_engine, graph, workload, positions=cfg.paired_positions)
+        paired = [PairedReplay(paired_engine, graph, workload, positions=cfg.paired_positions)]
+        for label, overrides in cfg.variants:
+            variant_engine = variant_sibling(engine, cfg, overrides)
+            if res is not None:
+                variant_engine.refuse_reuse(engine.reuse_refusal)
+            paired.append(PairedReplay(variant_engine, graph, workload, positions=cfg.paired_positions,
+                                       label=label))
+    elif cfg.variants:
+        raise ValueError("paired variants replay the dense run teacher-forced: they need paired=True")
     # a remote engine (kvcomm.vllm.client.RemoteEngine) has no pool here: the server holds it
-    pools = [e.pool for e in ([engine] if cfg.free else []) + ([paired.engine] if paired else [])
+    pools = [e.pool for e in ([engine] if cfg.free else []) + [p.engine for p in paired or []]
              if getattr(e, "pool", None) is not None]
     loaded = load_pool(cfg.pool_path, pools, log)
     modes = (DENSE, KVCOMM) if cfg.free else (DENSE,)
@@ -185,8 +197,41 @@ def run_experiment(cfg: ExperimentConfig, engine_factory: Callable | None = None
             stats = {"error": repr(e)}
         if hasattr(engine, "refuse_reuse"):
             stats["gate"] = gate
-    return ExperimentResult(cfg, records, summarize(records, MEASURE), summarize(records, WARMUP),
-                            model_name, cfg.device, detail, load_s, run_s, stats, gate)
+    own = [r for r in records if r.variant is None]
+    result = ExperimentResult(cfg, own, summarize(own, MEASURE), summarize(own, WARMUP),
+                              model_name, cfg.device, detail, load_s, run_s, stats, gate)
+    for label, overrides in cfg.variants:
+        # The variant's paired records beside the shared dense ones (its own result, as if
+        # it had been run alone with those settings and paired_only).
+        mine = [r for r in records if r.mode == DENSE or r.variant == label]
+        vcfg = variant_config(cfg, overrides)
+        result.variants.append(ExperimentResult(vcfg, mine, summarize(mine, MEASURE), summarize(mine, WARMUP),
+                                                model_name, cfg.device, detail, load_s, run_s, {}, gate))
+    return result
+
+
+VARIANT_KEYS = ("recompute", "partial")
+
+
+def variant_config(cfg: ExperimentConfig, overrides: dict) -> ExperimentConfig:
+    """cfg with a paired variant's settings (no free-running run of its own)."""
+    import dataclasses
+    pool = {**cfg.pool, **{k: v for k, v in overrides.items() if k not in VARIANT_KEYS}}
+    rest = {k: v for k, v in overrides.items() if k in VARIANT_KEYS}
+    return dataclasses.replace(cfg, pool=pool, free=False, variants=[], **rest)
+
+
+def variant_sibling(engine, cfg: ExperimentConfig, overrides: dict):
+    """A sibling of `engine` with a fresh pool of the variant's PoolConfig and its recompute
+    / partial settings."""
+    vcfg = variant_config(cfg, overrides)
+    pool = None
+    if vcfg.pool and hasattr(engine, "spec"):
+        import kvcomm
+        s = engine.spec   # the model's shape, which the pool checks every KV against
+        pool = kvcomm.AnchorPool(kvcomm.PoolConfig(**vcfg.pool, layers=s.num_layers, kv_heads=s.kv_heads,
+                                                   head_dim=s.head_dim))
+    return engine.sibling(pool, recompute=vcfg.recompute, partial=vcfg.partial)
 
 
 def load_pool(path: str | None, pools: list, log: Callable[[str], None]) -> bool:

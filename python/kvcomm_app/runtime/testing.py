@@ -102,8 +102,9 @@ class ScriptedEngine:
     def next_round(self) -> None:
         self.round += 1
 
-    def sibling(self) -> "ScriptedEngine":
-        """A new scripted engine with the same settings and its own pool (as KVCommEngine.sibling)."""
+    def sibling(self, pool=None, *, recompute=None, partial=None) -> "ScriptedEngine":
+        """A new scripted engine with the same settings and its own pool (as KVCommEngine.sibling;
+        a scripted engine has no pool settings, recompute or partial calls to change)."""
         return ScriptedEngine(self.responder, self.warm_after, self.dense_ms_per_char, self.reuse_ms)
 
     def call(self, agent: str, inputs: dict[str, str], *, mode: str = "kvcomm",
