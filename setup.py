@@ -84,9 +84,16 @@ else:
     ext = CppExtension("kvcomm._C", cpp_sources, include_dirs=include_dirs, depends=headers,
                        extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
 
+# KVCOMM_SKIP_EXT=1: an editable install that builds nothing and uses the library already
+# built in place (python/kvcomm/_C*.so). .ci/vllm.sh sets it when the main environment built
+# that library against the very torch release of the vLLM environment: a build there would
+# recompile every object (the torch include paths differ), minutes on 2 cores, for the same
+# library. Never for a wheel: it would have no extension.
+skip_ext = os.environ.get("KVCOMM_SKIP_EXT") == "1"
+
 setup(
     packages=find_packages("python"),
     package_dir={"": "python"},
-    ext_modules=[ext],
+    ext_modules=[] if skip_ext else [ext],
     cmdclass={"build_ext": BuildExtInOneObjectDir},
 )

@@ -81,6 +81,8 @@ def check_args(args, named_models: tuple[str, ...] = ()) -> None:
             raise UsageError(f"--recompute: {e}") from None
     if getattr(args, "paired_only", False) and not getattr(args, "paired", False):
         raise UsageError("--paired-only needs --paired (it drops the free-running KVCOMM run)")
+    if getattr(args, "backend", "hf") == "vllm":
+        check_vllm_backend(args)
     for spec in getattr(args, "paired_variant", None) or []:
         if not getattr(args, "paired", False):
             raise UsageError("--paired-variant needs --paired (it replays the dense run teacher-forced)")
@@ -88,6 +90,22 @@ def check_args(args, named_models: tuple[str, ...] = ()) -> None:
     if getattr(args, "device", None) is not None:
         check_device(args.device)
     check_model(getattr(args, "model", None), named_models)
+
+
+def check_vllm_backend(args) -> None:
+    """Options the vLLM back end cannot honour. Its connector takes the all-or-nothing path
+    with the last prompt token computed (docs/serving.md), the pool lives in the server, and
+    a remote engine has no reply logits for a paired replay."""
+    from kvcomm.engine.recompute import RecomputePolicy
+    if getattr(args, "recompute", None) is not None and \
+            RecomputePolicy.parse(args.recompute) != RecomputePolicy.parse("none"):
+        raise UsageError(f"--recompute {args.recompute}: the vLLM back end computes the last prompt token only "
+                         "(use --recompute none or --backend hf)")
+    if getattr(args, "paired", False):
+        raise UsageError("--paired needs reply logits and teacher forcing: use --backend hf (or --no-paired)")
+    if getattr(args, "pool", None):
+        raise UsageError("--pool: with --backend vllm the anchor pool lives in the server; start it with "
+                         "`kvcomm serve --pool-file PATH` and pass --server")
 
 
 # PoolConfig fields a --paired-variant may set, with their types.

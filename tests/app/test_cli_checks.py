@@ -29,6 +29,12 @@ from kvcomm_app.cli_checks import UsageError, check_args, check_device, check_mo
     (["demo", "--device", "meta"], "CPU and CUDA kernels only, not meta"),
     (["demo", "--model", "/no/such/folder"], "--model '/no/such/folder': expected a local model folder"),
     (["bench", "ttft", "--model", "llama-9b"], "expected one of smollm2, llama-3.1-8b-random, tiny-random or"),
+    # what the vLLM back end's connector cannot do is refused before a server starts
+    (["eval", "--task", "gsm8k", "--backend", "vllm", "--paired"], "--paired needs reply logits"),
+    (["eval", "--task", "gsm8k", "--backend", "vllm", "--recompute", "segments"],
+     "--recompute segments: the vLLM back end computes the last prompt token only"),
+    (["eval", "--task", "gsm8k", "--backend", "vllm", "--pool", "p.bin"], "--pool: with --backend vllm"),
+    (["bench", "ttft", "--backend", "vllm", "--recompute", "tail=4"], "the vLLM back end computes"),
 ])
 def test_bad_options_are_one_line_before_anything_loads(argv, needle, capsys, monkeypatch):
     def no_load(*a, **k):

@@ -104,3 +104,27 @@ def test_concurrent_graphs_equal_sequential(client):
     print(f"reuse {reuse}/{len(calls)}; paths {[p for _, p, _ in calls]}")
     assert reuse > 0
     assert concurrent == sequential
+
+
+def test_eval_backend_vllm_runs_the_runtime_graph(client, tmp_path):
+    """`kvcomm eval --backend vllm --server URL`: the runtime's graph (one worker and the
+    decision agent) over one warm-up and one measured GSM8K question, dense (plain vLLM)
+    and KVCOMM, every call answered by the server."""
+    import json
+
+    from kvcomm_app.cli import main
+    from kvcomm_app.runtime.records import read_record_dicts
+    records = tmp_path / "records.jsonl"
+    rc = main(["eval", "--task", "gsm8k", "--backend", "vllm", "--server", f"http://{client.host}:{client.port}",
+               "--agents", "1", "--questions", "1", "--warmup", "1", "--max-new-tokens", "4",
+               "--no-judge-shadow", "--no-progress", "--records", str(records), "--json", str(tmp_path / "s.json")])
+    assert rc == 0
+    recs = read_record_dicts(str(records))
+    assert sorted((r["phase"], r["mode"]) for r in recs) == \
+        [("measure", "dense"), ("measure", "kvcomm"), ("warmup", "dense"), ("warmup", "kvcomm")]
+    calls = [(r["mode"], c["path"], c["new_tokens"]) for r in recs for c in r["calls"]]
+    assert len(calls) == 8, calls                      # 2 questions x 2 modes x 2 agents
+    assert {p for m, p, _ in calls if m == "dense"} == {"baseline"}          # plain vLLM
+    assert {p for m, p, _ in calls if m == "kvcomm"} <= {"dense", "reuse"}   # through the connector
+    assert all(n >= 1 for _, _, n in calls)
+    assert json.loads((tmp_path / "s.json").read_text())["questions"] == 1

@@ -30,7 +30,8 @@ def layout_of(eng, name, lay, session, max_tokens):
 
 def test_worker_plans_and_records_like_the_engine(smollm2, tmp_path):
     model, tok = smollm2
-    eng = KVCommEngine(model, tok)
+    # the connector's path: all slots estimated or none, the last prompt token computed
+    eng = KVCommEngine(model, tok, partial=False, recompute="none")
     for a in (SOLVER, CRITIC):
         eng.add_agent(*a)
     for q in WARM[:4]:

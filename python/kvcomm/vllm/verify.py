@@ -60,7 +60,10 @@ def reuse_vs_hf(offline, connector, hf_model, hf_tokenizer, graph, questions, *,
     from .. import AnchorPool
     from ..engine import KVCommEngine
     out = HFComparison()
-    hf = KVCommEngine(hf_model, hf_tokenizer, pool=AnchorPool())
+    # The connector takes the all-or-nothing path with the last prompt token computed
+    # (docs/method.md section 6); KVCommEngine's defaults may plan partial calls or recompute
+    # more tokens, so the engine is told to decide the same way.
+    hf = KVCommEngine(hf_model, hf_tokenizer, pool=AnchorPool(), partial=False, recompute="none")
     for name, system, template in graph:
         hf.add_agent(name, system, template)
     with tempfile.TemporaryDirectory() as tmp:

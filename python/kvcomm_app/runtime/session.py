@@ -176,7 +176,9 @@ def run_experiment(cfg: ExperimentConfig, engine_factory: Callable | None = None
                                        label=label))
     elif cfg.variants:
         raise ValueError("paired variants replay the dense run teacher-forced: they need paired=True")
-    pools = [e.pool for e in ([engine] if cfg.free else []) + [p.engine for p in paired or []]]
+    # a remote engine (kvcomm.vllm.client.RemoteEngine) has no pool here: the server holds it
+    pools = [e.pool for e in ([engine] if cfg.free else []) + [p.engine for p in paired or []]
+             if getattr(e, "pool", None) is not None]
     loaded = load_pool(cfg.pool_path, pools, log)
     modes = (DENSE, KVCOMM) if cfg.free else (DENSE,)
     t0 = time.perf_counter()
