@@ -26,6 +26,7 @@ from .cli_checks import UsageError, check_args, parse_variant
 
 def _add_reuse_options(p: argparse.ArgumentParser) -> None:
     """How a KVCOMM call reuses: shared by demo, eval and bench ttft."""
+    from kvcomm.engine.defaults import DEFAULT_MIN_ANCHORS
     from kvcomm.engine.recompute import DEFAULT_POLICY
 
     p.add_argument("--recompute", default=DEFAULT_POLICY, metavar="POLICY",
@@ -35,9 +36,9 @@ def _add_reuse_options(p: argparse.ArgumentParser) -> None:
                         "'segments,first=4,spread,budget=0.1' (docs/method.md section 9)")
     p.add_argument("--exact-tail", type=int, default=None, metavar="N",
                    help="the last N prompt tokens recomputed: the same as adding 'tail=N' to --recompute")
-    p.add_argument("--min-anchors", type=int, default=None, metavar="M",
+    p.add_argument("--min-anchors", type=int, default=DEFAULT_MIN_ANCHORS, metavar="M",
                    help="a content becomes an anchor while its slot has fewer than M long-enough anchors "
-                        "(default: the pool's, see kvcomm.PoolConfig)")
+                        f"(default {DEFAULT_MIN_ANCHORS}; the published method's is 2)")
     p.add_argument("--no-partial", action="store_true",
                    help="a call with a slot that cannot be estimated runs fully dense, as the paper "
                         "(default: estimate the other slots, compute that one in context)")
@@ -51,7 +52,7 @@ def _add_common(p: argparse.ArgumentParser, *, questions: int, warmup: int, max_
                    help=f"measured questions, each run dense and KVCOMM (default {questions})")
     p.add_argument("--warmup", type=int, default=warmup, metavar="K",
                    help=f"warm-up questions that fill the anchor pool first, reported apart (default {warmup}); "
-                        "a slot shares only once it has 2 anchors")
+                        "a slot shares only once it has --min-anchors anchors")
     p.add_argument("--offset", type=int, default=0, help="index of the first measured question")
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="T",
                    help=f"reply length limit of every agent (default {max_new_tokens})")
@@ -101,11 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Runs a fully connected 4-agent + decision math graph (solver, "
                           "analyst, programming expert, inspector) over GSM8K questions, once with "
                           "dense prefill and once with KVCOMM, and compares them.")
-    # Sized to finish in about 3 minutes on a 2-core CPU: 3 measured questions after the 2
-    # warm-up ones a slot needs before it can share, replies of up to 48 tokens (enough for
-    # the first token and the reply a downstream agent reuses; `kvcomm eval` runs real sizes).
-    # Paired: every KVCOMM call is also replayed against its dense twin (docs/quality.md).
-    _add_common(demo, questions=3, warmup=2, max_new_tokens=48, paired=True)
+    # Sized to finish in about 3 minutes on a 2-core CPU: 2 measured questions after the 4
+    # warm-up ones a slot needs before it can share (--min-anchors), replies of up to 48
+    # tokens (enough for the first token and the reply a downstream agent reuses; `kvcomm
+    # eval` runs real sizes). Paired: every KVCOMM call is also replayed against its dense
+    # twin (docs/quality.md).
+    _add_common(demo, questions=2, warmup=4, max_new_tokens=48, paired=True)
 
     ev = sub.add_parser("eval", help="dense vs KVCOMM on gsm8k, math500, mmlu or humaneval",
                         description="The demo's comparison on any task, graph size and topology.")
@@ -149,9 +151,9 @@ def _add_bench_ttft(bsub) -> None:
     t.add_argument("--input", type=int, default=1024, help="shared input tokens (default 1024)")
     t.add_argument("--output", type=int, default=512, help="tokens of every agent's reply (default 512)")
     t.add_argument("--requests", type=int, default=10, help="measured requests (default 10)")
-    t.add_argument("--warmup", type=int, default=3,
-                   help="warm-up requests that fill the pools first, reported apart (default 3; a slot "
-                        "shares once it has 2 anchors)")
+    t.add_argument("--warmup", type=int, default=None,
+                   help="warm-up requests that fill the pools first, reported apart (default: --min-anchors "
+                        "+ 1, since a slot shares once it has that many anchors)")
     t.add_argument("--device", default="cpu", help="torch device (default cpu)")
     t.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on CPU, bfloat16 on CUDA")
@@ -372,6 +374,8 @@ def cmd_bench_ttft(args) -> int:
     model, tok, model_name = load_bench_model(args.model, args.device, getattr(torch, dtype_name))
     load_s = time.perf_counter() - t0
     log = None if args.no_progress else ttft.stderr_log
+    if args.warmup is None:
+        args.warmup = args.min_anchors + 1
     kw = dict(requests=args.requests, warmup=args.warmup, seed=args.seed, gamma=args.gamma,
               capacity=args.capacity, step=args.step, recompute=args.recompute, min_anchors=args.min_anchors,
               partial=not args.no_partial, share=args.share, pool_path=args.pool, log=log)

@@ -216,7 +216,7 @@ TOP_LEVEL = {"setting", "device", "git_sha", "command", "agents", "reuse_rate", 
              "requests", "warmup", "one_token_step", "paper", "samples"}
 AGENT_FIELDS = {"agent", "tokens", "nominal_tokens", "dense_ms", "kvcomm_ms", "speedup", "reuse_rate"}
 TINY_ARGS = ["bench", "ttft", "--model", "tiny-random", "--agents", "3", "--prefix", "48", "--input", "24",
-             "--output", "12", "--gamma", "1.0", "--no-progress", "--threads", "1"]
+             "--output", "12", "--gamma", "1.0", "--min-anchors", "2", "--no-progress", "--threads", "1"]
 
 
 def test_bench_ttft_end_to_end_json_and_png(tmp_path, capsys):

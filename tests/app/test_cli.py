@@ -122,13 +122,15 @@ def _engine_available() -> bool:
 
 @pytest.mark.skipif(not _engine_available(), reason="kvcomm.engine or the embedded model is not installed")
 def test_real_demo_one_question(tmp_path):
-    """The main job for real, kept small for CI: 2 warm-up questions fill the pool, then one
-    measured question; replies capped at 12 tokens."""
+    """The main job for real, kept small for CI: 2 warm-up questions fill the pool (slots share
+    from 2 anchors here, not the default 4, to keep it short), then one measured question;
+    replies capped at 12 tokens."""
     out = tmp_path / "demo.json"
     script = os.path.join(os.path.dirname(sys.executable), "kvcomm")   # the console script users run
     launcher = [script] if os.path.exists(script) else [
         sys.executable, "-c", "import sys; from kvcomm_app.cli import main; sys.exit(main())"]
-    cmd = launcher + ["demo", "--questions", "1", "--warmup", "2", "--max-new-tokens", "12", "--no-progress",
+    cmd = launcher + ["demo", "--questions", "1", "--warmup", "2", "--min-anchors", "2", "--max-new-tokens", "12",
+                      "--no-progress",
            "--json", str(out)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,

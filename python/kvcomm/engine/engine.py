@@ -34,6 +34,7 @@ from ..hf.cache import KVBufferCache
 from .agent import AgentState, build_agent
 from .bases import HeaderEncoder
 from .kv import forward, forward_logits, neutral_pair
+from .defaults import DEFAULT_MIN_ANCHORS
 from .modes import MODES
 from .paths import CallPlan, assemble, plan_slots, record
 from .recompute import RecomputePolicy, select_positions
@@ -107,7 +108,8 @@ class _Clock:
 class KVCommEngine:
     """KVCOMM on a transformers model. See the module docstring for one call.
 
-    pool_config: kvcomm.PoolConfig (defaults of docs/method.md section 4 when None);
+    pool_config: kvcomm.PoolConfig; when None, the defaults of docs/method.md section 4
+      with min_anchors=DEFAULT_MIN_ANCHORS (section 9);
     pool: an existing AnchorPool (e.g. loaded from disk) instead;
     lead_ins: per content kind ("question", "condition", "reply") header lead-in text.
     Reuse can be refused for the whole engine with refuse_reuse(reason): every
@@ -138,7 +140,8 @@ class KVCommEngine:
         if pool is None:
             s = self.spec
             pool = AnchorPool(pool_config if pool_config is not None else
-                              PoolConfig(layers=s.num_layers, kv_heads=s.kv_heads, head_dim=s.head_dim))
+                              PoolConfig(layers=s.num_layers, kv_heads=s.kv_heads, head_dim=s.head_dim,
+                                         min_anchors=DEFAULT_MIN_ANCHORS))
         self.pool = pool
         self.encoder = HeaderEncoder(model, tokenizer, self.spec, lead_ins)
         self.agents: dict[str, AgentState] = {}

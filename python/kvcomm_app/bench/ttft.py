@@ -13,7 +13,7 @@ exactly `output` tokens. The first token is computed and timed as usual; then th
 engine takes the forced reply instead of decoding, feeds it through the model in one
 forward (kvcomm mode) and captures its KV exactly as it captures a generated reply.
 The last agent's reply is read by nobody, so it stops after its first token.
-`warmup` requests fill the anchor pools (a slot shares once it has two anchors) and
+`warmup` requests fill the anchor pools (a slot shares once it has min_anchors anchors) and
 warm the kernels; they are reported apart.
 """
 from __future__ import annotations
