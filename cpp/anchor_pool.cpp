@@ -9,6 +9,7 @@
 #include <cmath>
 
 #include "anchor.h"
+#include "cpu_estimate.h"
 #include "kvcomm/ops.h"
 #include "op_checks.h"
 
@@ -267,6 +268,12 @@ EstimateResult AnchorPool::estimate(const std::string& slot,
   }
   if (result.anchors.empty()) return result;
   const double tau = config_.tau;
+  if (req.base_k.device().is_cpu()) {
+    // One fused routine reads each anchor's data once (cpu_estimate.h); it
+    // writes what the op sequence below writes.
+    cpu::estimate_slot(op, req, cpu::SlotAnchors{bk, bv, dk, dv, sk, sv}, tau);
+    return result;
+  }
   const at::Tensor shift = shift_scalar(req.position, req.base_k);
   fused_offset_into(req.dst_k, req.base_k, dk, token_weights(req.base_k, bk, tau),
                     shift, req.inv_freq);
