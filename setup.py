@@ -23,12 +23,28 @@ def sources(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+def build_flags(section: str) -> list[str]:
+    """The [section] flags of cpp/build_flags.txt, which CMakeLists.txt reads too."""
+    flags, current = [], None
+    with open(os.path.join(ROOT, "cpp", "build_flags.txt"), encoding="utf-8") as f:
+        for line in f:
+            line = line.split("#", 1)[0].strip()
+            if line.startswith("[") and line.endswith("]"):
+                current = line[1:-1]
+            elif line and current == section:
+                flags.append(line)
+    return flags
+
+
 # No -std flag: torch's BuildExtension adds the C++ standard its own headers need
-# (C++20 for torch 2.13 and 2.14; the 2.14 headers refuse anything older).
-# Python's own CFLAGS carry -g: debug info was 95% of the library (22 MB of 22.6) and
-# slows every compile. -g0 (after it) drops it; KVCOMM_DEBUG=1 keeps it.
+# (C++20 for torch 2.13 and 2.14; the 2.14 headers refuse anything older), and CMake
+# takes the same one from torch's CMake package.
+# Extension only: hidden visibility (a Python module exports PyInit only), and -g0:
+# Python's own CFLAGS carry -g, and debug info was 95% of the library (22 MB of 22.6)
+# and slows every compile. -g0 (after it) drops it; KVCOMM_DEBUG=1 keeps it.
 debug = os.environ.get("KVCOMM_DEBUG") == "1"
-cxx_flags = ["-O3", "-fvisibility=hidden"] + ([] if debug else ["-g0"])
+cxx_flags = build_flags("cxx") + ["-fvisibility=hidden"] + ([] if debug else ["-g0"])
+nvcc_flags = build_flags("nvcc")
 link_flags = [] if debug else ["-Wl,--strip-debug"]
 # at::parallel_for is a header template that only runs on several threads when the
 # file calling it is compiled with OpenMP (torch's parallel backend); without the flag
@@ -70,7 +86,7 @@ if want_cuda():
         include_dirs=include_dirs,
         define_macros=[("KVCOMM_WITH_CUDA", "1")],
         depends=headers,
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
         extra_link_args=link_flags,
     )
 else:

@@ -25,5 +25,10 @@ torch.testing.assert_close(back, k, atol=1e-4, rtol=1e-4)
 pool = kvcomm.AnchorPool(kvcomm.PoolConfig())
 pool.add_anchor("user_question", k, k)
 assert len(pool) == 1
+import importlib.util
+assert importlib.util.find_spec("kvcomm_app") is not None, "the wheel lacks the kvcomm_app package"
 print("wheel smoke test passed:", kvcomm.__file__)
 PY
+# The console script comes from the same wheel (kvcomm_app.cli); --help loads no model.
+HELP=$("$SMOKE/bin/kvcomm" --help)
+case "$HELP" in *demo*) echo "console script kvcomm: ok" ;; *) echo "kvcomm --help lacks the demo command" >&2; exit 1 ;; esac

@@ -49,6 +49,9 @@ AnchorPool::AnchorPool(PoolConfig config) : config_(config) {
               config_.capacity);
   TORCH_CHECK(config_.window >= 1, op, ": window must be >= 1, got ",
               config_.window);
+  TORCH_CHECK(config_.min_anchors >= 2, op,
+              ": min_anchors must be >= 2 (a slot shares from at least 2 anchors), got ",
+              config_.min_anchors);
   TORCH_CHECK(config_.byte_budget >= 0, op,
               ": byte_budget must be >= 0 (0 = unlimited), got ",
               config_.byte_budget);
@@ -119,10 +122,13 @@ Decision AnchorPool::decide(const std::string& slot, const at::Tensor& content_v
                 "' is at a non-finite distance from anchor ", out.candidates[u],
                 " (NaN or Inf in the values)");
   }
-  out.share = h[2 * n + 1] != 0.f;
+  // Coverage before confidence: under min_anchors candidates the content
+  // becomes an anchor whatever the entropy says.
+  const bool covered = n >= std::max<int64_t>(2, config_.min_anchors);
+  out.share = covered && h[2 * n + 1] != 0.f;
   out.threshold = n >= 2 ? static_cast<float>(config_.gamma * std::log2(static_cast<double>(n)))
                          : 0.f;
-  out.reason = out.share ? "share" : (n < 2 ? "too_few_candidates" : "entropy_above_gate");
+  out.reason = out.share ? "share" : (!covered ? "too_few_candidates" : "entropy_above_gate");
   if (out.share) {
     std::vector<int64_t> ids;
     for (int64_t u = 0; u < n; ++u)
@@ -221,6 +227,15 @@ EstimateResult AnchorPool::estimate(const std::string& slot,
                                     const std::string& agent,
                                     const EstimateRequest& req) const {
   const char* op = "AnchorPool.estimate";
+  // Positions in the prompt, where the estimate's keys are rotated to: a negative
+  // one would silently rotate them backwards (to before the prompt's start).
+  TORCH_CHECK(req.position >= 0, op,
+              ": position (the placeholder's first token in the prompt) must be >= 0, got ",
+              req.position);
+  TORCH_CHECK(req.seg_position >= 0, op,
+              ": seg_position (the following segment's first token in the prompt) must be "
+              ">= 0, got ",
+              req.seg_position);
   check_pair(op, "base_k", req.base_k, "base_v", req.base_v);
   const int64_t n = req.base_k.size(2);
   checks::inv_freq(op, req.inv_freq, req.base_k.size(3), req.base_k);
@@ -271,14 +286,18 @@ EstimateResult AnchorPool::estimate(const std::string& slot,
   if (req.base_k.device().is_cpu()) {
     // One fused routine reads each anchor's data once (cpu_estimate.h); it
     // writes what the op sequence below writes.
-    cpu::estimate_slot(op, req, cpu::SlotAnchors{bk, bv, dk, dv, sk, sv}, tau);
+    const cpu::SlotWeights w =
+        cpu::estimate_slot(op, req, cpu::SlotAnchors{bk, bv, dk, dv, sk, sv}, tau);
+    if (req.want_spread)
+      result.spread = token_spread(dk, w.token_k).add_(token_spread(dv, w.token_v));
     return result;
   }
   const at::Tensor shift = shift_scalar(req.position, req.base_k);
-  fused_offset_into(req.dst_k, req.base_k, dk, token_weights(req.base_k, bk, tau),
-                    shift, req.inv_freq);
-  fused_offset_into(req.dst_v, req.base_v, dv, token_weights(req.base_v, bv, tau),
-                    shift, c10::nullopt);
+  const at::Tensor wk = token_weights(req.base_k, bk, tau);
+  const at::Tensor wv = token_weights(req.base_v, bv, tau);
+  fused_offset_into(req.dst_k, req.base_k, dk, wk, shift, req.inv_freq);
+  fused_offset_into(req.dst_v, req.base_v, dv, wv, shift, c10::nullopt);
+  if (req.want_spread) result.spread = token_spread(dk, wk).add_(token_spread(dv, wv));
   if (seg) {
     const at::Tensor seg_shift = shift_scalar(req.seg_position, req.base_k);
     fused_offset_into(req.seg_dst_k, req.seg_template_k, sk,

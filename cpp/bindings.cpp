@@ -6,6 +6,7 @@
 #include <torch/csrc/utils/pybind.h>
 #include <pybind11/stl.h>
 
+#include "cpu_kernels.h"
 #include "kvcomm/anchor_pool.h"
 
 namespace py = pybind11;
@@ -18,7 +19,8 @@ namespace {
 
 PoolConfig make_config(double gamma, double tau, double top_p, int64_t capacity,
                        int64_t window, int64_t byte_budget, const std::string& distance,
-                       int64_t layers, int64_t kv_heads, int64_t head_dim) {
+                       int64_t layers, int64_t kv_heads, int64_t head_dim,
+                       int64_t min_anchors) {
   TORCH_CHECK(distance == "frobenius" || distance == "rms",
               "PoolConfig: distance must be 'frobenius' or 'rms', got '", distance, "'");
   PoolConfig c;
@@ -32,6 +34,7 @@ PoolConfig make_config(double gamma, double tau, double top_p, int64_t capacity,
   c.layers = layers;
   c.kv_heads = kv_heads;
   c.head_dim = head_dim;
+  c.min_anchors = min_anchors;
   return c;
 }
 
@@ -39,18 +42,23 @@ PoolConfig make_config(double gamma, double tau, double top_p, int64_t capacity,
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "kvcomm C++ core: AnchorPool (ops are under torch.ops.kvcomm)";
+  // Which build of the CPU inner loops this machine runs ("avx2" or "default"),
+  // for the tests that run the portable build under ATEN_CPU_CAPABILITY=default.
+  m.def("_cpu_kernel_isa", [] { return std::string(kvcomm::cpu::kernels().isa); });
 
   py::class_<PoolConfig>(m, "PoolConfig")
       .def(py::init(&make_config), py::arg("gamma") = 0.3, py::arg("tau") = 1.0,
            py::arg("top_p") = 0.9, py::arg("capacity") = 20, py::arg("window") = 5,
            py::arg("byte_budget") = 0, py::arg("distance") = "frobenius",
-           py::arg("layers") = 0, py::arg("kv_heads") = 0, py::arg("head_dim") = 0)
+           py::arg("layers") = 0, py::arg("kv_heads") = 0, py::arg("head_dim") = 0,
+           py::arg("min_anchors") = 2)
       .def_readonly("gamma", &PoolConfig::gamma)
       .def_readonly("tau", &PoolConfig::tau)
       .def_readonly("top_p", &PoolConfig::top_p)
       .def_readonly("capacity", &PoolConfig::capacity)
       .def_readonly("window", &PoolConfig::window)
       .def_readonly("byte_budget", &PoolConfig::byte_budget)
+      .def_readonly("min_anchors", &PoolConfig::min_anchors)
       .def_property_readonly("distance", [](const PoolConfig& c) {
         return c.distance == DistanceMode::kRms ? "rms" : "frobenius";
       })
@@ -58,7 +66,8 @@ PYBIND11_MODULE(_C, m) {
         return "PoolConfig(gamma=" + std::to_string(c.gamma) + ", tau=" + std::to_string(c.tau) +
                ", top_p=" + std::to_string(c.top_p) + ", capacity=" + std::to_string(c.capacity) +
                ", window=" + std::to_string(c.window) +
-               ", byte_budget=" + std::to_string(c.byte_budget) + ", distance=" +
+               ", byte_budget=" + std::to_string(c.byte_budget) +
+               ", min_anchors=" + std::to_string(c.min_anchors) + ", distance=" +
                (c.distance == DistanceMode::kRms ? "'rms'" : "'frobenius'") + ")";
       });
 
@@ -79,6 +88,11 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<kvcomm::EstimateResult>(m, "EstimateResult")
       .def_readonly("anchors", &kvcomm::EstimateResult::anchors)
+      .def_property_readonly("spread",
+                             [](const kvcomm::EstimateResult& r) -> py::object {
+                               if (!r.spread.defined()) return py::none();
+                               return py::cast(r.spread);
+                             })
       .def_property_readonly("ok", &kvcomm::EstimateResult::ok)
       .def("__bool__", &kvcomm::EstimateResult::ok);
 
@@ -96,7 +110,7 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("config", &AnchorPool::config)
       .def("decide", &AnchorPool::decide, py::arg("slot"), py::arg("content_v"),
            py::arg("credit") = true, release(),
-           "Share-or-anchor decision (SPEC 4) for content values [L,H,n,D].")
+           "Share-or-anchor decision (docs/method.md section 4) for content values [L,H,n,D].")
       .def("add_anchor", &AnchorPool::add_anchor, py::arg("slot"), py::arg("base_k"),
            py::arg("base_v"), release(),
            "New anchor from neutral-frame base K/V [L,H,n,D]; returns its id.")
@@ -119,7 +133,7 @@ PYBIND11_MODULE(_C, m) {
              const c10::optional<at::Tensor>& seg_template_k,
              const c10::optional<at::Tensor>& seg_template_v, int64_t seg_position,
              const c10::optional<at::Tensor>& seg_dst_k,
-             const c10::optional<at::Tensor>& seg_dst_v) {
+             const c10::optional<at::Tensor>& seg_dst_v, bool want_spread) {
             kvcomm::EstimateRequest r;
             r.base_k = base_k;
             r.base_v = base_v;
@@ -132,15 +146,17 @@ PYBIND11_MODULE(_C, m) {
             r.seg_position = seg_position;
             r.seg_dst_k = seg_dst_k.value_or(at::Tensor());
             r.seg_dst_v = seg_dst_v.value_or(at::Tensor());
+            r.want_spread = want_spread;
             return p.estimate(slot, agent, r);
           },
           py::arg("slot"), py::arg("agent"), py::arg("base_k"), py::arg("base_v"),
           py::arg("inv_freq"), py::arg("position"), py::arg("dst_k"), py::arg("dst_v"),
           py::arg("seg_template_k") = py::none(), py::arg("seg_template_v") = py::none(),
           py::arg("seg_position") = 0, py::arg("seg_dst_k") = py::none(),
-          py::arg("seg_dst_v") = py::none(), release(),
-          "Estimate (SPEC 5) the placeholder (and following segment) KV for an agent into "
-          "dst tensors; returns the anchors used (empty: nothing written, run dense).")
+          py::arg("seg_dst_v") = py::none(), py::arg("want_spread") = false, release(),
+          "Estimate (docs/method.md section 5) the placeholder (and following segment) KV for an "
+          "agent into dst tensors; returns the anchors used (empty: nothing written, run dense) "
+          "and, with want_spread, the per-token spread of the anchors' deltas.")
       .def("has_slot", &AnchorPool::has_slot)
       .def("slots", &AnchorPool::slots)
       .def("anchors", &AnchorPool::anchors, py::arg("slot"))

@@ -30,7 +30,7 @@ at::Tensor value_distances(const at::Tensor& content, at::TensorList anchors, bo
   Inputs in;
   const std::vector<RowsIn> anchor_rows = in.rows(anchors);
   const DistancePlan plan{kv_type(content, op), dims,  in.rows(content), anchor_rows.data(),
-                          n,                    chunks, partial.data(), std::getenv("KVB") ? std::atoll(std::getenv("KVB")) : 0};
+                          n,                    chunks, partial.data(), 0};
   const KernelTable& k = kernels();
   const int64_t per_chunk = dims.rows() * dims.tokens * dims.dim * (n + 1) / chunks;
   if (n > 0) {

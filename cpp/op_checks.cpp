@@ -2,10 +2,147 @@
 
 #include <ATen/MemoryOverlap.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
 
 namespace kvcomm {
 namespace checks {
+
+namespace {
+
+// One term m * stride of a byte offset, m an integer in [lo, hi].
+struct Term {
+  int64_t stride, lo, hi;
+};
+
+// Whether sum_k m_k * terms[k].stride == target for some m_k in their
+// ranges, terms sorted by stride, largest first. Depth-first over the
+// values of the largest stride that the smaller ones could still make up;
+// for views of one buffer there are one or two such values per level.
+// `budget` bounds the search; when it runs out the answer is "yes".
+bool reachable(const std::vector<Term>& terms, size_t k, int64_t target,
+               const std::vector<int64_t>& rest_min,
+               const std::vector<int64_t>& rest_max, int64_t& budget) {
+  if (--budget < 0) return true;
+  if (k == terms.size()) return target == 0;
+  const Term& t = terms[k];
+  // m * stride + rest == target, rest in [rest_min[k+1], rest_max[k+1]].
+  const int64_t hi_num = target - rest_min[k + 1], lo_num = target - rest_max[k + 1];
+  const auto floor_div = [](int64_t a, int64_t b) { return a / b - ((a % b != 0) && ((a < 0) != (b < 0))); };
+  const auto ceil_div = [&](int64_t a, int64_t b) { return -floor_div(-a, b); };
+  const int64_t m0 = std::max(t.lo, ceil_div(lo_num, t.stride));
+  const int64_t m1 = std::min(t.hi, floor_div(hi_num, t.stride));
+  for (int64_t m = m0; m <= m1; ++m) {
+    if (reachable(terms, k + 1, target - m * t.stride, rest_min, rest_max, budget)) return true;
+  }
+  return false;
+}
+
+// The memory a strided view covers: its start and, per dimension, size and
+// stride, in bytes. A copy of a tensor's metadata (no new tensor for a
+// narrowed view: the checks run on every call).
+struct View {
+  int64_t start = 0, item = 1;
+  int64_t dims = 0;
+  int64_t size[8] = {}, stride[8] = {};
+};
+
+View view_of(const at::Tensor& t, int64_t max_tokens = -1) {
+  View v;
+  v.start = reinterpret_cast<int64_t>(t.data_ptr());
+  v.item = t.element_size();
+  TORCH_INTERNAL_ASSERT(t.dim() <= 8, "view_of: more than 8 dimensions");
+  v.dims = t.dim();
+  for (int64_t d = 0; d < v.dims; ++d) {
+    v.size[d] = t.size(d);
+    v.stride[d] = t.stride(d) * v.item;
+  }
+  if (max_tokens >= 0 && t.dim() == 4) v.size[2] = std::min(v.size[2], max_tokens);
+  return v;
+}
+
+bool empty(const View& v) {
+  for (int64_t d = 0; d < v.dims; ++d)
+    if (v.size[d] == 0) return true;
+  return false;
+}
+
+// First and one-past-last byte of a view's elements.
+void byte_span(const View& v, int64_t& first, int64_t& end) {
+  first = v.start;
+  int64_t last = first;
+  for (int64_t d = 0; d < v.dims; ++d) last += (v.size[d] - 1) * v.stride[d];
+  end = last + v.item;
+}
+
+bool same_view(const at::Tensor& a, const at::Tensor& b) {
+  return a.data_ptr() == b.data_ptr() && a.sizes() == b.sizes() &&
+         a.strides() == b.strides() && a.scalar_type() == b.scalar_type();
+}
+
+bool views_share_memory(const View& a, const View& b) {
+  if (empty(a) || empty(b)) return false;
+  int64_t a0, a1, b0, b1;
+  byte_span(a, a0, a1);
+  byte_span(b, b0, b1);
+  if (a1 <= b0 || b1 <= a0) return false;  // the common case: apart
+  // Elements i of a and j of b share a byte iff
+  //   addr_a(i) - addr_b(j) = -e  for some e in [-(item_a - 1), item_b - 1],
+  // i.e. sum_k i_k*sa_k - sum_k j_k*sb_k + e = b0 - a0 (strides in bytes).
+  std::vector<Term> terms;
+  const auto add = [&](int64_t stride, int64_t lo, int64_t hi) {
+    if (stride == 0 || lo == hi) return;
+    for (Term& t : terms) {
+      if (t.stride == stride) {  // same stride: the ranges add up
+        t.lo += lo;
+        t.hi += hi;
+        return;
+      }
+    }
+    terms.push_back({stride, lo, hi});
+  };
+  for (int64_t d = 0; d < a.dims; ++d) add(a.stride[d], 0, a.size[d] - 1);
+  for (int64_t d = 0; d < b.dims; ++d) add(b.stride[d], -(b.size[d] - 1), 0);
+  add(1, -(a.item - 1), b.item - 1);
+  std::sort(terms.begin(), terms.end(), [](const Term& x, const Term& y) { return x.stride > y.stride; });
+  std::vector<int64_t> rest_min(terms.size() + 1, 0), rest_max(terms.size() + 1, 0);
+  for (size_t k = terms.size(); k-- > 0;) {
+    rest_min[k] = rest_min[k + 1] + terms[k].lo * terms[k].stride;
+    rest_max[k] = rest_max[k + 1] + terms[k].hi * terms[k].stride;
+  }
+  int64_t budget = 1 << 16;
+  return reachable(terms, 0, b0 - a0, rest_min, rest_max, budget);
+}
+
+void check_apart(const char* op, const at::Tensor& dst, const char* arg, const at::Tensor& t,
+                 const View& tv, bool allow_same) {
+  // rope_move_ writes its `keys`; the other ops a `dst`.
+  const char* out = std::strstr(op, "rope_move_") != nullptr ? "keys" : "dst";
+  TORCH_CHECK(!views_share_memory(view_of(dst), tv), op, ": ", out, " overlaps ", arg,
+              " in memory (", out, " shape ", dst.sizes(), " strides ", dst.strides(), ", ",
+              arg, " shape ", t.sizes(), " strides ", t.strides(), "): the op reads ", arg,
+              " while it writes ", out, ", so overlapping elements would be read after they "
+              "were overwritten",
+              allow_same ? "; to work in place, pass the very same view as dst and as " : "",
+              allow_same ? arg : "");
+}
+
+}  // namespace
+
+bool may_share_memory(const at::Tensor& a, const at::Tensor& b) {
+  if (!a.defined() || !b.defined() || a.device() != b.device()) return false;
+  return views_share_memory(view_of(a), view_of(b));
+}
+
+void no_overlap(const char* op, const at::Tensor& dst, const char* arg,
+                const at::Tensor& t, bool allow_same) {
+  if (allow_same && same_view(dst, t)) return;
+  if (dst.device() != t.device()) return;
+  check_apart(op, dst, arg, t, view_of(t), allow_same);
+}
 
 KVShape kv4(const char* op, const char* arg, const at::Tensor& t) {
   TORCH_CHECK(t.defined(), op, ": ", arg, " is undefined");
@@ -115,6 +252,17 @@ OffsetPlan offset(const char* op, const at::Tensor& dst, const at::Tensor& base,
   plan.per_token_shift = shift(op, shift_t, s.tokens, base);
   plan.rotate = inv_freq_t.has_value() && inv_freq_t->defined();
   if (plan.rotate) inv_freq(op, *inv_freq_t, s.dim, base);
+  // dst is written while everything else is read.
+  no_overlap(op, dst, "base", base, /*allow_same=*/true);
+  for (size_t u = 0; u < deltas.size(); ++u) {
+    // Only a delta's first `tokens` tokens are read.
+    if (!views_share_memory(view_of(dst), view_of(deltas[u], s.tokens))) continue;
+    const std::string name = "deltas[" + std::to_string(u) + "]";
+    check_apart(op, dst, name.c_str(), deltas[u], view_of(deltas[u], s.tokens), false);
+  }
+  no_overlap(op, dst, "weights", weights, false);
+  no_overlap(op, dst, "shift", shift_t, false);
+  if (plan.rotate) no_overlap(op, dst, "inv_freq", *inv_freq_t, false);
   return plan;
 }
 

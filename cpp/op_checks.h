@@ -36,7 +36,24 @@ bool shift(const char* op, const at::Tensor& shift, int64_t tokens,
 void anchors(const char* op, const char* arg, const at::Tensor& content,
              const KVShape& shape, at::TensorList anchors);
 
-// Everything fused_offset needs, checked once for both back ends.
+// Whether some element of `a` and some element of `b` share a byte of memory.
+// Exact for strided views (a slice of a [L, H, Tmax, D] buffer against
+// another slice of it is not an overlap unless their elements meet), and
+// conservative (true) in the rare layouts it cannot settle in a bounded
+// search. Unlike at::get_overlap_status, it does not give up on views that
+// are not dense, which is what dst usually is.
+bool may_share_memory(const at::Tensor& a, const at::Tensor& b);
+
+// An op that writes dst while it reads `t` must not see them overlap: a
+// kernel thread could read an element another thread already overwrote (on
+// a GPU, a race). allow_same: t may be exactly dst (same start, shape and
+// strides), an in-place call, where every element is read before it is
+// written by the same thread.
+void no_overlap(const char* op, const at::Tensor& dst, const char* arg,
+                const at::Tensor& t, bool allow_same);
+
+// Everything fused_offset needs, checked once for both back ends. Includes
+// no_overlap between dst and every input (base may be dst itself).
 struct OffsetPlan {
   KVShape shape;
   int64_t num_deltas;

@@ -80,4 +80,9 @@ void fused_offset_into(const at::Tensor& dst, const at::Tensor& base,
   h.call(dst, base, deltas, weights, shift, inv_freq);
 }
 
+at::Tensor token_spread(at::TensorList deltas, const at::Tensor& weights) {
+  static auto h = op<at::Tensor(at::TensorList, const at::Tensor&)>("kvcomm::token_spread");
+  return h.call(deltas, weights);
+}
+
 }  // namespace kvcomm

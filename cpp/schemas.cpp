@@ -26,4 +26,7 @@ TORCH_LIBRARY(kvcomm, m) {
   m.def(
       "fused_offset_into(Tensor(a!) dst, Tensor base, Tensor[] deltas, "
       "Tensor weights, Tensor shift, Tensor? inv_freq) -> ()");
+  // Per-token spread [n] of N anchors' deltas under per-token weights [N, n]:
+  // how much the anchors disagree on each token's offset (layers >= 1).
+  m.def("token_spread(Tensor[] deltas, Tensor weights) -> Tensor");
 }

@@ -1,7 +1,8 @@
 // The executor that runs the kernels of launchers.cuh on the GPU: the device
 // guard of the op's tensors, the current stream, and one launch function per
-// kernel (kernel_launch.cuh). Launches are asynchronous; the only check is
-// cudaGetLastError, which does not wait for the device.
+// kernel (kernel_launch.cuh). Launches are asynchronous; the only checks are
+// cudaGetLastError before the first launch and after each, which do not wait
+// for the device.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -35,10 +36,21 @@ inline int multiprocessors(int device) {
 
 class CudaExec {
  public:
-  explicit CudaExec(const at::Tensor& like)
-      : guard_(like.device()),
+  // An error already pending when the op starts was raised by earlier work
+  // (another op's launch, or a fault of an earlier kernel that a runtime
+  // call has since reported); it is reported as such here, not blamed on the
+  // first kernel this op launches.
+  CudaExec(const char* op, const at::Tensor& like)
+      : op_(op),
+        guard_(like.device()),
         stream_(at::cuda::getCurrentCUDAStream()),
-        sms_(multiprocessors(like.device().index())) {}
+        sms_(multiprocessors(like.device().index())) {
+    const cudaError_t prior = cudaGetLastError();
+    TORCH_CHECK(prior == cudaSuccess, op_,
+                ": a CUDA error was pending before this op launched anything, raised by earlier "
+                "work on the device: ",
+                cudaGetErrorName(prior), ": ", cudaGetErrorString(prior));
+  }
 
   int sm_count() const { return sms_; }
 
@@ -53,38 +65,56 @@ class CudaExec {
   // count (<= kMaxParamRefs) entries of a device table, from the kernel
   // parameters of one tiny launch (no host memory: safe in graph capture).
   void store_refs(const RefTable& chunk, int64_t count, KVRef* out) {
-    C10_CUDA_CHECK(launch_store_refs(chunk, count, out, stream_));
+    check("store_refs_kernel", launch_store_refs(chunk, count, out, stream_));
   }
 
   template <typename T, bool kVec, bool kRotate>
   void offset(const Launch& g, const OffsetArgs& a, const RefTable& table) {
-    C10_CUDA_CHECK((launch_offset<T, kVec, kRotate>(g, a, table, stream_)));
+    check("offset_kernel", launch_offset<T, kVec, kRotate>(g, a, table, stream_));
   }
 
   template <typename T, bool kVec, int NMAX>
   void distances(const Launch& g, const DistanceArgs& a, const RefTable& table) {
-    C10_CUDA_CHECK((launch_distances<T, kVec, NMAX>(g, a, table, stream_)));
+    check("distance_kernel", launch_distances<T, kVec, NMAX>(g, a, table, stream_));
   }
   void distances_finish(const DistanceFinishArgs& a) {
-    C10_CUDA_CHECK(launch_distances_finish(a, stream_));
+    check("distance_finish_kernel", launch_distances_finish(a, stream_));
   }
-  void decide(const DecideArgs& a) { C10_CUDA_CHECK(launch_decide(a, stream_)); }
+  void decide(const DecideArgs& a) { check("decide_kernel", launch_decide(a, stream_)); }
 
   template <typename T, bool kVec, int NMAX>
   void token_scores(const Launch& g, const TokenArgs& a, const RefTable& table) {
-    C10_CUDA_CHECK((launch_token_scores<T, kVec, NMAX>(g, a, table, stream_)));
+    check("token_score_kernel", launch_token_scores<T, kVec, NMAX>(g, a, table, stream_));
   }
-  void token_finish(const TokenFinishArgs& a) { C10_CUDA_CHECK(launch_token_finish(a, stream_)); }
+  void token_finish(const TokenFinishArgs& a) {
+    check("token_finish_kernel", launch_token_finish(a, stream_));
+  }
 
   template <typename T, int NMAX>
   void segment_scores(const Launch& g, const SegmentArgs& a, const RefTable& table) {
-    C10_CUDA_CHECK((launch_segment_scores<T, NMAX>(g, a, table, stream_)));
+    check("segment_score_kernel", launch_segment_scores<T, NMAX>(g, a, table, stream_));
   }
   void segment_finish(const SegmentFinishArgs& a) {
-    C10_CUDA_CHECK(launch_segment_finish(a, stream_));
+    check("segment_finish_kernel", launch_segment_finish(a, stream_));
+  }
+
+  template <typename T, bool kTable>
+  void spread(const Launch& g, const SpreadArgs& a, const RefTable& table) {
+    check("spread_kernel", launch_spread<T, kTable>(g, a, table, stream_));
   }
 
  private:
+  // The result of cudaGetLastError() right after a launch: a launch error of
+  // this kernel, or an asynchronous fault of work queued before it that
+  // completed meanwhile (only a synchronisation could tell them apart).
+  void check(const char* kernel, cudaError_t err) const {
+    TORCH_CHECK(err == cudaSuccess, op_, ": CUDA error right after launching ", kernel, ": ",
+                cudaGetErrorName(err), ": ", cudaGetErrorString(err),
+                " (if the launch itself was fine, this is an asynchronous fault of earlier work; "
+                "CUDA_LAUNCH_BLOCKING=1 pins it to its kernel)");
+  }
+
+  const char* op_;
   c10::cuda::CUDAGuard guard_;
   cudaStream_t stream_;
   int sms_;

@@ -2,8 +2,8 @@
 // cpp/schemas.cpp: the dispatcher sends calls whose tensors are on a CUDA
 // device here. Each op is the shared launcher (launchers.cuh) run by
 // CudaExec; the kernels live in the *_launch.cu files. This is the only CUDA
-// file that includes ATen. tests/test_cuda_ops.py checks that every schema
-// has an m.impl below.
+// file that includes ATen. tests/ops/test_cuda_registration.py checks that
+// every schema has an m.impl below.
 #include <torch/library.h>
 
 #include "cuda_exec.cuh"
@@ -52,6 +52,10 @@ void fused_offset_into(const at::Tensor& dst, const at::Tensor& base, at::Tensor
                               inv_freq);
 }
 
+at::Tensor token_spread(at::TensorList deltas, const at::Tensor& weights) {
+  return cuda::token_spread<CudaExec>(deltas, weights);
+}
+
 }  // namespace gpu
 }  // namespace kvcomm
 
@@ -64,4 +68,5 @@ TORCH_LIBRARY_IMPL(kvcomm, CUDA, m) {
   m.impl("segment_weights", &kvcomm::gpu::segment_weights);
   m.impl("fused_offset", &kvcomm::gpu::fused_offset);
   m.impl("fused_offset_into", &kvcomm::gpu::fused_offset_into);
+  m.impl("token_spread", &kvcomm::gpu::token_spread);
 }

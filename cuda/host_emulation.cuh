@@ -11,11 +11,13 @@
 // and shared-memory reductions assume, no zero-size grids, and that every
 // 16-byte vector access is 16-byte aligned (a host memcpy would not care).
 // What it cannot check: the shuffles and shared memory themselves, races
-// between threads (they run one after another here) and timing; those need
-// a GPU (tests/test_cuda_ops.py runs the real kernels when one is present).
+// between threads (they run one after another here), the device branch of
+// the 16-byte accesses (PTX on the GPU, memcpy here; .ci/sass_check.py reads
+// their machine code) and timing; those need a GPU (the cuda backend of tests/ops runs the real kernels when one is
+// present).
 //
-// Not part of the extension: tests/test_cuda_ops.py compiles it with the
-// host compiler into a throwaway library that registers torch.ops.kvcomm_emu.
+// Not part of the extension: tests/ops/backends.py compiles it with the host
+// compiler into a throwaway library that registers torch.ops.kvcomm_emu.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -62,7 +64,7 @@ class HostExec {
     return n;
   }
 
-  explicit HostExec(const at::Tensor&) {}
+  HostExec(const char*, const at::Tensor&) {}
   int sm_count() const { return assumed_sms(); }
 
   KVRef* alloc_refs(int64_t n, const at::Tensor&, at::Tensor& keep) {
@@ -178,6 +180,22 @@ class HostExec {
     finish_threads("segment_finish_kernel", a.channels, [&](int64_t ch) { cuda::segment_finish(a, ch); });
   }
 
+  // spread_kernel: one block per token; each thread's share, then the block sum.
+  template <typename T, bool kTable>
+  void spread(const Launch& g, const SpreadArgs& a, const RefTable& table) {
+    check_launch("spread_kernel", g, kSpreadThreads);
+    TORCH_INTERNAL_ASSERT(g.block_x == kSpreadThreads && g.block_y == 1 && g.grid_y == 1 &&
+                          static_cast<int64_t>(g.grid_x) == a.tokens);
+    TORCH_INTERNAL_ASSERT(kTable == (a.table != nullptr) && (kTable || a.num_deltas <= kMaxParamRefs));
+    for (unsigned bx = 0; bx < g.grid_x; ++bx) {
+      double total = 0.0;
+      for (unsigned tx = 0; tx < g.block_x; ++tx)
+        total += kTable ? spread_thread<T>(a, DeviceRefs{a.table}, bx, tx, g.block_x)
+                        : spread_thread<T>(a, ParamRefs{table}, bx, tx, g.block_x);
+      a.out[bx] = math::spread_from_sum(total, a.elements);
+    }
+  }
+
  private:
   // A finalize kernel: plan_finish's launch over `items`, one item per thread,
   // threads past the end idle (as the kernels' bounds check does).
@@ -218,6 +236,9 @@ inline at::Tensor token_weights(const at::Tensor& base, at::TensorList anchors, 
 }
 inline at::Tensor segment_weights(const at::Tensor& base, at::TensorList anchors, double tau) {
   return cuda::segment_weights<HostExec>(base, anchors, tau);
+}
+inline at::Tensor token_spread(at::TensorList deltas, const at::Tensor& weights) {
+  return cuda::token_spread<HostExec>(deltas, weights);
 }
 inline at::Tensor fused_offset(const at::Tensor& base, at::TensorList deltas,
                                const at::Tensor& weights, const at::Tensor& shift,

@@ -23,6 +23,11 @@
 #define KVCOMM_GRID_CONSTANT
 #endif
 
+// KVCOMM_PLAIN_CXX_VECTOR_ACCESS: the vector load and store below in plain
+// C++ instead of PTX, as they were written before; nothing defines it but
+// .ci/cuda_compile_check.sh, whose negative control builds the offset kernels
+// with it and expects .ci/sass_check.py to reject their machine code.
+
 // Called by the host branch of every 16-byte vector access below. The host
 // emulation (host_emulation.cuh) defines it to check the address is 16-byte
 // aligned, as the GPU's 128-bit loads require (a host memcpy would not
@@ -83,8 +88,19 @@ KVCOMM_HD void load_float(const T* p, float* out) {
     out[0] = static_cast<float>(p[0]);
   } else {
 #if defined(__CUDA_ARCH__)
-    // One 128-bit load instruction.
+    // One 128-bit global load (LDG.E.128). In PTX, like the store below: a
+    // C++ dereference of a pointer read from a table (the offset kernel's
+    // delta views) is a generic load (LD.E.128), since nvcc cannot tell the
+    // pointer is global. volatile keeps the loads in order with the stores
+    // (an in-place move reads and writes the same rows).
+#if defined(KVCOMM_PLAIN_CXX_VECTOR_ACCESS)
     const uint4 bits = *reinterpret_cast<const uint4*>(p);
+#else
+    uint4 bits;
+    asm volatile("ld.global.v4.b32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(bits.x), "=r"(bits.y), "=r"(bits.z), "=r"(bits.w)
+                 : "l"(__cvta_generic_to_global(p)));
+#endif
     T e[V];
     memcpy(e, &bits, 16);
 #else
@@ -111,12 +127,41 @@ KVCOMM_HD void store_float(T* p, const float* in) {
 #if defined(__CUDA_ARCH__)
     uint4 bits;
     memcpy(&bits, e, 16);
+    // One 128-bit store instruction (STG.E.128). Written in PTX because the
+    // C++ spellings (a uint4 assignment, make_uint4, alignas(16),
+    // __builtin_assume_aligned) all came out of nvcc 13 as four 32-bit STGs
+    // in the offset kernels, while the matching loads were 128-bit. The
+    // "memory" clobber keeps it ordered like the C++ store it replaces.
+    // .ci/sass_check.sh fails the build if a vector kernel loses this.
+#if defined(KVCOMM_PLAIN_CXX_VECTOR_ACCESS)
     *reinterpret_cast<uint4*>(p) = bits;
+#else
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};"
+                 :
+                 : "l"(__cvta_generic_to_global(p)), "r"(bits.x), "r"(bits.y), "r"(bits.z),
+                   "r"(bits.w)
+                 : "memory");
+#endif
 #else
     KVCOMM_HOST_CHECK_VECTOR_ALIGNED(p);
     memcpy(p, e, 16);
 #endif
   }
+}
+
+// One read of an auxiliary input (weights, inv_freq, shift, the device table
+// of delta views) through the read-only data path (LDG.CONSTANT): a kernel
+// never writes them, and the argument checks reject a dst that overlaps
+// them, so the non-coherent path is allowed. Keeping them off plain LDGs
+// also lets .ci/sass_check.sh demand that every plain LDG of a vector kernel
+// (the KV data) is a 128-bit one.
+template <typename X>
+KVCOMM_HD X load_ro(const X* p) {
+#if defined(__CUDA_ARCH__)
+  return __ldg(p);
+#else
+  return *p;
+#endif
 }
 
 template <typename T>

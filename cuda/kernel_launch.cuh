@@ -12,6 +12,7 @@
 
 #include "matching_kernels.cuh"
 #include "offset_kernel.cuh"
+#include "spread_kernels.cuh"
 #include "weight_kernels.cuh"
 
 namespace kvcomm {
@@ -40,6 +41,10 @@ template <typename T, int NMAX>
 cudaError_t launch_segment_scores(const Launch& g, const SegmentArgs& a, const RefTable& table,
                                   cudaStream_t stream);
 cudaError_t launch_segment_finish(const SegmentFinishArgs& a, cudaStream_t stream);
+
+template <typename T, bool kTable>
+cudaError_t launch_spread(const Launch& g, const SpreadArgs& a, const RefTable& table,
+                          cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace kvcomm

@@ -9,7 +9,6 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
@@ -18,18 +17,13 @@
 #include <tuple>
 #include <vector>
 
+#include "dispatch.h"
 #include "matching_kernels.cuh"
 #include "offset_kernel.cuh"
 #include "op_checks.h"
+#include "spread.h"
+#include "spread_kernels.cuh"
 #include "weight_kernels.cuh"
-
-// float32, float16 and bfloat16 only (op_checks rejects the rest), so no
-// float64 kernels are compiled for nothing.
-#define KVCOMM_DISPATCH_KV_TYPES(TYPE, NAME, ...)                     \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                                      \
-                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)        \
-                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)         \
-                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 namespace kvcomm {
 namespace cuda {
@@ -75,7 +69,7 @@ void offset_into(const char* op, const at::Tensor& dst, const at::Tensor& base,
   const checks::OffsetPlan plan = checks::offset(op, dst, base, deltas, weights, shift, inv_freq);
   const checks::KVShape& s = plan.shape;
   if (dst.numel() == 0) return;
-  Exec ex(base);
+  Exec ex(op, base);
   const at::Tensor w = weights.contiguous();
   const at::Tensor sh = shift.reshape({-1}).contiguous();
   const at::Tensor f = plan.rotate ? inv_freq->contiguous() : at::Tensor();
@@ -173,7 +167,7 @@ at::Tensor value_distances(const at::Tensor& content, at::TensorList anchors, bo
   const auto fopts = content.options().dtype(at::kFloat);
   if (n == 0) return at::empty({0}, fopts);
   if (content.numel() == 0) return at::zeros({n}, fopts);
-  Exec ex(content);
+  Exec ex(op, content);
   std::vector<KVRef> refs;
   for (const at::Tensor& a : anchors) refs.push_back(ref_of(a));
   const int64_t esize = content.element_size();
@@ -218,7 +212,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> match_decide(
   const char* op = "kvcomm.match_decide";
   checks::distances(op, distances);
   checks::decide_params(op, tau, gamma, top_p);
-  Exec ex(distances);
+  Exec ex(op, distances);
   const int64_t n = distances.size(0);
   const auto opts = distances.options();
   at::Tensor probs = at::empty({n}, opts);
@@ -246,7 +240,7 @@ at::Tensor token_weights(const at::Tensor& base, at::TensorList anchors, double 
   const auto fopts = base.options().dtype(at::kFloat);
   at::Tensor out = at::empty({n, s.tokens}, fopts);
   if (n == 0 || s.tokens == 0) return out;
-  Exec ex(base);
+  Exec ex(op, base);
   const int64_t rows = s.layers * s.heads;
   int64_t groups = 0;
   at::Tensor partial;
@@ -300,7 +294,7 @@ at::Tensor segment_weights(const at::Tensor& base, at::TensorList anchors, doubl
   const int64_t channels = s.layers * s.heads * s.dim;
   at::Tensor out = at::empty({n, s.layers, s.heads, s.dim}, base.options().dtype(at::kFloat));
   if (n == 0 || channels == 0) return out;
-  Exec ex(base);
+  Exec ex(op, base);
   int64_t chunks = 0;
   at::Tensor partial;
   if (s.tokens > 0) {
@@ -332,6 +326,47 @@ at::Tensor segment_weights(const at::Tensor& base, at::TensorList anchors, doubl
   SegmentFinishArgs fa{partial.defined() ? partial.data_ptr<float>() : nullptr, chunks, n,
                        channels, static_cast<float>(tau), out.data_ptr<float>()};
   ex.segment_finish(fa);
+  return out;
+}
+
+// ---- per-token spread ----------------------------------------------------
+
+template <class Exec>
+at::Tensor token_spread(at::TensorList deltas, const at::Tensor& weights) {
+  const char* op = "kvcomm.token_spread";
+  const checks::SpreadPlan p = checks::token_spread(op, deltas, weights);
+  at::Tensor out = at::zeros({p.tokens}, weights.options());
+  // As on the CPU: fewer than two anchors, or no layer that carries an
+  // offset, leave nothing to disagree about.
+  if (p.num_deltas < 2 || p.layers < 2 || p.tokens == 0 || p.heads * p.dim == 0) return out;
+  Exec ex(op, weights);
+  const at::Tensor w = weights.contiguous();
+  std::vector<KVRef> refs;
+  for (const at::Tensor& d : deltas) refs.push_back(ref_of(d));
+  SpreadArgs a{};
+  a.weights = w.data_ptr<float>();
+  a.num_deltas = p.num_deltas;
+  a.heads = p.heads;
+  a.tokens = p.tokens;
+  a.dim = p.dim;
+  a.elements = (p.layers - 1) * p.heads * p.dim;
+  a.out = out.data_ptr<float>();
+  RefTable small{};
+  at::Tensor table_keepalive;
+  if (p.num_deltas <= kMaxParamRefs) {
+    for (size_t u = 0; u < refs.size(); ++u) small.r[u] = refs[u];
+  } else {  // the device table, as the fused offset builds it
+    KVRef* table = ex.alloc_refs(p.num_deltas, weights, table_keepalive);
+    for_ref_chunks(refs, kMaxParamRefs, [&](int64_t first, int64_t count, const RefTable& chunk) {
+      ex.store_refs(chunk, count, table + first);
+    });
+    a.table = table;
+  }
+  const Launch g = plan_spread(p.tokens);
+  KVCOMM_DISPATCH_KV_TYPES(deltas[0].scalar_type(), "kvcomm.token_spread", [&] {
+    if (a.table != nullptr) ex.template spread<scalar_t, true>(g, a, small);
+    else ex.template spread<scalar_t, false>(g, a, small);
+  });
   return out;
 }
 

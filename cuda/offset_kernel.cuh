@@ -45,6 +45,34 @@ static_assert(sizeof(OffsetArgs) + sizeof(RefTable) <= 4096, "offset kernel para
 // handed out again.
 KVCOMM_HD void store_ref(const RefTable& chunk, int64_t i, KVRef* out) { out[i] = chunk.r[i]; }
 
+// The delta views of one launch, read where they live. Two types, not one
+// pointer that may point at either: a pointer into the kernel parameters
+// would be a generic address, and nvcc then reads every view field, and the
+// deltas themselves, with generic loads (LD, not LDG). Read straight from the
+// parameters the fields are constant-bank loads; from the device table they
+// go through the read-only path.
+struct ParamRefs {
+  const RefTable& table;
+  KVCOMM_HD KVRef operator[](int64_t u) const { return table.r[u]; }
+};
+struct DeviceRefs {
+  const KVRef* table;
+  KVCOMM_HD KVRef operator[](int64_t u) const {
+#if defined(__CUDA_ARCH__)
+    static_assert(sizeof(KVRef) == 5 * sizeof(long long), "KVRef: a pointer and 4 strides");
+    const long long* f = reinterpret_cast<const long long*>(table + u);
+    long long v[5];
+#pragma unroll
+    for (int i = 0; i < 5; ++i) v[i] = load_ro(f + i);
+    KVRef r;
+    memcpy(&r, v, sizeof(r));
+    return r;
+#else
+    return table[u];
+#endif
+  }
+};
+
 // V consecutive float weights; as float4 loads when the launcher found them
 // 16-byte aligned (V is then a multiple of 4 and c a multiple of V).
 template <int V>
@@ -54,7 +82,7 @@ KVCOMM_HD void load_weights(const float* w, bool vec4, float* out) {
     if (vec4) {
 #pragma unroll
       for (int v = 0; v < V; v += 4) {
-        const float4 q = *reinterpret_cast<const float4*>(w + v);
+        const float4 q = load_ro(reinterpret_cast<const float4*>(w + v));
         out[v] = q.x;
         out[v + 1] = q.y;
         out[v + 2] = q.z;
@@ -69,24 +97,24 @@ KVCOMM_HD void load_weights(const float* w, bool vec4, float* out) {
 #endif
   (void)vec4;
 #pragma unroll
-  for (int v = 0; v < V; ++v) out[v] = w[v];
+  for (int v = 0; v < V; ++v) out[v] = load_ro(w + v);
 }
 
 // acc_lo/acc_hi (channels c.. and c+half..) += sum_u w_u * delta_u, in the
-// order u = 0, 1, ... like the CPU.
-template <typename T, bool kVec, bool kRotate>
-KVCOMM_HD void offset_add_deltas(const OffsetArgs& a, const RefTable& small,
+// order u = 0, 1, ... like the CPU. Refs: ParamRefs or DeviceRefs.
+template <typename T, bool kVec, bool kRotate, class Refs>
+KVCOMM_HD void offset_add_deltas(const OffsetArgs& a, const Refs& refs,
                                  int64_t l, int64_t h, int64_t t, int64_t c,
                                  float* lo, float* hi) {
   constexpr int V = Width<T, kVec>::value;
 #pragma unroll 2
   for (int64_t u = 0; u < a.num_deltas; ++u) {
-    const KVRef& d = a.delta_table != nullptr ? a.delta_table[u] : small.r[u];
+    const KVRef d = refs[u];
     float x[V], y[V];
     load_float<T, kVec>(elem<T>(d, l, h, t, c), x);
     if constexpr (kRotate) load_float<T, kVec>(elem<T>(d, l, h, t, c + a.half), y);
     if (a.per_token_weights) {
-      const float w = a.weights[u * a.tokens + t];
+      const float w = load_ro(a.weights + u * a.tokens + t);
 #pragma unroll
       for (int v = 0; v < V; ++v) {
         lo[v] += w * x[v];
@@ -114,9 +142,10 @@ KVCOMM_HD void offset_thread(const OffsetArgs& a, const RefTable& small, int64_t
   const int64_t c = k * V;
   float cs[V], sn[V];
   if constexpr (kRotate) {
-    const int64_t s = a.shift[a.per_token_shift ? t : 0];
+    const int64_t s = load_ro(a.shift + (a.per_token_shift ? t : 0));
 #pragma unroll
-    for (int v = 0; v < V; ++v) math::sin_cos(math::rope_angle(s, a.inv_freq[c + v]), &sn[v], &cs[v]);
+    for (int v = 0; v < V; ++v)
+      math::sin_cos(math::rope_angle(s, load_ro(a.inv_freq + c + v)), &sn[v], &cs[v]);
   }
   const T* base = static_cast<const T*>(a.base);
   T* dst = static_cast<T*>(a.dst);
@@ -128,8 +157,14 @@ KVCOMM_HD void offset_thread(const OffsetArgs& a, const RefTable& small, int64_t
     float lo[V], hi[V];
     load_float<T, kVec>(base + a.bs.at(l, h, t, c), lo);
     if constexpr (kRotate) load_float<T, kVec>(base + a.bs.at(l, h, t, c + a.half), hi);
-    // Layer 0 is exact by construction (SPEC): it never gets deltas.
-    if (l > 0) offset_add_deltas<T, kVec, kRotate>(a, small, l, h, t, c, lo, hi);
+    // Layer 0 is exact by construction (docs/method.md section 5): it never
+    // gets deltas.
+    if (l > 0) {
+      if (a.delta_table != nullptr)
+        offset_add_deltas<T, kVec, kRotate>(a, DeviceRefs{a.delta_table}, l, h, t, c, lo, hi);
+      else
+        offset_add_deltas<T, kVec, kRotate>(a, ParamRefs{small}, l, h, t, c, lo, hi);
+    }
     if constexpr (kRotate) {
 #pragma unroll
       for (int v = 0; v < V; ++v) {

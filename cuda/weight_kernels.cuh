@@ -1,6 +1,6 @@
-// Offset weights on the device (SPEC section 5), each a one-pass score kernel
-// over all anchors of a launch plus a finalize kernel that applies the
-// softmax with the CPU's math.h code.
+// Offset weights on the device (docs/method.md section 5), each a one-pass
+// score kernel over all anchors of a launch plus a finalize kernel that
+// applies the softmax with the CPU's math.h code.
 //
 // Token weights, scores [N, T]: mean over (layer, head, channel) of
 // |base - anchor_u| per token. A thread owns one token and a vector of

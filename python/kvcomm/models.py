@@ -65,10 +65,37 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
+# Bumped whenever the cache writer changes what it writes, so a folder written by an older
+# writer is never reused. Format 2: config.json names the architecture and the tied
+# embedding is stored under the embedding's own name (format 1 had neither, so loaders
+# other than transformers - vLLM - could not pick a model class and found no embedding).
+_CACHE_FORMAT = 2
+
+
 def _embedded_cache_dir(gguf: str) -> str:
-    # Keyed by the GGUF's name and size so a different wheel version gets its own cache.
-    tag = hashlib.sha1(f"{os.path.basename(gguf)}:{os.path.getsize(gguf)}".encode()).hexdigest()[:10]
+    # Keyed by the GGUF's name and size (a different wheel version gets its own cache)
+    # and by the writer's format.
+    key = f"{os.path.basename(gguf)}:{os.path.getsize(gguf)}:format{_CACHE_FORMAT}"
+    tag = hashlib.sha1(key.encode()).hexdigest()[:10]
     return os.path.join(cache_root(), f"smollm2-135m-instruct-{tag}")
+
+
+def _tensors_to_save(model) -> dict:
+    """The state dict with each storage saved once, under the name a loader looks for.
+
+    With tied word embeddings the LM head and the input embedding are one tensor;
+    safetensors stores a shared tensor once. It must be kept under the embedding's
+    name (model.embed_tokens.weight): transformers re-ties lm_head from it, and vLLM
+    loads the embedding by that name and skips lm_head.weight for a tied model."""
+    state = model.state_dict()
+    emb = model.get_input_embeddings().weight
+    emb_name = next(k for k, v in state.items() if v.data_ptr() == emb.data_ptr() and k.endswith("embed_tokens.weight"))
+    out = {}
+    for name, t in state.items():
+        if name != emb_name and t.data_ptr() == emb.data_ptr():
+            continue  # a tied alias of the embedding (lm_head.weight)
+        out[name] = t.detach().contiguous()
+    return out
 
 
 def _fix_chatml_tokens(model, tokenizer) -> None:
@@ -84,7 +111,7 @@ def _fix_chatml_tokens(model, tokenizer) -> None:
 
 
 def _build_embedded_cache(gguf: str, out_dir: str) -> None:
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = os.path.split(gguf)
@@ -104,10 +131,13 @@ def _build_embedded_cache(gguf: str, out_dir: str) -> None:
     try:
         config = model.config.to_dict()
         config.pop("quantization_config", None)  # the weights we save are plain float32
+        # A GGUF load leaves architectures unset; loaders that pick the model class from
+        # config.json (vLLM) need it.
+        config["architectures"] = [type(model).__name__]
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=1)
         model.generation_config.save_pretrained(tmp)
-        save_model(model, os.path.join(tmp, "model.safetensors"))  # handles the tied lm_head
+        save_file(_tensors_to_save(model), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         tok.save_pretrained(tmp)
         try:  # atomic publish; another process may have won the race
             os.rename(tmp, out_dir)
@@ -116,6 +146,18 @@ def _build_embedded_cache(gguf: str, out_dir: str) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def embedded_model_dir() -> str:
+    """The embedded SmolLM2's folder in the cache (config.json, model.safetensors,
+    tokenizer), built from the GGUF on first use: a plain transformers folder that other
+    loaders (vLLM) read too."""
+    gguf = embedded_gguf_path()
+    folder = _embedded_cache_dir(gguf)
+    if not os.path.isfile(os.path.join(folder, "model.safetensors")):
+        with _quiet_transformers():
+            _build_embedded_cache(gguf, folder)
+    return folder
 
 
 def load_model(path: str | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu"):
@@ -128,10 +170,7 @@ def load_model(path: str | None = None, dtype: torch.dtype = torch.float32, devi
 
     with _quiet_transformers():
         if path is None:
-            gguf = embedded_gguf_path()
-            folder = _embedded_cache_dir(gguf)
-            if not os.path.isfile(os.path.join(folder, "model.safetensors")):
-                _build_embedded_cache(gguf, folder)
+            folder = embedded_model_dir()
         else:
             folder = path
             if not os.path.isdir(folder):

@@ -58,7 +58,7 @@ def value_distances(content: Tensor, anchors: Sequence[Tensor], rms: bool = Fals
 
 
 def match_decide(distances: Tensor, tau: float = 1.0, gamma: float = 0.3, top_p: float = 0.9):
-    """SPEC section 4 decision from distances [N] (float32).
+    """docs/method.md section 4 decision from distances [N] (float32).
 
     Returns (probs [N] float32, entropy [] float32 bits, share [] bool,
     credit [N] bool): share iff N >= 2 and entropy <= gamma*log2(N); credit
@@ -93,6 +93,17 @@ def fused_offset_into(dst: Tensor, base: Tensor, deltas: Sequence[Tensor], weigh
     """fused_offset written into dst [L,H,T,D] (any strides); returns dst."""
     _ops.fused_offset_into(dst, base, list(deltas), weights, _as_shift(shift, base), inv_freq)
     return dst
+
+
+def token_spread(deltas: Sequence[Tensor], weights: Tensor) -> Tensor:
+    """float32 [n]: how much N anchors disagree on each token's offset.
+
+    deltas: N tensors [L,H,>=n,D] (first n tokens used); weights: float32 [N, n]
+    per-token weights whose columns sum to 1 (token_weights). Per token, the root
+    of the mean over layers >= 1, heads and channels of the weighted variance of
+    the deltas across anchors. Zeros when N < 2 or L == 1.
+    """
+    return _ops.token_spread(list(deltas), weights)
 
 
 # ---- fake kernels: shapes only, so torch.compile and FakeTensor can trace ----
@@ -138,3 +149,8 @@ def _fused_offset_fake(base, deltas, weights, shift, inv_freq):
 @torch.library.register_fake("kvcomm::fused_offset_into")
 def _fused_offset_into_fake(dst, base, deltas, weights, shift, inv_freq):
     return None
+
+
+@torch.library.register_fake("kvcomm::token_spread")
+def _token_spread_fake(deltas, weights):
+    return weights.new_empty(weights.shape[1], dtype=torch.float32)

@@ -1,6 +1,6 @@
 """Pure-torch reference of every kvcomm op and of AnchorPool.estimate.
 
-Slow and simple on purpose: each function is the SPEC formula written with
+Slow and simple on purpose: each function is the method's formula (docs/method.md) written with
 plain torch ops in float32, the yardstick the C++/CUDA ops are tested against.
 Content KV layout: [layers, kv_heads, tokens, head_dim].
 """
@@ -13,26 +13,27 @@ import torch
 from torch import Tensor
 
 
-def _shift_rows(shift: Tensor, tokens: int) -> Tensor:
-    """Shift as float [tokens or 1, 1] rows for broadcasting."""
-    s = shift.reshape(-1).to(torch.float32)
+def _shift_rows(shift: int | Tensor, tokens: int) -> Tensor:
+    """Shift (an int, or a tensor [] or [T], as kvcomm.ops takes it) as float32
+    [tokens or 1, 1] rows on the CPU, for broadcasting."""
+    s = torch.as_tensor(shift).detach().cpu().reshape(-1).to(torch.float32)
     if s.numel() == 1:
         return s.reshape(1, 1)
     assert s.numel() == tokens
     return s.reshape(tokens, 1)
 
 
-def rope_rotate(x: Tensor, inv_freq: Tensor, shift: Tensor) -> Tensor:
+def rope_rotate(x: Tensor, inv_freq: Tensor, shift: int | Tensor) -> Tensor:
     """Rotate-half RoPE by `shift` positions, float32 math, result float32."""
     x = x.to(torch.float32)
     half = x.shape[-1] // 2
-    angle = _shift_rows(shift.cpu(), x.shape[2]).to(x.device) * inv_freq.to(x.device, torch.float32)
+    angle = _shift_rows(shift, x.shape[2]).to(x.device) * inv_freq.to(x.device, torch.float32)
     cos, sin = angle.cos(), angle.sin()  # [T or 1, half]
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-def rope_move(keys: Tensor, inv_freq: Tensor, shift: Tensor) -> Tensor:
+def rope_move(keys: Tensor, inv_freq: Tensor, shift: int | Tensor) -> Tensor:
     return rope_rotate(keys, inv_freq, shift).to(keys.dtype)
 
 
@@ -50,7 +51,7 @@ def value_distances(content: Tensor, anchors: Sequence[Tensor], rms: bool = Fals
 
 
 def match_decide(distances: Tensor, tau: float, gamma: float, top_p: float):
-    """(probs, entropy bits, share, credit) of SPEC section 4."""
+    """(probs, entropy bits, share, credit) of docs/method.md section 4."""
     d = distances.to(torch.float32)
     n = d.numel()
     # Shift by the minimum before dividing (as the kernels do) so huge finite
@@ -93,8 +94,8 @@ def segment_weights(base: Tensor, anchors: Sequence[Tensor], tau: float) -> Tens
     return torch.softmax(-r / tau, dim=0)
 
 
-def fused_offset(base: Tensor, deltas: Sequence[Tensor], weights: Tensor, shift: Tensor,
-                 inv_freq: Tensor | None) -> Tensor:
+def fused_offset(base: Tensor, deltas: Sequence[Tensor], weights: Tensor, shift: int | Tensor,
+                 inv_freq: Tensor | None = None) -> Tensor:
     L, H, T, D = base.shape
     acc = base.to(torch.float32).clone()
     for u, delta in enumerate(deltas):
@@ -106,6 +107,19 @@ def fused_offset(base: Tensor, deltas: Sequence[Tensor], weights: Tensor, shift:
     if inv_freq is not None:
         acc = rope_rotate(acc, inv_freq, shift)
     return acc.to(base.dtype)
+
+
+def token_spread(deltas: Sequence[Tensor], weights: Tensor) -> Tensor:
+    """Per token: sqrt(mean over layers >= 1, heads, channels of sum_u w_u (d_u - mean_w d)^2)."""
+    n = weights.shape[1]
+    out = torch.zeros(n, dtype=torch.float32, device=weights.device)
+    if len(deltas) < 2 or deltas[0].shape[0] < 2 or n == 0:
+        return out
+    x = torch.stack([d[1:, :, :n].to(torch.float32) for d in deltas])  # [N, L-1, H, n, D]
+    w = weights.to(torch.float32).view(len(deltas), 1, 1, n, 1)
+    mean = (w * x).sum(0)
+    var = (w * (x - mean) ** 2).sum(0)                                  # [L-1, H, n, D]
+    return var.double().mean(dim=(0, 1, 3)).sqrt().float()
 
 
 def estimate(pool_anchors, base_k: Tensor, base_v: Tensor, inv_freq: Tensor, position: int,

@@ -13,6 +13,7 @@
 #include <ATen/ops/zeros_like.h>
 
 #include <cstdio>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -64,6 +65,31 @@ TEST(AnchorPool, EstimateUsesRecordedDeltas) {
   expected.narrow(0, 1, L - 1).add_(dv.narrow(0, 1, L - 1));
   EXPECT_TRUE(at::allclose(req.dst_v, expected, 1e-5, 1e-5));
   EXPECT_FALSE(pool.estimate("q", "other", req).ok());
+}
+
+TEST(AnchorPool, EstimateRejectsNegativePositions) {
+  kvcomm::AnchorPool pool;
+  const at::Tensor base = kv(5, 3);
+  kvcomm::EstimateRequest req;
+  req.base_k = base;
+  req.base_v = base;
+  req.inv_freq = inv_freq();
+  req.dst_k = at::zeros_like(base);
+  req.dst_v = at::zeros_like(base);
+  for (const bool segment_position : {false, true}) {
+    req.position = segment_position ? 0 : -3;
+    req.seg_position = segment_position ? -1 : 0;
+    const std::string want = segment_position ? "seg_position (the following segment's first token"
+                                              : "position (the placeholder's first token";
+    try {
+      pool.estimate("q", "agent", req);
+      FAIL() << "expected an error for a negative " << (segment_position ? "seg_position" : "position");
+    } catch (const c10::Error& e) {
+      const std::string msg = e.what();
+      EXPECT_NE(msg.find("AnchorPool.estimate: " + want), std::string::npos) << msg;
+      EXPECT_NE(msg.find(segment_position ? "got -1" : "got -3"), std::string::npos) << msg;
+    }
+  }
 }
 
 TEST(AnchorPool, CapacityEviction) {

@@ -1,4 +1,4 @@
-// AnchorPool: per-slot anchors of the KVCOMM method (SPEC sections 4-6).
+// AnchorPool: per-slot anchors of the KVCOMM method (docs/method.md sections 4-6).
 //
 // An anchor is one content that was computed densely: its base K/V in the
 // position-neutral frame (content starts at position 0) and, for each agent
@@ -36,6 +36,10 @@ struct PoolConfig {
   int64_t capacity = 20;         // anchors per slot (V)
   int64_t window = 5;            // eviction looks at the W oldest anchors
   int64_t byte_budget = 0;       // whole pool, bytes; 0 = unlimited
+  // Coverage: a content becomes an anchor while its slot has fewer than this
+  // many long-enough candidates (>= 2; 2 is the method as published). Estimates
+  // from more anchors agree with dense prefill more often.
+  int64_t min_anchors = 2;
   DistanceMode distance = DistanceMode::kFrobenius;
   // Expected content layout; 0 = taken from the first anchor. Every anchor
   // and every loaded file must match it.
@@ -80,10 +84,15 @@ struct EstimateRequest {
   at::Tensor seg_template_k, seg_template_v;  // neutral frame [L, H, S, D]
   int64_t seg_position = 0;
   at::Tensor seg_dst_k, seg_dst_v;  // [L, H, S, D]
+  bool want_spread = false;         // also return the per-token spread
 };
 
 struct EstimateResult {
   std::vector<int64_t> anchors;  // ids whose deltas were used
+  // float32 [n] when the request asked for it: how much the anchors disagree
+  // on each placeholder token's offset (token_spread of the K deltas plus that
+  // of the V deltas, under their token weights). Undefined otherwise.
+  at::Tensor spread;
   bool ok() const { return !anchors.empty(); }
 };
 
@@ -93,7 +102,7 @@ class AnchorPool {
 
   const PoolConfig& config() const { return config_; }
 
-  // SPEC section 4 for new content values [L,H,n,D] against the slot's pool.
+  // docs/method.md section 4 for new content values [L,H,n,D] against the slot's pool.
   // On share, credits one activation to the top-p anchors (unless credit is
   // false). An unknown slot has no candidates and so decides "anchor".
   Decision decide(const std::string& slot, const at::Tensor& content_v,
@@ -108,7 +117,7 @@ class AnchorPool {
   void record_deltas(const std::string& slot, int64_t id,
                      const std::string& agent, const AgentDeltas& deltas);
 
-  // SPEC section 5: writes the estimated placeholder (and segment) KV for
+  // docs/method.md section 5: writes the estimated placeholder (and segment) KV for
   // `agent` into the request's destinations. Uses every anchor of the slot
   // with length >= n and deltas recorded for `agent` (and, for the segment,
   // of the same segment length). Returns the ids used; when none qualifies

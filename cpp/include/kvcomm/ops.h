@@ -52,4 +52,11 @@ void fused_offset_into(const at::Tensor& dst, const at::Tensor& base,
                        const at::Tensor& shift,
                        const c10::optional<at::Tensor>& inv_freq);
 
+// float32 [n]: per-token spread of N deltas [L,H,>=n,D] under per-token
+// weights [N, n] (each column summing to 1): the square root of the weighted
+// variance across anchors, averaged over layers >= 1, heads and channels.
+// Where the anchors disagree on a token's offset its estimate is least sure;
+// a recompute policy ranks tokens by it. Zeros when N < 2 or L == 1.
+at::Tensor token_spread(at::TensorList deltas, const at::Tensor& weights);
+
 }  // namespace kvcomm

@@ -1,9 +1,9 @@
 """One agent as the engine keeps it: template, chat frame, exact S0 and template KV.
 
 When an agent is added, its template is rendered once with the placeholder
-markers in place and run through the model (SPEC section 2, "template KV"):
+markers in place and run through the model (docs/method.md section 2, "template KV"):
 - S0, everything before the first placeholder, is the agent's true prefix; its KV
-  is kept and reused exactly by both paths of every later call (SPEC section 4);
+  is kept and reused exactly by both paths of every later call (docs/method.md section 4);
 - the KV of each segment after a placeholder is kept in the neutral frame; it is
   what the segment offsets are added to on the reuse path.
 A call can use these only if its own prompt has the same S0 and segment tokens

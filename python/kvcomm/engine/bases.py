@@ -1,4 +1,4 @@
-"""Base KV of content encoded on its own (SPEC section 2, section 8).
+"""Base KV of content encoded on its own (docs/method.md section 2, section 8).
 
 A question or tool result is encoded once per request behind a fixed header -
 the chat template's opening up to the user message (BOS, and the default system

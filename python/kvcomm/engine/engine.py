@@ -1,21 +1,25 @@
-"""KVCommEngine: one agent call = decide per slot -> reuse or dense -> decode -> capture.
+"""KVCommEngine: one agent call = decide per slot -> assemble -> run the chosen tokens -> decode -> capture.
 
-SPEC sections 4-6 on a Hugging Face model. Per call, in kvcomm mode:
+docs/method.md sections 4-6 and 9 on a Hugging Face model. Per call, in kvcomm mode:
 1. render the agent's prompt and tokenize it once; locate slots and segments;
 2. for each slot, the content's base KV (a captured reply, or encoded behind a
    header) and the pool's share-or-anchor decision, both once per request;
-3. reuse path (every slot shared and the pool has deltas for this agent): the
-   exact S0 is copied and the core writes the estimated KV of every slot and its
-   following segment straight into the cache buffer; only the last prompt token
-   runs through the model;
-   dense path (otherwise): real prefill after the exact S0; the real KV becomes
-   neutral-frame deltas recorded into the anchors;
+3. per slot, estimate (shared, and the pool holds deltas for this agent) or compute in
+   context (kvcomm.engine.paths). The exact S0 is copied and the core writes the
+   estimated KV of every estimated slot and its following segment straight into the
+   cache buffer; then one forward runs the tokens the recompute policy chooses
+   (kvcomm.engine.recompute: at least the last token, plus every computed slot and its
+   segment) at their positions against the rest (kvcomm.engine.scatter).
+   reuse path: every slot estimated; partial: some estimated, some computed;
+   dense: none estimated - real prefill after the exact S0.
+   Computed slots record their KV as neutral-frame deltas into their anchors;
 4. first token from the last logits (TTFT stops here), then model.generate;
 5. the reply's KV is cut from the cache and decided against its slot's pool.
 mode="dense" is the baseline: full prefill of the whole prompt, no pool, no capture.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -29,13 +33,15 @@ from .._C import AnchorPool, PoolConfig
 from ..hf.cache import KVBufferCache
 from .agent import AgentState, build_agent
 from .bases import HeaderEncoder
-from .gate import GateConfig, GateResult, check as _check_gate
-from .kv import forward, neutral_pair
+from .kv import forward, forward_logits, neutral_pair
+from .modes import MODES
+from .paths import CallPlan, assemble, plan_slots, record
+from .recompute import RecomputePolicy, select_positions
+from .scatter import forward_scattered
 from .request import Content, Reply, RequestState, decision_numbers
 from .template import AGENT_NAME_RE, CONDITION, CURRENT, HISTORY, QUESTION, TemplateError, fill, render_layout
 from .template import check_inputs, special_texts
 
-MODES = ("kvcomm", "dense")
 _KIND_OF = {QUESTION: "question", CONDITION: "condition", CURRENT: "reply", HISTORY: "reply"}
 
 
@@ -56,6 +62,21 @@ class AgentCall:
     slot_decisions: dict          # slot -> decision reason
     token_ids: list = field(default_factory=list)   # generated ids (first token included)
     slot_gates: dict = field(default_factory=dict)  # slot -> the decision's numbers (decision_numbers)
+    # Token accounting (docs/method.md section 6): the exact prefix copied from the agent's
+    # S0 cache, prompt tokens run through the model in this call, and content tokens this
+    # call encoded behind a header (a content's first consumer pays for its base).
+    s0_tokens: int = 0
+    computed_tokens: int = 0
+    encoded_tokens: int = 0
+    recomputed: dict = field(default_factory=dict)     # reuse/partial: group -> tokens (recompute.py)
+    slot_anchors: dict = field(default_factory=dict)   # estimated slot -> anchor ids used
+    # Only with call(..., reply_logits=K): float32 [min(K, reply tokens), vocab]; row 0 is the
+    # first token's logits, row j the logits for reply token j given reply tokens [0, j).
+    reply_logits: torch.Tensor | None = field(default=None, repr=False)
+    # Only with call(..., keep_cache=True): the call's KVBufferCache (prompt, then the
+    # reply's fed-back tokens) and its PromptLayout (token ids, slot spans, segments).
+    cache: KVBufferCache | None = field(default=None, repr=False)
+    layout: object = field(default=None, repr=False)
 
 
 def _longest_input(lay, inputs: dict) -> str:
@@ -75,6 +96,7 @@ class _Clock:
         self.t = {k: 0.0 for k in ("encode", "decide", "estimate", "forward", "first_token",
                                    "record", "decode", "capture")}
         self._last = time.perf_counter()
+        self.encoded_tokens = 0   # content tokens this call encoded behind a header
 
     def lap(self, key: str) -> None:
         now = time.perf_counter()
@@ -85,22 +107,31 @@ class _Clock:
 class KVCommEngine:
     """KVCOMM on a transformers model. See the module docstring for one call.
 
-    pool_config: kvcomm.PoolConfig (defaults of SPEC section 4 when None);
+    pool_config: kvcomm.PoolConfig (defaults of docs/method.md section 4 when None);
     pool: an existing AnchorPool (e.g. loaded from disk) instead;
     lead_ins: per content kind ("question", "condition", "reply") header lead-in text.
-    gate: the correctness gate (kvcomm.engine.gate): a GateConfig, True (defaults) or
-      False/None (off, the default here; `kvcomm demo/eval` turn it on). When on, the
-      first kvcomm-mode call probes reuse vs dense on this model (cached per model) and,
-      if reuse is refused, every kvcomm call runs dense with the gate's reason.
-    exact_tail: prompt tokens at the end that the reuse path runs through the model
-      (default 1: the last token only, SPEC section 6). More replaces the estimated KV
-      of those tokens with KV computed against the estimated rest.
+    Reuse can be refused for the whole engine with refuse_reuse(reason): every
+    kvcomm-mode call then runs dense with that reason. The correctness gate
+    (kvcomm.engine.gate.apply) uses it; nothing is refused by default.
+    recompute: which prompt tokens a KVCOMM call runs through the model besides the slots
+      it cannot estimate (kvcomm.engine.recompute): a RecomputePolicy or its string form,
+      e.g. "none" (the last token only, the method as published), "tail=64",
+      "segments,first=4,spread,budget=0.1".
+    exact_tail: the same as recompute="tail=N" (kept for existing callers).
+    partial: a call with some slots that cannot be estimated still estimates the others
+      and computes only those in context (default); False runs such calls fully dense.
     """
 
     def __init__(self, model, tokenizer, pool_config: PoolConfig | None = None, *,
                  pool: AnchorPool | None = None, lead_ins: dict | None = None,
-                 gate: GateConfig | bool | None = None, exact_tail: int = 1):
-        self.exact_tail = exact_tail
+                 recompute: RecomputePolicy | str | None = None, exact_tail: int | None = None,
+                 partial: bool = True):
+        if recompute is not None and exact_tail is not None:
+            raise ValueError("give recompute or exact_tail, not both (exact_tail=N is recompute='tail=N')")
+        self.recompute = RecomputePolicy.parse(recompute)
+        if exact_tail is not None:
+            self.exact_tail = exact_tail
+        self.partial = bool(partial)
         self.spec = hf.enable(model)
         self.model = model
         self.tokenizer = tokenizer
@@ -120,26 +151,38 @@ class KVCommEngine:
             eos.append(tokenizer.eos_token_id)
         self.eos_ids = sorted(set(eos))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
-        # Tests and diagnostics: keep the cache and layout of the last call.
         self._blank: dict[int, bool] = {}
-        self.keep_last_cache = False
-        self.last_cache: KVBufferCache | None = None
-        self.last_layout = None
         # Optional static / CUDA-graph last-token step of the reuse path (use_static_step).
         self.static_step = None
-        self.gate_config: GateConfig | None = GateConfig() if gate is True else (gate or None)
         self._special_texts = special_texts(tokenizer)
-        self.gate_result: GateResult | None = None
+        self._refusal: str | None = None
+
+    @property
+    def recompute(self) -> RecomputePolicy:
+        return self._recompute
+
+    @recompute.setter
+    def recompute(self, policy: RecomputePolicy | str | None) -> None:
+        self._recompute = RecomputePolicy.parse(policy)
 
     @property
     def exact_tail(self) -> int:
-        return self._exact_tail
+        return self._recompute.tail
 
     @exact_tail.setter
     def exact_tail(self, n: int) -> None:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"exact_tail must be an int >= 1 (prompt tokens the reuse path runs), got {n!r}")
-        self._exact_tail = n
+        self._recompute = dataclasses.replace(self._recompute, tail=n)
+
+    def sibling(self, pool: AnchorPool | None = None) -> "KVCommEngine":
+        """A new engine on the same model and tokenizer, with this engine's pool settings,
+        lead-ins and recompute policy, but its own pool (a fresh one with the same config
+        unless `pool` is given), agents, requests and reuse refusal. For running two
+        measurements side by side without either seeing the other's anchors."""
+        return KVCommEngine(self.model, self.tokenizer,
+                            pool=pool if pool is not None else AnchorPool(self.pool.config),
+                            lead_ins=self.encoder.lead_ins, recompute=self.recompute, partial=self.partial)
 
     # ------------------------------------------------------------------ setup
 
@@ -169,7 +212,7 @@ class KVCommEngine:
     def call(self, agent: str, inputs: dict, *, mode: str = "kvcomm", max_new_tokens: int = 128,
              do_sample: bool = False, temperature: float = 1.0,
              return_first_logits: bool = False, reply_ids: list[int] | None = None,
-             capture: bool = True) -> AgentCall:
+             capture: bool = True, keep_cache: bool = False, reply_logits: int = 0) -> AgentCall:
         """reply_ids: a forced reply (benchmarks). The first token is still computed and
         timed as usual; the reply is then these tokens instead of a generated one, fed
         through the model in one forward in kvcomm mode and captured like a generated
@@ -177,7 +220,18 @@ class KVCommEngine:
 
         capture=False leaves the request's replies and the pool's reply slots alone: for
         re-running a call to compare it (otherwise the re-run's reply replaces the
-        original as the base of {agent_<name>_current} and goes through the decision)."""
+        original as the base of {agent_<name>_current} and goes through the decision).
+
+        keep_cache=True fills AgentCall.cache (this call's KVBufferCache) and
+        AgentCall.layout (its PromptLayout), e.g. to compare the reuse path's KV with a
+        dense call's; by default the call keeps neither.
+
+        reply_logits=K fills AgentCall.reply_logits with the logits of the reply's first K
+        positions (teacher forcing when reply_ids is given: the forced tokens are fed to
+        this call's cache in both modes), e.g. to compare a KVCOMM call with a dense one
+        on identical inputs and an identical reply."""
+        if isinstance(reply_logits, bool) or not isinstance(reply_logits, int) or reply_logits < 0:
+            raise ValueError(f"reply_logits must be an int >= 0, got {reply_logits!r}")
         if reply_ids is not None:
             reply_ids = [int(t) for t in reply_ids]
             if not reply_ids:
@@ -193,18 +247,16 @@ class KVCommEngine:
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
         if isinstance(inputs, Mapping):
             inputs = dict(inputs)
-        # Input errors first: they must not wait for (or trigger) the gate's probe.
         check_inputs(self.agents[agent].template, inputs, agent, self._special_texts)
-        if mode == "kvcomm":
-            self.check_gate()   # before the call's clock: the one-off probe is not its TTFT
         if self.request is None:
             self.new_request()
         with torch.inference_mode():
             return self._call(self.agents[agent], dict(inputs), mode, max_new_tokens, do_sample,
-                              float(temperature), return_first_logits, reply_ids, capture)
+                              float(temperature), return_first_logits, reply_ids, capture, keep_cache,
+                              reply_logits)
 
     def _call(self, st: AgentState, inputs, mode, max_new_tokens, do_sample, temperature, want_logits,
-              reply_ids=None, capture=True):
+              reply_ids=None, capture=True, keep_cache=False, reply_logits=0):
         clock = _Clock()
         start = clock._last
         user_text, cspans = fill(st.template, inputs, st.name)
@@ -220,73 +272,89 @@ class KVCommEngine:
         clock.lap("encode")
 
         slot_decisions: dict[str, str] = {}
+        slot_anchors: dict[str, list] = {}
         contents: list[Content] = []
-        missing_deltas: set[int] = set()
+        plan: CallPlan | None = None
+        recomputed: dict = {}
+        s0_tokens = 0
         if mode == "dense":
-            path, reason, aligned = "dense", "baseline", False
+            path, reason = "dense", "baseline"
             cache, logits = self._prefill(st, lay, capacity, use_prefix=False)
+            computed = T
             clock.lap("forward")
         else:
-            refused = self._gate_refusal()
-            reason = refused or self._unaligned(st, lay, max_new_tokens)
-            aligned = reason is None
-            if aligned:
-                contents = self._contents(st, lay, clock)
-                reason = self._path_reason(st, lay, contents, slot_decisions, missing_deltas)
-            cache = None
+            reason = self._refusal or self._unaligned(st, lay, max_new_tokens)
             if reason is None:
-                cache, reason = self._assemble(st, lay, contents, capacity, slot_decisions)
+                contents = self._contents(st, lay, clock)
+                plan = plan_slots(self.pool, st.key, lay, contents, slot_decisions)
+            path = "dense"
+            if plan is not None and (plan.any_estimated or not contents) and (self.partial or not plan.computed):
+                cache = self._reuse_buffer(capacity)
+                assemble(self.pool, st, lay, contents, plan, cache, self.spec.inv_freq,
+                         self.recompute.wants_spread, slot_decisions, slot_anchors)
                 clock.lap("estimate")
-            if cache is not None:
-                path, reason = "reuse", ("all slots shared" if contents else "no slots: exact prefix")
-                logits = self._last_token(cache, lay)
-            else:
-                path = "dense"
-                cache, logits = self._prefill(st, lay, capacity, use_prefix=True)
+                if plan.any_estimated or not contents:
+                    sel = select_positions(self.recompute, plan.slots, st.s0, T)
+                    logits = self._run_positions(cache, lay, sel.positions)
+                    path = "partial" if plan.computed else "reuse"
+                    recomputed, computed, s0_tokens = sel.counts, len(sel.positions), st.s0
+                    reason = (f"partial: {plan.reason()}" if plan.computed else
+                              "all slots shared" if contents else "no slots: exact prefix")
+            if path == "dense":
+                reason = reason or plan.reason()
+                cache, logits, s0_tokens = self._prefill(st, lay, capacity, use_prefix=True, with_prefix=True)
+                computed = T - s0_tokens
             clock.lap("forward")
 
         first = self._first_token(logits, do_sample, temperature)
         clock.lap("first_token")
         ttft_ms = (time.perf_counter() - start) * 1000.0
 
-        if mode == "kvcomm" and path == "dense" and aligned:
-            self._record(st, lay, cache, contents, missing_deltas, slot_decisions)
+        if plan is not None and path != "reuse":
+            which = range(len(contents)) if path == "dense" else plan.computed
+            record(self.pool, st, lay, cache, contents, plan, which, self.spec.inv_freq, slot_decisions)
             clock.lap("record")
+        tf_logits = None
         if reply_ids is not None:
-            tokens = self._force_reply(cache, reply_ids, mode)
+            tokens, tf_logits = self._force_reply(cache, reply_ids, mode, reply_logits)
         else:
-            tokens = self._decode(lay.ids, first, cache, max_new_tokens, do_sample, temperature)
+            tokens, tf_logits = self._decode(lay.ids, first, cache, max_new_tokens, do_sample, temperature,
+                                             reply_logits)
         clock.lap("decode")
         lo, hi = self._reply_span(tokens)
         text = self.tokenizer.decode(tokens[lo:hi], skip_special_tokens=True)
-        if mode == "kvcomm" and capture and hi > lo and self._exact_range_ok(T + len(tokens)) and not self._gate_refusal():
+        if mode == "kvcomm" and capture and hi > lo and self._exact_range_ok(T + len(tokens)) and not self._refusal:
             self._capture(st, cache, T, tokens, lo, hi, text)
             clock.lap("capture")
 
         self._paths["baseline" if mode == "dense" else path] += 1
-        if self.keep_last_cache:
-            self.last_cache, self.last_layout = cache, lay
         timings = dict(clock.t)
         timings["total"] = (time.perf_counter() - start) * 1000.0
         return AgentCall(agent=st.name, text=text, mode=mode, path=path, reason=reason, ttft_ms=ttft_ms,
                          timings=timings, first_token_id=int(first),
                          first_logits=logits.detach().cpu() if want_logits else None,
                          prompt_tokens=T, new_tokens=len(tokens), slot_decisions=slot_decisions,
-                         token_ids=tokens, slot_gates={c.slot: c.gate for c in contents})
+                         token_ids=tokens, slot_gates={c.slot: c.gate for c in contents},
+                         s0_tokens=s0_tokens, computed_tokens=computed, encoded_tokens=clock.encoded_tokens,
+                         recomputed=recomputed, slot_anchors=slot_anchors,
+                         reply_logits=self._reply_logits(logits, tf_logits, len(tokens), reply_logits),
+                         cache=cache if keep_cache else None, layout=lay if keep_cache else None)
 
-    # ------------------------------------------------------------------ correctness gate
+    # ------------------------------------------------------------------ refusing reuse
 
-    def check_gate(self) -> GateResult | None:
-        """Runs (or fetches from the per-model cache) the correctness gate; None when off."""
-        if self.gate_config is not None and self.gate_result is None:
-            self.gate_result = _check_gate(self, self.gate_config)
-        return self.gate_result
+    def refuse_reuse(self, reason: str | None) -> None:
+        """reason: every later kvcomm-mode call runs dense with this reason, and the pool
+        is not used at all (no decisions, anchors or captures); None lifts the refusal.
+        The correctness gate (kvcomm.engine.gate.apply) sets it when reuse disagrees with
+        dense on this model."""
+        if reason is not None and (not isinstance(reason, str) or not reason.strip()):
+            raise ValueError(f"refuse_reuse: reason must be a non-empty string or None, got {reason!r}")
+        self._refusal = reason
 
-    def _gate_refusal(self) -> str | None:
-        """The gate's reason when it refused reuse for this model (then the pool is not
-        used at all: no decisions, anchors or captures), else None."""
-        g = self.gate_result
-        return g.reason if g is not None and not g.allowed else None
+    @property
+    def reuse_refusal(self) -> str | None:
+        """The reason given to refuse_reuse, or None when reuse is allowed."""
+        return self._refusal
 
     # ------------------------------------------------------------------ per-slot content
 
@@ -324,6 +392,7 @@ class KVCommEngine:
             if base is None:
                 base = self.encoder.encode(kind, ids)
                 req.encoded[(kind, ids)] = base
+                clock.encoded_tokens += len(ids)
         clock.lap("encode")
         content = self._decide(ph.name, ids, base[0], base[1], source)
         req.contents[key] = content
@@ -338,29 +407,11 @@ class KVCommEngine:
             content.anchor_id = self.pool.add_anchor(slot, k, v)
         return content
 
-    def _has_deltas(self, slot: str, agent_key: str, n: int) -> bool:
-        return any(a.length >= n and agent_key in a.agents for a in self.pool.anchors(slot))
-
-    def _path_reason(self, st, lay, contents, slot_decisions, missing_deltas) -> str | None:
-        """None when every slot can be estimated; else why the call runs dense."""
-        reason = None
-        for i, c in enumerate(contents):
-            name = lay.spans[i][0]
-            if not c.share:
-                slot_decisions[name] = f"{c.reason} (new anchor)"
-                reason = reason or f"slot {name}: {c.reason}"
-            elif not self._has_deltas(c.slot, st.key, c.length):
-                slot_decisions[name] = "share, but no anchor has deltas for this agent"
-                missing_deltas.add(i)
-                reason = reason or f"slot {name}: no deltas for agent"
-            else:
-                slot_decisions[name] = "share"
-        return reason
-
     # ------------------------------------------------------------------ the two paths
 
-    def _prefill(self, st: AgentState, lay, capacity: int, use_prefix: bool):
-        """Dense prefill, after the exact S0 KV when the prompt starts with it."""
+    def _prefill(self, st: AgentState, lay, capacity: int, use_prefix: bool, with_prefix: bool = False):
+        """Dense prefill, after the exact S0 KV when the prompt starts with it.
+        (cache, logits), plus the S0 tokens copied when with_prefix."""
         cache = KVBufferCache.for_spec(self.spec, capacity)
         p = 0
         if use_prefix and st.s0_k is not None:
@@ -371,63 +422,8 @@ class KVCommEngine:
             cache.k[:, :, :p].copy_(st.s0_k[:, :, :p])
             cache.v[:, :, :p].copy_(st.s0_v[:, :, :p])
             cache.set_length(p)
-        return cache, forward(self.model, cache, lay.ids[p:])
-
-    def _assemble(self, st: AgentState, lay, contents, capacity: int, slot_decisions):
-        """Reuse path: S0 + estimated slots and segments written into the buffer by
-        the core (one estimate call per slot does all layers). (cache, None) or
-        (None, why) when the pool had no usable anchor after all."""
-        cache = self._reuse_buffer(capacity)
-        s0 = st.s0
-        cache.k[:, :, :s0].copy_(st.s0_k)
-        cache.v[:, :, :s0].copy_(st.s0_v)
-        inv_freq = self.spec.inv_freq
-        for i, c in enumerate(contents):
-            name, a, b = lay.spans[i]
-            sa, sb = lay.segments[i]
-            dk, dv = cache.span(a, b)
-            seg = {}
-            if sb > sa:
-                gk, gv = cache.span(sa, sb)
-                seg = dict(seg_template_k=st.seg_k[i], seg_template_v=st.seg_v[i], seg_position=sa,
-                           seg_dst_k=gk, seg_dst_v=gv)
-            res = self.pool.estimate(c.slot, st.key, c.base_k, c.base_v, inv_freq, a, dk, dv, **seg)
-            if not res.anchors:
-                slot_decisions[name] = "share, but no usable anchor for this agent"
-                return None, f"slot {name}: no deltas for agent"
-            slot_decisions[name] = f"share (estimated from anchors {list(res.anchors)})"
-        cache.set_length(lay.length - self._tail(lay))
-        return cache, None
-
-    def _tail(self, lay) -> int:
-        """Prompt tokens the reuse path runs: exact_tail, at most all but the first."""
-        return max(1, min(self.exact_tail, lay.length - 1))
-
-    def _record(self, st: AgentState, lay, cache, contents, missing_deltas, slot_decisions) -> None:
-        """Dense path: real KV -> neutral deltas, recorded into this call's anchors."""
-        inv_freq = self.spec.inv_freq
-        for i, c in enumerate(contents):
-            name, a, b = lay.spans[i]
-            if c.anchor_id is None and i in missing_deltas:
-                # Shared content, but no anchor holds this agent's deltas: the content
-                # becomes an anchor so the agent has something to record into.
-                c.anchor_id = self.pool.add_anchor(c.slot, c.base_k, c.base_v)
-                slot_decisions[name] += " (new anchor)"
-            if c.anchor_id is None:
-                continue
-            ph_k, ph_v = neutral_pair(cache, a, b, inv_freq)
-            ph_k.sub_(c.base_k)
-            ph_v.sub_(c.base_v)
-            seg_k = seg_v = None
-            sa, sb = lay.segments[i]
-            if sb > sa:
-                seg_k, seg_v = neutral_pair(cache, sa, sb, inv_freq)
-                seg_k.sub_(st.seg_k[i])
-                seg_v.sub_(st.seg_v[i])
-            try:
-                self.pool.record_deltas(c.slot, c.anchor_id, st.key, ph_k, ph_v, seg_k, seg_v)
-            except RuntimeError as e:  # the anchor was evicted since it was added
-                slot_decisions[name] += f"; deltas not recorded: {str(e).splitlines()[0]}"
+        logits = forward(self.model, cache, lay.ids[p:])
+        return (cache, logits, p) if with_prefix else (cache, logits)
 
     # ------------------------------------------------------------------ static last-token step
 
@@ -453,17 +449,36 @@ class KVCommEngine:
             return step.take()
         return KVBufferCache.for_spec(self.spec, capacity)
 
-    def _last_token(self, cache: KVBufferCache, lay) -> torch.Tensor:
+    def _run_positions(self, cache: KVBufferCache, lay, positions: list[int]) -> torch.Tensor:
+        """The model over the chosen prompt positions against the assembled KV; the last
+        token's logits. Only the last token: the static / CUDA-graph step when set."""
+        T = lay.length
         step = self.static_step
-        tail = self._tail(lay)
-        if tail == 1 and step is not None and step.owns(cache):
-            return step(cache, lay.ids[-1], lay.length - 1)
-        return forward(self.model, cache, lay.ids[-tail:])
+        if positions == [T - 1] and step is not None and step.owns(cache):
+            return step(cache, lay.ids[-1], T - 1)
+        return forward_scattered(self.model, cache, [lay.ids[p] for p in positions], positions, T)[0]
 
-    def _force_reply(self, cache: KVBufferCache, reply_ids: list[int], mode: str) -> list[int]:
+    def _force_reply(self, cache: KVBufferCache, reply_ids: list[int], mode: str, want: int):
+        """A forced reply: fed to the cache in kvcomm mode (its KV is captured) and, with
+        teacher-forced logits asked for, in dense mode too. (tokens, logits [rows, V] | None)."""
+        rows = max(0, min(want, len(reply_ids)) - 1)
         if mode == "kvcomm":
-            forward(self.model, cache, reply_ids, want_logits=False)
-        return list(reply_ids)
+            feed = reply_ids
+        elif rows:
+            feed = reply_ids[:rows]
+        else:
+            return list(reply_ids), None
+        logits = forward_logits(self.model, cache, feed, len(feed) if rows else 0)
+        return list(reply_ids), (logits[:rows] if rows else None)
+
+    @staticmethod
+    def _reply_logits(first: torch.Tensor, rest: torch.Tensor | None, n_tokens: int, want: int):
+        if want <= 0:
+            return None
+        rows = [first.detach().float().cpu().view(1, -1)]
+        if rest is not None and want > 1:
+            rows.append(rest[: min(want, n_tokens) - 1].detach().float().cpu())
+        return torch.cat(rows)[: max(1, min(want, n_tokens))]
 
     # ------------------------------------------------------------------ decoding and capture
 
@@ -474,18 +489,25 @@ class KVCommEngine:
         return int(torch.multinomial(probs, 1))
 
     def _decode(self, prompt_ids, first: int, cache, max_new_tokens: int, do_sample: bool,
-                temperature: float) -> list[int]:
+                temperature: float, want_logits: int = 0):
+        """Generated tokens (first included) and, when asked, the logits of steps 2..want."""
         tokens = [first]
         if first in self.eos_ids or max_new_tokens == 1:
-            return tokens
+            return tokens, None
         gc = GenerationConfig(max_new_tokens=max_new_tokens - 1, do_sample=do_sample,
                               eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
         if do_sample:  # plain temperature sampling, as for the first token
             gc.temperature, gc.top_k, gc.top_p = temperature, 0, 1.0
+        if want_logits > 1:
+            gc.output_logits, gc.return_dict_in_generate = True, True
         x = torch.tensor([list(prompt_ids) + [first]], dtype=torch.long, device=cache.k.device)
         out = self.model.generate(input_ids=x, attention_mask=torch.ones_like(x), past_key_values=cache,
                                   generation_config=gc)
-        return tokens + out[0, x.shape[1]:].tolist()
+        if want_logits > 1:
+            steps = out.logits[: want_logits - 1]
+            logits = torch.cat([t[0:1].float() for t in steps]) if steps else None
+            return tokens + out.sequences[0, x.shape[1]:].tolist(), logits
+        return tokens + out[0, x.shape[1]:].tolist(), None
 
     def _is_blank(self, token_id: int) -> bool:
         blank = self._blank.get(token_id)
@@ -511,7 +533,7 @@ class KVCommEngine:
                  text: str) -> None:
         """The reply's KV, cut from this call's cache. Every generated token but the
         last was fed back; if the last one is content it still needs its KV
-        (SPEC section 8), computed here with one more forward."""
+        (docs/method.md section 8), computed here with one more forward."""
         if cache.length < T + hi:
             forward(self.model, cache, tokens[cache.length - T:hi], want_logits=False)
         k, v = neutral_pair(cache, T + lo, T + hi, self.spec.inv_freq)
@@ -530,11 +552,9 @@ class KVCommEngine:
             "bytes": pool.memory_bytes(),
             "evictions": pool.evictions,
             "slots": {s: pool.slot_size(s) for s in pool.slots()},
-            "calls": {"reuse": self._paths["reuse"], "dense": self._paths["dense"],
+            "calls": {"reuse": self._paths["reuse"], "partial": self._paths["partial"], "dense": self._paths["dense"],
                       "baseline": self._paths["baseline"]},
             "requests": self._requests,
-            "gate": None if self.gate_result is None else
-            {k: v for k, v in self.gate_result.to_dict().items() if k != "details"},
             "agents": {n: {"setup_ms": a.setup_ms, "s0_tokens": a.s0, "template_problem": a.problem}
                        for n, a in self.agents.items()},
         }

@@ -1,9 +1,15 @@
 """Correctness gate: does reuse work for this model? Measured once per model, before use.
 
-KVCOMM's offsets are estimates (SPEC section 5). For most models they are close enough
+KVCOMM's offsets are estimates (docs/method.md section 5). For most models they are close enough
 that the reuse path picks the same tokens as dense prefill; for some (an unusual
 architecture, a quantisation, a bug) they are not, and every reused call would then be
-silently wrong. The gate measures this before the engine reuses anything:
+silently wrong. The gate measures this before the engine reuses anything. It sits
+above the engine and drives it through its public API only:
+
+    res = gate.apply(engine, GateConfig())   # check, then engine.refuse_reuse(reason or None)
+
+- check(engine, cfg) returns the GateResult (and changes nothing); apply() also sets the
+  engine's refusal, after which every kvcomm-mode call runs dense with the gate's reason.
 
 - a probe engine (same model, tokenizer, lead-ins and pool parameters; its own fresh
   pool, so the caller's pool is untouched) gets two agents: `gate_a` reads a question,
@@ -38,6 +44,9 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+
+from .._C import AnchorPool, PoolConfig
+from .engine import KVCommEngine
 
 GATE_VERSION = 1          # bump when the probe changes: old disk entries stop matching
 REASON_PREFIX = "correctness gate"
@@ -146,8 +155,9 @@ def code_fingerprint() -> str:
     return h.hexdigest()
 
 
-def model_key(model, spec, pool_config, lead_ins: dict, cfg: GateConfig) -> str:
-    """The gate's cache key: everything that changes what the probe would measure."""
+def model_key(model, spec, pool_config, lead_ins: dict, cfg: GateConfig, recompute: str = "none") -> str:
+    """The gate's cache key: everything that changes what the probe would measure (the
+    recompute policy included: the probe runs the engine's own reuse path)."""
     config = model.config.to_dict()
     config.pop("_attn_implementation_internal", None)
     config.pop("_attn_implementation", None)
@@ -155,7 +165,8 @@ def model_key(model, spec, pool_config, lead_ins: dict, cfg: GateConfig) -> str:
     gate = {k: v for k, v in asdict(cfg).items() if k != "disk_cache"}
     blob = json.dumps({"v": GATE_VERSION, "code": code_fingerprint(), "config": config, "weights": weights_fingerprint(model),
                        "dtype": str(spec.dtype), "device": str(spec.device), "pool": pool,
-                       "lead_ins": lead_ins, "gate": gate}, sort_keys=True, default=str)
+                       "lead_ins": lead_ins, "gate": gate, "recompute": recompute},
+                      sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:20]
 
 
@@ -242,16 +253,13 @@ def _kv_error(reuse_cache, dense_cache, stop: int) -> float:
 
 def run_probe(engine, cfg: GateConfig, key: str = "") -> GateResult:
     """Runs the probe against `engine`'s model (a separate engine and pool) and judges it."""
-    from .._C import AnchorPool, PoolConfig
-    from .engine import KVCommEngine
-
     t0 = time.perf_counter()
     pc = engine.pool.config
     s = engine.spec
     pool = AnchorPool(PoolConfig(gamma=pc.gamma, tau=pc.tau, top_p=pc.top_p, distance=pc.distance,
                                  layers=s.num_layers, kv_heads=s.kv_heads, head_dim=s.head_dim))
     probe = KVCommEngine(engine.model, engine.tokenizer, pool=pool, lead_ins=engine.encoder.lead_ins,
-                         gate=False)
+                         recompute=engine.recompute, partial=engine.partial)
     for name, (system, template) in PROBE_AGENTS.items():
         probe.add_agent(name, system, template)
 
@@ -267,23 +275,20 @@ def run_probe(engine, cfg: GateConfig, key: str = "") -> GateResult:
         probe.new_request()
         inputs = {"user_question": q}
         for agent in PROBE_AGENTS:
-            probe.keep_last_cache = True
-            kv = probe.call(agent, inputs, max_new_tokens=cfg.reply_tokens if agent == "gate_a" else 1)
-            reuse_cache, T = probe.last_cache, kv.prompt_tokens
-            dense = probe.call(agent, inputs, mode="dense", max_new_tokens=1, return_first_logits=True)
-            dense_cache = probe.last_cache
-            probe.keep_last_cache = False
+            kv = probe.call(agent, inputs, max_new_tokens=cfg.reply_tokens if agent == "gate_a" else 1,
+                            keep_cache=True)
+            dense = probe.call(agent, inputs, mode="dense", max_new_tokens=1, return_first_logits=True,
+                               keep_cache=True)
             calls += 1
             if kv.path == "reuse":
                 p = torch.softmax(dense.first_logits.float(), dim=-1)
                 ratio = float(p[kv.first_token_id] / p.max())
                 details.append({"agent": agent, "top1": kv.first_token_id == dense.first_token_id,
                                 "dense_ratio": ratio, "agree": ratio >= cfg.tie_ratio,
-                                "kv_error": _kv_error(reuse_cache, dense_cache, T - 1),
-                                "prompt_tokens": T})
+                                "kv_error": _kv_error(kv.cache, dense.cache, kv.prompt_tokens - 1),
+                                "prompt_tokens": kv.prompt_tokens})
             if agent == "gate_a":
                 inputs = {**inputs, "agent_gate_a_current": _slot_text(kv.text)}
-        probe.last_cache = None
     return judge(details, calls, cfg, key, time.perf_counter() - t0)
 
 
@@ -323,7 +328,8 @@ def judge(details: list, calls: int, cfg: GateConfig, key: str, seconds: float) 
 
 def check(engine, cfg: GateConfig) -> GateResult:
     """The gate's result for `engine`'s model: from memory, from disk, or a fresh probe."""
-    key = model_key(engine.model, engine.spec, engine.pool.config, engine.encoder.lead_ins, cfg)
+    key = model_key(engine.model, engine.spec, engine.pool.config, engine.encoder.lead_ins, cfg,
+                    engine.recompute.describe())
     with _lock:   # one probe per model at a time; others wait for its result
         hit = _memory.get(key)
         if hit is not None:
@@ -348,6 +354,14 @@ def check(engine, cfg: GateConfig) -> GateResult:
         if cfg.disk_cache:
             _write_disk(res)
         return res
+
+
+def apply(engine, cfg: GateConfig) -> GateResult:
+    """check(engine, cfg), then engine.refuse_reuse(the reason) when refused, or
+    refuse_reuse(None) when allowed. Returns the result."""
+    res = check(engine, cfg)
+    engine.refuse_reuse(None if res.allowed else res.reason)
+    return res
 
 
 def _copy(res: GateResult, source: str) -> GateResult:

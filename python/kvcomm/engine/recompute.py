@@ -1,0 +1,163 @@
+"""Selective recompute: which prompt tokens a KVCOMM call runs through the model.
+
+On the reuse path the prompt's KV is assembled without the model: the exact prefix S0,
+and for every slot an estimate of its tokens and of the agent's own segment after it
+(docs/method.md sections 5-6). The paper then runs only the last prompt token. Running a
+small budget of further tokens against that assembled KV buys fidelity cheaply
+(docs/method.md section 9): their KV becomes what the model computes given the estimated
+rest, and every later token reads it. Always recomputed:
+
+- `tail`: the last prompt tokens (1 = the last token only, the method as published);
+- every slot that could not be estimated (a new anchor, no deltas for this agent) and its
+  following segment: a *partial* call, whose other slots are still estimated.
+
+Then, in this order, while the budget lasts:
+
+- `segments`: the agent's own template segments after each estimated slot, last first
+  (the chat suffix right before the first token, then earlier instructions). The
+  estimate's error is largest there (an ablation: without segment offsets first-token
+  agreement falls from 83% to 41%), and they are a small share of a prompt;
+- `first=K`: the first K tokens of each estimated slot, where a content turns from the
+  prefix it was encoded behind to the prompt it now sits in;
+- `spread`: placeholder tokens the anchors disagree on most (kvcomm.ops.token_spread).
+
+`budget` caps these policy tokens as a fraction of the tokens after S0 (None: no cap for
+segments and first-K; `spread` needs a budget, or it would recompute every token).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+# The policy KVCommEngine and the `kvcomm` command use unless told otherwise.
+DEFAULT_POLICY = "none"
+
+_PART = re.compile(r"^(segments|spread|none|first=\d+|tail=\d+|budget=[0-9.]+)$")
+
+
+@dataclass(frozen=True)
+class RecomputePolicy:
+    segments: bool = False
+    first: int = 0
+    spread: bool = False
+    budget: float | None = None
+    tail: int = 1
+
+    def __post_init__(self):
+        if isinstance(self.tail, bool) or not isinstance(self.tail, int) or self.tail < 1:
+            raise ValueError(f"recompute tail must be an int >= 1 (prompt tokens at the end), got {self.tail!r}")
+        if isinstance(self.first, bool) or not isinstance(self.first, int) or self.first < 0:
+            raise ValueError(f"recompute first must be an int >= 0, got {self.first!r}")
+        if self.budget is not None and not (isinstance(self.budget, (int, float)) and 0 <= self.budget <= 1):
+            raise ValueError(f"recompute budget must be a fraction in [0, 1] or None, got {self.budget!r}")
+        if self.spread and self.budget is None:
+            raise ValueError("recompute 'spread' needs a budget (e.g. 'spread,budget=0.1'): it ranks "
+                             "every placeholder token")
+
+    @classmethod
+    def parse(cls, text: "str | RecomputePolicy | None") -> "RecomputePolicy":
+        """'none' (the last token only), or comma-separated parts: 'segments', 'first=K',
+        'spread', 'budget=F', 'tail=N', e.g. 'segments,first=4,spread,budget=0.1'."""
+        if text is None:
+            text = DEFAULT_POLICY
+        if isinstance(text, RecomputePolicy):
+            return text
+        if not isinstance(text, str):
+            raise ValueError(f"recompute policy must be a string or RecomputePolicy, got {type(text).__name__}")
+        kw: dict = {}
+        for part in (p.strip() for p in text.split(",") if p.strip()):
+            if not _PART.match(part):
+                raise ValueError(f"recompute policy {text!r}: unknown part {part!r}; use 'none' or parts "
+                                 "'segments', 'first=K', 'spread', 'budget=F', 'tail=N'")
+            if part == "none":
+                continue
+            if "=" in part:
+                key, value = part.split("=", 1)
+                kw[key] = float(value) if key == "budget" else int(value)
+            else:
+                kw[part] = True
+        return cls(**kw)
+
+    def describe(self) -> str:
+        parts = (["segments"] if self.segments else []) + ([f"first={self.first}"] if self.first else [])
+        parts += ["spread"] if self.spread else []
+        parts += [f"budget={self.budget:g}"] if self.budget is not None else []
+        parts += [f"tail={self.tail}"] if self.tail != 1 or not parts else []
+        return ",".join(parts) if parts != ["tail=1"] else "none"
+
+    @property
+    def wants_spread(self) -> bool:
+        return self.spread
+
+
+@dataclass
+class SlotPlan:
+    """One slot of a call: its token span, its following segment, and whether its KV is
+    estimated (else computed in context)."""
+    name: str
+    span: tuple[int, int]
+    segment: tuple[int, int]
+    estimated: bool
+    spread: "object | None" = None   # float32 [n] tensor when the policy asked for it
+
+
+@dataclass
+class Selection:
+    positions: list[int]
+    counts: dict = field(default_factory=dict)   # group -> tokens it added
+
+
+def select_positions(policy: RecomputePolicy, slots: list[SlotPlan], s0: int, total: int) -> Selection:
+    """Sorted prompt positions to run through the model, and how many each group added.
+    Positions before `s0` (the exact prefix) are never chosen."""
+    chosen: set[int] = set()
+    counts: dict[str, int] = {}
+
+    def add(group: str, positions) -> int:
+        new = [p for p in positions if s0 <= p < total and p not in chosen]
+        chosen.update(new)
+        counts[group] = counts.get(group, 0) + len(new)
+        return len(new)
+
+    add("tail", range(max(s0, total - policy.tail, 1), total))
+    if not chosen:   # the whole prompt is S0: the last token still has to run
+        add("tail", [total - 1])
+    for s in slots:
+        if not s.estimated:
+            add("slots", range(*s.span))
+            add("slots", range(*s.segment))
+    # (+1e-9: a budget written as k/n of the tokens must give k, not k - 1 after rounding)
+    cap = math.inf if policy.budget is None else math.floor(policy.budget * max(total - s0, 0) + 1e-9)
+    used = 0
+
+    def room() -> float:
+        return cap - used
+
+    estimated = [s for s in slots if s.estimated]
+    if policy.segments:
+        for s in reversed(estimated):
+            new = [p for p in range(*s.segment) if p not in chosen]
+            if new and room() >= len(new):   # whole segments only
+                used += add("segments", new)
+    if policy.first:
+        for s in estimated:
+            a, b = s.span
+            k = min(policy.first, b - a)
+            if room() <= 0:
+                break
+            k = int(min(k, room()))
+            used += add("first", range(a, a + k))
+    if policy.spread and room() > 0:
+        scored = []
+        for s in estimated:
+            if s.spread is None:
+                continue
+            a = s.span[0]
+            for i, v in enumerate(s.spread.tolist()):
+                if a + i not in chosen:
+                    scored.append((-v, a + i))
+        scored.sort()
+        take = int(min(room(), len(scored)))
+        used += add("spread", [p for _, p in scored[:take]])
+    return Selection(sorted(chosen), counts)

@@ -1,0 +1,253 @@
+"""The server's KVCOMM front end: an ASGI middleware in vLLM's OpenAI server.
+
+`kvcomm serve` adds it with `--middleware kvcomm.vllm.frontend.KVCommFrontend`. For
+each POST /v1/chat/completions whose kv_transfer_params carry "kvcomm" it
+
+1. validates the parameters against the request (kvcomm.vllm.protocol) and answers
+   HTTP 400 with the reason when they are wrong; the server goes on serving;
+2. lays the prompt out in tokens with the engine's own template code
+   (kvcomm.engine.template: the chat frame around the user turn, token spans from
+   character offsets), exactly as KVCommEngine lays out a call;
+3. makes sure the engine has what the call may reuse, by sending internal requests
+   to the engine (one-token generations whose prefill the connector reads back):
+   - the agent's template KV, once per agent: the prompt rendered with the placeholder
+     markers in place (KVCommEngine.add_agent's template pass);
+   - the base KV of each question / tool result / reply content that is not a reply the
+     engine captured: the content's tokens behind its kind's header
+     (kvcomm.engine.bases: BOS + chat header + lead-in), once per session and content;
+   these are waited for, so they count in the call's time to first token, as the
+   engine's encodings do;
+4. passes the call on with the layout under kv_transfer_params.kvcomm._server (with the
+   connector's shared token) and a cache_salt unique to the call, so KV the connector
+   estimates for it can never become another request's prefix-cache hit.
+Requests without KVCOMM parameters pass through untouched.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections import OrderedDict
+
+from .prepare import Internal, Preparer, kv_params
+from .protocol import KEY, SERVER, Call, ParamError, kvcomm_params, parse_call, reply_span
+
+log = logging.getLogger("kvcomm.vllm")
+
+PATHS = ("/v1/chat/completions",)
+_REMEMBER = 65536   # encodings / captured replies remembered (oldest forgotten first)
+
+
+class _LRU(OrderedDict):
+    def put(self, key, value):
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > _REMEMBER:
+            self.popitem(last=False)
+
+
+class _Engine:
+    """What the front end needs from the running server, found on first use."""
+
+    def __init__(self, app):
+        from transformers import AutoTokenizer
+
+        from .connector import TOKEN
+        state = app.state
+        self.client = state.engine_client
+        cfg = state.vllm_config
+        ktc = cfg.kv_transfer_config
+        extra = (ktc.kv_connector_extra_config or {}) if ktc is not None else {}
+        self.token = extra.get(TOKEN)
+        if not self.token:
+            raise RuntimeError("kvcomm front end: the server's kv-transfer-config has no KVCommConnector with a "
+                               "server_token (start it with `kvcomm serve`)")
+        tok = AutoTokenizer.from_pretrained(cfg.model_config.tokenizer, local_files_only=True)
+        self.prep = Preparer(tok, extra.get("lead_ins"))
+        self.stops = set()
+        for t in (tok.eos_token_id, getattr(cfg.model_config.hf_config, "eos_token_id", None)):
+            self.stops.update([t] if isinstance(t, int) else list(t or []))
+        self._blank: dict[int, bool] = {}
+
+    def is_blank(self, t: int) -> bool:
+        b = self._blank.get(t)
+        if b is None:
+            b = self._blank[t] = self.prep.tok.decode([t]).strip() == ""
+        return b
+
+    async def one_token(self, job: Internal) -> None:
+        """An internal request: prefill job.ids, generate one token."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        sp = SamplingParams(max_tokens=1, temperature=0.0,
+                            extra_args={"kv_transfer_params": kv_params(job.server, self.token)})
+        async for _ in self.client.generate(TokensPrompt(prompt_token_ids=list(job.ids)), sp,
+                                            f"kvcomm-{job.server['op']}-{uuid.uuid4().hex}"):
+            pass
+
+
+class KVCommFrontend:
+    """ASGI middleware; see the module docstring."""
+
+    def __init__(self, app):
+        self.app = app
+        self._engine: _Engine | None = None
+        self._agents: dict[str, asyncio.Future] = {}
+        self._encoded: _LRU = _LRU()      # (session, kind, ids) -> Future
+        self._replies: _LRU = _LRU()      # (session, agent, round) -> captured reply ids
+
+    # ------------------------------------------------------------------ ASGI
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in PATHS:
+            return await self.app(scope, receive, send)
+        chunks = []
+        more = True
+        while more:
+            msg = await receive()
+            if msg["type"] != "http.request":   # the client left before sending everything
+                async def then(first=msg):
+                    return first
+                return await self.app(scope, _replay(b"".join(chunks), then), send)
+            chunks.append(msg.get("body", b""))
+            more = msg.get("more_body", False)
+        body = b"".join(chunks)
+        try:
+            data = json.loads(body)
+        except ValueError:
+            data = None
+        try:
+            params = kvcomm_params(data) if isinstance(data, dict) else None
+            if params is None:
+                return await self.app(scope, _replay(body, receive), send)
+            engine = self._get_engine(scope)
+            call = parse_call(data, engine.prep.specials)
+            new_body, track = await self._prepare(engine, call, data)
+        except ParamError as e:
+            return await _error(send, 400, str(e))
+        except Exception as e:   # the server's own failure, not the client's
+            log.exception("kvcomm front end: preparing a call failed")
+            return await _error(send, 500, f"kvcomm front end: {e}", "InternalServerError")
+        headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(new_body)).encode()))
+        scope = dict(scope, headers=headers)
+        return await self.app(scope, _replay(new_body, receive), self._watch(send, engine, track))
+
+    def _get_engine(self, scope) -> _Engine:
+        if self._engine is None:
+            self._engine = _Engine(scope["app"])
+        return self._engine
+
+    # ------------------------------------------------------------------ one call
+
+    async def _prepare(self, engine: _Engine, call: Call, data: dict):
+        prep = engine.prep.prepare(call)
+        await self._once(self._agents, prep.template.key, engine, prep.template)
+        skip = set()
+        for name, owner, rnd, ids in prep.replies:
+            if self._replies.get((call.session, owner, rnd)) == ids:
+                skip.add((call.session, "reply", ids))   # the engine captured it: its KV is the base
+        waits = [self._once(self._encoded, job.key, engine, job) for job in prep.encodes if job.key not in skip]
+        if waits:
+            await asyncio.gather(*waits)
+        params = dict(kvcomm_params(data))
+        params[SERVER] = dict(prep.server, token=engine.token)
+        out = dict(data)
+        out["kv_transfer_params"] = dict(data["kv_transfer_params"], **{KEY: params})
+        out["cache_salt"] = f"kvcomm-{uuid.uuid4().hex}"
+        stream = bool(data.get("stream"))
+        if stream:
+            out["return_token_ids"] = True   # the front end reads the reply's ids from the stream
+        return json.dumps(out).encode(), (call.session, call.agent, call.round, stream)
+
+    async def _once(self, table, key, engine: _Engine, job: Internal) -> None:
+        """Runs the internal request `job` once per key (concurrent calls share it). An
+        agent's template that fails is retried by its next call; a failed encoding is
+        logged and the call runs dense for that slot ("no base KV")."""
+        fut = table.get(key)
+        if fut is None:
+            fut = asyncio.ensure_future(engine.one_token(job))
+            if isinstance(table, _LRU):
+                table.put(key, fut)
+            else:
+                table[key] = fut
+        try:
+            await asyncio.shield(fut)
+        except Exception as e:
+            table.pop(key, None)
+            if job.server["op"] == "template":
+                raise
+            log.error("kvcomm front end: encoding a %s content failed: %s", job.server["kind"], e)
+
+    # ------------------------------------------------------------------ the reply
+
+    def _watch(self, send, engine: _Engine, track):
+        """Passes the response on; remembers the reply the engine captured, so the next
+        agent's call does not encode it again."""
+        session, agent, rnd, stream = track
+        state = {"status": 200, "buf": b"", "ids": [], "finish": None, "captured": None}
+
+        def sse_lines(data: bytes):
+            state["buf"] += data
+            *lines, state["buf"] = state["buf"].split(b"\n")
+            for line in lines:
+                line = line.strip()
+                if not line.startswith(b"data:") or line == b"data: [DONE]":
+                    continue
+                try:
+                    chunk = json.loads(line[5:])
+                except ValueError:
+                    continue
+                for ch in chunk.get("choices") or []:
+                    state["ids"].extend(ch.get("token_ids") or [])
+                    state["finish"] = ch.get("finish_reason") or state["finish"]
+
+        async def wrapped(msg):
+            if msg["type"] == "http.response.start":
+                state["status"] = msg.get("status", 200)
+            elif msg["type"] == "http.response.body" and state["status"] == 200:
+                if stream:
+                    sse_lines(msg.get("body", b""))
+                else:
+                    state["buf"] += msg.get("body", b"")
+                if not msg.get("more_body", False):
+                    self._remember(engine, session, agent, rnd, stream, state)
+            await send(msg)
+        return wrapped
+
+    def _remember(self, engine: _Engine, session, agent, rnd, stream, state) -> None:
+        ids = None
+        try:
+            if stream:
+                if state["finish"] in ("stop", "length"):
+                    lo, hi, fed = reply_span(state["ids"], engine.stops, engine.is_blank)
+                    ids = state["ids"][lo:hi] if fed else None
+            else:
+                resp = json.loads(state["buf"])
+                ids = ((resp.get("kv_transfer_params") or {}).get(KEY) or {}).get("reply_ids")
+        except Exception:   # nothing remembered: the next agent encodes the reply
+            ids = None
+        if ids:
+            self._replies.put((session, agent, rnd), tuple(ids))
+
+
+def _replay(body: bytes, then):
+    """A receive() that gives the (possibly rewritten) body, then the client's own
+    messages (a disconnect)."""
+    sent = False
+
+    async def receive():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await then()
+    return receive
+
+
+async def _error(send, status: int, message: str, kind: str = "BadRequestError") -> None:
+    body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": status}}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body, "more_body": False})

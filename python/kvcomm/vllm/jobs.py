@@ -1,0 +1,81 @@
+"""What the scheduler-side connector asks the worker side to do in one engine step, and
+what the worker answers. Plain picklable records: vLLM ships them between processes
+(scheduler -> workers inside the step's SchedulerOutput, workers -> scheduler in the
+step's KVConnectorOutput)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
+
+from .worker_state import CallLayout, PlanResult
+
+
+@dataclass
+class PlanJob:
+    """Decide the path of a call and, for reuse, assemble its estimated KV."""
+    req_id: str
+    ids: list
+    call: CallLayout
+
+
+@dataclass
+class LoadJob:
+    """Write positions [start, stop) of a planned call into its blocks."""
+    req_id: str
+    block_ids: list
+    start: int
+    stop: int
+
+
+@dataclass
+class SaveJob:
+    """A prompt's prefill is complete: read its KV back. kind: "template" (the agent's
+    exact S0 and segment KV), "encode" (a content's base), "record" (a dense call's
+    real KV -> deltas)."""
+    req_id: str
+    kind: str
+    block_ids: list
+    prompt_len: int
+    params: dict = field(default_factory=dict)
+
+
+@dataclass
+class CaptureJob:
+    """A finished call's reply: read positions [start, stop) (its content tokens that
+    were fed back) as the base of {agent_<name>_current}."""
+    req_id: str
+    block_ids: list
+    start: int
+    stop: int
+    ids: list
+    call: CallLayout
+
+
+@dataclass
+class KVCommMeta(KVConnectorMetadata):
+    plans: list = field(default_factory=list)
+    loads: list = field(default_factory=list)
+    saves: list = field(default_factory=list)
+    captures: list = field(default_factory=list)
+    drops: list = field(default_factory=list)       # finished request ids: free worker-side state
+
+
+@dataclass
+class KVCommWorkerMeta(KVConnectorWorkerMetadata):
+    plans: dict = field(default_factory=dict)    # req_id -> PlanResult
+
+    def aggregate(self, other: "KVCommWorkerMeta") -> "KVCommWorkerMeta":
+        """Tensor-parallel ranks plan the same calls; their answers agree by construction
+        (decisions from reduced distances). Should they not, the call runs dense on all
+        ranks: reuse only where every rank could assemble."""
+        out = KVCommWorkerMeta(dict(self.plans))
+        for req_id, res in other.plans.items():
+            mine = out.plans.get(req_id)
+            if mine is None:
+                out.plans[req_id] = res
+            elif mine.path != res.path or mine.prefix != res.prefix:
+                dense = mine if mine.path == "dense" else res
+                out.plans[req_id] = PlanResult("dense", f"ranks disagree ({mine.reason} / {res.reason})",
+                                               min(mine.prefix, res.prefix), dense.slots, dense.gates)
+        return out

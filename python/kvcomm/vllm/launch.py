@@ -1,0 +1,109 @@
+"""The connector configuration and the `vllm serve` command line of a KVCOMM server."""
+from __future__ import annotations
+
+import json
+import secrets
+import sys
+
+CONNECTOR = "KVCommConnector"
+MODULE = "kvcomm.vllm.connector"
+MIDDLEWARE = "kvcomm.vllm.frontend.KVCommFrontend"
+
+
+def new_token() -> str:
+    """The secret the front end and the connector share: internal request fields
+    carry it, so a client cannot forge them past a server without the front end."""
+    return secrets.token_hex(16)
+
+
+def transfer_config(token: str | None = None, pool: dict | None = None, pool_file: str | None = None,
+                    lead_ins: dict | None = None, max_sessions: int | None = None,
+                    keep_loads: bool = False) -> dict:
+    """The --kv-transfer-config of a KVCOMM server. kv_load_failure_policy "recompute":
+    a load that fails anyway is recomputed by vLLM instead of failing the request."""
+    extra = {"server_token": token or new_token()}
+    if pool:
+        extra["pool"] = dict(pool)
+    if pool_file:
+        extra["pool_file"] = pool_file
+    if lead_ins:
+        extra["lead_ins"] = dict(lead_ins)
+    if max_sessions:
+        extra["max_sessions"] = int(max_sessions)
+    if keep_loads:
+        extra["keep_loads"] = True
+    return {"kv_connector": CONNECTOR, "kv_connector_module_path": MODULE, "kv_role": "kv_both",
+            "kv_load_failure_policy": "recompute", "kv_connector_extra_config": extra}
+
+
+def serve_argv(model: str, *, host: str = "127.0.0.1", port: int = 8000, dtype: str = "auto",
+               max_model_len: int | None = None, served_model_name: str | None = None,
+               extra_args: list[str] | None = None, **config) -> list[str]:
+    """argv of `python -m kvcomm.vllm.vllm_cli serve MODEL ...` with the connector and the
+    front end. config: transfer_config's keyword arguments."""
+    argv = [sys.executable, "-m", "kvcomm.vllm.vllm_cli", "serve", model, "--host", host, "--port", str(port),
+            "--dtype", dtype, "--kv-transfer-config", json.dumps(transfer_config(**config)),
+            "--middleware", MIDDLEWARE,
+            # usage.prompt_tokens_details.cached_tokens: how many prompt tokens vLLM did not
+            # compute (all but the last on the reuse path); streamed calls read their path there
+            "--enable-prompt-tokens-details"]
+    if max_model_len:
+        argv += ["--max-model-len", str(max_model_len)]
+    if served_model_name:
+        argv += ["--served-model-name", served_model_name]
+    return argv + list(extra_args or [])
+
+
+class Server:
+    """A KVCOMM server in a child process, for tests and benchmarks:
+
+        with Server(model_dir, log_path, dtype="float32") as client:   # a KVCommClient
+            ...
+
+    Starts `serve_argv(model, port=<free loopback port>, **kw)`, waits until /health
+    answers (or the process exits, or `timeout` s pass: RuntimeError with the log's
+    tail), and stops the process it started (terminate, then kill) on exit."""
+
+    def __init__(self, model: str, log_path: str, *, timeout: float = 900.0, env: dict | None = None,
+                 served_model_name: str = "kvcomm", **kw):
+        self.model, self.log_path, self.timeout = model, log_path, timeout
+        self.env, self.name, self.kw = env, served_model_name, kw
+        self.proc = None
+
+    def __enter__(self):
+        import os
+        import subprocess
+        import time
+
+        from .client import KVCommClient
+        from .verify import free_port
+        port = free_port()
+        env = dict(os.environ)
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)   # the server runs its engine in its own processes
+        env.update(self.env or {})
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(serve_argv(self.model, port=port, served_model_name=self.name, **self.kw),
+                                     stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        client = KVCommClient(f"http://127.0.0.1:{port}", model=self.name)
+        t0 = time.perf_counter()
+        while not client.healthy():
+            if self.proc.poll() is not None or time.perf_counter() - t0 > self.timeout:
+                self.__exit__(None, None, None)
+                with open(self.log_path) as f:
+                    raise RuntimeError(f"the KVCOMM server did not start; its log ends:\n{f.read()[-4000:]}")
+            time.sleep(1)
+        self.startup_s = time.perf_counter() - t0
+        return client
+
+    def __exit__(self, *exc):
+        import subprocess
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(30)
+        self._log.close()
+        return False

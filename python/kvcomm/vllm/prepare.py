@@ -1,0 +1,82 @@
+"""Turning a validated KVCOMM call into what the engine needs: token layout, internal requests.
+
+The front end (frontend.py) uses this inside the OpenAI server; tests and offline
+drivers use it with vLLM's LLM class. Layouts come from the engine's own template code
+(kvcomm.engine.template), so a call is laid out exactly as KVCommEngine lays it out.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..engine.agent import agent_key
+from ..engine.bases import DEFAULT_LEAD_INS
+from ..engine.template import (PromptLayout, chat_frame, classify, fill, markers, render_layout, special_texts,
+                               tokenize)
+from .protocol import KEY, SERVER, Call, ids_digest
+from .worker_state import KIND_OF
+
+
+@dataclass
+class Internal:
+    """An internal one-token request: prompt ids and the KVCOMM server fields."""
+    ids: list
+    server: dict
+    key: tuple     # identity for de-duplication
+
+
+@dataclass
+class Prepared:
+    lay: PromptLayout
+    agent_key: str
+    template: Internal
+    encodes: list            # Internal, one per content that needs a base encoding
+    replies: list            # (slot, owner, round, ids): contents the engine may hold as captured replies
+    server: dict             # the call's _server fields (without the token)
+
+
+class Preparer:
+    """tokenizer: the served model's; lead_ins: header lead-in per content kind."""
+
+    def __init__(self, tokenizer, lead_ins: dict | None = None):
+        self.tok = tokenizer
+        self.specials = special_texts(tokenizer)
+        self.lead_ins = dict(DEFAULT_LEAD_INS)
+        self.lead_ins.update(lead_ins or {})
+        frame = chat_frame(tokenizer, None, generation_prompt=False)
+        self.headers = {k: tokenize(tokenizer, frame.prefix + lead, frame.add_special_tokens)[0]
+                        for k, lead in self.lead_ins.items()}
+
+    def prepare(self, call: Call) -> Prepared:
+        frame = chat_frame(self.tok, call.system or None)
+        lay = render_layout(self.tok, frame, call.user_text, list(call.spans))
+        key = agent_key(call.agent, call.system, call.template.text)
+        # The template pass: the prompt with the placeholder markers in place.
+        m_user, m_spans = fill(call.template, markers(call.template), call.agent)
+        m_lay = render_layout(self.tok, frame, m_user, m_spans)
+        template = Internal(list(m_lay.ids), {
+            "op": "template", "agent": call.agent, "agent_key": key, "system": call.system,
+            "template": call.template.text, "ids_list": list(m_lay.ids), "spans": [list(s) for s in m_lay.spans],
+            "segments": [list(s) for s in m_lay.segments], "s0": m_lay.s0, "problem": m_lay.problem}, ("agent", key))
+        encodes, replies = [], []
+        if not lay.problem:
+            for name, a, b in lay.spans:
+                ph = classify(name)
+                kind = KIND_OF[ph.kind]
+                ids = tuple(lay.ids[a:b])
+                if kind == "reply":
+                    rnd = call.round if ph.kind == "current" else call.round - 1
+                    replies.append((name, ph.owner, rnd, ids))
+                header = self.headers[kind]
+                encodes.append(Internal(list(header) + list(ids), {
+                    "op": "encode", "session": call.session, "kind": kind, "header": len(header),
+                    "content_ids": list(ids)}, (call.session, kind, ids)))
+        server = {"op": "call", "agent": call.agent, "agent_key": key, "session": call.session,
+                  "round": call.round, "learn": call.learn, "ids": ids_digest(lay.ids), "n": lay.length,
+                  "spans": [list(s) for s in lay.spans], "segments": [list(s) for s in lay.segments],
+                  "s0": lay.s0, "problem": lay.problem}
+        return Prepared(lay, key, template, encodes, replies, server)
+
+
+def kv_params(server: dict, token: str) -> dict:
+    """kv_transfer_params of an internal request."""
+    return {KEY: {SERVER: dict(server, token=token)}}

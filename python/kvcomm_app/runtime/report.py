@@ -1,0 +1,163 @@
+"""Turning a metrics summary into the table people read, the JSON tools read, a plot."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import textwrap
+from functools import partial
+
+from .._fmt import ms as _ms, pct, x as _x
+
+_pct = partial(pct, digits=1)
+
+
+def format_table(summary: dict, warmup: dict | None = None, title: str | None = None) -> str:
+    """Per agent: KVCOMM path counts, median TTFT dense and KVCOMM, speedup; then totals."""
+    rows = [("agent", "reuse/partial/dense", "TTFT dense ms", "TTFT kvcomm ms", "speedup", "reuse-only ms")]
+    for name, a in summary["agents"].items():
+        label = f"{name} (decision)" if a.get("is_decision") and "decision" not in name else name
+        p = a["paths"]
+        rows.append((label, f"{p['reuse']}/{p.get('partial', 0)}/{p['dense']}", _ms(a["ttft_ms_dense"]),
+                     _ms(a["ttft_ms_kvcomm"]), _x(a["speedup"]), _ms(a["ttft_ms_kvcomm_reuse_only"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+                               for i, (c, w) in enumerate(zip(r, widths)))
+    out = []
+    if title:
+        out.append(title)
+    out.append(line(rows[0]))
+    out.append("  ".join("-" * w for w in widths))
+    out.extend(line(r) for r in rows[1:])
+    acc = summary["accuracy"]
+    ft = summary["first_token_agreement"]
+    out += [
+        "",
+        f"questions measured      {summary['questions']}",
+        f"reuse rate              {_pct(summary['reuse_rate'])}  (KVCOMM calls on the reuse path)",
+        f"accuracy                dense {_pct(acc['dense'])}   kvcomm {_pct(acc['kvcomm'])}"
+        + (f"   (score, e.g. F1: dense {_pct(summary['score']['dense'], 1)}   kvcomm "
+           f"{_pct(summary['score']['kvcomm'], 1)})" if (summary.get('score') or {}).get('dense') is not None else ""),
+        f"answer agreement        {_pct(summary['answer_agreement'])}  (KVCOMM final answer = dense final answer)",
+        f"judge consistency       {_pct(summary['judge_consistency'])}  (decision agent's choice, KVCOMM vs dense, same inputs"
+        + (f"; {summary['judge_without_choice']} with no choice either way)" if summary.get("judge_without_choice")
+           else ")"),
+        f"first-token agreement   {_pct(ft)} over {summary['first_token_pairs']} calls with identical inputs"
+        + (f"; reuse-path calls {_pct(summary['first_token_agreement_reuse'])} of "
+           f"{summary['first_token_pairs_reuse']}" if summary.get("first_token_pairs_reuse") else ""),
+    ]
+    tokens = summary.get("tokens") or {}
+    if tokens.get("kvcomm_calls"):
+        out.append(f"token reuse             {_pct(tokens['token_reuse']['rate'])} of the prompt tokens after "
+                   f"the exact prefix not computed ({_pct(tokens['token_reuse_with_encoding']['rate'])} "
+                   "counting content encodings); partial calls "
+                   f"{tokens['paths']['partial']} of {tokens['kvcomm_calls']}")
+    pool = summary.get("pool") or {}
+    if pool.get("anchors") is not None:
+        out.append(f"anchor pool             {pool['anchors']} anchors, {pool['bytes'] / 2**20:.1f} MiB")
+    if warmup is not None and warmup.get("questions"):
+        out.append(f"warm-up (not above)     {warmup['questions']} questions, reuse rate "
+                   f"{_pct(warmup['reuse_rate'])} while the pool filled")
+    out.append("TTFT = median time to first token of each agent call, every cost counted "
+               "(encode inputs, decide, estimate, forward); kvcomm counts dense fallbacks too.")
+    if summary.get("fidelity"):
+        from .fidelity_report import format_fidelity
+        out += ["", format_fidelity(summary["fidelity"])]
+    return "\n".join(out)
+
+
+def summary_json(summary: dict, *, model: str, device: str, warmup: dict | None = None,
+                 extra: dict | None = None) -> dict:
+    """The --json document: the headline fields at the top, details after."""
+    doc = {
+        "model": model,
+        "device": device,
+        "questions": summary["questions"],
+        "reuse_rate": summary["reuse_rate"],
+        "accuracy": dict(summary["accuracy"]),
+        "answer_agreement": summary["answer_agreement"],
+        "judge_consistency": summary["judge_consistency"],
+        "judge_without_choice": summary.get("judge_without_choice"),
+        "agents": [{"name": name, "ttft_ms_dense": a["ttft_ms_dense"],
+                    "ttft_ms_kvcomm": a["ttft_ms_kvcomm"], "speedup": a["speedup"],
+                    "reuse_rate": a["reuse_rate"],
+                    "ttft_ms_kvcomm_reuse_only": a["ttft_ms_kvcomm_reuse_only"],
+                    "paths": a["paths"], "is_decision": a["is_decision"]}
+                   for name, a in summary["agents"].items()],
+        "first_token_agreement": summary["first_token_agreement"],
+        "first_token_pairs": summary["first_token_pairs"],
+        "pool": summary.get("pool"),
+        "tokens": summary.get("tokens"),
+        "fidelity": summary.get("fidelity"),
+        "ttft_statistic": "median",
+    }
+    if warmup is not None:
+        doc["warmup"] = {"questions": warmup["questions"], "reuse_rate": warmup["reuse_rate"]}
+    if extra:
+        doc.update(extra)
+    return doc
+
+
+def script_command(script: str, argv: list[str] | None) -> str:
+    """The shell line that reruns a benchmark script with these arguments, for its
+    JSON's `command` field (argv None: the process's own arguments)."""
+    return shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)])
+
+
+def write_and_print(doc: dict, json_path: str | None, *, script: str, argv: list[str] | None,
+                    sources: list[str]) -> None:
+    """A benchmark script's summary: written to json_path (if given) with its sources and
+    the command that reruns it, then printed. Written first, so a reader that closes the
+    pipe early (`| head`) does not cost the file."""
+    if json_path:
+        write_json(dict(doc, sources=sources, command=script_command(script, argv)), json_path)
+    print(json.dumps(doc, indent=1))
+
+
+def write_json(doc: dict, path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def fit_title(fig, ax, title: str, fontsize: float = 11):
+    """Sets ax's title wrapped to the figure's width (a long one-line title ran off
+    both sides of the image); tight_layout then makes room for its lines."""
+    chars = max(20, int(fig.get_figwidth() * 72 / (0.6 * fontsize)))   # ~0.6 em per character
+    return ax.set_title(textwrap.fill(title, chars), fontsize=fontsize)
+
+
+def plot_ttft(summary: dict, path: str, title: str = "Time to first token per agent") -> None:
+    """Grouped bars: dense vs KVCOMM median TTFT per agent, speedup written above."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(summary["agents"])
+    dense = [summary["agents"][n]["ttft_ms_dense"] or 0.0 for n in names]
+    kv = [summary["agents"][n]["ttft_ms_kvcomm"] or 0.0 for n in names]
+    xs = range(len(names))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(names) + 2), 4.0))
+    w = 0.38
+    ax.bar([x - w / 2 for x in xs], dense, w, label="dense prefill", color="#8c8c8c")
+    ax.bar([x + w / 2 for x in xs], kv, w, label="KVCOMM", color="#1f77b4")
+    for x, n in zip(xs, names):
+        s = summary["agents"][n]["speedup"]
+        if s:
+            ax.text(x, max(dense[x], kv[x]) * 1.02, f"{s:.2f}x", ha="center", va="bottom", fontsize=9)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(names, rotation=20)
+    ax.set_ylabel("median TTFT (ms)")
+    fit_title(fig, ax, title)
+    ax.legend()
+    ax.margins(y=0.15)
+    fig.tight_layout()
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,215 @@
+"""One experiment end to end: load the model, build the engine and the graph, run dense
+and KVCOMM over real questions, summarise. Shared by `kvcomm demo` and `kvcomm eval`."""
+from __future__ import annotations
+
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .compare import run_comparison
+from .datasets import load_task
+from .executor import GraphRunner
+from .graph import build_graph
+from .metrics import summarize
+from .paired import PairedReplay
+from .records import DENSE, KVCOMM, MEASURE, WARMUP, QuestionRecord
+from .topology import make_topology
+from .workloads import make_workload
+
+EMBEDDED_MODEL = "SmolLM2-135M-Instruct (embedded)"
+WARMUP_POOL = 100   # warm-up questions come from the last 100 of the split
+
+
+@dataclass
+class ExperimentConfig:
+    task: str = "gsm8k"
+    n_agents: int = 4
+    topology: str = "fully_connected"
+    rounds: int = 2                     # debate only
+    layers: list[int] | None = None     # layered only
+    questions: int = 6
+    warmup: int = 2
+    offset: int = 0
+    max_new_tokens: int = 96
+    decision_max_new_tokens: int | None = None
+    decision_dense: bool = False
+    judge_shadow: bool = True
+    model: str | None = None            # a local transformers folder; None = embedded SmolLM2
+    device: str = "cpu"
+    dtype: str = "float32"
+    pool: dict = field(default_factory=dict)   # PoolConfig fields (gamma, capacity, ...)
+    progress: bool = True
+    mmlu_split: str = "validation"
+    seed: int = 0
+    gate: object = True                 # correctness gate before reuse (kvcomm.engine.gate): True
+                                        # (its defaults), False, or a GateConfig
+    recompute: str = "none"             # KVCommEngine(recompute=...): prompt tokens a KVCOMM call runs
+    partial: bool = True                # KVCommEngine(partial=...): estimate what can be, compute the rest
+    paired: bool = False                # also replay each dense run teacher-forced (runtime/paired.py)
+    paired_positions: int = 32          # reply positions compared per paired call
+    free: bool = True                   # run KVCOMM free-running too (accuracy, end answers, TTFT)
+    pool_path: str | None = None        # load the anchor pool from here if present; save it at the end
+
+
+@dataclass
+class ExperimentResult:
+    config: ExperimentConfig
+    records: list[QuestionRecord]
+    summary: dict
+    warmup_summary: dict
+    model_name: str
+    device: str
+    device_detail: str
+    load_s: float
+    run_s: float
+    engine_stats: dict
+    gate: dict | None = None            # the correctness gate's result (None: off or not supported)
+
+
+def select_problems(cfg: ExperimentConfig):
+    """Measured questions from `offset` on; warm-up questions from the far end of the same
+    split (the longest of its last WARMUP_POOL) so the two never overlap. MMLU is shuffled (seeded) first: its files are in
+    subject order and the first questions would all be abstract algebra."""
+    kwargs = {"split": cfg.mmlu_split} if cfg.task == "mmlu" else {}
+    problems = load_task(cfg.task, **kwargs)
+    if cfg.task == "mmlu":
+        random.Random(cfg.seed).shuffle(problems)
+    measured = problems[cfg.offset:cfg.offset + cfg.questions]
+    # A slot can share only with anchors at least as long as the new content (docs/method.md section 4), so
+    # the warm-up takes the longest questions of a held-out tail slice: anchors that
+    # cover the lengths of the measured questions, like a pool that has seen traffic.
+    held_out = problems[max(cfg.offset + cfg.questions, len(problems) - WARMUP_POOL):]
+    warm = sorted(held_out, key=lambda p: len(p.question) + len(p.extra.get("passage", "")),
+                  reverse=True)[:max(cfg.warmup, 0)]
+    if len(measured) < cfg.questions:
+        raise ValueError(f"{cfg.task} has {len(problems)} questions; cannot take {cfg.questions} "
+                         f"from offset {cfg.offset}")
+    if {p.id for p in measured} & {p.id for p in warm}:
+        raise ValueError("warm-up and measured questions overlap; ask for fewer questions")
+    return measured, warm
+
+
+def load_engine(cfg: ExperimentConfig):
+    """(engine, model name, device detail, seconds). Imports torch and the engine here, so
+    the rest of the runtime stays importable without them."""
+    import torch
+    from kvcomm.engine import KVCommEngine
+    from kvcomm.models import load_model
+    import kvcomm
+
+    dtype = getattr(torch, cfg.dtype)
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(cfg.model, dtype=dtype, device=cfg.device)
+    pool_config = kvcomm.PoolConfig(**cfg.pool) if cfg.pool else None
+    engine = KVCommEngine(model, tokenizer, pool_config=pool_config, recompute=cfg.recompute,
+                          partial=cfg.partial)
+    load_s = time.perf_counter() - t0
+    name = EMBEDDED_MODEL if cfg.model is None else os.path.basename(os.path.normpath(cfg.model))
+    detail = f"{cfg.device}, {cfg.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    if cfg.device == "cpu":
+        detail += f", {os.cpu_count()} cores, {platform.machine()}"
+    elif cfg.device.startswith("cuda"):
+        detail += f", {torch.cuda.get_device_name(torch.device(cfg.device))}"
+    return engine, name, detail, load_s
+
+
+def apply_gate(engine, cfg: ExperimentConfig):
+    """Runs the correctness gate of `cfg` on `engine` (kvcomm.engine.gate.apply: the probe,
+    once per model and cached; a refusal makes every KVCOMM call of the engine run dense).
+    Returns the GateResult, or None when the gate is off or the engine is a stand-in
+    without refuse_reuse (kvcomm_app.runtime.testing)."""
+    if not cfg.gate or not hasattr(engine, "refuse_reuse"):
+        return None
+    from kvcomm.engine import gate
+    return gate.apply(engine, gate.GateConfig() if cfg.gate is True else cfg.gate)
+
+
+def gate_summary(res) -> dict | None:
+    """A GateResult as the dict the result files carry (without per-probe details)."""
+    return None if res is None else {k: v for k, v in res.to_dict().items() if k != "details"}
+
+
+def run_experiment(cfg: ExperimentConfig, engine_factory: Callable | None = None,
+                   log: Callable[[str], None] = print) -> ExperimentResult:
+    """engine_factory(cfg) -> (engine, model name, device detail, load seconds); defaults to
+    loading the model (tests pass a scripted engine)."""
+    measured, warm = select_problems(cfg)
+    workload = make_workload(cfg.task, cfg.n_agents)
+    topo = make_topology(cfg.topology, cfg.n_agents, rounds=cfg.rounds, layers=cfg.layers)
+    graph = build_graph(topo, workload.roles, workload.decision_role, workload.question_label)
+    log(f"loading {'the embedded model' if cfg.model is None else cfg.model} on {cfg.device} ...")
+    engine, model_name, detail, load_s = (engine_factory or load_engine)(cfg)
+    log(f"model ready in {load_s:.1f} s: {model_name} ({detail})")
+    res = apply_gate(engine, cfg)
+    gate = gate_summary(res)
+    if res is not None:
+        how = f"probe {res.seconds:.1f} s" if res.source == "probe" else f"cached ({res.source})"
+        log(f"{res.reason} [{how}]" + ("" if res.allowed else "; every KVCOMM call runs dense"))
+    log(f"graph: {topo.name}, {len(graph.agents)} agents + decision "
+        f"({', '.join(a.name for a in graph.all_agents)}), {topo.rounds} round(s); "
+        f"{cfg.task}: {len(warm)} warm-up + {len(measured)} measured questions, each dense and KVCOMM")
+    runner = GraphRunner(graph, workload, engine, max_new_tokens=cfg.max_new_tokens,
+                         decision_max_new_tokens=cfg.decision_max_new_tokens,
+                         decision_dense=cfg.decision_dense, judge_shadow=cfg.judge_shadow)
+    paired = None
+    if cfg.paired:
+        if not hasattr(engine, "sibling"):
+            raise ValueError("paired evaluation needs a KVCommEngine (teacher forcing, reply logits)")
+        paired_engine = engine.sibling()
+        if res is not None:
+            paired_engine.refuse_reuse(engine.reuse_refusal)
+        paired = PairedReplay(paired_engine, graph, workload, positions=cfg.paired_positions)
+    pools = [e.pool for e in ([engine] if cfg.free else []) + ([paired.engine] if paired else [])]
+    loaded = load_pool(cfg.pool_path, pools, log)
+    modes = (DENSE, KVCOMM) if cfg.free else (DENSE,)
+    t0 = time.perf_counter()
+    records = run_comparison(runner, measured, warm, modes=modes, progress=cfg.progress, desc=cfg.task,
+                             paired=paired)
+    run_s = time.perf_counter() - t0
+    if cfg.pool_path and pools:
+        pools[0].save(cfg.pool_path)
+        log(f"anchor pool saved to {cfg.pool_path} ({pools[0].size()} anchors"
+            f"{'; it started from the saved one' if loaded else ''})")
+    stats = {}
+    if hasattr(engine, "stats"):
+        try:
+            stats = dict(engine.stats())
+        except Exception as e:  # stats are informative only
+            stats = {"error": repr(e)}
+        if hasattr(engine, "refuse_reuse"):
+            stats["gate"] = gate
+    return ExperimentResult(cfg, records, summarize(records, MEASURE), summarize(records, WARMUP),
+                            model_name, cfg.device, detail, load_s, run_s, stats, gate)
+
+
+def load_pool(path: str | None, pools: list, log: Callable[[str], None]) -> bool:
+    """Loads a saved anchor pool into every pool of the run (each gets its own copy) when
+    `path` names a file; a missing file is a cold start. True when one was loaded."""
+    if not path or not os.path.exists(path):
+        if path:
+            log(f"no anchor pool at {path} yet: starting cold; it is saved there at the end")
+        return False
+    for pool in pools:
+        pool.load(path)
+    if pools:
+        log(f"anchor pool loaded from {path}: {pools[0].size()} anchors in {len(pools[0].slots())} slots")
+    return True
+
+
+def git_sha() -> str | None:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except Exception:
+        return None
+
+
+def command_line() -> str:
+    return " ".join(["kvcomm", *sys.argv[1:]])

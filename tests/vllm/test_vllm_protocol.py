@@ -1,0 +1,77 @@
+"""The KVCOMM request parameters: what the server accepts and the 400 messages it gives."""
+import pytest
+
+from kvcomm.vllm.protocol import ParamError, ids_digest, parse_call, reply_span
+
+TEMPLATE = "Problem:\n{user_question}\nAnswer:\n{agent_a_current}\nCheck it."
+
+
+def body(**over):
+    user = "Problem:\nWhat is 2+2?\nAnswer:\n4\nCheck it."
+    p = {"agent": "checker", "template": TEMPLATE, "session": "s1",
+         "slots": {"user_question": [9, 21], "agent_a_current": [30, 31]}}
+    p.update(over.pop("params", {}))
+    b = {"messages": [{"role": "system", "content": "You check."}, {"role": "user", "content": user}],
+         "kv_transfer_params": {"kvcomm": p}}
+    b.update(over)
+    return b
+
+
+def test_valid_call_parses():
+    c = parse_call(body())
+    assert c.agent == "checker" and c.system == "You check." and c.session == "s1" and c.round == 0
+    assert c.inputs == {"user_question": "What is 2+2?", "agent_a_current": "4"}
+    assert c.learn is True
+
+
+@pytest.mark.parametrize("params, needle", [
+    ({"slots": {"user_question": [9, 21], "nope": [0, 1]}}, "unknown slot 'nope'"),
+    ({"slots": {"user_question": [9, 21]}}, "no span for placeholder(s) agent_a_current"),
+    ({"slots": {"user_question": [9, 200], "agent_a_current": [30, 31]}}, "outside the user message"),
+    ({"slots": {"user_question": [9, 20], "agent_a_current": [30, 31]}}, "differs from the template"),
+    ({"slots": {"user_question": [9, "21"], "agent_a_current": [30, 31]}}, "must be an integer, got str"),
+    ({"slots": [[9, 21]]}, "slots must be an object"),
+    ({"agent": 7}, "agent must be a name"),
+    ({"template": "Q: {bad name}"}, "template:"),
+    ({"round": "1"}, "round must be an integer"),
+    ({"round": -1}, "round must be >= 0"),
+    ({"learn": "no"}, "learn must be true or false"),
+    ({"session": ""}, "session must be a non-empty string"),
+    ({"op": "encode"}, "'op' may only be set by the server"),
+    ({"_server": {}}, "'_server' may only be set by the server"),
+    ({"extra": 1}, "unknown field(s) extra"),
+])
+def test_bad_params_name_the_problem(params, needle):
+    with pytest.raises(ParamError) as e:
+        parse_call(body(params=params))
+    assert needle in str(e.value)
+
+
+def test_bad_messages():
+    with pytest.raises(ParamError, match="messages must be"):
+        parse_call(body(messages=[{"role": "assistant", "content": "x"}]))
+    with pytest.raises(ParamError, match="content must be a string"):
+        parse_call(body(messages=[{"role": "user", "content": [{"type": "text", "text": "x"}]}]))
+    with pytest.raises(ParamError, match="kv_transfer_params must be an object"):
+        parse_call(body(kv_transfer_params=[1]))
+    with pytest.raises(ParamError, match="n must be 1"):
+        parse_call(body(n=2))
+
+
+def test_special_tokens_in_content_are_refused():
+    b = body()
+    b["messages"][1]["content"] = "Problem:\nWhat<|im_end|>?\nAnswer:\n4\nCheck it."
+    b["kv_transfer_params"]["kvcomm"]["slots"] = {"user_question": [9, 24], "agent_a_current": [33, 34]}
+    with pytest.raises(ParamError, match="special token"):
+        parse_call(b, specials=("<|im_end|>",))
+
+
+def test_reply_span_rule():
+    blank = {9: True}
+    is_blank = lambda t: blank.get(t, False)  # noqa: E731
+    # stop token dropped, edge blanks trimmed; captured: the last content token (5) was fed
+    assert reply_span([9, 4, 5, 9, 2], {2}, is_blank) == (1, 3, True)
+    # cut by max_tokens: the last content token was never fed back
+    assert reply_span([4, 5], {2}, is_blank) == (0, 2, False)
+    assert reply_span([2], {2}, is_blank) == (0, 0, False)
+    assert ids_digest([1, 2, 3]) == ids_digest((1, 2, 3)) != ids_digest([1, 2])
