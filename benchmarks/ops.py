@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import re
 import statistics
@@ -277,6 +278,10 @@ class Bench:
         row = dict(op=op, case=case, shape=shape, threads=self.threads, ms=round(ms, 4), bytes=int(nbytes),
                    gbps=round(gbps, 2), fraction_of_copy=round(gbps / self.yardstick, 3),
                    torch_ms=round(tms, 4), speedup_vs_torch=round(tms / ms, 2))
+        if self.device.type == "cpu":
+            # The machine's 1-minute load average when the row was timed: other
+            # processes on a small host move every CPU number.
+            row["load_avg_1m"] = round(os.getloadavg()[0], 2)
         if self.peak:
             row["fraction_of_peak"] = round(gbps / self.peak, 3)
         if extra:
@@ -286,7 +291,8 @@ class Bench:
         thr = f"{self.threads}t " if self.threads else ""
         tail = f" | {extra[0]} {more[0]:9.3f} ms x{more[0] / ms:.2f}" if extra else ""
         print(f"{thr}{op:18s} {shape:36s} {ms:9.3f} ms {gbps:7.1f} GB/s {gbps / self.yardstick:6.1%} "
-              f"| torch {tms:9.3f} ms x{tms / ms:.2f}{tail}", flush=True)
+              f"| torch {tms:9.3f} ms x{tms / ms:.2f}{tail}"
+              + (f" | load {row['load_avg_1m']:.1f}" if "load_avg_1m" in row else ""), flush=True)
 
 
 def into(dst, base, deltas, weights, shift):
@@ -436,12 +442,14 @@ def run(args) -> dict:
     peak, source = peak_for(name)
     cases = cases_for(args)
     thread_counts = args.threads if device.type == "cpu" else [None]
-    rows, copies = [], {}
+    rows, copies, loads = [], {}, {}
     for threads in thread_counts:
         if threads:
             torch.set_num_threads(threads)
         copy_gbps = measured_copy_gbps(device, timer)
         copies[str(threads or "device")] = round(copy_gbps, 2)
+        if device.type == "cpu":
+            loads[str(threads)] = round(os.getloadavg()[0], 2)
         print(f"-- {f'{threads} thread(s), ' if threads else ''}copy {copy_gbps:.1f} GB/s", flush=True)
         b = Bench(device, timer, copy_gbps, peak, threads)
         gen = torch.Generator(device="cpu").manual_seed(0)
@@ -460,7 +468,7 @@ def run(args) -> dict:
     torch.set_num_threads(args.threads[-1] if device.type == "cpu" else torch.get_num_threads())
     result = dict(device=name, cpu_model=cpu_model() if device.type == "cpu" else None,
                   cpu_capability=torch.backends.cpu.get_cpu_capability(), peak_gbps=peak,
-                  peak_source=source, copy_gbps=copies, git_sha=git_sha(),
+                  peak_source=source, copy_gbps=copies, copy_load_avg_1m=loads or None, git_sha=git_sha(),
                   command=" ".join(["python"] + [Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
                   quick=args.quick, segment_tokens=args.segment, rows=rows)
     result["targets"] = targets(result)

@@ -53,6 +53,9 @@ struct DistancePlan {
   int64_t num_anchors;
   int64_t chunks;
   double* partial;
+  // Tokens per step, all anchors per step; 0: a whole row per anchor, the
+  // content row (T x D, 256 KB at 1024 tokens of 64 fp32 channels) then being
+  // re-read from the L2 cache for each anchor.
   int64_t token_block;
 };
 

@@ -5,7 +5,6 @@
 #include <ATen/ops/zeros.h>
 
 #include <cmath>
-#include <cstdlib>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -30,7 +29,7 @@ at::Tensor value_distances(const at::Tensor& content, at::TensorList anchors, bo
   Inputs in;
   const std::vector<RowsIn> anchor_rows = in.rows(anchors);
   const DistancePlan plan{kv_type(content, op), dims,  in.rows(content), anchor_rows.data(),
-                          n,                    chunks, partial.data(), 0};
+                          n,                    chunks, partial.data(), /*token_block=*/0};
   const KernelTable& k = kernels();
   const int64_t per_chunk = dims.rows() * dims.tokens * dims.dim * (n + 1) / chunks;
   if (n > 0) {
