@@ -415,7 +415,7 @@ def cases_for(args) -> list[dict]:
     cpu = args.device == "cpu"
     if args.quick:
         presets = [dict(name="quick", layers=4, heads=2, dim=64, dtype="fp32", tokens=[64, 129], anchors=[2, 5])]
-    elif custom or not cpu:
+    elif not cpu or (custom and not args.case):
         presets = [dict(name="custom" if custom else "llama3.1-8b", layers=32, heads=8, dim=128,
                         dtype=args.dtype or "bf16", tokens=[512, 1024, 3072], anchors=[4, 20])]
     else:
