@@ -3,6 +3,7 @@ CUDA and nvcc is present. KVCOMM_CUDA=1 forces the CUDA sources in (a compile
 check on a machine without a GPU), KVCOMM_CUDA=0 leaves them out."""
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -45,6 +46,14 @@ debug = os.environ.get("KVCOMM_DEBUG") == "1"
 cxx_flags = build_flags("cxx") + ["-fvisibility=hidden"] + ([] if debug else ["-g0"])
 nvcc_flags = build_flags("nvcc")
 link_flags = [] if debug else ["-Wl,--strip-debug"]
+# at::parallel_for is a header template that only runs on several threads when the
+# file calling it is compiled with OpenMP (torch's parallel backend); without the flag
+# every CPU kernel runs on one thread. The library then needs libgomp.so.1, which
+# torch has already loaded (same soname), so there is one OpenMP runtime and
+# torch.set_num_threads governs the kernels too.
+if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
+    cxx_flags.append("-fopenmp")
+    link_flags.append("-fopenmp")
 include_dirs = [os.path.join(ROOT, "cpp"), os.path.join(ROOT, "cpp", "include")]
 cpp_sources = sources("cpp/*.cpp")
 # Headers are not sources, so setuptools would not see that an edit to one makes the

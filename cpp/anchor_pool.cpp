@@ -9,6 +9,7 @@
 #include <cmath>
 
 #include "anchor.h"
+#include "cpu_estimate.h"
 #include "kvcomm/ops.h"
 #include "op_checks.h"
 
@@ -282,6 +283,15 @@ EstimateResult AnchorPool::estimate(const std::string& slot,
   }
   if (result.anchors.empty()) return result;
   const double tau = config_.tau;
+  if (req.base_k.device().is_cpu()) {
+    // One fused routine reads each anchor's data once (cpu_estimate.h); it
+    // writes what the op sequence below writes.
+    const cpu::SlotWeights w =
+        cpu::estimate_slot(op, req, cpu::SlotAnchors{bk, bv, dk, dv, sk, sv}, tau);
+    if (req.want_spread)
+      result.spread = token_spread(dk, w.token_k).add_(token_spread(dv, w.token_v));
+    return result;
+  }
   const at::Tensor shift = shift_scalar(req.position, req.base_k);
   const at::Tensor wk = token_weights(req.base_k, bk, tau);
   const at::Tensor wv = token_weights(req.base_v, bv, tau);

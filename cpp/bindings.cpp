@@ -6,6 +6,7 @@
 #include <torch/csrc/utils/pybind.h>
 #include <pybind11/stl.h>
 
+#include "cpu_kernels.h"
 #include "kvcomm/anchor_pool.h"
 
 namespace py = pybind11;
@@ -41,6 +42,9 @@ PoolConfig make_config(double gamma, double tau, double top_p, int64_t capacity,
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "kvcomm C++ core: AnchorPool (ops are under torch.ops.kvcomm)";
+  // Which build of the CPU inner loops this machine runs ("avx2" or "default"),
+  // for the tests that run the portable build under ATEN_CPU_CAPABILITY=default.
+  m.def("_cpu_kernel_isa", [] { return std::string(kvcomm::cpu::kernels().isa); });
 
   py::class_<PoolConfig>(m, "PoolConfig")
       .def(py::init(&make_config), py::arg("gamma") = 0.3, py::arg("tau") = 1.0,

@@ -1,13 +1,16 @@
-// CPU offset weights (docs/method.md section 5): per-token weights for placeholder
-// tokens and per-(layer, head, channel) weights for the following segment.
-#include <ATen/Dispatch.h>
+// CPU offset weights (docs/method.md section 5): per-token weights for the
+// placeholder's tokens and per-(layer, head, channel) weights for the segment
+// after it. Both come out of one kernel pass (cpu_kernels_impl.h).
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 
-#include <cmath>
+#include <algorithm>
 #include <vector>
 
+#include "cpu_kernels.h"
 #include "cpu_ops.h"
+#include "cpu_runners.h"
+#include "cpu_views.h"
 #include "kvcomm/math.h"
 #include "op_checks.h"
 
@@ -16,84 +19,96 @@ namespace cpu {
 
 namespace {
 
-template <typename scalar_t>
-scalar_t at4(const at::Tensor& x, const scalar_t* p, int64_t l, int64_t h,
-             int64_t t, int64_t d) {
-  return p[l * x.stride(0) + h * x.stride(1) + t * x.stride(2) + d * x.stride(3)];
+// Anchor tokens per step of the weights kernel, all anchors per step: about
+// 32 KB of each anchor per visit, so the hardware prefetcher streams long runs
+// even with 20 anchors interleaved (16-token steps, 4 KB of a bf16 D=128 row,
+// ran slower at 12 anchors), while the content rows of a step stay in L2.
+int64_t weights_token_block(KVType type, int64_t dim) {
+  const int64_t row_bytes = std::max<int64_t>(1, dim) * (type == KVType::kFloat ? 4 : 2);
+  return std::clamp<int64_t>((int64_t{32} << 10) / row_bytes, 16, 256);
+}
+
+// Token scores from the per-chunk partial sums (summed in chunk order, so
+// the result does not depend on the thread count), then the softmax over
+// anchors of each token: out [N, T].
+void finish_token_weights(const std::vector<double>& partial, int64_t chunks, int64_t n,
+                          const Dims& s, double tau, float* out) {
+  const double count = static_cast<double>(s.rows() * s.dim);
+  at::parallel_for(0, s.tokens, grain(n * chunks), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      for (int64_t u = 0; u < n; ++u) {
+        double sum = 0;
+        for (int64_t c = 0; c < chunks; ++c) sum += partial[(c * n + u) * s.tokens + t];
+        out[u * s.tokens + t] = static_cast<float>(sum / count);
+      }
+      math::softmax_neg_over_tau_strided(out + t, n, s.tokens, static_cast<float>(tau));
+    }
+  });
 }
 
 }  // namespace
 
-at::Tensor token_weights(const at::Tensor& base, at::TensorList anchors,
-                         double tau) {
+std::vector<WeightsOut> compute_weights(const std::vector<WeightsJob>& jobs, double tau) {
+  const KernelTable& k = kernels();
+  std::vector<WeightsOut> outs(jobs.size());
+  std::vector<WeightsPlan> plans(jobs.size());
+  std::vector<std::vector<RowsIn>> anchor_rows(jobs.size());
+  std::vector<std::vector<int64_t>> anchor_tokens(jobs.size());
+  std::vector<std::vector<double>> partials(jobs.size());
+  std::vector<int64_t> first_task(jobs.size() + 1, 0);
+  Inputs in;
+  int64_t work_per_task = 1;
+  for (size_t j = 0; j < jobs.size(); ++j) {
+    const WeightsJob& job = jobs[j];
+    const Dims s = dims_of(job.base);
+    const int64_t n = static_cast<int64_t>(job.anchors.size());
+    const auto opts = job.base.options().dtype(at::kFloat);
+    if (job.token) outs[j].token = at::empty({n, s.tokens}, opts);
+    if (job.segment) outs[j].segment = at::empty({n, s.layers, s.heads, s.dim}, opts);
+    const int64_t chunks = n > 0 ? row_chunks(s.rows()) : 0;
+    anchor_rows[j] = in.rows(job.anchors);
+    for (const auto& a : job.anchors) anchor_tokens[j].push_back(a.size(2));
+    if (job.token) partials[j].assign(chunks * n * s.tokens, 0.0);
+    const KVType type = kv_type(job.base, "kvcomm weights");
+    plans[j] = WeightsPlan{type, s, in.rows(job.base),
+                           anchor_rows[j].data(), anchor_tokens[j].data(), n, chunks,
+                           job.token ? partials[j].data() : nullptr,
+                           job.segment ? outs[j].segment.mutable_data_ptr<float>() : nullptr,
+                           static_cast<float>(tau), weights_token_block(type, s.dim)};
+    first_task[j + 1] = first_task[j] + chunks;
+    if (chunks > 0)
+      work_per_task = std::max<int64_t>(work_per_task, s.rows() * s.tokens * s.dim * (n + 1) / chunks);
+  }
+  at::parallel_for(0, first_task.back(), grain(work_per_task), [&](int64_t begin, int64_t end) {
+    for (size_t j = 0; j < jobs.size(); ++j) {
+      const int64_t lo = std::max(begin, first_task[j]), hi = std::min(end, first_task[j + 1]);
+      if (lo < hi) k.weights(plans[j], lo - first_task[j], hi - first_task[j]);
+    }
+  });
+  for (size_t j = 0; j < jobs.size(); ++j) {
+    if (jobs[j].token && plans[j].num_anchors > 0)
+      finish_token_weights(partials[j], plans[j].chunks, plans[j].num_anchors, plans[j].dims, tau,
+                           outs[j].token.mutable_data_ptr<float>());
+  }
+  return outs;
+}
+
+at::Tensor token_weights(const at::Tensor& base, at::TensorList anchors, double tau) {
   const char* op = "kvcomm.token_weights";
   const auto s = checks::kv4(op, "base", base);
   checks::anchors(op, "anchors", base, s, anchors);
   checks::tau(op, tau);
-  const int64_t n = static_cast<int64_t>(anchors.size());
-  // Scores laid out [tokens, N] while computing so each token's softmax is
-  // over a contiguous row; transposed to [N, tokens] at the end.
-  at::Tensor scores = at::empty({s.tokens, n}, base.options().dtype(at::kFloat));
-  float* sc = scores.data_ptr<float>();
-  const double count = static_cast<double>(s.layers * s.heads * s.dim);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, base.scalar_type(), "kvcomm.token_weights", [&] {
-    const scalar_t* bp = base.data_ptr<scalar_t>();
-    at::parallel_for(0, s.tokens, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        for (int64_t u = 0; u < n; ++u) {
-          const scalar_t* ap = anchors[u].data_ptr<scalar_t>();
-          double acc = 0;
-          for (int64_t l = 0; l < s.layers; ++l)
-            for (int64_t h = 0; h < s.heads; ++h)
-              for (int64_t d = 0; d < s.dim; ++d)
-                acc += std::fabs(static_cast<float>(at4(base, bp, l, h, t, d)) -
-                                 static_cast<float>(at4(anchors[u], ap, l, h, t, d)));
-          sc[t * n + u] = count > 0 ? static_cast<float>(acc / count) : 0.f;
-        }
-        math::softmax_neg_over_tau(sc + t * n, n, static_cast<float>(tau));
-      }
-    });
-  });
-  return scores.t().contiguous();
+  WeightsJob job{base, anchors.vec(), /*token=*/true, /*segment=*/false};
+  return compute_weights({job}, tau)[0].token;
 }
 
-at::Tensor segment_weights(const at::Tensor& base, at::TensorList anchors,
-                           double tau) {
+at::Tensor segment_weights(const at::Tensor& base, at::TensorList anchors, double tau) {
   const char* op = "kvcomm.segment_weights";
   const auto s = checks::kv4(op, "base", base);
   checks::anchors(op, "anchors", base, s, anchors);
   checks::tau(op, tau);
-  const int64_t n = static_cast<int64_t>(anchors.size());
-  const int64_t channels = s.layers * s.heads * s.dim;
-  // [channels, N] while computing (softmax per channel), [N, L, H, D] after.
-  at::Tensor scores = at::empty({channels, n}, base.options().dtype(at::kFloat));
-  float* sc = scores.data_ptr<float>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, base.scalar_type(), "kvcomm.segment_weights", [&] {
-    const scalar_t* bp = base.data_ptr<scalar_t>();
-    at::parallel_for(0, s.layers * s.heads, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> acc(s.dim);
-      for (int64_t lh = begin; lh < end; ++lh) {
-        const int64_t l = lh / s.heads, h = lh % s.heads;
-        for (int64_t u = 0; u < n; ++u) {
-          const scalar_t* ap = anchors[u].data_ptr<scalar_t>();
-          // The anchor's last n tokens line up with the content's tokens.
-          const int64_t first = anchors[u].size(2) - s.tokens;
-          std::fill(acc.begin(), acc.end(), 0.f);
-          for (int64_t t = 0; t < s.tokens; ++t)
-            for (int64_t d = 0; d < s.dim; ++d) {
-              const float diff = static_cast<float>(at4(base, bp, l, h, t, d)) -
-                                 static_cast<float>(at4(anchors[u], ap, l, h, first + t, d));
-              acc[d] += diff * diff;
-            }
-          for (int64_t d = 0; d < s.dim; ++d)
-            sc[(lh * s.dim + d) * n + u] = std::sqrt(acc[d]);
-        }
-        for (int64_t d = 0; d < s.dim; ++d)
-          math::softmax_neg_over_tau(sc + (lh * s.dim + d) * n, n, static_cast<float>(tau));
-      }
-    });
-  });
-  return scores.t().contiguous().view({n, s.layers, s.heads, s.dim});
+  WeightsJob job{base, anchors.vec(), /*token=*/false, /*segment=*/true};
+  return compute_weights({job}, tau)[0].segment;
 }
 
 }  // namespace cpu
