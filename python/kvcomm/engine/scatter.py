@@ -19,46 +19,8 @@ last position, it is the last-token step of the reuse path.
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
-
 from ..hf.cache import KVBufferCache
-
-
-class _ScatterLayer(CacheLayerMixin):
-    """One layer's view [1, H, total, D] of the buffer; writes new tokens at `pos`."""
-
-    is_compileable = False
-    is_sliding = False
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor):
-        super().__init__()
-        self.keys, self.values, self.pos = keys, values, pos
-        self.dtype, self.device = keys.dtype, keys.device
-        self.is_initialized = True
-
-    def lazy_initialization(self, key_states, value_states) -> None:  # the buffer exists already
-        return None
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        self.keys.index_copy_(2, self.pos, key_states)
-        self.values.index_copy_(2, self.pos, value_states)
-        return self.keys, self.values
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.keys.shape[-2], 0
-
-    def get_seq_length(self) -> int:
-        return self.keys.shape[-2]
-
-    def get_max_length(self) -> int:
-        return self.keys.shape[-2]
-
-
-class _ScatterCache(Cache):
-    def __init__(self, buffer: KVBufferCache, total: int, pos: torch.Tensor):
-        super().__init__(layers=[
-            _ScatterLayer(buffer.k[i, :, :total].unsqueeze(0), buffer.v[i, :, :total].unsqueeze(0), pos)
-            for i in range(buffer.k.shape[0])])
+from .window_cache import PositionedCache
 
 
 def check_positions(positions: list[int], total: int) -> None:
@@ -90,7 +52,7 @@ def forward_scattered(model, cache: KVBufferCache, ids: list[int], positions: li
     mask = (torch.arange(total, device=device).view(1, total) <= pos.view(-1, 1)).view(1, 1, len(pos), total)
     x = torch.tensor([ids], dtype=torch.long, device=device)
     out = model(input_ids=x, position_ids=pos.view(1, -1), attention_mask=mask,
-                past_key_values=_ScatterCache(cache, total, pos), use_cache=True,
+                past_key_values=PositionedCache(cache, total, pos, compileable=False), use_cache=True,
                 logits_to_keep=max(int(logits_rows), 1))
     cache.set_length(total)
     if logits_rows <= 0:

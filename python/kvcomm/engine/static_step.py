@@ -23,46 +23,8 @@ itself needs CUDA and is not exercised by the CPU test suite.
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
-
 from ..hf.cache import KVBufferCache
-
-
-class _WindowLayer(CacheLayerMixin):
-    """One layer's fixed window of the shared buffer; writes the new token at `pos`."""
-
-    is_compileable = True
-    is_sliding = False
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor):
-        super().__init__()
-        self.keys, self.values, self.pos = keys, values, pos
-        self.dtype, self.device = keys.dtype, keys.device
-        self.is_initialized = True
-
-    def lazy_initialization(self, key_states, value_states) -> None:  # the buffer exists already
-        return None
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        self.keys.index_copy_(2, self.pos, key_states)
-        self.values.index_copy_(2, self.pos, value_states)
-        return self.keys, self.values
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.keys.shape[-2], 0
-
-    def get_seq_length(self) -> int:
-        return self.keys.shape[-2]
-
-    def get_max_length(self) -> int:
-        return self.keys.shape[-2]
-
-
-class _WindowCache(Cache):
-    def __init__(self, buffer: KVBufferCache, window: int, pos: torch.Tensor):
-        super().__init__(layers=[
-            _WindowLayer(buffer.k[i, :, :window].unsqueeze(0), buffer.v[i, :, :window].unsqueeze(0), pos)
-            for i in range(buffer.k.shape[0])])
+from .window_cache import PositionedCache
 
 
 class StaticOneTokenStep:
@@ -153,7 +115,7 @@ class StaticOneTokenStep:
 
     # -- building and capturing ------------------------------------------------------
 
-    def _forward(self, window_cache: _WindowCache) -> torch.Tensor:
+    def _forward(self, window_cache: PositionedCache) -> torch.Tensor:
         window = window_cache.layers[0].keys.shape[-2]
         mask = (self.arange[:window] <= self.pos).view(1, 1, 1, window)
         out = self.model(input_ids=self.ids, position_ids=self.pos.view(1, 1), attention_mask=mask,
@@ -165,7 +127,7 @@ class StaticOneTokenStep:
         found = self._windows.get(window)
         if found is not None:
             return found
-        wc = _WindowCache(self.buffer, window, self.pos)
+        wc = PositionedCache(self.buffer, window, self.pos, compileable=True)
         graph = logits = None
         if self.capture:
             # Warm-up on a side stream (cuBLAS workspaces, lazy inits), then capture. The
