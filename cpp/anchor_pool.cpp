@@ -17,8 +17,34 @@ namespace kvcomm {
 
 namespace {
 
-at::Tensor owned_copy(const at::Tensor& t) {
-  return t.defined() ? t.contiguous().clone() : t;
+// The decoded values of stored tensors (handles taken under the pool's lock;
+// decoding runs outside it).
+std::vector<at::Tensor> expand_all(const std::vector<CompactTensor>& ts) {
+  std::vector<at::Tensor> out;
+  out.reserve(ts.size());
+  for (const auto& t : ts) out.push_back(t.expand());
+  return out;
+}
+
+std::vector<at::Tensor> codes_of(const std::vector<CompactTensor>& ts) {
+  std::vector<at::Tensor> out;
+  for (const auto& t : ts) out.push_back(t.data);
+  return out;
+}
+
+std::vector<at::Tensor> scales_of(const std::vector<CompactTensor>& ts) {
+  std::vector<at::Tensor> out;
+  for (const auto& t : ts) out.push_back(t.scale);
+  return out;
+}
+
+// The CPU kernels read int8 / fp8 anchors as stored (cpu_kernels.h StoreForm).
+bool cpu_reads_codes(Storage s, const at::Tensor& content) {
+  return content.device().is_cpu() && storage_has_scale(s);
+}
+
+cpu::StoreForm form_of(Storage s) {
+  return s == Storage::kInt8 ? cpu::StoreForm::kInt8 : cpu::StoreForm::kFp8;
 }
 
 at::Tensor shift_scalar(int64_t position, const at::Tensor& like) {
@@ -87,7 +113,7 @@ Decision AnchorPool::decide(const std::string& slot, const at::Tensor& content_v
   const char* op = "AnchorPool.decide";
   const auto shape = checks::kv4(op, "content_v", content_v);
   Decision out;
-  std::vector<at::Tensor> bases;
+  std::vector<CompactTensor> stored;
   {
     std::shared_lock<std::shared_mutex> lock(mutex_);
     check_layout_locked("AnchorPool.decide: content_v", content_v);
@@ -96,16 +122,20 @@ Decision AnchorPool::decide(const std::string& slot, const at::Tensor& content_v
       for (const auto& a : it->second.anchors) {
         if (a->length >= shape.tokens) {
           out.candidates.push_back(a->id);
-          bases.push_back(a->base_v);
+          stored.push_back(a->base_v);
         }
       }
     }
   }
-  const int64_t n = static_cast<int64_t>(bases.size());
+  const int64_t n = static_cast<int64_t>(stored.size());
+  const bool rms = config_.distance == DistanceMode::kRms;
   // The pool never copies across devices behind the caller's back: a
   // content on another device than the anchors is an error from the op.
-  const at::Tensor dist = value_distances(
-      content_v, bases, config_.distance == DistanceMode::kRms);
+  const at::Tensor dist =
+      cpu_reads_codes(config_.storage, content_v)
+          ? cpu::stored_distances(op, content_v, codes_of(stored), scales_of(stored),
+                                  form_of(config_.storage), rms)
+          : value_distances(content_v, expand_all(stored), rms);
   auto [probs, entropy, share, credit_mask] =
       match_decide(dist, config_.tau, config_.gamma, config_.top_p);
   // One small host read carries everything the caller needs.
@@ -157,8 +187,8 @@ int64_t AnchorPool::add_anchor(const std::string& slot, const at::Tensor& base_k
   TORCH_CHECK(base_k.size(2) > 0, op, ": content has no tokens");
   auto anchor = std::make_shared<Anchor>();
   anchor->length = base_k.size(2);
-  anchor->base_k = owned_copy(base_k);
-  anchor->base_v = owned_copy(base_v);
+  anchor->base_k = compact(op, "base_k", base_k, config_.storage);
+  anchor->base_v = compact(op, "base_v", base_v, config_.storage);
   const int64_t bytes = anchor->bytes();
   TORCH_CHECK(config_.byte_budget == 0 || bytes <= config_.byte_budget, op,
               ": one anchor of ", bytes, " bytes exceeds the pool's byte budget of ",
@@ -199,15 +229,18 @@ void AnchorPool::record_deltas(const std::string& slot, int64_t id,
                 " which does not match ph_k ", deltas.ph_k.sizes(),
                 " in layers, kv_heads or head_dim");
   }
-  AgentDeltas owned{owned_copy(deltas.ph_k), owned_copy(deltas.ph_v),
-                    owned_copy(deltas.seg_k), owned_copy(deltas.seg_v)};
+  const Storage st = config_.storage;
+  StoredDeltas owned{compact(op, "ph_k", deltas.ph_k, st), compact(op, "ph_v", deltas.ph_v, st),
+                     compact(op, "seg_k", deltas.seg_k, st), compact(op, "seg_v", deltas.seg_v, st)};
   std::unique_lock<std::shared_mutex> lock(mutex_);
   auto anchor = find_locked(slot, id);
   TORCH_CHECK(deltas.ph_k.sizes() == anchor->base_k.sizes(), op,
               ": ph_k has shape ", deltas.ph_k.sizes(), " but anchor ", id,
               " of slot '", slot, "' has base shape ", anchor->base_k.sizes());
-  checks::same_device_dtype(op, "ph_k", deltas.ph_k, "the anchor base",
-                            anchor->base_k);
+  TORCH_CHECK(deltas.ph_k.device() == anchor->base_k.device() &&
+                  deltas.ph_k.scalar_type() == anchor->base_k.dtype,
+              op, ": ph_k is ", deltas.ph_k.scalar_type(), " on ", deltas.ph_k.device(),
+              " but the anchor base is ", anchor->base_k.dtype, " on ", anchor->base_k.device());
   auto next = std::make_shared<DeltaMap>(*anchor->deltas);
   int64_t extra = owned.bytes();
   auto old = next->find(agent);
@@ -254,7 +287,7 @@ EstimateResult AnchorPool::estimate(const std::string& slot,
                 " but seg_template_k has shape ", req.seg_template_k.sizes());
     seg_len = req.seg_template_k.size(2);
   }
-  std::vector<at::Tensor> bk, bv, dk, dv, sk, sv;
+  std::vector<CompactTensor> cbk, cbv, cdk, cdv, csk, csv;
   EstimateResult result;
   {
     std::shared_lock<std::shared_mutex> lock(mutex_);
@@ -271,18 +304,34 @@ EstimateResult AnchorPool::estimate(const std::string& slot,
       if (seg && (!d->second.seg_k.defined() || d->second.seg_k.size(2) != seg_len))
         continue;
       result.anchors.push_back(a->id);
-      bk.push_back(a->base_k);
-      bv.push_back(a->base_v);
-      dk.push_back(d->second.ph_k);
-      dv.push_back(d->second.ph_v);
+      cbk.push_back(a->base_k);
+      cbv.push_back(a->base_v);
+      cdk.push_back(d->second.ph_k);
+      cdv.push_back(d->second.ph_v);
       if (seg) {
-        sk.push_back(d->second.seg_k);
-        sv.push_back(d->second.seg_v);
+        csk.push_back(d->second.seg_k);
+        csv.push_back(d->second.seg_v);
       }
     }
   }
   if (result.anchors.empty()) return result;
   const double tau = config_.tau;
+  if (cpu_reads_codes(config_.storage, req.base_k)) {
+    // int8 / fp8 anchors straight from the pool: decoded in the kernels' registers.
+    cpu::SlotAnchors a{codes_of(cbk),  codes_of(cbv),  codes_of(cdk),  codes_of(cdv),
+                       codes_of(csk),  codes_of(csv),  scales_of(cbk), scales_of(cbv),
+                       scales_of(cdk), scales_of(cdv), scales_of(csk), scales_of(csv),
+                       form_of(config_.storage)};
+    const cpu::SlotWeights w = cpu::estimate_slot(op, req, a, tau);
+    if (req.want_spread)
+      result.spread = token_spread(expand_all(cdk), w.token_k).add_(token_spread(expand_all(cdv), w.token_v));
+    return result;
+  }
+  // Elsewhere compact anchors are decoded to the model dtype first, one
+  // temporary per tensor (none for storage "model").
+  const std::vector<at::Tensor> bk = expand_all(cbk), bv = expand_all(cbv),
+                                dk = expand_all(cdk), dv = expand_all(cdv),
+                                sk = expand_all(csk), sv = expand_all(csv);
   if (req.base_k.device().is_cpu()) {
     // One fused routine reads each anchor's data once (cpu_estimate.h); it
     // writes what the op sequence below writes.
@@ -393,7 +442,7 @@ std::pair<at::Tensor, at::Tensor> AnchorPool::anchor_base(const std::string& slo
                                                           int64_t id) const {
   std::shared_lock<std::shared_mutex> lock(mutex_);
   auto a = find_locked(slot, id);
-  return {a->base_k, a->base_v};
+  return {a->base_k.expand(), a->base_v.expand()};
 }
 
 AgentDeltas AnchorPool::anchor_deltas(const std::string& slot, int64_t id,
@@ -403,7 +452,22 @@ AgentDeltas AnchorPool::anchor_deltas(const std::string& slot, int64_t id,
   auto d = a->deltas->find(agent);
   TORCH_CHECK(d != a->deltas->end(), "AnchorPool: anchor ", id, " of slot '",
               slot, "' has no deltas for agent '", agent, "'");
-  return d->second;
+  return d->second.expand();
+}
+
+std::vector<AnchorPool::StoredTensor> AnchorPool::anchor_stored(const std::string& slot,
+                                                                int64_t id) const {
+  std::shared_lock<std::shared_mutex> lock(mutex_);
+  auto a = find_locked(slot, id);
+  std::vector<StoredTensor> out{{"base_k", a->base_k.data, a->base_k.scale},
+                                {"base_v", a->base_v.data, a->base_v.scale}};
+  for (const auto& kv : *a->deltas) {
+    const StoredDeltas& d = kv.second;
+    for (const auto& [name, t] : {std::pair<const char*, const CompactTensor*>{"ph_k", &d.ph_k},
+                                  {"ph_v", &d.ph_v}, {"seg_k", &d.seg_k}, {"seg_v", &d.seg_v}})
+      if (t->defined()) out.push_back({kv.first + "/" + name, t->data, t->scale});
+  }
+  return out;
 }
 
 bool AnchorPool::has_deltas(const std::string& slot, int64_t id,

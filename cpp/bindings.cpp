@@ -14,16 +14,26 @@ using kvcomm::AgentDeltas;
 using kvcomm::AnchorPool;
 using kvcomm::DistanceMode;
 using kvcomm::PoolConfig;
+using kvcomm::Storage;
 
 namespace {
 
 PoolConfig make_config(double gamma, double tau, double top_p, int64_t capacity,
                        int64_t window, int64_t byte_budget, const std::string& distance,
                        int64_t layers, int64_t kv_heads, int64_t head_dim,
-                       int64_t min_anchors) {
+                       int64_t min_anchors, const std::string& storage) {
   TORCH_CHECK(distance == "frobenius" || distance == "rms",
               "PoolConfig: distance must be 'frobenius' or 'rms', got '", distance, "'");
   PoolConfig c;
+  bool known = false;
+  for (auto s : {Storage::kModel, Storage::kBf16, Storage::kInt8, Storage::kFp8}) {
+    if (storage == kvcomm::storage_name(s)) {
+      c.storage = s;
+      known = true;
+    }
+  }
+  TORCH_CHECK(known, "PoolConfig: storage must be 'model', 'bf16', 'int8' or 'fp8', got '",
+              storage, "'");
   c.gamma = gamma;
   c.tau = tau;
   c.top_p = top_p;
@@ -51,7 +61,7 @@ PYBIND11_MODULE(_C, m) {
            py::arg("top_p") = 0.9, py::arg("capacity") = 20, py::arg("window") = 5,
            py::arg("byte_budget") = 0, py::arg("distance") = "frobenius",
            py::arg("layers") = 0, py::arg("kv_heads") = 0, py::arg("head_dim") = 0,
-           py::arg("min_anchors") = 2)
+           py::arg("min_anchors") = 2, py::arg("storage") = "model")
       .def_readonly("gamma", &PoolConfig::gamma)
       .def_readonly("tau", &PoolConfig::tau)
       .def_readonly("top_p", &PoolConfig::top_p)
@@ -59,6 +69,8 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("window", &PoolConfig::window)
       .def_readonly("byte_budget", &PoolConfig::byte_budget)
       .def_readonly("min_anchors", &PoolConfig::min_anchors)
+      .def_property_readonly("storage",
+                             [](const PoolConfig& c) { return kvcomm::storage_name(c.storage); })
       .def_property_readonly("distance", [](const PoolConfig& c) {
         return c.distance == DistanceMode::kRms ? "rms" : "frobenius";
       })
@@ -68,7 +80,8 @@ PYBIND11_MODULE(_C, m) {
                ", window=" + std::to_string(c.window) +
                ", byte_budget=" + std::to_string(c.byte_budget) +
                ", min_anchors=" + std::to_string(c.min_anchors) + ", distance=" +
-               (c.distance == DistanceMode::kRms ? "'rms'" : "'frobenius'") + ")";
+               (c.distance == DistanceMode::kRms ? "'rms'" : "'frobenius'") + ", storage='" +
+               kvcomm::storage_name(c.storage) + "')";
       });
 
   py::class_<kvcomm::Decision>(m, "Decision")
@@ -173,6 +186,18 @@ PYBIND11_MODULE(_C, m) {
             return out;
           },
           py::arg("slot"), py::arg("id"), py::arg("agent"))
+      .def(
+          "anchor_stored",
+          [](const AnchorPool& p, const std::string& slot, int64_t id) {
+            py::dict out;
+            for (const auto& t : p.anchor_stored(slot, id))
+              out[py::str(t.name)] =
+                  py::make_tuple(t.data, t.scale.defined() ? py::cast(t.scale) : py::none());
+            return out;
+          },
+          py::arg("slot"), py::arg("id"),
+          "The anchor's tensors as stored: {name: (data, scale or None)} for base_k, base_v "
+          "and '<agent>/ph_k' ... '<agent>/seg_v'.")
       .def("has_deltas", &AnchorPool::has_deltas, py::arg("slot"), py::arg("id"),
            py::arg("agent"))
       .def("size", py::overload_cast<>(&AnchorPool::size, py::const_))

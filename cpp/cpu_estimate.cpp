@@ -9,13 +9,60 @@
 namespace kvcomm {
 namespace cpu {
 
+namespace {
+
+// Compact anchors hold int8 / fp8 codes, so the dtype check of checks::anchors
+// does not apply; the rest does (the pool checked the layout when it stored
+// them, this guards the kernels' reads).
+void stored_anchors(const char* op, const char* arg, const at::Tensor& content,
+                    const checks::KVShape& s, const std::vector<at::Tensor>& list,
+                    const std::vector<at::Tensor>& scales, StoreForm form) {
+  if (form == StoreForm::kDense) {
+    checks::anchors(op, arg, content, s, list);
+    return;
+  }
+  const at::ScalarType code = form == StoreForm::kInt8 ? at::kChar : at::kFloat8_e4m3fn;
+  TORCH_INTERNAL_ASSERT(scales.size() == list.size(), op, ": ", arg, " without a scale each");
+  for (size_t u = 0; u < list.size(); ++u) {
+    const at::Tensor& t = list[u];
+    const at::Tensor& sc = scales[u];
+    TORCH_INTERNAL_ASSERT(t.dim() == 4 && t.scalar_type() == code && t.device() == content.device() &&
+                              t.size(0) == s.layers && t.size(1) == s.heads && t.size(3) == s.dim &&
+                              t.size(2) >= s.tokens && t.stride(3) == 1,
+                          op, ": ", arg, "[", u, "] is not a compact anchor of this content");
+    TORCH_INTERNAL_ASSERT(sc.scalar_type() == at::kFloat && sc.dim() == 4 && sc.size(0) == s.layers &&
+                              sc.size(1) == s.heads && sc.size(2) == 1 && sc.size(3) == s.dim,
+                          op, ": ", arg, "[", u, "] has scales of shape ", sc.sizes());
+  }
+}
+
+}  // namespace
+
+at::Tensor stored_distances(const char* op, const at::Tensor& content_v,
+                            const std::vector<at::Tensor>& values,
+                            const std::vector<at::Tensor>& scales, StoreForm form, bool rms) {
+  const auto s = checks::kv4(op, "content_v", content_v);
+  stored_anchors(op, "anchor base_v", content_v, s, values, scales, form);
+  return distances(content_v, values, scales, form, rms);
+}
+
 SlotWeights estimate_slot(const char* op, const EstimateRequest& req, const SlotAnchors& a,
                           double tau) {
   const bool seg = req.seg_template_k.defined();
+  const bool dense = a.form == StoreForm::kDense;
   // The checks the weight and offset ops would run, before anything is read.
   const auto s = checks::kv4(op, "base_k", req.base_k);
-  checks::anchors(op, "anchor base_k", req.base_k, s, a.base_k);
-  checks::anchors(op, "anchor base_v", req.base_v, s, a.base_v);
+  stored_anchors(op, "anchor base_k", req.base_k, s, a.base_k, a.base_k_scale, a.form);
+  stored_anchors(op, "anchor base_v", req.base_v, s, a.base_v, a.base_v_scale, a.form);
+  if (!dense) {
+    stored_anchors(op, "anchor ph_k", req.base_k, s, a.ph_k, a.ph_k_scale, a.form);
+    stored_anchors(op, "anchor ph_v", req.base_v, s, a.ph_v, a.ph_v_scale, a.form);
+    if (seg) {
+      const auto ss = checks::kv4(op, "seg_template_k", req.seg_template_k);
+      stored_anchors(op, "anchor seg_k", req.seg_template_k, ss, a.seg_k, a.seg_k_scale, a.form);
+      stored_anchors(op, "anchor seg_v", req.seg_template_v, ss, a.seg_v, a.seg_v_scale, a.form);
+    }
+  }
   checks::tau(op, tau);
   const at::Tensor shift = at::full({}, req.position, req.base_k.options().dtype(at::kLong));
   const int64_t n = static_cast<int64_t>(a.base_k.size());
@@ -24,21 +71,28 @@ SlotWeights estimate_slot(const char* op, const EstimateRequest& req, const Slot
   const at::Tensor channel_shape = at::empty({n, s.layers, s.heads, s.dim}, f32);
   std::vector<OffsetJob> jobs;
   auto job = [&](const at::Tensor& dst, const at::Tensor& base, const std::vector<at::Tensor>& deltas,
-                 const at::Tensor& like_weights, const at::Tensor& sh,
-                 const c10::optional<at::Tensor>& inv_freq) {
-    jobs.push_back(OffsetJob{dst, base, deltas, at::Tensor(), sh, inv_freq,
-                             checks::offset(op, dst, base, deltas, like_weights, sh, inv_freq)});
+                 const std::vector<at::Tensor>& scales, const at::Tensor& like_weights,
+                 const at::Tensor& sh, const c10::optional<at::Tensor>& inv_freq) {
+    const checks::OffsetPlan plan =
+        dense ? checks::offset(op, dst, base, deltas, like_weights, sh, inv_freq)
+              : checks::offset(op, dst, base, {}, like_weights, sh, inv_freq,
+                               static_cast<int64_t>(deltas.size()));
+    jobs.push_back(OffsetJob{dst, base, deltas, at::Tensor(), sh, inv_freq, plan, scales, a.form});
   };
-  job(req.dst_k, req.base_k, a.ph_k, token_shape, shift, req.inv_freq);
-  job(req.dst_v, req.base_v, a.ph_v, token_shape, shift, c10::nullopt);
+  job(req.dst_k, req.base_k, a.ph_k, a.ph_k_scale, token_shape, shift, req.inv_freq);
+  job(req.dst_v, req.base_v, a.ph_v, a.ph_v_scale, token_shape, shift, c10::nullopt);
   if (seg) {
     const at::Tensor seg_shift = at::full({}, req.seg_position, shift.options());
-    job(req.seg_dst_k, req.seg_template_k, a.seg_k, channel_shape, seg_shift, req.inv_freq);
-    job(req.seg_dst_v, req.seg_template_v, a.seg_v, channel_shape, seg_shift, c10::nullopt);
+    job(req.seg_dst_k, req.seg_template_k, a.seg_k, a.seg_k_scale, channel_shape, seg_shift,
+        req.inv_freq);
+    job(req.seg_dst_v, req.seg_template_v, a.seg_v, a.seg_v_scale, channel_shape, seg_shift,
+        c10::nullopt);
   }
   // Pass 1: both weightings of K and of V from one read of the bases.
   std::vector<WeightsOut> w = compute_weights(
-      {WeightsJob{req.base_k, a.base_k, true, seg}, WeightsJob{req.base_v, a.base_v, true, seg}}, tau);
+      {WeightsJob{req.base_k, a.base_k, true, seg, a.base_k_scale, a.form},
+       WeightsJob{req.base_v, a.base_v, true, seg, a.base_v_scale, a.form}},
+      tau);
   jobs[0].weights = w[0].token;
   jobs[1].weights = w[1].token;
   if (seg) {

@@ -6,6 +6,7 @@
 
 #include <vector>
 
+#include "cpu_kernels.h"
 #include "kvcomm/anchor_pool.h"
 
 namespace kvcomm {
@@ -13,10 +14,22 @@ namespace cpu {
 
 // The usable anchors of a slot for one agent, as AnchorPool::estimate
 // collects them: bases (K, V), the agent's placeholder deltas and, when the
-// request has a segment, its segment deltas.
+// request has a segment, its segment deltas. Compact anchors (form int8 or
+// fp8, docs/method.md section 10) are read as stored, each tensor with its
+// float32 scales [L, H, 1, D] in the matching *_scale list, and decoded in
+// the kernels' registers.
 struct SlotAnchors {
   std::vector<at::Tensor> base_k, base_v, ph_k, ph_v, seg_k, seg_v;
+  std::vector<at::Tensor> base_k_scale = {}, base_v_scale = {}, ph_k_scale = {}, ph_v_scale = {},
+                          seg_k_scale = {}, seg_v_scale = {};
+  StoreForm form = StoreForm::kDense;
 };
+
+// Distances of `content_v` to the slot's anchor values, dense or compact, as
+// value_distances computes them: float32 [N].
+at::Tensor stored_distances(const char* op, const at::Tensor& content_v,
+                            const std::vector<at::Tensor>& values,
+                            const std::vector<at::Tensor>& scales, StoreForm form, bool rms);
 
 // The placeholder's token weights, which the caller may need again.
 struct SlotWeights {

@@ -19,15 +19,24 @@ namespace cpu {
 
 enum class KVType : int { kFloat, kHalf, kBFloat16 };
 
+// How the anchor (or delta) rows of a plan are stored: in the content's type,
+// or as int8 / fp8 e4m3 values times a float32 scale per (layer, head,
+// channel), decoded in registers as they are loaded (compact anchors,
+// docs/method.md section 10).
+enum class StoreForm : int { kDense, kInt8, kFp8 };
+
 struct Dims {
   int64_t layers, heads, tokens, dim;
   int64_t rows() const { return layers * heads; }
 };
 
-// A read-only [L, H, *, D] view with unit channel stride.
+// A read-only [L, H, *, D] view with unit channel stride. Compact rows also
+// carry their scales: D contiguous floats per (layer, head).
 struct RowsIn {
   const void* data;
   int64_t layer, head, token;  // strides in elements
+  const float* scale = nullptr;
+  int64_t scale_layer = 0, scale_head = 0;
 };
 
 // A writable one.
@@ -57,6 +66,7 @@ struct DistancePlan {
   // content row (T x D, 256 KB at 1024 tokens of 64 fp32 channels) then being
   // re-read from the L2 cache for each anchor.
   int64_t token_block;
+  StoreForm anchor_form = StoreForm::kDense;
 };
 
 // Both weightings of the offset estimate from one pass over the anchors'
@@ -80,6 +90,7 @@ struct WeightsPlan {
   float* segment_out;     // [N, L*H, D] or null
   float tau;
   int64_t token_block;    // anchor tokens per step, all anchors per step
+  StoreForm anchor_form = StoreForm::kDense;
 };
 
 // out = rotate(base + (layer > 0) * sum_u w_u * delta_u) (docs/method.md
@@ -98,6 +109,7 @@ struct OffsetPlan {
   const float* sin_table;
   bool per_token_shift;
   int64_t token_block;      // tokens per task
+  StoreForm delta_form = StoreForm::kDense;
   int64_t tasks() const {
     return dims.rows() * ((dims.tokens + token_block - 1) / token_block);
   }

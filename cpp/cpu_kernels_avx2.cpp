@@ -29,6 +29,7 @@
 #include <c10/util/BFloat16-math.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Float8_e4m3fn.h>
 #include <c10/util/Half.h>
 #include <c10/util/Load.h>
 #include <c10/util/TypeCast.h>
@@ -53,6 +54,8 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
+
+#include <immintrin.h>
 
 #include "kvcomm/math.h"
 

@@ -16,6 +16,11 @@
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/Float8_e4m3fn.h>
+
+#if defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -71,9 +76,9 @@ struct Lanes<float> {
 // ---- Loaders -----------------------------------------------------------------
 // The kernels read anchors and deltas only through a row source: row(l, h, t)
 // gives a loader of that row's D channels as float lanes (load) or one float
-// (scalar). A compact anchor store (int8 with per-channel or per-token-group
-// scales, fp8 e4m3) is another source whose loader dequantizes in registers;
-// the loops below take it as their Src parameter unchanged.
+// (scalar). Compact anchors (int8 or fp8 e4m3 with per-channel scales,
+// ScaledSource below) are another source whose loader dequantizes in
+// registers; the loops take either as their Src parameter unchanged.
 
 template <typename T>
 struct DenseRow {
@@ -90,6 +95,102 @@ struct DenseSource {
       : data(static_cast<const T*>(r.data)), layer(r.layer), head(r.head), token(r.token) {}
   DenseRow<T> row(int64_t l, int64_t h, int64_t t) const {
     return {data + l * layer + h * head + t * token};
+  }
+};
+
+// Compact rows (int8 or fp8 e4m3 codes, StoreForm): kChunk codes decoded to
+// floats in registers, times the row's per-channel scales.
+struct Int8Codes {
+  using Code = int8_t;
+  static float decode(Code c) { return static_cast<float>(c); }
+  static void load(const Code* p, VecF& a, VecF& b) {
+#if defined(CPU_CAPABILITY_AVX2)
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    a = VecF(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)));
+    b = VecF(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8))));
+#else
+    alignas(64) float buf[kChunk];
+    for (int64_t i = 0; i < kChunk; ++i) buf[i] = decode(p[i]);
+    a = VecF::loadu(buf);
+    b = VecF::loadu(buf + kLanes);
+#endif
+  }
+};
+
+// fp8 e4m3 through a 256-entry table (every code's float value).
+struct Fp8Table {
+  float value[256];
+  Fp8Table() {
+    for (int c = 0; c < 256; ++c)
+      value[c] = static_cast<float>(c10::Float8_e4m3fn(static_cast<uint8_t>(c), c10::Float8_e4m3fn::from_bits()));
+  }
+};
+inline const float* fp8_table() {
+  static const Fp8Table table;
+  return table.value;
+}
+
+#if defined(CPU_CAPABILITY_AVX2)
+// Eight e4m3 codes (the low 8 bytes of v) as floats, with integer and float
+// arithmetic (a table gather ran 3-4x slower): a normal code's exponent and
+// mantissa bits, moved to a float's exponent and mantissa fields, read as
+// 2^(e-127) (1 + m/8); times 2^120 that is 2^(e-7) (1 + m/8), e4m3's value. A
+// subnormal code (e = 0) is m * 2^-9, computed from the integer m, so the
+// result does not depend on the denormals-are-zero mode. The pool never stores
+// NaN codes (non-finite values are refused).
+inline __m256 fp8x8_to_float(__m128i v) {
+  const __m256i c = _mm256_cvtepu8_epi32(v);
+  const __m256i mag = _mm256_and_si256(c, _mm256_set1_epi32(0x7F));
+  const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(c, _mm256_set1_epi32(0x80)), 24);
+  const __m256 normal =
+      _mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(mag, 20)), _mm256_set1_ps(0x1p120f));
+  const __m256 sub = _mm256_mul_ps(_mm256_cvtepi32_ps(mag), _mm256_set1_ps(0x1p-9f));
+  const __m256 is_sub = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(8), mag));
+  return _mm256_or_ps(_mm256_blendv_ps(normal, sub, is_sub), _mm256_castsi256_ps(sign));
+}
+#endif
+
+struct Fp8Codes {
+  using Code = uint8_t;
+  static float decode(Code c) { return fp8_table()[c]; }
+  static void load(const Code* p, VecF& a, VecF& b) {
+#if defined(CPU_CAPABILITY_AVX2)
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    a = VecF(fp8x8_to_float(v));
+    b = VecF(fp8x8_to_float(_mm_srli_si128(v, 8)));
+#else
+    const float* t = fp8_table();
+    alignas(64) float buf[kChunk];
+    for (int64_t i = 0; i < kChunk; ++i) buf[i] = t[p[i]];
+    a = VecF::loadu(buf);
+    b = VecF::loadu(buf + kLanes);
+#endif
+  }
+};
+
+template <typename Codes>
+struct ScaledRow {
+  const typename Codes::Code* p;
+  const float* s;
+  void load(int64_t d, VecF& a, VecF& b) const {
+    Codes::load(p + d, a, b);
+    a = a * VecF::loadu(s + d);
+    b = b * VecF::loadu(s + d + kLanes);
+  }
+  float scalar(int64_t d) const { return Codes::decode(p[d]) * s[d]; }
+};
+
+template <typename Codes>
+struct ScaledSource {
+  const typename Codes::Code* data;
+  int64_t layer, head, token;
+  const float* scale;
+  int64_t scale_layer, scale_head;
+  explicit ScaledSource(const RowsIn& r)
+      : data(static_cast<const typename Codes::Code*>(r.data)), layer(r.layer), head(r.head),
+        token(r.token), scale(r.scale), scale_layer(r.scale_layer), scale_head(r.scale_head) {}
+  ScaledRow<Codes> row(int64_t l, int64_t h, int64_t t) const {
+    return {data + l * layer + h * head + t * token, scale + l * scale_layer + h * scale_head};
   }
 };
 
@@ -397,28 +498,37 @@ KVCOMM_FLATTEN void offset_tasks(const OffsetPlan& p, int64_t begin, int64_t end
   }
 }
 
-// ---- entries: one per op, switching on the stored type ---------------------------
+// ---- entries: one per op, switching on the stored type and form -------------------
 
-#define KVCOMM_KV_SWITCH(TYPE, FN, ...)                                           \
-  switch (TYPE) {                                                                 \
-    case KVType::kFloat: FN<float, DenseSource<float>>(__VA_ARGS__); break;       \
-    case KVType::kHalf: FN<c10::Half, DenseSource<c10::Half>>(__VA_ARGS__); break; \
-    case KVType::kBFloat16:                                                       \
-      FN<c10::BFloat16, DenseSource<c10::BFloat16>>(__VA_ARGS__);                 \
-      break;                                                                      \
+// FN<T, source of the anchor/delta rows> for the content type T.
+#define KVCOMM_FORM_SWITCH(T, FORM, FN, ...)                                \
+  switch (FORM) {                                                           \
+    case StoreForm::kDense: FN<T, DenseSource<T>>(__VA_ARGS__); break;      \
+    case StoreForm::kInt8: FN<T, ScaledSource<Int8Codes>>(__VA_ARGS__); break; \
+    case StoreForm::kFp8: FN<T, ScaledSource<Fp8Codes>>(__VA_ARGS__); break;   \
+  }
+
+#define KVCOMM_KV_SWITCH(TYPE, FORM, FN, ...)                                        \
+  switch (TYPE) {                                                                    \
+    case KVType::kFloat: KVCOMM_FORM_SWITCH(float, FORM, FN, __VA_ARGS__) break;      \
+    case KVType::kHalf: KVCOMM_FORM_SWITCH(c10::Half, FORM, FN, __VA_ARGS__) break;   \
+    case KVType::kBFloat16:                                                          \
+      KVCOMM_FORM_SWITCH(c10::BFloat16, FORM, FN, __VA_ARGS__)                        \
+      break;                                                                         \
   }
 
 void distances_entry(const DistancePlan& p, int64_t begin, int64_t end) {
-  KVCOMM_KV_SWITCH(p.type, distances_tasks, p, begin, end)
+  KVCOMM_KV_SWITCH(p.type, p.anchor_form, distances_tasks, p, begin, end)
 }
 void weights_entry(const WeightsPlan& p, int64_t begin, int64_t end) {
-  KVCOMM_KV_SWITCH(p.type, weights_tasks, p, begin, end)
+  KVCOMM_KV_SWITCH(p.type, p.anchor_form, weights_tasks, p, begin, end)
 }
 void offset_entry(const OffsetPlan& p, int64_t begin, int64_t end) {
-  KVCOMM_KV_SWITCH(p.type, offset_tasks, p, begin, end)
+  KVCOMM_KV_SWITCH(p.type, p.delta_form, offset_tasks, p, begin, end)
 }
 
 #undef KVCOMM_KV_SWITCH
+#undef KVCOMM_FORM_SWITCH
 
 }  // namespace
 }  // namespace KVCOMM_ISA

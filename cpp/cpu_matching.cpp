@@ -9,6 +9,7 @@
 
 #include "cpu_kernels.h"
 #include "cpu_ops.h"
+#include "cpu_runners.h"
 #include "cpu_views.h"
 #include "kvcomm/math.h"
 #include "op_checks.h"
@@ -20,6 +21,12 @@ at::Tensor value_distances(const at::Tensor& content, at::TensorList anchors, bo
   const char* op = "kvcomm.value_distances";
   const auto s = checks::kv4(op, "content", content);
   checks::anchors(op, "anchors", content, s, anchors);
+  return distances(content, anchors, {}, StoreForm::kDense, rms);
+}
+
+at::Tensor distances(const at::Tensor& content, at::TensorList anchors, at::TensorList scales,
+                     StoreForm form, bool rms) {
+  const char* op = "kvcomm.value_distances";
   const int64_t n = static_cast<int64_t>(anchors.size());
   const Dims dims = dims_of(content);
   const int64_t chunks = row_chunks(dims.rows());
@@ -27,9 +34,10 @@ at::Tensor value_distances(const at::Tensor& content, at::TensorList anchors, bo
   // of terms. Added up in chunk order below, whatever the thread count.
   std::vector<double> partial(chunks * n, 0.0);
   Inputs in;
-  const std::vector<RowsIn> anchor_rows = in.rows(anchors);
-  const DistancePlan plan{kv_type(content, op), dims,  in.rows(content), anchor_rows.data(),
-                          n,                    chunks, partial.data(), /*token_block=*/0};
+  const std::vector<RowsIn> anchor_rows = in.rows(anchors, scales);
+  const DistancePlan plan{kv_type(content, op), dims,   in.rows(content), anchor_rows.data(),
+                          n,                    chunks, partial.data(),   /*token_block=*/0,
+                          form};
   const KernelTable& k = kernels();
   const int64_t per_chunk = dims.rows() * dims.tokens * dims.dim * (n + 1) / chunks;
   if (n > 0) {

@@ -103,14 +103,14 @@ void apply_offsets(const std::vector<OffsetJob>& jobs) {
                                 : (staging[j] = at::empty(job.dst.sizes(), job.dst.options()));
     if (cp.rotate) rope_tables(cp, job.shift, *job.inv_freq, cos_t[j], sin_t[j]);
     weights[j] = job.weights.contiguous();
-    delta_rows[j] = in.rows(job.deltas);
+    delta_rows[j] = in.rows(job.deltas, job.delta_scales);
     const Dims s{cp.shape.layers, cp.shape.heads, cp.shape.tokens, cp.shape.dim};
     plans[j] = OffsetPlan{kv_type(job.base, "kvcomm.fused_offset"), s, rows_out(out),
                           in.rows(job.base), delta_rows[j].data(), cp.num_deltas,
                           weights[j].const_data_ptr<float>(), cp.per_token_weights,
                           cp.rotate ? cos_t[j].data() : nullptr,
                           cp.rotate ? sin_t[j].data() : nullptr, cp.per_token_shift,
-                          token_block(s.dim)};
+                          token_block(s.dim), job.delta_form};
     first_task[j + 1] = first_task[j] + plans[j].tasks();
     work_per_task = std::max<int64_t>(work_per_task, plans[j].token_block * s.dim * (cp.num_deltas + 2));
   }

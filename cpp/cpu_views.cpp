@@ -58,6 +58,23 @@ std::vector<RowsIn> Inputs::rows(at::TensorList ts) {
   return out;
 }
 
+std::vector<RowsIn> Inputs::rows(at::TensorList codes, at::TensorList scales) {
+  std::vector<RowsIn> out = rows(codes);
+  if (scales.empty()) return out;
+  TORCH_INTERNAL_ASSERT(scales.size() == codes.size(), "compact rows without a scale each");
+  for (size_t u = 0; u < out.size(); ++u) {
+    const at::Tensor* s = &scales[u];
+    if (!unit_channels(*s)) {
+      copies_.push_back(s->contiguous());
+      s = &copies_.back();
+    }
+    out[u].scale = s->const_data_ptr<float>();
+    out[u].scale_layer = s->stride(0);
+    out[u].scale_head = s->stride(1);
+  }
+  return out;
+}
+
 RowsOut rows_out(const at::Tensor& t) {
   TORCH_INTERNAL_ASSERT(unit_channels(t), "kernel destination with strided channels");
   return {t.mutable_data_ptr(), t.stride(0), t.stride(1), t.stride(2)};

@@ -25,6 +25,9 @@ class Inputs {
  public:
   RowsIn rows(const at::Tensor& t);
   std::vector<RowsIn> rows(at::TensorList ts);
+  // Compact rows: codes [L, H, *, D] with their float32 scales [L, H, 1, D]
+  // (scales undefined: plain rows, as above).
+  std::vector<RowsIn> rows(at::TensorList codes, at::TensorList scales);
 
  private:
   std::vector<at::Tensor> copies_;

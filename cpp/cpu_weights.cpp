@@ -23,8 +23,9 @@ namespace {
 // 32 KB of each anchor per visit, so the hardware prefetcher streams long runs
 // even with 20 anchors interleaved (16-token steps, 4 KB of a bf16 D=128 row,
 // ran slower at 12 anchors), while the content rows of a step stay in L2.
-int64_t weights_token_block(KVType type, int64_t dim) {
-  const int64_t row_bytes = std::max<int64_t>(1, dim) * (type == KVType::kFloat ? 4 : 2);
+int64_t weights_token_block(KVType type, StoreForm form, int64_t dim) {
+  const int64_t value_bytes = form != StoreForm::kDense ? 1 : type == KVType::kFloat ? 4 : 2;
+  const int64_t row_bytes = std::max<int64_t>(1, dim) * value_bytes;
   return std::clamp<int64_t>((int64_t{32} << 10) / row_bytes, 16, 256);
 }
 
@@ -66,7 +67,7 @@ std::vector<WeightsOut> compute_weights(const std::vector<WeightsJob>& jobs, dou
     if (job.token) outs[j].token = at::empty({n, s.tokens}, opts);
     if (job.segment) outs[j].segment = at::empty({n, s.layers, s.heads, s.dim}, opts);
     const int64_t chunks = n > 0 ? row_chunks(s.rows()) : 0;
-    anchor_rows[j] = in.rows(job.anchors);
+    anchor_rows[j] = in.rows(job.anchors, job.anchor_scales);
     for (const auto& a : job.anchors) anchor_tokens[j].push_back(a.size(2));
     if (job.token) partials[j].assign(chunks * n * s.tokens, 0.0);
     const KVType type = kv_type(job.base, "kvcomm weights");
@@ -74,7 +75,8 @@ std::vector<WeightsOut> compute_weights(const std::vector<WeightsJob>& jobs, dou
                            anchor_rows[j].data(), anchor_tokens[j].data(), n, chunks,
                            job.token ? partials[j].data() : nullptr,
                            job.segment ? outs[j].segment.mutable_data_ptr<float>() : nullptr,
-                           static_cast<float>(tau), weights_token_block(type, s.dim)};
+                           static_cast<float>(tau),
+                           weights_token_block(type, job.anchor_form, s.dim), job.anchor_form};
     first_task[j + 1] = first_task[j] + chunks;
     if (chunks > 0)
       work_per_task = std::max<int64_t>(work_per_task, s.rows() * s.tokens * s.dim * (n + 1) / chunks);

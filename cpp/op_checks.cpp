@@ -213,7 +213,7 @@ void anchors(const char* op, const char* arg, const at::Tensor& content,
 OffsetPlan offset(const char* op, const at::Tensor& dst, const at::Tensor& base,
                   at::TensorList deltas, const at::Tensor& weights,
                   const at::Tensor& shift_t,
-                  const c10::optional<at::Tensor>& inv_freq_t) {
+                  const c10::optional<at::Tensor>& inv_freq_t, int64_t stored_deltas) {
   OffsetPlan plan{};
   plan.shape = kv4(op, "base", base);
   const KVShape& s = plan.shape;
@@ -227,7 +227,8 @@ OffsetPlan offset(const char* op, const at::Tensor& dst, const at::Tensor& base,
               op, ": dst has shape ", dst.sizes(), " but base is ",
               base.sizes());
   anchors(op, "deltas", base, s, deltas);
-  plan.num_deltas = static_cast<int64_t>(deltas.size());
+  TORCH_INTERNAL_ASSERT(stored_deltas < 0 || deltas.empty(), "stored deltas are passed by count");
+  plan.num_deltas = stored_deltas >= 0 ? stored_deltas : static_cast<int64_t>(deltas.size());
   TORCH_CHECK(weights.scalar_type() == at::kFloat, op,
               ": weights must be float32, got ", weights.scalar_type());
   TORCH_CHECK(weights.device() == base.device(), op, ": weights are on ",

@@ -61,10 +61,13 @@ struct OffsetPlan {
   bool per_token_shift;
   bool rotate;             // inv_freq given: keys
 };
+// stored_deltas >= 0: the deltas are that many compact tensors of the anchor
+// pool, checked when they were stored (and never dst); pass no `deltas` then.
 OffsetPlan offset(const char* op, const at::Tensor& dst, const at::Tensor& base,
                   at::TensorList deltas, const at::Tensor& weights,
                   const at::Tensor& shift,
-                  const c10::optional<at::Tensor>& inv_freq);
+                  const c10::optional<at::Tensor>& inv_freq,
+                  int64_t stored_deltas = -1);
 
 // float32 [N] distances.
 void distances(const char* op, const at::Tensor& distances);

@@ -2,15 +2,19 @@
 // temp file and renamed (atomic), fully parsed and validated before the live
 // pool is replaced.
 //
-// Layout (little-endian, as the machine writes it):
+// Layout (little-endian, as the machine writes it), version 2:
 //   "KVCOMMPL" u32 version u32 0
-//   i64 layers heads dim, i8 dtype, i64 next_id next_seq, u64 slots
+//   i64 layers heads dim, i8 dtype, i8 storage, i64 next_id next_seq, u64 slots
 //   per slot:   str name, u64 anchors
-//   per anchor: i64 id seq length activations, tensor base_k base_v,
-//               u64 agents; per agent: str name, u8 has_seg, tensor ph_k ph_v
+//   per anchor: i64 id seq length activations, stored base_k base_v,
+//               u64 agents; per agent: str name, u8 has_seg, stored ph_k ph_v
 //               [seg_k seg_v]
 //   u64 FNV-1a checksum of every byte before it
-// str = u64 size + bytes; tensor = i8 dtype, i64 ndim, i64 sizes..., raw data.
+// str = u64 size + bytes; tensor = i8 dtype, i64 ndim, i64 sizes..., raw data;
+// stored = tensor data, u8 has_scale, [tensor scale] (compact.h).
+// Version 1 (still read) had no storage byte and plain tensors where version 2
+// has stored ones: anchors in the model's dtype. A file whose storage differs
+// from the loading pool's is converted to the pool's storage on load.
 #include <ATen/ops/empty.h>
 
 #include <cstdio>
@@ -25,7 +29,8 @@ namespace kvcomm {
 namespace {
 
 constexpr char kMagic[8] = {'K', 'V', 'C', 'O', 'M', 'M', 'P', 'L'};
-constexpr uint32_t kVersion = 1;
+constexpr uint32_t kVersion = 2;
+constexpr uint32_t kOldestVersion = 1;
 constexpr int64_t kMaxRank = 8;
 
 uint64_t fnv1a(const std::string& bytes) {
@@ -53,6 +58,11 @@ struct Writer {
     pod<int64_t>(c.dim());
     for (int64_t s : c.sizes()) pod<int64_t>(s);
     buf.append(static_cast<const char*>(c.data_ptr()), c.nbytes());
+  }
+  void stored(const CompactTensor& t) {
+    tensor(t.data);
+    pod<uint8_t>(t.scale.defined() ? 1 : 0);
+    if (t.scale.defined()) tensor(t.scale);
   }
 };
 
@@ -82,7 +92,8 @@ struct Reader {
   }
   at::Tensor tensor(const at::Device& device) {
     const auto dtype = static_cast<at::ScalarType>(pod<int8_t>());
-    TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+    TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf ||
+                    dtype == at::kChar || dtype == at::kFloat8_e4m3fn,
                 "AnchorPool.load: '", path, "' holds a tensor of unsupported dtype code ",
                 static_cast<int>(dtype));
     const int64_t rank = pod<int64_t>();
@@ -102,6 +113,14 @@ struct Reader {
     pos += t.nbytes();
     return device.is_cpu() ? t : t.to(device);
   }
+  // A stored tensor standing for `dtype`; version 1 files hold plain ones.
+  CompactTensor stored(const at::Device& device, uint32_t version, at::ScalarType dtype) {
+    CompactTensor t;
+    t.dtype = dtype;
+    t.data = tensor(device);
+    if (version >= 2 && pod<uint8_t>() != 0) t.scale = tensor(device);
+    return t;
+  }
 };
 
 }  // namespace
@@ -117,6 +136,7 @@ struct PoolFile {
     w.pod<int64_t>(p.heads_);
     w.pod<int64_t>(p.dim_);
     w.pod<int8_t>(static_cast<int8_t>(p.dtype_));
+    w.pod<int8_t>(static_cast<int8_t>(p.config_.storage));
     w.pod<int64_t>(p.next_id_);
     w.pod<int64_t>(p.next_seq_);
     w.pod<uint64_t>(p.slots_.size());
@@ -128,18 +148,18 @@ struct PoolFile {
         w.pod<int64_t>(a->seq);
         w.pod<int64_t>(a->length);
         w.pod<int64_t>(a->activations.load());
-        w.tensor(a->base_k);
-        w.tensor(a->base_v);
+        w.stored(a->base_k);
+        w.stored(a->base_v);
         w.pod<uint64_t>(a->deltas->size());
         for (const auto& d : *a->deltas) {
           w.str(d.first);
           const bool seg = d.second.seg_k.defined();
           w.pod<uint8_t>(seg ? 1 : 0);
-          w.tensor(d.second.ph_k);
-          w.tensor(d.second.ph_v);
+          w.stored(d.second.ph_k);
+          w.stored(d.second.ph_v);
           if (seg) {
-            w.tensor(d.second.seg_k);
-            w.tensor(d.second.seg_v);
+            w.stored(d.second.seg_k);
+            w.stored(d.second.seg_v);
           }
         }
       }
@@ -160,14 +180,28 @@ struct PoolFile {
     std::memcpy(&stored, buf.data() + buf.size() - 8, 8);
     Reader r{body, sizeof(kMagic), path};
     const uint32_t version = r.pod<uint32_t>();
-    TORCH_CHECK(version == kVersion, op, ": '", path, "' is format version ",
-                version, " but this build reads version ", kVersion);
+    TORCH_CHECK(version >= kOldestVersion && version <= kVersion, op, ": '", path,
+                "' is format version ", version, " but this build reads versions ",
+                kOldestVersion, " to ", kVersion);
     TORCH_CHECK(fnv1a(body) == stored, op, ": '", path,
                 "' is corrupted (checksum mismatch)");
     r.pod<uint32_t>();
     const int64_t layers = r.pod<int64_t>(), heads = r.pod<int64_t>(),
                   dim = r.pod<int64_t>();
     const auto dtype = static_cast<at::ScalarType>(r.pod<int8_t>());
+    const int8_t storage_code = version >= 2 ? r.pod<int8_t>() : 0;
+    TORCH_CHECK(storage_code >= 0 && storage_code <= static_cast<int8_t>(Storage::kFp8), op,
+                ": '", path, "' is corrupted (anchor storage code ",
+                static_cast<int>(storage_code), ")");
+    const auto storage = static_cast<Storage>(storage_code);
+    const Storage target = fresh.config_.storage;
+    // Reads one stored tensor, checks it against the file's layout and
+    // storage, then holds it in the loading pool's storage.
+    auto next = [&](const char* what, int64_t tokens) {
+      const CompactTensor t = r.stored(device, version, dtype);
+      check_stored(path, t, layers, heads, dim, dtype, storage, tokens);
+      return restore(op, what, t, target);
+    };
     if (fresh.layers_ > 0 && layers > 0) {
       TORCH_CHECK(layers == fresh.layers_ && heads == fresh.heads_ && dim == fresh.dim_,
                   op, ": '", path, "' holds anchors of [layers=", layers,
@@ -198,25 +232,19 @@ struct PoolFile {
         a->seq = r.pod<int64_t>();
         a->length = r.pod<int64_t>();
         a->activations.store(r.pod<int64_t>());
-        a->base_k = r.tensor(device);
-        a->base_v = r.tensor(device);
-        check_kv(path, a->base_k, layers, heads, dim, dtype, a->length);
-        check_kv(path, a->base_v, layers, heads, dim, dtype, a->length);
+        a->base_k = next("base_k", a->length);
+        a->base_v = next("base_v", a->length);
         auto map = std::make_shared<DeltaMap>();
         const uint64_t n_agents = r.pod<uint64_t>();
         for (uint64_t k = 0; k < n_agents; ++k) {
           const std::string agent = r.str();
           const bool seg = r.pod<uint8_t>() != 0;
-          AgentDeltas d;
-          d.ph_k = r.tensor(device);
-          d.ph_v = r.tensor(device);
-          check_kv(path, d.ph_k, layers, heads, dim, dtype, a->length);
-          check_kv(path, d.ph_v, layers, heads, dim, dtype, a->length);
+          StoredDeltas d;
+          d.ph_k = next("ph_k", a->length);
+          d.ph_v = next("ph_v", a->length);
           if (seg) {
-            d.seg_k = r.tensor(device);
-            d.seg_v = r.tensor(device);
-            check_kv(path, d.seg_k, layers, heads, dim, dtype, -1);
-            check_kv(path, d.seg_v, layers, heads, dim, dtype, d.seg_k.size(2));
+            d.seg_k = next("seg_k", -1);
+            d.seg_v = next("seg_v", d.seg_k.size(2));
           }
           (*map)[agent] = std::move(d);
         }
@@ -228,14 +256,28 @@ struct PoolFile {
                 "' is corrupted (", body.size() - r.pos, " trailing bytes)");
   }
 
-  static void check_kv(const std::string& path, const at::Tensor& t, int64_t layers,
-                       int64_t heads, int64_t dim, at::ScalarType dtype, int64_t tokens) {
-    TORCH_CHECK(t.dim() == 4 && t.size(0) == layers && t.size(1) == heads &&
-                    t.size(3) == dim && t.scalar_type() == dtype &&
-                    (tokens < 0 || t.size(2) == tokens),
-                "AnchorPool.load: '", path, "' is corrupted (tensor of shape ",
-                t.sizes(), " and dtype ", t.scalar_type(), " in a pool of [",
-                layers, ", ", heads, ", ", tokens, ", ", dim, "] ", dtype, ")");
+  static void check_stored(const std::string& path, const CompactTensor& t, int64_t layers,
+                           int64_t heads, int64_t dim, at::ScalarType dtype, Storage storage,
+                           int64_t tokens) {
+    const at::Tensor& d = t.data;
+    const at::ScalarType want = storage_dtype(storage, dtype);
+    TORCH_CHECK(d.dim() == 4 && d.size(0) == layers && d.size(1) == heads &&
+                    d.size(3) == dim && d.scalar_type() == want &&
+                    (tokens < 0 || d.size(2) == tokens),
+                "AnchorPool.load: '", path, "' is corrupted (tensor of shape ", d.sizes(),
+                " and dtype ", d.scalar_type(), " in a pool of [", layers, ", ", heads, ", ",
+                tokens, ", ", dim, "] ", want, ")");
+    const bool scaled = storage_has_scale(storage);
+    TORCH_CHECK(t.scale.defined() == scaled, "AnchorPool.load: '", path,
+                "' is corrupted (", scaled ? "missing" : "unexpected", " scales for ",
+                storage_name(storage), " storage)");
+    if (scaled) {
+      const at::Tensor& s = t.scale;
+      TORCH_CHECK(s.dim() == 4 && s.size(0) == layers && s.size(1) == heads && s.size(2) == 1 &&
+                      s.size(3) == dim && s.scalar_type() == at::kFloat,
+                  "AnchorPool.load: '", path, "' is corrupted (scale of shape ", s.sizes(),
+                  " and dtype ", s.scalar_type(), ")");
+    }
   }
 };
 

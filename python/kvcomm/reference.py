@@ -145,3 +145,32 @@ def estimate(pool_anchors, base_k: Tensor, base_v: Tensor, inv_freq: Tensor, pos
     seg_k = fused_offset(seg_template_k, [a["seg_k"] for a in pool_anchors], sk_w, seg_shift, inv_freq)
     seg_v = fused_offset(seg_template_v, [a["seg_v"] for a in pool_anchors], sv_w, seg_shift, None)
     return k, v, seg_k, seg_v
+
+
+# Anchor storage (docs/method.md section 10): the largest magnitude each scaled format holds.
+_STORAGE_TOP = {"int8": 127.0, "fp8": 448.0}
+
+
+def compact_anchor(t: Tensor, storage: str) -> tuple[Tensor, Tensor | None]:
+    """(data, scale) as AnchorPool holds `t` [L, H, T, D] in `storage`: 'model' keeps it,
+    'bf16' casts, 'int8' / 'fp8' divide by a float32 scale per (layer, head, channel),
+    amax over the tokens / 127 (int8, rounded half to even and clamped) or / 448 (fp8
+    e4m3); an all-zero channel has scale 1."""
+    if storage == "model":
+        return t.clone(), None
+    if storage == "bf16":
+        return t.to(torch.bfloat16), None
+    x = t.to(torch.float32)
+    amax = x.abs().amax(dim=2, keepdim=True)
+    scale = torch.where(amax > 0, amax / _STORAGE_TOP[storage], torch.ones_like(amax))
+    scaled = x / scale
+    if storage == "int8":
+        return scaled.round().clamp(-127, 127).to(torch.int8), scale
+    return scaled.to(torch.float8_e4m3fn), scale
+
+
+def expand_anchor(data: Tensor, scale: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """The values a stored anchor tensor stands for, in the model's `dtype`."""
+    if scale is None:
+        return data.to(dtype)
+    return (data.to(torch.float32) * scale).to(dtype)

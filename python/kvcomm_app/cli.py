@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict
 
 from . import serve
-from .cli_checks import UsageError, check_args, parse_variant
+from .cli_checks import STORAGES, UsageError, byte_size_arg, check_args, parse_variant
 
 
 def _add_reuse_options(p: argparse.ArgumentParser) -> None:
@@ -42,6 +42,13 @@ def _add_reuse_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-partial", action="store_true",
                    help="a call with a slot that cannot be estimated runs fully dense, as the paper "
                         "(default: estimate the other slots, compute that one in context)")
+    p.add_argument("--anchor-storage", default="model", choices=STORAGES,
+                   help="how the pool holds anchors (default model: the model's dtype); int8 / fp8 store "
+                        "per-channel-scaled values in about a quarter of fp32's bytes (docs/method.md "
+                        "section 10)")
+    p.add_argument("--pool-bytes", type=byte_size_arg, default=0, metavar="SIZE",
+                   help="byte budget of the whole anchor pool, e.g. 48M or 2G; least-activated old anchors "
+                        "are evicted to stay under it (default 0: unlimited)")
 
 
 def _add_common(p: argparse.ArgumentParser, *, questions: int, warmup: int, max_new_tokens: int,
@@ -188,11 +195,23 @@ def _add_bench_ttft(bsub) -> None:
     t.add_argument("--no-progress", action="store_true", help="no per-request progress lines")
 
 
+def _storage_settings(args) -> dict:
+    """PoolConfig fields of --anchor-storage and --pool-bytes, only where they differ from the
+    defaults (so recorded configs of earlier runs read the same)."""
+    out = {}
+    if args.anchor_storage != "model":
+        out["storage"] = args.anchor_storage
+    if args.pool_bytes:
+        out["byte_budget"] = args.pool_bytes
+    return out
+
+
 def _config(args, task: str, n_agents: int, topology: str, rounds: int = 2, layers=None,
             mmlu_split: str = "validation"):
     from .runtime.session import ExperimentConfig
     pool = {k: v for k, v in (("gamma", args.gamma), ("capacity", args.capacity),
                               ("min_anchors", args.min_anchors)) if v is not None}
+    pool.update(_storage_settings(args))
     return ExperimentConfig(
         task=task, n_agents=n_agents, topology=topology, rounds=rounds, layers=layers,
         questions=args.questions, warmup=args.warmup, offset=args.offset,
@@ -378,7 +397,8 @@ def cmd_bench_ttft(args) -> int:
         args.warmup = args.min_anchors + 1
     kw = dict(requests=args.requests, warmup=args.warmup, seed=args.seed, gamma=args.gamma,
               capacity=args.capacity, step=args.step, recompute=args.recompute, min_anchors=args.min_anchors,
-              partial=not args.no_partial, share=args.share, pool_path=args.pool, log=log)
+              partial=not args.no_partial, share=args.share, pool_path=args.pool, log=log,
+              pool_settings=_storage_settings(args))
     tag = output.device_tag(args.device)
     head = {"benchmark": "ttft", "device": tag, "device_detail": output.device_detail(args.device, dtype_name),
             "model": model_name, "dtype": dtype_name, "git_sha": git_sha(), "command": _command(args)}

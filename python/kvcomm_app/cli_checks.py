@@ -103,14 +103,53 @@ def check_vllm_backend(args) -> None:
                          "(use --recompute none or --backend hf)")
     if getattr(args, "paired", False):
         raise UsageError("--paired needs reply logits and teacher forcing: use --backend hf (or --no-paired)")
+    for option, attr, default in (("--anchor-storage", "anchor_storage", "model"), ("--pool-bytes", "pool_bytes", 0)):
+        if getattr(args, attr, default) != default:
+            raise UsageError(f"{option}: with --backend vllm the anchor pool lives in the server; pass it to "
+                             "`kvcomm serve` and pass --server")
     if getattr(args, "pool", None):
         raise UsageError("--pool: with --backend vllm the anchor pool lives in the server; start it with "
                          "`kvcomm serve --pool-file PATH` and pass --server")
 
 
-# PoolConfig fields a --paired-variant may set, with their types.
+# How the pool may hold anchors (PoolConfig.storage; docs/method.md section 10).
+STORAGES = ("model", "bf16", "int8", "fp8")
+
+_BYTE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def parse_bytes(text: str) -> int:
+    """'48M' / '1.5G' / '200000' -> bytes (K, M, G are binary units; a trailing 'iB' or 'B'
+    is allowed). ValueError naming the text when it is not a size >= 0."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in _BYTE_UNITS else ""
+    try:
+        value = float(t[: len(t) - len(unit)])
+    except ValueError:
+        raise ValueError(f"{text!r} is not a size in bytes (e.g. 200000, 48M, 1.5G)") from None
+    if not value >= 0:
+        raise ValueError(f"{text!r}: a size in bytes must be >= 0")
+    return int(value * _BYTE_UNITS[unit])
+
+
+def byte_size_arg(text: str) -> int:
+    """parse_bytes as an argparse type (its message becomes argparse's one-line error)."""
+    import argparse
+    try:
+        return parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def parse_storage(text: str) -> str:
+    if text not in STORAGES:
+        raise ValueError(f"{text!r} is not an anchor storage ({', '.join(STORAGES)})")
+    return text
+
+
+# PoolConfig fields a --paired-variant may set, with their parsers.
 _VARIANT_POOL = {"gamma": float, "capacity": int, "min_anchors": int, "tau": float, "top_p": float,
-                 "window": int}
+                 "window": int, "storage": parse_storage, "byte_budget": parse_bytes}
 
 
 def parse_variant(spec: str) -> dict:
@@ -136,8 +175,9 @@ def parse_variant(spec: str) -> dict:
         elif key in _VARIANT_POOL:
             try:
                 out[key] = _VARIANT_POOL[key](value)
-            except ValueError:
-                raise UsageError(f"--paired-variant {spec!r}: {key} must be a number, got {value!r}") from None
+            except ValueError as e:
+                why = str(e) if key in ("storage", "byte_budget") else f"must be a number, got {value!r}"
+                raise UsageError(f"--paired-variant {spec!r}: {key} {why}") from None
             if key == "min_anchors" and out[key] < 2:
                 raise UsageError(f"--paired-variant {spec!r}: min_anchors must be at least 2, got {out[key]}")
         else:

@@ -17,6 +17,8 @@ import time
 
 
 def add_serve_parser(sub) -> None:
+    from .cli_checks import STORAGES, byte_size_arg
+
     s = sub.add_parser("serve", help="vLLM's OpenAI-compatible server with KVCOMM (docs/serving.md)",
                        description="Starts `vllm serve MODEL` with the KVCOMM connector and front end. Arguments "
                        "after `--` go to vLLM unchanged. Needs the vLLM environment (bash .ci/vllm.sh).")
@@ -30,6 +32,10 @@ def add_serve_parser(sub) -> None:
                    "'{rank}' is replaced by the tensor-parallel rank)")
     s.add_argument("--gamma", type=float, default=None, help="entropy gate of the anchor pool (default 0.3)")
     s.add_argument("--capacity", type=int, default=None, help="anchors per slot (default 20)")
+    s.add_argument("--anchor-storage", default=None, choices=STORAGES,
+                   help="how the server's pool holds anchors (default model; docs/method.md section 10)")
+    s.add_argument("--pool-bytes", type=byte_size_arg, default=None, metavar="SIZE",
+                   help="byte budget of the server's anchor pool, e.g. 2G (default unlimited)")
     s.add_argument("--print-command", action="store_true", help="print the vLLM command line and exit")
     s.add_argument("vllm_args", nargs="*", help="after --: more vLLM arguments")
 
@@ -40,7 +46,9 @@ def serve_command(args) -> list[str]:
     if model is None:
         from kvcomm.models import embedded_model_dir
         model = embedded_model_dir()
-    pool = {k: v for k, v in (("gamma", args.gamma), ("capacity", args.capacity)) if v is not None}
+    pool = {k: v for k, v in (("gamma", args.gamma), ("capacity", args.capacity),
+                              ("storage", args.anchor_storage), ("byte_budget", args.pool_bytes))
+            if v is not None}
     return serve_argv(model, host=args.host, port=args.port, dtype=args.dtype, max_model_len=args.max_model_len,
                       served_model_name=args.served_model_name, pool=pool or None, pool_file=args.pool_file,
                       extra_args=list(args.vllm_args or []))

@@ -35,6 +35,9 @@ from kvcomm_app.cli_checks import UsageError, check_args, check_device, check_mo
      "--recompute segments: the vLLM back end computes the last prompt token only"),
     (["eval", "--task", "gsm8k", "--backend", "vllm", "--pool", "p.bin"], "--pool: with --backend vllm"),
     (["bench", "ttft", "--backend", "vllm", "--recompute", "tail=4"], "the vLLM back end computes"),
+    (["eval", "--task", "gsm8k", "--backend", "vllm", "--anchor-storage", "int8"],
+     "--anchor-storage: with --backend vllm the anchor pool lives in the server"),
+    (["bench", "ttft", "--backend", "vllm", "--pool-bytes", "1G"], "--pool-bytes: with --backend vllm"),
 ])
 def test_bad_options_are_one_line_before_anything_loads(argv, needle, capsys, monkeypatch):
     def no_load(*a, **k):
@@ -85,3 +88,27 @@ def test_exact_tail_is_recompute_tail():
     args = cli.build_parser().parse_args(["eval", "--task", "gsm8k", "--exact-tail", "0"])
     with pytest.raises(UsageError, match="--exact-tail must be at least 1"):
         check_args(args)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["demo", "--pool-bytes", "lots"], "argument --pool-bytes: 'lots' is not a size in bytes"),
+    (["demo", "--pool-bytes=-5M"], "a size in bytes must be >= 0"),
+    (["eval", "--task", "gsm8k", "--anchor-storage", "int4"], "argument --anchor-storage: invalid choice: 'int4'"),
+])
+def test_bad_storage_options_are_argparse_errors(argv, needle, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_storage_options_reach_the_pool_config():
+    from kvcomm_app.cli_checks import parse_bytes
+
+    assert [parse_bytes(t) for t in ("200000", "48M", "1.5G", "2GiB", "64k", "0")] == [
+        200000, 48 << 20, 3 << 29, 2 << 30, 64 << 10, 0]
+    args = cli.build_parser().parse_args(["eval", "--task", "gsm8k", "--anchor-storage", "int8",
+                                          "--pool-bytes", "96M"])
+    assert cli._config(args, "gsm8k", 3, "fully_connected").pool == {
+        "min_anchors": 4, "storage": "int8", "byte_budget": 96 << 20}
+    plain = cli.build_parser().parse_args(["eval", "--task", "gsm8k"])
+    assert cli._config(plain, "gsm8k", 3, "fully_connected").pool == {"min_anchors": 4}

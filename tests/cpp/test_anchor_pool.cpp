@@ -144,6 +144,34 @@ TEST(AnchorPool, SaveLoadRoundTrip) {
   std::remove(path.c_str());
 }
 
+// int8 storage: a quarter of the float32 bytes plus one scale per channel, values
+// within half a quantization step, and a save/load round trip that keeps the
+// compact form bit for bit.
+TEST(AnchorPool, Int8StorageIsCompactAndRoundTrips) {
+  kvcomm::PoolConfig cfg;
+  cfg.storage = kvcomm::Storage::kInt8;
+  kvcomm::AnchorPool pool(cfg);
+  const at::Tensor base = kv(32, 7);
+  const int64_t a = pool.add_anchor("q", base, base);
+  EXPECT_EQ(pool.memory_bytes(), 2 * (L * H * 32 * D + L * H * D * 4));
+  const at::Tensor back = pool.anchor_base("q", a).first;
+  const at::Tensor step = base.abs().amax({2}, true) / 127.0;
+  EXPECT_TRUE((back - base).abs().le(step * 0.5 + 1e-6).all().item<bool>());
+  EXPECT_FALSE(at::equal(back, base));
+  const std::string path = ::testing::TempDir() + "kvcomm_pool_int8.kvc";
+  pool.save(path);
+  kvcomm::AnchorPool loaded(cfg);
+  loaded.load(path);
+  const auto before = pool.anchor_stored("q", a), after = loaded.anchor_stored("q", a);
+  ASSERT_EQ(before.size(), after.size());
+  for (size_t i = 0; i < before.size(); ++i) {
+    EXPECT_EQ(after[i].data.scalar_type(), at::kChar);
+    EXPECT_TRUE(at::equal(before[i].data, after[i].data));
+    EXPECT_TRUE(at::equal(before[i].scale, after[i].scale));
+  }
+  std::remove(path.c_str());
+}
+
 TEST(AnchorPool, ConcurrentThreads) {
   kvcomm::PoolConfig cfg;
   cfg.capacity = 5;

@@ -29,6 +29,19 @@ namespace kvcomm {
 
 enum class DistanceMode { kFrobenius = 0, kRms = 1 };
 
+// How anchors (bases and deltas) are held in memory (docs/method.md section 10).
+//   kModel: the model's dtype, as recorded.
+//   kBf16:  bfloat16 (no scales).
+//   kInt8:  int8 with a float32 scale per layer, head and channel (amax over
+//           the tensor's tokens / 127), chosen for each base and each delta
+//           tensor from its own values.
+//   kFp8:   float8 e4m3 with the same per-channel scales (amax / 448).
+// Estimates and decisions see the stored values: what is lost in storage is
+// lost for good. Codes are part of the pool file format; never renumber.
+enum class Storage : int8_t { kModel = 0, kBf16 = 1, kInt8 = 2, kFp8 = 3 };
+
+const char* storage_name(Storage s);
+
 struct PoolConfig {
   double gamma = 0.3;            // entropy gate: share when H <= gamma*log2(N)
   double tau = 1.0;              // softmax temperature of matching and weights
@@ -41,6 +54,7 @@ struct PoolConfig {
   // from more anchors agree with dense prefill more often.
   int64_t min_anchors = 2;
   DistanceMode distance = DistanceMode::kFrobenius;
+  Storage storage = Storage::kModel;
   // Expected content layout; 0 = taken from the first anchor. Every anchor
   // and every loaded file must match it.
   int64_t layers = 0, kv_heads = 0, head_dim = 0;
@@ -150,7 +164,16 @@ class AnchorPool {
   // `device` empty: CPU.
   void load(const std::string& path, const std::string& device = "");
 
-  struct Anchor;  // defined in anchor_pool.cpp
+  // The stored (possibly compact) tensors of one anchor, for inspection and
+  // tests: (name, data, scale) with name "base_k", "base_v" or
+  // "<agent>/ph_k" ... "<agent>/seg_v"; scale undefined without scales.
+  struct StoredTensor {
+    std::string name;
+    at::Tensor data, scale;
+  };
+  std::vector<StoredTensor> anchor_stored(const std::string& slot, int64_t id) const;
+
+  struct Anchor;  // defined in anchor.h
   struct Slot {
     std::vector<std::shared_ptr<Anchor>> anchors;  // insertion order
   };

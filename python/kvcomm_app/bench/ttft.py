@@ -56,12 +56,13 @@ class Sample:
 def build_engine(model, tokenizer, builder: SettingBuilder, *, gamma: float | None = None,
                  capacity: int | None = None, step: str = "auto", step_capacity: int | None = None,
                  recompute: str = "none", min_anchors: int | None = None, partial: bool = True,
-                 pool_path: str | None = None):
+                 pool_path: str | None = None, pool_settings: dict | None = None):
     """(KVCommEngine with the setting's agents, step used). The reuse path's last-token
     step: auto = CUDA graph on CUDA, eager otherwise; static = the static buffer without
     capture (CPU-testable); graph = static + CUDA graph (CUDA only). The static step
     runs one token: a call that recomputes more goes through the scattered forward.
-    pool_path: a saved pool to start from (when the file exists)."""
+    pool_path: a saved pool to start from (when the file exists). pool_settings: further
+    PoolConfig fields (storage, byte_budget)."""
     import kvcomm
     from kvcomm.engine import KVCommEngine
 
@@ -75,6 +76,7 @@ def build_engine(model, tokenizer, builder: SettingBuilder, *, gamma: float | No
         pool["capacity"] = capacity
     if min_anchors is not None:
         pool["min_anchors"] = min_anchors
+    pool.update(pool_settings or {})
     engine = KVCommEngine(model, tokenizer, pool_config=kvcomm.PoolConfig(**pool), recompute=recompute,
                           partial=partial)
     if pool_path and os.path.exists(pool_path):
@@ -206,7 +208,8 @@ def result_stem(device_tag: str, *, share: str = "gate", step: str = "auto", sca
 def run_setting(model, tokenizer, setting: TTFTSetting, *, requests: int, warmup: int, seed: int = 0,
                 gamma: float | None = None, capacity: int | None = None, step: str = "auto",
                 recompute: str = "none", min_anchors: int | None = None, partial: bool = True,
-                share: str = "gate", pool_path: str | None = None, log=None) -> dict:
+                share: str = "gate", pool_path: str | None = None, log=None,
+                pool_settings: dict | None = None) -> dict:
     """Builds the prompts and the engine, measures, summarises. The engine is fresh
     (empty pool) for every call of this function. `share`: see pool_gamma."""
     gamma = pool_gamma(share, gamma)
@@ -219,7 +222,8 @@ def run_setting(model, tokenizer, setting: TTFTSetting, *, requests: int, warmup
                          f"({setting.output}) exceeds the model's {limit} positions; use smaller sizes")
     engine, step = build_engine(model, tokenizer, builder, gamma=gamma, capacity=capacity, step=step,
                                 step_capacity=max_tokens + setting.output + 2, recompute=recompute,
-                                min_anchors=min_anchors, partial=partial, pool_path=pool_path)
+                                min_anchors=min_anchors, partial=partial, pool_path=pool_path,
+                                pool_settings=pool_settings)
     t0 = time.perf_counter()
     samples = measure(engine, builder, requests=requests, warmup=warmup, log=log)
     if pool_path:
@@ -229,7 +233,8 @@ def run_setting(model, tokenizer, setting: TTFTSetting, *, requests: int, warmup
     out.update({
         "setting": setting.as_dict(), "requests": requests, "warmup": warmup, "seed": seed,
         "recompute": engine.recompute.describe(), "partial": partial,
-        "min_anchors": engine.pool.config.min_anchors, "share": share,
+        "min_anchors": engine.pool.config.min_anchors, "storage": engine.pool.config.storage,
+        "byte_budget": engine.pool.config.byte_budget, "share": share,
         "one_token_step": step if engine.static_step is None else f"{step}: {engine.static_step.describe()}",
         "pool": {"gamma": engine.pool.config.gamma, "anchors": stats.get("anchors"), "bytes": stats.get("bytes"),
                  "evictions": stats.get("evictions"), "loaded_from": pool_path if pool_path and
