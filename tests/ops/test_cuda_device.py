@@ -249,3 +249,23 @@ def test_anchor_pool_keeps_tensors_on_the_device(tmp_path):
     for p, (k, v) in ((pool, dst[:2]), (again, dst[2:])):
         p.estimate("q", "agent", _pkv(6, 50, device="cuda"), _pkv(6, 51, device="cuda"), f, 4, k, v)
     assert torch.equal(dst[0], dst[2]) and torch.equal(dst[1], dst[3])
+
+
+@pytest.mark.parametrize("storage", ["int8", "fp8"])
+def test_compact_pool_on_cuda_matches_the_cpu(storage):
+    # On CUDA the pool decodes compact anchors before the ops; on the CPU the kernels decode
+    # them in registers: both read the same stored codes and scales.
+    out = {}
+    for device in ("cpu", "cuda"):
+        pool = kvcomm.AnchorPool(kvcomm.PoolConfig(storage=storage))
+        for i in range(3):
+            aid = pool.add_anchor("q", _pkv(8 + i, 10 * i, device=device), _pkv(8 + i, 10 * i + 1, device=device))
+            pool.record_deltas("q", aid, "agent", 0.05 * _pkv(8 + i, 10 * i + 2, device=device),
+                               0.05 * _pkv(8 + i, 10 * i + 3, device=device))
+        f = inv_freq(PD).to(device)
+        k, v = torch.zeros(PL, PH, 6, PD, device=device), torch.zeros(PL, PH, 6, PD, device=device)
+        assert pool.estimate("q", "agent", _pkv(6, 50, device=device), _pkv(6, 51, device=device), f, 4, k, v).ok
+        out[device] = (k.cpu(), v.cpu(), pool.decide("q", _pkv(6, 51, device=device), credit=False).distances)
+    assert_close(out["cuda"][0], out["cpu"][0], atol=1e-5, rtol=1e-5)
+    assert_close(out["cuda"][1], out["cpu"][1], atol=1e-5, rtol=1e-5)
+    assert_close(torch.tensor(out["cuda"][2]), torch.tensor(out["cpu"][2]), atol=1e-4, rtol=1e-4)
