@@ -133,6 +133,16 @@ def test_paired_variants_replay_the_same_dense_run_with_their_own_settings(tiny)
     assert any(c.path in ("reuse", "partial") for c in own)
     nopartial = [c for q in res.variants[1].records if q.mode == "paired" for c in q.calls]
     assert all(c.path in ("reuse", "dense") for c in nopartial)
+    # Each fidelity entry records the pool its own replay engine ended with.
+    from kvcomm_app.runtime.fidelity_report import fidelity_entry
+    for r in [res] + res.variants:
+        last = [q for q in r.records if q.mode == "paired"][-1]
+        assert fidelity_entry(r, command="test", commit=None)["final_pool"] == {
+            "anchors": last.pool_size, "bytes": last.pool_bytes}
+    def final(r):
+        return [q for q in r.records if q.mode == "paired"][-1].pool_size
+
+    assert final(res.variants[0]) > final(res), "min_anchors=8 keeps more anchors than the default"
 
 
 def test_parse_variant_names_what_is_wrong():

@@ -160,40 +160,20 @@ def estimate_times(layout: dict, tokens: int, segment: int, anchors: int, rounds
     return out
 
 
-def budget_fidelity(fidelity_json: str, records_jsonl: str | None) -> list[dict]:
-    """The paired (teacher-forced) fidelity of every setting of one `kvcomm eval --paired
-    --fidelity-json` run (its own settings and each --paired-variant), with the pool each
-    setting ended with (anchors, bytes) from the run's --records file. The fidelity file
-    holds that one run's entries, in the order the run wrote them (its own, then its
-    variants'), which is also the order the variants' records first appear in."""
-    import gzip
-
+def budget_fidelity(fidelity_json: str) -> list[dict]:
+    """The paired (teacher-forced) fidelity of every setting in a `kvcomm eval --paired
+    --fidelity-json` file (a run's own settings and each --paired-variant), with the pool each
+    setting ended with (anchors, stored bytes; absent in entries filed before it was recorded)."""
     with open(fidelity_json) as f:
         runs = json.load(f)["runs"]
-    final_pool: dict = {}
-    labels: list = [None]
-    if records_jsonl:
-        opener = gzip.open if records_jsonl.endswith(".gz") else open
-        with opener(records_jsonl, "rt") as f:
-            for line in f:
-                r = json.loads(line)
-                if r.get("mode") == "paired" and r.get("pool_size") is not None:
-                    final_pool[r.get("variant")] = {"anchors": r["pool_size"], "bytes": r["pool_bytes"]}
-                    if r.get("variant") not in labels:
-                        labels.append(r.get("variant"))
-        if len(labels) != len(runs):
-            raise ValueError(f"{fidelity_json} has {len(runs)} runs but {records_jsonl} has "
-                             f"{len(labels)} settings: file one eval's entries per fidelity file")
     keep = ("task", "agents", "questions", "warmup", "pool", "recompute", "partial", "commit",
             "command", "first_token_agreement", "first_token_kl", "tf32_agreement", "tf32_kl", "paired_calls",
-            "token_reuse", "call_reuse_or_partial", "by_anchors")
+            "token_reuse", "call_reuse_or_partial", "by_anchors", "final_pool")
     out = []
-    for i, run in enumerate(runs):
+    for run in runs:
         row = {k: run[k] for k in keep if k in run}
-        row["setting"] = labels[i] if records_jsonl else None
         row["storage"] = run["pool"].get("storage", "model")
         row["byte_budget"] = run["pool"].get("byte_budget", 0)
-        row["final_pool"] = final_pool.get(labels[i]) if records_jsonl else None
         out.append(row)
     return out
 
@@ -208,16 +188,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="results/anchor-memory.json")
     p.add_argument("--rounds", type=int, default=7, help="timed rounds of the estimate benchmark")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--fidelity", action="append", default=[], metavar="FIDELITY_JSON[:RECORDS]",
-                   help="file the settings of a `kvcomm eval --paired --fidelity-json` run (with its --records "
-                        "file for the pools' final sizes) under fixed_budget_fidelity; repeatable")
+    p.add_argument("--fidelity", action="append", default=[], metavar="FIDELITY_JSON",
+                   help="file the settings of a `kvcomm eval --paired --fidelity-json` run under "
+                        "fixed_budget_fidelity; repeatable")
     p.add_argument("--only-fidelity", action="store_true",
                    help="update fixed_budget_fidelity in --out and measure nothing")
     args = p.parse_args(argv)
-    fidelity = []
-    for spec in args.fidelity:
-        path, _, records = spec.partition(":")
-        fidelity += budget_fidelity(path, records or None)
+    fidelity = [row for path in args.fidelity for row in budget_fidelity(path)]
     if args.only_fidelity:
         with open(args.out) as f:
             doc = json.load(f)

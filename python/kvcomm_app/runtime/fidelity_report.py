@@ -98,8 +98,15 @@ def fidelity_entry(res, *, command: str, commit: str | None) -> dict:
         "per_agent": {k: _short(v) for k, v in (f.get("agents") or {}).items()},
         "per_slot_kind": {k: _short(v) for k, v in (f.get("slot_kinds") or {}).items()},
         "by_anchors": {k: _short(v) for k, v in (f.get("anchors") or {}).items()},
+        "final_pool": _final_pool(res.records),
     }
     return entry
+
+
+def _final_pool(records) -> dict | None:
+    """The replay engine's pool after the last paired question: anchors and stored bytes."""
+    paired = [q for q in records if q.mode == "paired" and q.pool_size is not None]
+    return {"anchors": paired[-1].pool_size, "bytes": paired[-1].pool_bytes} if paired else None
 
 
 def _short(g: dict) -> dict:
