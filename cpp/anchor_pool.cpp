@@ -32,19 +32,26 @@ std::vector<at::Tensor> codes_of(const std::vector<CompactTensor>& ts) {
   return out;
 }
 
+// The scales of int8 / fp8 tensors; none for tensors stored without (bf16).
 std::vector<at::Tensor> scales_of(const std::vector<CompactTensor>& ts) {
   std::vector<at::Tensor> out;
-  for (const auto& t : ts) out.push_back(t.scale);
+  for (const auto& t : ts)
+    if (t.scale.defined()) out.push_back(t.scale);
   return out;
 }
 
-// The CPU kernels read int8 / fp8 anchors as stored (cpu_kernels.h StoreForm).
+// The CPU kernels read int8 / fp8 anchors, and bf16 anchors under content of
+// another dtype, as stored (cpu_kernels.h StoreForm); anchors in the
+// content's own dtype are the plain case.
 bool cpu_reads_codes(Storage s, const at::Tensor& content) {
-  return content.device().is_cpu() && storage_has_scale(s);
+  return content.device().is_cpu() &&
+         (storage_has_scale(s) || (s == Storage::kBf16 && content.scalar_type() != at::kBFloat16));
 }
 
 cpu::StoreForm form_of(Storage s) {
-  return s == Storage::kInt8 ? cpu::StoreForm::kInt8 : cpu::StoreForm::kFp8;
+  return s == Storage::kInt8 ? cpu::StoreForm::kInt8
+         : s == Storage::kFp8 ? cpu::StoreForm::kFp8
+                              : cpu::StoreForm::kBf16;
 }
 
 at::Tensor shift_scalar(int64_t position, const at::Tensor& like) {

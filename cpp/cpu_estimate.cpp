@@ -21,15 +21,20 @@ void stored_anchors(const char* op, const char* arg, const at::Tensor& content,
     checks::anchors(op, arg, content, s, list);
     return;
   }
-  const at::ScalarType code = form == StoreForm::kInt8 ? at::kChar : at::kFloat8_e4m3fn;
-  TORCH_INTERNAL_ASSERT(scales.size() == list.size(), op, ": ", arg, " without a scale each");
+  const at::ScalarType code = form == StoreForm::kInt8  ? at::kChar
+                              : form == StoreForm::kFp8 ? at::kFloat8_e4m3fn
+                                                        : at::kBFloat16;
+  const bool scaled = form_has_scale(form);
+  TORCH_INTERNAL_ASSERT(scales.size() == (scaled ? list.size() : 0), op, ": ", arg,
+                        scaled ? " without a scale each" : " with scales");
   for (size_t u = 0; u < list.size(); ++u) {
     const at::Tensor& t = list[u];
-    const at::Tensor& sc = scales[u];
     TORCH_INTERNAL_ASSERT(t.dim() == 4 && t.scalar_type() == code && t.device() == content.device() &&
                               t.size(0) == s.layers && t.size(1) == s.heads && t.size(3) == s.dim &&
                               t.size(2) >= s.tokens && t.stride(3) == 1,
                           op, ": ", arg, "[", u, "] is not a compact anchor of this content");
+    if (!scaled) continue;
+    const at::Tensor& sc = scales[u];
     TORCH_INTERNAL_ASSERT(sc.scalar_type() == at::kFloat && sc.dim() == 4 && sc.size(0) == s.layers &&
                               sc.size(1) == s.heads && sc.size(2) == 1 && sc.size(3) == s.dim,
                           op, ": ", arg, "[", u, "] has scales of shape ", sc.sizes());

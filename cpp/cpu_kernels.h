@@ -20,10 +20,12 @@ namespace cpu {
 enum class KVType : int { kFloat, kHalf, kBFloat16 };
 
 // How the anchor (or delta) rows of a plan are stored: in the content's type,
-// or as int8 / fp8 e4m3 values times a float32 scale per (layer, head,
-// channel), decoded in registers as they are loaded (compact anchors,
-// docs/method.md section 10).
-enum class StoreForm : int { kDense, kInt8, kFp8 };
+// in bfloat16 under content of another type, or as int8 / fp8 e4m3 values
+// times a float32 scale per (layer, head, channel); all are converted in
+// registers as they are loaded (compact anchors, docs/method.md section 10).
+enum class StoreForm : int { kDense, kInt8, kFp8, kBf16 };
+
+inline bool form_has_scale(StoreForm f) { return f == StoreForm::kInt8 || f == StoreForm::kFp8; }
 
 struct Dims {
   int64_t layers, heads, tokens, dim;

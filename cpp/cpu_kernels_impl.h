@@ -506,6 +506,7 @@ KVCOMM_FLATTEN void offset_tasks(const OffsetPlan& p, int64_t begin, int64_t end
     case StoreForm::kDense: FN<T, DenseSource<T>>(__VA_ARGS__); break;      \
     case StoreForm::kInt8: FN<T, ScaledSource<Int8Codes>>(__VA_ARGS__); break; \
     case StoreForm::kFp8: FN<T, ScaledSource<Fp8Codes>>(__VA_ARGS__); break;   \
+    case StoreForm::kBf16: FN<T, DenseSource<c10::BFloat16>>(__VA_ARGS__); break; \
   }
 
 #define KVCOMM_KV_SWITCH(TYPE, FORM, FN, ...)                                        \

@@ -24,7 +24,10 @@ namespace {
 // even with 20 anchors interleaved (16-token steps, 4 KB of a bf16 D=128 row,
 // ran slower at 12 anchors), while the content rows of a step stay in L2.
 int64_t weights_token_block(KVType type, StoreForm form, int64_t dim) {
-  const int64_t value_bytes = form != StoreForm::kDense ? 1 : type == KVType::kFloat ? 4 : 2;
+  const int64_t value_bytes = form_has_scale(form)        ? 1
+                              : form == StoreForm::kBf16   ? 2
+                              : type == KVType::kFloat     ? 4
+                                                           : 2;
   const int64_t row_bytes = std::max<int64_t>(1, dim) * value_bytes;
   return std::clamp<int64_t>((int64_t{32} << 10) / row_bytes, 16, 256);
 }

@@ -129,10 +129,10 @@ COMPACT_DIMS = [8, 40, 64]
 
 
 def check_compact_kernels() -> None:
-    """int8 / fp8 anchors decoded in the CPU kernels' registers give what the dense kernels give
-    on the decoded values (float32 exactly up to summation order; half types within their
+    """int8 / fp8 anchors (and bf16 anchors under a float32 / fp16 model) decoded in the CPU
+    kernels' registers give what the dense kernels give on the decoded values (float32 exactly up to summation order; half types within their
     rounding, since the dense twin holds decoded values rounded to the half type)."""
-    for storage in ("int8", "fp8"):
+    for storage in ("int8", "fp8", "bf16"):
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             for dim in COMPACT_DIMS:
                 pool, given = filled_pool(storage, dtype, dim=dim, grow=1)

@@ -137,7 +137,8 @@ def estimate_times(layout: dict, tokens: int, segment: int, anchors: int, rounds
     def decide(pool):
         pool.decide("q", base_v, credit=False)
 
-    out = {"tokens": tokens, "segment": segment, "anchors": anchors, "rounds": rounds}
+    out = {"tokens": tokens, "segment": segment, "anchors": anchors, "rounds": rounds,
+           "load_average_1m_before": round(os.getloadavg()[0], 2)}
     for name, fn in (("estimate", estimate), ("decide", decide)):
         times = {s: [] for s in STORAGES}
         for r in range(rounds + 1):
@@ -231,6 +232,7 @@ def main(argv=None) -> int:
             "llama8b_1024_tokens_4_anchors": estimate_times(LLAMA8B, 1024, 64, 4, max(3, args.rounds // 2)),
         },
         "run_s": round(time.time() - t0, 1),
+        "load_average_1m_at_end": round(os.getloadavg()[0], 2),
     }
     if fidelity:
         doc["fixed_budget_fidelity"] = fidelity
