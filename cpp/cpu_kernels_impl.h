@@ -131,22 +131,20 @@ inline const float* fp8_table() {
 }
 
 #if defined(CPU_CAPABILITY_AVX2)
-// Eight e4m3 codes (the low 8 bytes of v) as floats, with integer and float
-// arithmetic (a table gather ran 3-4x slower): a normal code's exponent and
-// mantissa bits, moved to a float's exponent and mantissa fields, read as
-// 2^(e-127) (1 + m/8); times 2^120 that is 2^(e-7) (1 + m/8), e4m3's value. A
-// subnormal code (e = 0) is m * 2^-9, computed from the integer m, so the
-// result does not depend on the denormals-are-zero mode. The pool never stores
-// NaN codes (non-finite values are refused).
-inline __m256 fp8x8_to_float(__m128i v) {
-  const __m256i c = _mm256_cvtepu8_epi32(v);
-  const __m256i mag = _mm256_and_si256(c, _mm256_set1_epi32(0x7F));
-  const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(c, _mm256_set1_epi32(0x80)), 24);
-  const __m256 normal =
-      _mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(mag, 20)), _mm256_set1_ps(0x1p120f));
-  const __m256 sub = _mm256_mul_ps(_mm256_cvtepi32_ps(mag), _mm256_set1_ps(0x1p-9f));
-  const __m256 is_sub = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(8), mag));
-  return _mm256_or_ps(_mm256_blendv_ps(normal, sub, is_sub), _mm256_castsi256_ps(sign));
+// Sixteen e4m3 codes as floats through F16C: a code's sign, exponent and
+// mantissa bits moved into a half's fields (sign to bit 15, exponent and
+// mantissa shifted up by 7) make a half worth the code's value times 2^-8
+// (half's exponent bias is 15, e4m3's 7), subnormal codes included (half
+// subnormals convert exactly); times 256 it is the code's value. The pool
+// never stores NaN codes (non-finite values are refused).
+inline void fp8x16_to_float(const uint8_t* p, VecF& a, VecF& b) {
+  const __m256i c = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256i sign = _mm256_slli_epi16(_mm256_and_si256(c, _mm256_set1_epi16(0x80)), 8);
+  const __m256i rest = _mm256_slli_epi16(_mm256_and_si256(c, _mm256_set1_epi16(0x7F)), 7);
+  const __m256i half = _mm256_or_si256(sign, rest);
+  const __m256 k = _mm256_set1_ps(256.f);
+  a = VecF(_mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(half)), k));
+  b = VecF(_mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(half, 1)), k));
 }
 #endif
 
@@ -155,9 +153,7 @@ struct Fp8Codes {
   static float decode(Code c) { return fp8_table()[c]; }
   static void load(const Code* p, VecF& a, VecF& b) {
 #if defined(CPU_CAPABILITY_AVX2)
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    a = VecF(fp8x8_to_float(v));
-    b = VecF(fp8x8_to_float(_mm_srli_si128(v, 8)));
+    fp8x16_to_float(p, a, b);
 #else
     const float* t = fp8_table();
     alignas(64) float buf[kChunk];
