@@ -26,6 +26,7 @@ std::vector<at::Tensor> expand_all(const std::vector<CompactTensor>& ts) {
   return out;
 }
 
+// The stored data (codes, or values in a float type).
 std::vector<at::Tensor> codes_of(const std::vector<CompactTensor>& ts) {
   std::vector<at::Tensor> out;
   for (const auto& t : ts) out.push_back(t.data);
@@ -40,18 +41,18 @@ std::vector<at::Tensor> scales_of(const std::vector<CompactTensor>& ts) {
   return out;
 }
 
-// The CPU kernels read int8 / fp8 anchors, and bf16 anchors under content of
-// another dtype, as stored (cpu_kernels.h StoreForm); anchors in the
-// content's own dtype are the plain case.
-bool cpu_reads_codes(Storage s, const at::Tensor& content) {
-  return content.device().is_cpu() &&
-         (storage_has_scale(s) || (s == Storage::kBf16 && content.scalar_type() != at::kBFloat16));
-}
-
-cpu::StoreForm form_of(Storage s) {
-  return s == Storage::kInt8 ? cpu::StoreForm::kInt8
-         : s == Storage::kFp8 ? cpu::StoreForm::kFp8
-                              : cpu::StoreForm::kBf16;
+// How the CPU kernels read anchors of storage `s` next to `content`
+// (cpu_kernels.h StoreForm): every storage is read as stored, the model's
+// dtype (and bf16 under a bf16 model) being the plain case.
+cpu::StoreForm cpu_form(Storage s, const at::Tensor& content) {
+  switch (s) {
+    case Storage::kInt8: return cpu::StoreForm::kInt8;
+    case Storage::kFp8: return cpu::StoreForm::kFp8;
+    case Storage::kBf16:
+      return content.scalar_type() == at::kBFloat16 ? cpu::StoreForm::kDense : cpu::StoreForm::kBf16;
+    case Storage::kModel: return cpu::StoreForm::kDense;
+  }
+  TORCH_CHECK(false, "unknown anchor storage code ", static_cast<int>(s));
 }
 
 at::Tensor shift_scalar(int64_t position, const at::Tensor& like) {
@@ -139,9 +140,9 @@ Decision AnchorPool::decide(const std::string& slot, const at::Tensor& content_v
   // The pool never copies across devices behind the caller's back: a
   // content on another device than the anchors is an error from the op.
   const at::Tensor dist =
-      cpu_reads_codes(config_.storage, content_v)
+      content_v.device().is_cpu()
           ? cpu::stored_distances(op, content_v, codes_of(stored), scales_of(stored),
-                                  form_of(config_.storage), rms)
+                                  cpu_form(config_.storage, content_v), rms)
           : value_distances(content_v, expand_all(stored), rms);
   auto [probs, entropy, share, credit_mask] =
       match_decide(dist, config_.tau, config_.gamma, config_.top_p);
@@ -323,31 +324,25 @@ EstimateResult AnchorPool::estimate(const std::string& slot,
   }
   if (result.anchors.empty()) return result;
   const double tau = config_.tau;
-  if (cpu_reads_codes(config_.storage, req.base_k)) {
-    // int8 / fp8 anchors straight from the pool: decoded in the kernels' registers.
+  if (req.base_k.device().is_cpu()) {
+    // One fused routine reads each anchor's data once, as stored (compact
+    // anchors decoded in the kernels' registers; cpu_estimate.h); it writes
+    // what the op sequence below writes.
     cpu::SlotAnchors a{codes_of(cbk),  codes_of(cbv),  codes_of(cdk),  codes_of(cdv),
                        codes_of(csk),  codes_of(csv),  scales_of(cbk), scales_of(cbv),
                        scales_of(cdk), scales_of(cdv), scales_of(csk), scales_of(csv),
-                       form_of(config_.storage)};
+                       cpu_form(config_.storage, req.base_k)};
     const cpu::SlotWeights w = cpu::estimate_slot(op, req, a, tau);
+    // token_spread takes the model's dtype (decoded copies only for compact anchors).
     if (req.want_spread)
       result.spread = token_spread(expand_all(cdk), w.token_k).add_(token_spread(expand_all(cdv), w.token_v));
     return result;
   }
-  // Elsewhere compact anchors are decoded to the model dtype first, one
+  // On CUDA compact anchors are decoded to the model dtype first, one
   // temporary per tensor (none for storage "model").
   const std::vector<at::Tensor> bk = expand_all(cbk), bv = expand_all(cbv),
                                 dk = expand_all(cdk), dv = expand_all(cdv),
                                 sk = expand_all(csk), sv = expand_all(csv);
-  if (req.base_k.device().is_cpu()) {
-    // One fused routine reads each anchor's data once (cpu_estimate.h); it
-    // writes what the op sequence below writes.
-    const cpu::SlotWeights w =
-        cpu::estimate_slot(op, req, cpu::SlotAnchors{bk, bv, dk, dv, sk, sv}, tau);
-    if (req.want_spread)
-      result.spread = token_spread(dk, w.token_k).add_(token_spread(dv, w.token_v));
-    return result;
-  }
   const at::Tensor shift = shift_scalar(req.position, req.base_k);
   const at::Tensor wk = token_weights(req.base_k, bk, tau);
   const at::Tensor wv = token_weights(req.base_v, bv, tau);
