@@ -7,7 +7,9 @@ instruction, as the kernels are written to do.
     python3 .ci/sass_check.py --sass DUMP.txt ...     (a saved `cuobjdump --dump-sass` output)
 
 Rules, for every instantiation of the vector variants (kVec = true) of
-offset_kernel, distance_kernel and token_score_kernel:
+offset_kernel, distance_kernel and token_score_kernel, plain and compact
+(int8 / fp8 codes: one 128-bit load of 16 codes, their scales through the
+read-only path):
   - every plain global load (LDG without .CONSTANT) is LDG.E.128, and there is
     at least one: the KV data. Auxiliary inputs (weights, inv_freq, shift,
     the device table of delta views) are read through the read-only path
@@ -18,8 +20,8 @@ offset_kernel, distance_kernel and token_score_kernel:
   - offset_kernel (the only one that stores KV data): every global store is
     STG.E.128, and there is at least one. A 16-byte store split into four
     STG.E (what nvcc 13 made of the plain C++ store) fails here.
-Every expected instantiation must be present (3 dtypes x 2 template
-variants per kernel), so a rename cannot silently empty the check.
+Every expected instantiation must be present (3 dtypes x 6 / 4 / 4 template
+variants), so a rename cannot silently empty the check.
 Exits 1 with the offending instructions on any violation, 2 on usage errors.
 """
 from __future__ import annotations
@@ -33,12 +35,18 @@ import sys
 from collections import defaultdict
 
 DTYPES = ("float", "c10::Half", "c10::BFloat16")
+# How the anchors / deltas are read (kvcomm::Codes: plain, int8, fp8), as
+# c++filt spells the template argument.
+PLAIN, INT8, FP8 = (f"(kvcomm::Codes){c}" for c in range(3))
 # kernel family -> (template parameters after the dtype, for the vector
-# variants, and whether it stores KV data)
+# variants, and whether it stores KV data). Compact anchors launch 8 at a time.
 FAMILIES = {
-    "offset": ("offset_kernel", ["true, false", "true, true"], True),
-    "distance": ("distance_kernel", ["true, 8", "true, 32"], False),
-    "token": ("token_score_kernel", ["true, 8", "true, 32"], False),
+    "offset": ("offset_kernel", [f"{c}, true, {rot}" for c in (PLAIN, INT8, FP8) for rot in ("false", "true")],
+               True),
+    "distance": ("distance_kernel", [f"{PLAIN}, true, 8", f"{PLAIN}, true, 32", f"{INT8}, true, 8",
+                                     f"{FP8}, true, 8"], False),
+    "token": ("token_score_kernel", [f"{PLAIN}, true, 8", f"{PLAIN}, true, 32", f"{INT8}, true, 8",
+                                     f"{FP8}, true, 8"], False),
 }
 
 _FUNC = re.compile(r"^\s*Function\s*:\s*(\S+)")
@@ -80,7 +88,7 @@ def mnemonic(line: str) -> str:
 
 
 def expected_kernels(families: list[str]) -> dict[str, tuple[str, bool]]:
-    """'offset_kernel<c10::Half, true, true>' -> (family, stores KV data)."""
+    """'offset_kernel<c10::Half, (kvcomm::Codes)0, true, true>' -> (family, stores KV data)."""
     out = {}
     for fam in families:
         name, variants, stores = FAMILIES[fam]

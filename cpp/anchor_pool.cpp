@@ -41,6 +41,34 @@ std::vector<at::Tensor> scales_of(const std::vector<CompactTensor>& ts) {
   return out;
 }
 
+// Whether the ops read anchors of storage `s` next to `content` as codes
+// with scales (int8, fp8), or take them as values of the content's dtype.
+bool ops_take_codes(Storage s) { return s == Storage::kInt8 || s == Storage::kFp8; }
+
+// Stored tensors as the ops take them: int8 / fp8 codes as stored (scales
+// from ops_scales), every other storage as values of the content's dtype
+// (decoded only for bf16 under another model dtype).
+std::vector<at::Tensor> ops_codes(const std::vector<CompactTensor>& ts, Storage s) {
+  return ops_take_codes(s) ? codes_of(ts) : expand_all(ts);
+}
+
+using ScalesArg = c10::optional<at::TensorList>;
+
+// Their anchor_scales / delta_scales argument (none unless ops_take_codes).
+// The TensorList it converts to views this object's handles: keep it alive
+// across the op call.
+class OpsScales {
+ public:
+  OpsScales(const std::vector<CompactTensor>& ts, Storage s) : on_(ops_take_codes(s)) {
+    if (on_) scales_ = scales_of(ts);
+  }
+  operator ScalesArg() const { return on_ ? ScalesArg(at::TensorList(scales_)) : ScalesArg(); }
+
+ private:
+  bool on_;
+  std::vector<at::Tensor> scales_;
+};
+
 // How the CPU kernels read anchors of storage `s` next to `content`
 // (cpu_kernels.h StoreForm): every storage is read as stored, the model's
 // dtype (and bf16 under a bf16 model) being the plain case.
@@ -143,7 +171,8 @@ Decision AnchorPool::decide(const std::string& slot, const at::Tensor& content_v
       content_v.device().is_cpu()
           ? cpu::stored_distances(op, content_v, codes_of(stored), scales_of(stored),
                                   cpu_form(config_.storage, content_v), rms)
-          : value_distances(content_v, expand_all(stored), rms);
+          : value_distances(content_v, ops_codes(stored, config_.storage), rms,
+                            OpsScales(stored, config_.storage));
   auto [probs, entropy, share, credit_mask] =
       match_decide(dist, config_.tau, config_.gamma, config_.top_p);
   // One small host read carries everything the caller needs.
@@ -338,23 +367,29 @@ EstimateResult AnchorPool::estimate(const std::string& slot,
       result.spread = token_spread(expand_all(cdk), w.token_k).add_(token_spread(expand_all(cdv), w.token_v));
     return result;
   }
-  // On CUDA compact anchors are decoded to the model dtype first, one
-  // temporary per tensor (none for storage "model").
-  const std::vector<at::Tensor> bk = expand_all(cbk), bv = expand_all(cbv),
-                                dk = expand_all(cdk), dv = expand_all(cdv),
-                                sk = expand_all(csk), sv = expand_all(csv);
+  // On CUDA the ops read int8 / fp8 anchors as stored (decoded in the
+  // kernels' registers); bf16 anchors under a float32 / float16 model, a form
+  // the ops do not take, are decoded to the model's dtype first.
+  const Storage st = config_.storage;
+  const std::vector<at::Tensor> bk = ops_codes(cbk, st), bv = ops_codes(cbv, st),
+                                dk = ops_codes(cdk, st), dv = ops_codes(cdv, st),
+                                sk = ops_codes(csk, st), sv = ops_codes(csv, st);
+  const OpsScales bks(cbk, st), bvs(cbv, st), dks(cdk, st), dvs(cdv, st), sks(csk, st),
+      svs(csv, st);
   const at::Tensor shift = shift_scalar(req.position, req.base_k);
-  const at::Tensor wk = token_weights(req.base_k, bk, tau);
-  const at::Tensor wv = token_weights(req.base_v, bv, tau);
-  fused_offset_into(req.dst_k, req.base_k, dk, wk, shift, req.inv_freq);
-  fused_offset_into(req.dst_v, req.base_v, dv, wv, shift, c10::nullopt);
-  if (req.want_spread) result.spread = token_spread(dk, wk).add_(token_spread(dv, wv));
+  const at::Tensor wk = token_weights(req.base_k, bk, tau, bks);
+  const at::Tensor wv = token_weights(req.base_v, bv, tau, bvs);
+  fused_offset_into(req.dst_k, req.base_k, dk, wk, shift, req.inv_freq, dks);
+  fused_offset_into(req.dst_v, req.base_v, dv, wv, shift, c10::nullopt, dvs);
+  // token_spread takes the model's dtype (decoded copies only for compact anchors).
+  if (req.want_spread)
+    result.spread = token_spread(expand_all(cdk), wk).add_(token_spread(expand_all(cdv), wv));
   if (seg) {
     const at::Tensor seg_shift = shift_scalar(req.seg_position, req.base_k);
     fused_offset_into(req.seg_dst_k, req.seg_template_k, sk,
-                      segment_weights(req.base_k, bk, tau), seg_shift, req.inv_freq);
+                      segment_weights(req.base_k, bk, tau, bks), seg_shift, req.inv_freq, sks);
     fused_offset_into(req.seg_dst_v, req.seg_template_v, sv,
-                      segment_weights(req.base_v, bv, tau), seg_shift, c10::nullopt);
+                      segment_weights(req.base_v, bv, tau, bvs), seg_shift, c10::nullopt, svs);
   }
   return result;
 }

@@ -80,7 +80,7 @@ SlotWeights estimate_slot(const char* op, const EstimateRequest& req, const Slot
                  const at::Tensor& sh, const c10::optional<at::Tensor>& inv_freq) {
     const checks::OffsetPlan plan =
         dense ? checks::offset(op, dst, base, deltas, like_weights, sh, inv_freq)
-              : checks::offset(op, dst, base, {}, like_weights, sh, inv_freq,
+              : checks::offset(op, dst, base, {}, like_weights, sh, inv_freq, c10::nullopt,
                                static_cast<int64_t>(deltas.size()));
     jobs.push_back(OffsetJob{dst, base, deltas, at::Tensor(), sh, inv_freq, plan, scales, a.form});
   };

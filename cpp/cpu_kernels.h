@@ -14,6 +14,8 @@
 
 #include <cstdint>
 
+#include "kvcomm/codes.h"
+
 namespace kvcomm {
 namespace cpu {
 
@@ -26,6 +28,10 @@ enum class KVType : int { kFloat, kHalf, kBFloat16 };
 enum class StoreForm : int { kDense, kInt8, kFp8, kBf16 };
 
 inline bool form_has_scale(StoreForm f) { return f == StoreForm::kInt8 || f == StoreForm::kFp8; }
+// How the kernels read anchors the op checks classified (checks::anchor_codes).
+inline StoreForm form_of(Codes c) {
+  return c == Codes::kInt8 ? StoreForm::kInt8 : c == Codes::kFp8 ? StoreForm::kFp8 : StoreForm::kDense;
+}
 
 struct Dims {
   int64_t layers, heads, tokens, dim;

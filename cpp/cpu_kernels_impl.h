@@ -135,13 +135,16 @@ inline const float* fp8_table() {
 // mantissa bits moved into a half's fields (sign to bit 15, exponent and
 // mantissa shifted up by 7) make a half worth the code's value times 2^-8
 // (half's exponent bias is 15, e4m3's 7), subnormal codes included (half
-// subnormals convert exactly); times 256 it is the code's value. The pool
-// never stores NaN codes (non-finite values are refused).
+// subnormals convert exactly); times 256 it is the code's value. The NaN
+// codes (magnitude bits 0x7f; e4m3fn has no infinities) become half NaNs.
 inline void fp8x16_to_float(const uint8_t* p, VecF& a, VecF& b) {
   const __m256i c = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   const __m256i sign = _mm256_slli_epi16(_mm256_and_si256(c, _mm256_set1_epi16(0x80)), 8);
-  const __m256i rest = _mm256_slli_epi16(_mm256_and_si256(c, _mm256_set1_epi16(0x7F)), 7);
-  const __m256i half = _mm256_or_si256(sign, rest);
+  const __m256i mag = _mm256_and_si256(c, _mm256_set1_epi16(0x7F));
+  const __m256i nan = _mm256_cmpeq_epi16(mag, _mm256_set1_epi16(0x7F));
+  const __m256i value = _mm256_or_si256(sign, _mm256_slli_epi16(mag, 7));
+  const __m256i half = _mm256_or_si256(_mm256_andnot_si256(nan, value),
+                                       _mm256_and_si256(nan, _mm256_set1_epi16(0x7E00)));
   const __m256 k = _mm256_set1_ps(256.f);
   a = VecF(_mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(half)), k));
   b = VecF(_mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(half, 1)), k));

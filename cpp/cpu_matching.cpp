@@ -17,11 +17,13 @@
 namespace kvcomm {
 namespace cpu {
 
-at::Tensor value_distances(const at::Tensor& content, at::TensorList anchors, bool rms) {
+at::Tensor value_distances(const at::Tensor& content, at::TensorList anchors, bool rms,
+                           const c10::optional<at::TensorList>& anchor_scales) {
   const char* op = "kvcomm.value_distances";
   const auto s = checks::kv4(op, "content", content);
-  checks::anchors(op, "anchors", content, s, anchors);
-  return distances(content, anchors, {}, StoreForm::kDense, rms);
+  const Codes codes = checks::anchor_codes(op, "anchors", content, s, anchors, anchor_scales);
+  return distances(content, anchors, codes == Codes::kPlain ? at::TensorList() : *anchor_scales,
+                   form_of(codes), rms);
 }
 
 at::Tensor distances(const at::Tensor& content, at::TensorList anchors, at::TensorList scales,

@@ -76,9 +76,16 @@ at::Tensor no_weights(const at::Tensor& keys) {
 
 void run_offset(const char* op, const at::Tensor& dst, const at::Tensor& base,
                 at::TensorList deltas, const at::Tensor& weights, const at::Tensor& shift,
-                const c10::optional<at::Tensor>& inv_freq) {
-  const checks::OffsetPlan plan = checks::offset(op, dst, base, deltas, weights, shift, inv_freq);
-  apply_offsets({OffsetJob{dst, base, deltas.vec(), weights, shift, inv_freq, plan}});
+                const c10::optional<at::Tensor>& inv_freq,
+                const c10::optional<at::TensorList>& delta_scales) {
+  const checks::OffsetPlan plan =
+      checks::offset(op, dst, base, deltas, weights, shift, inv_freq, delta_scales);
+  OffsetJob job{dst, base, deltas.vec(), weights, shift, inv_freq, plan};
+  if (plan.codes != Codes::kPlain) {
+    job.delta_scales = delta_scales->vec();
+    job.delta_form = form_of(plan.codes);
+  }
+  apply_offsets({job});
 }
 
 }  // namespace
@@ -127,27 +134,30 @@ void apply_offsets(const std::vector<OffsetJob>& jobs) {
 
 void fused_offset_into(const at::Tensor& dst, const at::Tensor& base, at::TensorList deltas,
                        const at::Tensor& weights, const at::Tensor& shift,
-                       const c10::optional<at::Tensor>& inv_freq) {
-  run_offset("kvcomm.fused_offset_into", dst, base, deltas, weights, shift, inv_freq);
+                       const c10::optional<at::Tensor>& inv_freq,
+                       const c10::optional<at::TensorList>& delta_scales) {
+  run_offset("kvcomm.fused_offset_into", dst, base, deltas, weights, shift, inv_freq,
+             delta_scales);
 }
 
 at::Tensor fused_offset(const at::Tensor& base, at::TensorList deltas, const at::Tensor& weights,
-                        const at::Tensor& shift, const c10::optional<at::Tensor>& inv_freq) {
+                        const at::Tensor& shift, const c10::optional<at::Tensor>& inv_freq,
+                        const c10::optional<at::TensorList>& delta_scales) {
   checks::kv4("kvcomm.fused_offset", "base", base);
   at::Tensor out = new_output(base);
-  run_offset("kvcomm.fused_offset", out, base, deltas, weights, shift, inv_freq);
+  run_offset("kvcomm.fused_offset", out, base, deltas, weights, shift, inv_freq, delta_scales);
   return out;
 }
 
 void rope_move_(const at::Tensor& keys, const at::Tensor& inv_freq, const at::Tensor& shift) {
   checks::kv4("kvcomm.rope_move_", "keys", keys);
-  run_offset("kvcomm.rope_move_", keys, keys, {}, no_weights(keys), shift, inv_freq);
+  run_offset("kvcomm.rope_move_", keys, keys, {}, no_weights(keys), shift, inv_freq, c10::nullopt);
 }
 
 at::Tensor rope_move(const at::Tensor& keys, const at::Tensor& inv_freq, const at::Tensor& shift) {
   checks::kv4("kvcomm.rope_move", "keys", keys);
   at::Tensor out = new_output(keys);
-  run_offset("kvcomm.rope_move", out, keys, {}, no_weights(keys), shift, inv_freq);
+  run_offset("kvcomm.rope_move", out, keys, {}, no_weights(keys), shift, inv_freq, c10::nullopt);
   return out;
 }
 

@@ -98,22 +98,33 @@ std::vector<WeightsOut> compute_weights(const std::vector<WeightsJob>& jobs, dou
   return outs;
 }
 
-at::Tensor token_weights(const at::Tensor& base, at::TensorList anchors, double tau) {
-  const char* op = "kvcomm.token_weights";
+namespace {
+
+WeightsOut checked_weights(const char* op, const at::Tensor& base, at::TensorList anchors,
+                           double tau, const c10::optional<at::TensorList>& anchor_scales,
+                           bool token) {
   const auto s = checks::kv4(op, "base", base);
-  checks::anchors(op, "anchors", base, s, anchors);
+  const Codes codes = checks::anchor_codes(op, "anchors", base, s, anchors, anchor_scales);
   checks::tau(op, tau);
-  WeightsJob job{base, anchors.vec(), /*token=*/true, /*segment=*/false};
-  return compute_weights({job}, tau)[0].token;
+  WeightsJob job{base, anchors.vec(), token, !token};
+  if (codes != Codes::kPlain) {
+    job.anchor_scales = anchor_scales->vec();
+    job.anchor_form = form_of(codes);
+  }
+  return compute_weights({job}, tau)[0];
 }
 
-at::Tensor segment_weights(const at::Tensor& base, at::TensorList anchors, double tau) {
-  const char* op = "kvcomm.segment_weights";
-  const auto s = checks::kv4(op, "base", base);
-  checks::anchors(op, "anchors", base, s, anchors);
-  checks::tau(op, tau);
-  WeightsJob job{base, anchors.vec(), /*token=*/false, /*segment=*/true};
-  return compute_weights({job}, tau)[0].segment;
+}  // namespace
+
+at::Tensor token_weights(const at::Tensor& base, at::TensorList anchors, double tau,
+                         const c10::optional<at::TensorList>& anchor_scales) {
+  return checked_weights("kvcomm.token_weights", base, anchors, tau, anchor_scales, true).token;
+}
+
+at::Tensor segment_weights(const at::Tensor& base, at::TensorList anchors, double tau,
+                           const c10::optional<at::TensorList>& anchor_scales) {
+  return checked_weights("kvcomm.segment_weights", base, anchors, tau, anchor_scales, false)
+      .segment;
 }
 
 }  // namespace cpu

@@ -210,10 +210,56 @@ void anchors(const char* op, const char* arg, const at::Tensor& content,
   }
 }
 
+Codes anchor_codes(const char* op, const char* arg, const at::Tensor& content,
+                   const KVShape& shape, at::TensorList list,
+                   const c10::optional<at::TensorList>& scales) {
+  if (!scales.has_value()) {
+    anchors(op, arg, content, shape, list);
+    return Codes::kPlain;
+  }
+  TORCH_CHECK(scales->size() == list.size(), op, ": ", arg, " has ", list.size(),
+              " tensors but ", scales->size(), " scale tensors were given (one each)");
+  if (list.empty()) return Codes::kPlain;
+  const at::ScalarType code = list[0].scalar_type();
+  TORCH_CHECK(code == at::kChar || code == at::kFloat8_e4m3fn, op, ": ", arg,
+              "[0] is ", code, "; with scales, ", arg,
+              " must be int8 or float8_e4m3fn codes (without scales, the content's dtype ",
+              content.scalar_type(), ")");
+  for (size_t u = 0; u < list.size(); ++u) {
+    const std::string name = std::string(arg) + "[" + std::to_string(u) + "]";
+    const at::Tensor& t = list[u];
+    TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
+    TORCH_CHECK(t.scalar_type() == code, op, ": ", name, " is ", t.scalar_type(), " but ", arg,
+                "[0] is ", code, " (compact ", arg, " share one code dtype)");
+    TORCH_CHECK(t.device() == content.device(), op, ": ", name, " is on ", t.device(),
+                " but the content is on ", content.device());
+    TORCH_CHECK(t.dim() == 4 && t.size(0) == shape.layers && t.size(1) == shape.heads &&
+                    t.size(3) == shape.dim,
+                op, ": ", name, " has shape ", t.sizes(), " but the content is [", shape.layers,
+                ", ", shape.heads, ", ", shape.tokens, ", ", shape.dim,
+                "] (layers, kv_heads and head_dim must match)");
+    TORCH_CHECK(t.size(2) >= shape.tokens, op, ": ", name, " has ", t.size(2),
+                " tokens, fewer than the content's ", shape.tokens);
+    const at::Tensor& s = (*scales)[u];
+    const std::string sname = std::string(arg) + " scale [" + std::to_string(u) + "]";
+    TORCH_CHECK(s.defined(), op, ": ", sname, " is undefined");
+    TORCH_CHECK(s.scalar_type() == at::kFloat, op, ": ", sname, " must be float32, got ",
+                s.scalar_type());
+    TORCH_CHECK(s.device() == content.device(), op, ": ", sname, " is on ", s.device(),
+                " but the content is on ", content.device());
+    TORCH_CHECK(s.dim() == 4 && s.size(0) == shape.layers && s.size(1) == shape.heads &&
+                    s.size(2) == 1 && s.size(3) == shape.dim,
+                op, ": ", sname, " must be [layers, kv_heads, 1, head_dim] = [", shape.layers,
+                ", ", shape.heads, ", 1, ", shape.dim, "], got ", s.sizes());
+  }
+  return code == at::kChar ? Codes::kInt8 : Codes::kFp8;
+}
+
 OffsetPlan offset(const char* op, const at::Tensor& dst, const at::Tensor& base,
                   at::TensorList deltas, const at::Tensor& weights,
                   const at::Tensor& shift_t,
-                  const c10::optional<at::Tensor>& inv_freq_t, int64_t stored_deltas) {
+                  const c10::optional<at::Tensor>& inv_freq_t,
+                  const c10::optional<at::TensorList>& delta_scales, int64_t stored_deltas) {
   OffsetPlan plan{};
   plan.shape = kv4(op, "base", base);
   const KVShape& s = plan.shape;
@@ -226,7 +272,7 @@ OffsetPlan offset(const char* op, const at::Tensor& dst, const at::Tensor& base,
                   d.tokens == s.tokens && d.dim == s.dim,
               op, ": dst has shape ", dst.sizes(), " but base is ",
               base.sizes());
-  anchors(op, "deltas", base, s, deltas);
+  plan.codes = anchor_codes(op, "deltas", base, s, deltas, delta_scales);
   TORCH_INTERNAL_ASSERT(stored_deltas < 0 || deltas.empty(), "stored deltas are passed by count");
   plan.num_deltas = stored_deltas >= 0 ? stored_deltas : static_cast<int64_t>(deltas.size());
   TORCH_CHECK(weights.scalar_type() == at::kFloat, op,
@@ -260,6 +306,12 @@ OffsetPlan offset(const char* op, const at::Tensor& dst, const at::Tensor& base,
     if (!views_share_memory(view_of(dst), view_of(deltas[u], s.tokens))) continue;
     const std::string name = "deltas[" + std::to_string(u) + "]";
     check_apart(op, dst, name.c_str(), deltas[u], view_of(deltas[u], s.tokens), false);
+  }
+  if (delta_scales.has_value()) {
+    for (size_t u = 0; u < delta_scales->size(); ++u) {
+      const std::string name = "deltas scale [" + std::to_string(u) + "]";
+      no_overlap(op, dst, name.c_str(), (*delta_scales)[u], false);
+    }
   }
   no_overlap(op, dst, "weights", weights, false);
   no_overlap(op, dst, "shift", shift_t, false);

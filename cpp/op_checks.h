@@ -7,6 +7,8 @@
 
 #include <string>
 
+#include "kvcomm/codes.h"
+
 namespace kvcomm {
 namespace checks {
 
@@ -36,6 +38,15 @@ bool shift(const char* op, const at::Tensor& shift, int64_t tokens,
 void anchors(const char* op, const char* arg, const at::Tensor& content,
              const KVShape& shape, at::TensorList anchors);
 
+// Anchors (or deltas) that may be compact. Without `scales` they are checked
+// by anchors() (the content's dtype) and read as kPlain. With `scales` they
+// are int8 or float8_e4m3fn codes, all of one dtype, each [L, H, >= T, D] on
+// the content's device, with one float32 scale tensor [L, H, 1, D] each (same
+// device): value = code * scale. An empty list is kPlain either way.
+Codes anchor_codes(const char* op, const char* arg, const at::Tensor& content,
+                   const KVShape& shape, at::TensorList list,
+                   const c10::optional<at::TensorList>& scales);
+
 // Whether some element of `a` and some element of `b` share a byte of memory.
 // Exact for strided views (a slice of a [L, H, Tmax, D] buffer against
 // another slice of it is not an overlap unless their elements meet), and
@@ -60,13 +71,17 @@ struct OffsetPlan {
   bool per_token_weights;  // weights [N,T]; otherwise [N,L,H,D]
   bool per_token_shift;
   bool rotate;             // inv_freq given: keys
+  Codes codes = Codes::kPlain;  // how the deltas are read (anchor_codes)
 };
-// stored_deltas >= 0: the deltas are that many compact tensors of the anchor
-// pool, checked when they were stored (and never dst); pass no `deltas` then.
+// delta_scales: compact deltas, as for anchor_codes. stored_deltas >= 0: the
+// deltas are that many tensors of the anchor pool in a form the kernels read
+// but the ops do not take (bfloat16 under a float32 model), checked when they
+// were stored (and never dst); pass no `deltas` then.
 OffsetPlan offset(const char* op, const at::Tensor& dst, const at::Tensor& base,
                   at::TensorList deltas, const at::Tensor& weights,
                   const at::Tensor& shift,
                   const c10::optional<at::Tensor>& inv_freq,
+                  const c10::optional<at::TensorList>& delta_scales = c10::nullopt,
                   int64_t stored_deltas = -1);
 
 // float32 [N] distances.

@@ -31,10 +31,11 @@ void rope_move_(const at::Tensor& keys, const at::Tensor& inv_freq,
 }
 
 at::Tensor value_distances(const at::Tensor& content, at::TensorList anchors,
-                           bool rms) {
-  static auto h = op<at::Tensor(const at::Tensor&, at::TensorList, bool)>(
+                           bool rms, const c10::optional<at::TensorList>& anchor_scales) {
+  static auto h = op<at::Tensor(const at::Tensor&, at::TensorList, bool,
+                                const c10::optional<at::TensorList>&)>(
       "kvcomm::value_distances");
-  return h.call(content, anchors, rms);
+  return h.call(content, anchors, rms, anchor_scales);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> match_decide(
@@ -46,38 +47,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> match_decide(
 }
 
 at::Tensor token_weights(const at::Tensor& base, at::TensorList anchors,
-                         double tau) {
-  static auto h = op<at::Tensor(const at::Tensor&, at::TensorList, double)>(
+                         double tau, const c10::optional<at::TensorList>& anchor_scales) {
+  static auto h = op<at::Tensor(const at::Tensor&, at::TensorList, double,
+                                const c10::optional<at::TensorList>&)>(
       "kvcomm::token_weights");
-  return h.call(base, anchors, tau);
+  return h.call(base, anchors, tau, anchor_scales);
 }
 
 at::Tensor segment_weights(const at::Tensor& base, at::TensorList anchors,
-                           double tau) {
-  static auto h = op<at::Tensor(const at::Tensor&, at::TensorList, double)>(
+                           double tau, const c10::optional<at::TensorList>& anchor_scales) {
+  static auto h = op<at::Tensor(const at::Tensor&, at::TensorList, double,
+                                const c10::optional<at::TensorList>&)>(
       "kvcomm::segment_weights");
-  return h.call(base, anchors, tau);
+  return h.call(base, anchors, tau, anchor_scales);
 }
 
 at::Tensor fused_offset(const at::Tensor& base, at::TensorList deltas,
                         const at::Tensor& weights, const at::Tensor& shift,
-                        const c10::optional<at::Tensor>& inv_freq) {
+                        const c10::optional<at::Tensor>& inv_freq,
+                        const c10::optional<at::TensorList>& delta_scales) {
   static auto h = op<at::Tensor(const at::Tensor&, at::TensorList,
                                 const at::Tensor&, const at::Tensor&,
-                                const c10::optional<at::Tensor>&)>(
+                                const c10::optional<at::Tensor>&,
+                                const c10::optional<at::TensorList>&)>(
       "kvcomm::fused_offset");
-  return h.call(base, deltas, weights, shift, inv_freq);
+  return h.call(base, deltas, weights, shift, inv_freq, delta_scales);
 }
 
 void fused_offset_into(const at::Tensor& dst, const at::Tensor& base,
                        at::TensorList deltas, const at::Tensor& weights,
                        const at::Tensor& shift,
-                       const c10::optional<at::Tensor>& inv_freq) {
+                       const c10::optional<at::Tensor>& inv_freq,
+                       const c10::optional<at::TensorList>& delta_scales) {
   static auto h = op<void(const at::Tensor&, const at::Tensor&, at::TensorList,
                           const at::Tensor&, const at::Tensor&,
-                          const c10::optional<at::Tensor>&)>(
+                          const c10::optional<at::Tensor>&,
+                          const c10::optional<at::TensorList>&)>(
       "kvcomm::fused_offset_into");
-  h.call(dst, base, deltas, weights, shift, inv_freq);
+  h.call(dst, base, deltas, weights, shift, inv_freq, delta_scales);
 }
 
 at::Tensor token_spread(at::TensorList deltas, const at::Tensor& weights) {

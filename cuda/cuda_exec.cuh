@@ -54,12 +54,14 @@ class CudaExec {
 
   int sm_count() const { return sms_; }
 
-  // Room for n KVRefs in device memory on the op's device; `keep` owns it
-  // (freed when the launcher returns: the caching allocator reuses it only
-  // for work queued after this op on the same stream).
-  KVRef* alloc_refs(int64_t n, const at::Tensor& like, at::Tensor& keep) {
-    keep = at::empty({n * static_cast<int64_t>(sizeof(KVRef))}, like.options().dtype(at::kByte));
-    return static_cast<KVRef*>(keep.data_ptr());
+  // Room for n entries of R (KVRef, ScaleRef) in device memory on the op's
+  // device; `keep` owns it (freed when the launcher returns: the caching
+  // allocator reuses it only for work queued after this op on the same
+  // stream).
+  template <typename R>
+  R* alloc_table(int64_t n, const at::Tensor& like, at::Tensor& keep) {
+    keep = at::empty({n * static_cast<int64_t>(sizeof(R))}, like.options().dtype(at::kByte));
+    return static_cast<R*>(keep.data_ptr());
   }
 
   // count (<= kMaxParamRefs) entries of a device table, from the kernel
@@ -67,32 +69,40 @@ class CudaExec {
   void store_refs(const RefTable& chunk, int64_t count, KVRef* out) {
     check("store_refs_kernel", launch_store_refs(chunk, count, out, stream_));
   }
-
-  template <typename T, bool kVec, bool kRotate>
-  void offset(const Launch& g, const OffsetArgs& a, const RefTable& table) {
-    check("offset_kernel", launch_offset<T, kVec, kRotate>(g, a, table, stream_));
+  void store_refs(const ScaleTable& chunk, int64_t count, ScaleRef* out) {
+    check("store_scale_refs_kernel", launch_store_scale_refs(chunk, count, out, stream_));
   }
 
-  template <typename T, bool kVec, int NMAX>
-  void distances(const Launch& g, const DistanceArgs& a, const RefTable& table) {
-    check("distance_kernel", launch_distances<T, kVec, NMAX>(g, a, table, stream_));
+  template <typename T, Codes C, bool kVec, bool kRotate>
+  void offset(const Launch& g, const OffsetArgs& a, const RefTable& table,
+              const ScaleTable& scales) {
+    check("offset_kernel", launch_offset<T, C, kVec, kRotate>(g, a, table, scales, stream_));
+  }
+
+  template <typename T, Codes C, bool kVec, int NMAX>
+  void distances(const Launch& g, const DistanceArgs& a, const RefTable& table,
+                 const ScaleTable& scales) {
+    check("distance_kernel", launch_distances<T, C, kVec, NMAX>(g, a, table, scales, stream_));
   }
   void distances_finish(const DistanceFinishArgs& a) {
     check("distance_finish_kernel", launch_distances_finish(a, stream_));
   }
   void decide(const DecideArgs& a) { check("decide_kernel", launch_decide(a, stream_)); }
 
-  template <typename T, bool kVec, int NMAX>
-  void token_scores(const Launch& g, const TokenArgs& a, const RefTable& table) {
-    check("token_score_kernel", launch_token_scores<T, kVec, NMAX>(g, a, table, stream_));
+  template <typename T, Codes C, bool kVec, int NMAX>
+  void token_scores(const Launch& g, const TokenArgs& a, const RefTable& table,
+                    const ScaleTable& scales) {
+    check("token_score_kernel",
+          launch_token_scores<T, C, kVec, NMAX>(g, a, table, scales, stream_));
   }
   void token_finish(const TokenFinishArgs& a) {
     check("token_finish_kernel", launch_token_finish(a, stream_));
   }
 
-  template <typename T, int NMAX>
-  void segment_scores(const Launch& g, const SegmentArgs& a, const RefTable& table) {
-    check("segment_score_kernel", launch_segment_scores<T, NMAX>(g, a, table, stream_));
+  template <typename T, Codes C, int NMAX>
+  void segment_scores(const Launch& g, const SegmentArgs& a, const RefTable& table,
+                      const ScaleTable& scales) {
+    check("segment_score_kernel", launch_segment_scores<T, C, NMAX>(g, a, table, scales, stream_));
   }
   void segment_finish(const SegmentFinishArgs& a) {
     check("segment_finish_kernel", launch_segment_finish(a, stream_));

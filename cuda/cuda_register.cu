@@ -13,6 +13,8 @@ namespace kvcomm {
 namespace gpu {
 
 using cuda::CudaExec;
+// Compact anchors / deltas: one float32 scale tensor per int8 / fp8 code tensor.
+using ScalesArg = c10::optional<at::TensorList>;
 
 at::Tensor rope_move(const at::Tensor& keys, const at::Tensor& inv_freq,
                      const at::Tensor& shift) {
@@ -23,8 +25,9 @@ void rope_move_(const at::Tensor& keys, const at::Tensor& inv_freq, const at::Te
   cuda::rope_move_<CudaExec>(keys, inv_freq, shift);
 }
 
-at::Tensor value_distances(const at::Tensor& content, at::TensorList anchors, bool rms) {
-  return cuda::value_distances<CudaExec>(content, anchors, rms);
+at::Tensor value_distances(const at::Tensor& content, at::TensorList anchors, bool rms,
+                           const ScalesArg& anchor_scales) {
+  return cuda::value_distances<CudaExec>(content, anchors, rms, anchor_scales);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> match_decide(
@@ -32,24 +35,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> match_decide(
   return cuda::match_decide<CudaExec>(distances, tau, gamma, top_p);
 }
 
-at::Tensor token_weights(const at::Tensor& base, at::TensorList anchors, double tau) {
-  return cuda::token_weights<CudaExec>(base, anchors, tau);
+at::Tensor token_weights(const at::Tensor& base, at::TensorList anchors, double tau,
+                         const ScalesArg& anchor_scales) {
+  return cuda::token_weights<CudaExec>(base, anchors, tau, anchor_scales);
 }
 
-at::Tensor segment_weights(const at::Tensor& base, at::TensorList anchors, double tau) {
-  return cuda::segment_weights<CudaExec>(base, anchors, tau);
+at::Tensor segment_weights(const at::Tensor& base, at::TensorList anchors, double tau,
+                           const ScalesArg& anchor_scales) {
+  return cuda::segment_weights<CudaExec>(base, anchors, tau, anchor_scales);
 }
 
 at::Tensor fused_offset(const at::Tensor& base, at::TensorList deltas, const at::Tensor& weights,
-                        const at::Tensor& shift, const c10::optional<at::Tensor>& inv_freq) {
-  return cuda::fused_offset<CudaExec>(base, deltas, weights, shift, inv_freq);
+                        const at::Tensor& shift, const c10::optional<at::Tensor>& inv_freq,
+                        const ScalesArg& delta_scales) {
+  return cuda::fused_offset<CudaExec>(base, deltas, weights, shift, inv_freq, delta_scales);
 }
 
 void fused_offset_into(const at::Tensor& dst, const at::Tensor& base, at::TensorList deltas,
                        const at::Tensor& weights, const at::Tensor& shift,
-                       const c10::optional<at::Tensor>& inv_freq) {
+                       const c10::optional<at::Tensor>& inv_freq,
+                       const ScalesArg& delta_scales) {
   cuda::offset_into<CudaExec>("kvcomm.fused_offset_into", dst, base, deltas, weights, shift,
-                              inv_freq);
+                              inv_freq, delta_scales);
 }
 
 at::Tensor token_spread(at::TensorList deltas, const at::Tensor& weights) {

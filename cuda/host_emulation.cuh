@@ -2,7 +2,7 @@
 // GPU. HostExec has the interface of CudaExec (cuda_exec.cuh) but runs every
 // launch as loops over blocks and threads on the host, calling the very same
 // per-thread bodies (offset_thread, distance_accumulate, token_accumulate,
-// segment_accumulate, the finalize functions) with the launch shapes that
+// segment_accumulate, the finalize functions, the compact-code decode) with the launch shapes that
 // launchers.cuh planned. What it checks: the launchers (checks, vector/strided
 // choice, anchor chunking, the device table for many deltas, launch shapes)
 // and all index arithmetic. It also checks, on every launch, what a GPU
@@ -67,23 +67,31 @@ class HostExec {
   HostExec(const char*, const at::Tensor&) {}
   int sm_count() const { return assumed_sms(); }
 
-  KVRef* alloc_refs(int64_t n, const at::Tensor&, at::Tensor& keep) {
-    keep = at::empty({n * static_cast<int64_t>(sizeof(KVRef))}, at::TensorOptions().dtype(at::kByte));
-    return static_cast<KVRef*>(keep.data_ptr());
+  template <typename R>
+  R* alloc_table(int64_t n, const at::Tensor&, at::Tensor& keep) {
+    keep = at::empty({n * static_cast<int64_t>(sizeof(R))}, at::TensorOptions().dtype(at::kByte));
+    return static_cast<R*>(keep.data_ptr());
   }
 
-  // store_refs_kernel: one block of kMaxParamRefs threads.
+  // store_refs_kernel / store_scale_refs_kernel: one block of kMaxParamRefs threads.
   void store_refs(const RefTable& chunk, int64_t count, KVRef* out) {
     TORCH_INTERNAL_ASSERT(count >= 1 && count <= kMaxParamRefs, "store_refs: count ", count);
     for (int64_t i = 0; i < count; ++i) store_ref(chunk, i, out);
   }
+  void store_refs(const ScaleTable& chunk, int64_t count, ScaleRef* out) {
+    TORCH_INTERNAL_ASSERT(count >= 1 && count <= kMaxParamRefs, "store_scale_refs: count ", count);
+    for (int64_t i = 0; i < count; ++i) store_scale_ref(chunk, i, out);
+  }
 
-  template <typename T, bool kVec, bool kRotate>
-  void offset(const Launch& g, const OffsetArgs& a, const RefTable& table) {
+  template <typename T, Codes C, bool kVec, bool kRotate>
+  void offset(const Launch& g, const OffsetArgs& a, const RefTable& table,
+              const ScaleTable& scales) {
     check_launch("offset_kernel", g, 256);
     TORCH_INTERNAL_ASSERT(static_cast<int64_t>(g.grid_x) * g.block_y >= a.tokens &&
                           static_cast<int64_t>(g.grid_y) * a.rows_per_group >= a.layers * a.heads);
     TORCH_INTERNAL_ASSERT(a.delta_table != nullptr || a.num_deltas <= kMaxParamRefs);
+    TORCH_INTERNAL_ASSERT(C == Codes::kPlain || a.delta_table == nullptr || a.scale_table != nullptr,
+                          "compact deltas in a device table without their scales");
     for (unsigned by = 0; by < g.grid_y; ++by)
       for (unsigned bx = 0; bx < g.grid_x; ++bx)
         for (unsigned ty = 0; ty < g.block_y; ++ty) {
@@ -91,12 +99,13 @@ class HostExec {
           if (t >= a.tokens) continue;
           for (unsigned tx = 0; tx < g.block_x; ++tx)
             for (int64_t k = tx; k < a.lanes; k += g.block_x)
-              offset_thread<T, kVec, kRotate>(a, table, t, k, by);
+              offset_thread<T, C, kVec, kRotate>(a, table, scales, t, k, by);
         }
   }
 
-  template <typename T, bool kVec, int NMAX>
-  void distances(const Launch& g, const DistanceArgs& a, const RefTable& table) {
+  template <typename T, Codes C, bool kVec, int NMAX>
+  void distances(const Launch& g, const DistanceArgs& a, const RefTable& table,
+                 const ScaleTable& scales) {
     check_launch("distance_kernel", g, 256);
     // The block reduction: 8 full warps in x (warp_sums[8][NMAX]); thread u
     // < num_refs writes anchor u.
@@ -108,7 +117,7 @@ class HostExec {
       for (unsigned tx = 0; tx < g.block_x; ++tx) {
         float acc[NMAX] = {};
         for (int64_t i = static_cast<int64_t>(bx) * g.block_x + tx; i < a.total; i += step)
-          distance_accumulate<T, kVec, NMAX>(a, table, i, acc);
+          distance_accumulate<T, C, kVec, NMAX>(a, table, scales, i, acc);
         for (int u = 0; u < NMAX; ++u) block[u] += acc[u];
       }
       for (int64_t u = 0; u < a.num_refs; ++u) a.partial[bx * a.n_total + a.first + u] = block[u];
@@ -129,8 +138,9 @@ class HostExec {
 
   void decide(const DecideArgs& a) { decide_thread(a); }
 
-  template <typename T, bool kVec, int NMAX>
-  void token_scores(const Launch& g, const TokenArgs& a, const RefTable& table) {
+  template <typename T, Codes C, bool kVec, int NMAX>
+  void token_scores(const Launch& g, const TokenArgs& a, const RefTable& table,
+                    const ScaleTable& scales) {
     check_launch("token_score_kernel", g, 256);
     // Full-mask shuffles over groups of block_x lanes: block_x a power of two
     // <= 32 and every warp full.
@@ -148,7 +158,7 @@ class HostExec {
           for (unsigned tx = 0; tx < g.block_x; ++tx) {
             float acc[NMAX] = {};
             for (int64_t k = tx; k < a.lanes; k += g.block_x)
-              token_accumulate<T, kVec, NMAX>(a, table, t, k, by, acc);
+              token_accumulate<T, C, kVec, NMAX>(a, table, scales, t, k, by, acc);
             for (int u = 0; u < NMAX; ++u) group[u] += acc[u];
           }
           for (int64_t u = 0; u < a.num_refs; ++u)
@@ -160,8 +170,9 @@ class HostExec {
     finish_threads("token_finish_kernel", a.tokens, [&](int64_t t) { cuda::token_finish(a, t); });
   }
 
-  template <typename T, int NMAX>
-  void segment_scores(const Launch& g, const SegmentArgs& a, const RefTable& table) {
+  template <typename T, Codes C, int NMAX>
+  void segment_scores(const Launch& g, const SegmentArgs& a, const RefTable& table,
+                      const ScaleTable& scales) {
     check_launch("segment_score_kernel", g, 256);
     TORCH_INTERNAL_ASSERT(g.block_y == 1 && a.num_refs >= 1 && a.num_refs <= NMAX);
     TORCH_INTERNAL_ASSERT(static_cast<int64_t>(g.grid_x) * g.block_x >= a.channels &&
@@ -170,7 +181,7 @@ class HostExec {
       for (int64_t ch = 0; ch < static_cast<int64_t>(g.grid_x) * g.block_x; ++ch) {
         if (ch >= a.channels) continue;
         float acc[NMAX] = {};
-        segment_accumulate<T, NMAX>(a, table, ch, by, acc);
+        segment_accumulate<T, C, NMAX>(a, table, scales, ch, by, acc);
         for (int64_t u = 0; u < a.num_refs; ++u)
           a.partial[(by * a.n_total + a.first + u) * a.channels + ch] = acc[u];
       }
@@ -224,33 +235,40 @@ inline void rope_move_(const at::Tensor& keys, const at::Tensor& inv_freq,
                        const at::Tensor& shift) {
   cuda::rope_move_<HostExec>(keys, inv_freq, shift);
 }
-inline at::Tensor value_distances(const at::Tensor& content, at::TensorList anchors, bool rms) {
-  return cuda::value_distances<HostExec>(content, anchors, rms);
+using ScalesArg = c10::optional<at::TensorList>;
+
+inline at::Tensor value_distances(const at::Tensor& content, at::TensorList anchors, bool rms,
+                                  const ScalesArg& anchor_scales) {
+  return cuda::value_distances<HostExec>(content, anchors, rms, anchor_scales);
 }
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> match_decide(
     const at::Tensor& distances, double tau, double gamma, double top_p) {
   return cuda::match_decide<HostExec>(distances, tau, gamma, top_p);
 }
-inline at::Tensor token_weights(const at::Tensor& base, at::TensorList anchors, double tau) {
-  return cuda::token_weights<HostExec>(base, anchors, tau);
+inline at::Tensor token_weights(const at::Tensor& base, at::TensorList anchors, double tau,
+                                const ScalesArg& anchor_scales) {
+  return cuda::token_weights<HostExec>(base, anchors, tau, anchor_scales);
 }
-inline at::Tensor segment_weights(const at::Tensor& base, at::TensorList anchors, double tau) {
-  return cuda::segment_weights<HostExec>(base, anchors, tau);
+inline at::Tensor segment_weights(const at::Tensor& base, at::TensorList anchors, double tau,
+                                  const ScalesArg& anchor_scales) {
+  return cuda::segment_weights<HostExec>(base, anchors, tau, anchor_scales);
 }
 inline at::Tensor token_spread(at::TensorList deltas, const at::Tensor& weights) {
   return cuda::token_spread<HostExec>(deltas, weights);
 }
 inline at::Tensor fused_offset(const at::Tensor& base, at::TensorList deltas,
                                const at::Tensor& weights, const at::Tensor& shift,
-                               const c10::optional<at::Tensor>& inv_freq) {
-  return cuda::fused_offset<HostExec>(base, deltas, weights, shift, inv_freq);
+                               const c10::optional<at::Tensor>& inv_freq,
+                               const ScalesArg& delta_scales) {
+  return cuda::fused_offset<HostExec>(base, deltas, weights, shift, inv_freq, delta_scales);
 }
 inline void fused_offset_into(const at::Tensor& dst, const at::Tensor& base,
                               at::TensorList deltas, const at::Tensor& weights,
                               const at::Tensor& shift,
-                              const c10::optional<at::Tensor>& inv_freq) {
+                              const c10::optional<at::Tensor>& inv_freq,
+                              const ScalesArg& delta_scales) {
   cuda::offset_into<HostExec>("kvcomm.fused_offset_into", dst, base, deltas, weights, shift,
-                              inv_freq);
+                              inv_freq, delta_scales);
 }
 
 }  // namespace emu

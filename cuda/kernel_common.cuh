@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "kvcomm/codes.h"
 #include "kvcomm/math.h"
 
 // __grid_constant__ (kernel parameters read in place, even when indexed at
@@ -59,6 +60,22 @@ struct KVRef {
 struct RefTable {
   KVRef r[kMaxParamRefs];
 };
+
+// The scales of one compact anchor / delta (float32 [L, H, 1, D], unit
+// channel stride; the launchers make them so): its first element and its
+// layer and head strides in elements. Unused for plain anchors.
+struct ScaleRef {
+  const float* ptr;
+  int64_t layer, head;
+};
+struct ScaleTable {
+  ScaleRef r[kMaxParamRefs];
+};
+static_assert(sizeof(ScaleRef) == 24, "ScaleRef is shared by host and device: keep it plain");
+
+// Compact anchors per distance / weight launch: their decode keeps 16 codes
+// and 16 scales per anchor in flight, so launches take 8 at a time.
+constexpr int kCompactChunk = 8;
 static_assert(sizeof(KVRef) == 40, "KVRef is shared by host and device: keep it plain");
 // A kernel's parameters may take 4 KB (32 KB only from CUDA 12.1 on Volta+);
 // a table plus the largest argument struct (~250 bytes) must stay under that.
@@ -79,6 +96,38 @@ struct Width {
   static constexpr int value = kVec ? static_cast<int>(16 / sizeof(T)) : 1;
 };
 
+// Elements one thread reads per access of anchors read as `C`: a 16-byte
+// vector of T for plain anchors; 16 codes (one 16-byte vector of codes, and
+// 16 * sizeof(T) / 16 vectors of the content) for compact ones; 1 on the
+// strided path.
+template <typename T, Codes C, bool kVec>
+struct Lanes {
+  static constexpr int value = !kVec ? 1 : C == Codes::kPlain ? static_cast<int>(16 / sizeof(T)) : 16;
+};
+
+// The 16 bytes at p (16-byte aligned) into out.
+KVCOMM_HD void load16(const void* p, void* out) {
+#if defined(__CUDA_ARCH__)
+  // One 128-bit global load (LDG.E.128). In PTX, like the store below: a
+  // C++ dereference of a pointer read from a table (the offset kernel's
+  // delta views) is a generic load (LD.E.128), since nvcc cannot tell the
+  // pointer is global. volatile keeps the loads in order with the stores
+  // (an in-place move reads and writes the same rows).
+#if defined(KVCOMM_PLAIN_CXX_VECTOR_ACCESS)
+  const uint4 bits = *reinterpret_cast<const uint4*>(p);
+#else
+  uint4 bits;
+  asm volatile("ld.global.v4.b32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(bits.x), "=r"(bits.y), "=r"(bits.z), "=r"(bits.w)
+               : "l"(__cvta_generic_to_global(p)));
+#endif
+  memcpy(out, &bits, 16);
+#else
+  KVCOMM_HOST_CHECK_VECTOR_ALIGNED(p);
+  memcpy(out, p, 16);
+#endif
+}
+
 // Reads Width elements starting at p (contiguous when kVec; the caller has
 // checked 16-byte alignment) and widens them to float.
 template <typename T, bool kVec>
@@ -87,29 +136,25 @@ KVCOMM_HD void load_float(const T* p, float* out) {
   if constexpr (V == 1) {
     out[0] = static_cast<float>(p[0]);
   } else {
-#if defined(__CUDA_ARCH__)
-    // One 128-bit global load (LDG.E.128). In PTX, like the store below: a
-    // C++ dereference of a pointer read from a table (the offset kernel's
-    // delta views) is a generic load (LD.E.128), since nvcc cannot tell the
-    // pointer is global. volatile keeps the loads in order with the stores
-    // (an in-place move reads and writes the same rows).
-#if defined(KVCOMM_PLAIN_CXX_VECTOR_ACCESS)
-    const uint4 bits = *reinterpret_cast<const uint4*>(p);
-#else
-    uint4 bits;
-    asm volatile("ld.global.v4.b32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(bits.x), "=r"(bits.y), "=r"(bits.z), "=r"(bits.w)
-                 : "l"(__cvta_generic_to_global(p)));
-#endif
     T e[V];
-    memcpy(e, &bits, 16);
-#else
-    KVCOMM_HOST_CHECK_VECTOR_ALIGNED(p);
-    T e[V];
-    memcpy(e, p, 16);
-#endif
+    load16(p, e);
 #pragma unroll
     for (int v = 0; v < V; ++v) out[v] = static_cast<float>(e[v]);
+  }
+}
+
+// N consecutive elements of T at p widened to float: N * sizeof(T) / 16
+// vector loads when kVec (p 16-byte aligned), else N == 1.
+template <typename T, int N, bool kVec>
+KVCOMM_HD void load_span(const T* p, float* out) {
+  if constexpr (!kVec) {
+    static_assert(N == 1, "the strided path reads one element");
+    out[0] = static_cast<float>(p[0]);
+  } else {
+    constexpr int W = Width<T, true>::value;
+    static_assert(N % W == 0, "a span is whole vectors");
+#pragma unroll
+    for (int j = 0; j < N / W; ++j) load_float<T, true>(p + j * W, out + j * W);
   }
 }
 
@@ -149,6 +194,21 @@ KVCOMM_HD void store_float(T* p, const float* in) {
   }
 }
 
+// N floats narrowed to T and written at p: N * sizeof(T) / 16 vector stores
+// when kVec, else N == 1.
+template <typename T, int N, bool kVec>
+KVCOMM_HD void store_span(T* p, const float* in) {
+  if constexpr (!kVec) {
+    static_assert(N == 1, "the strided path writes one element");
+    p[0] = static_cast<T>(in[0]);
+  } else {
+    constexpr int W = Width<T, true>::value;
+    static_assert(N % W == 0, "a span is whole vectors");
+#pragma unroll
+    for (int j = 0; j < N / W; ++j) store_float<T, true>(p + j * W, in + j * W);
+  }
+}
+
 // One read of an auxiliary input (weights, inv_freq, shift, the device table
 // of delta views) through the read-only data path (LDG.CONSTANT): a kernel
 // never writes them, and the argument checks reject a dst that overlaps
@@ -167,6 +227,59 @@ KVCOMM_HD X load_ro(const X* p) {
 template <typename T>
 KVCOMM_HD const T* elem(const KVRef& r, int64_t l, int64_t h, int64_t t, int64_t d) {
   return static_cast<const T*>(r.ptr) + r.s.at(l, h, t, d);
+}
+
+// V consecutive floats of an auxiliary input (weights, scales) through the
+// read-only path; as float4 loads when vec4 (16-byte aligned; V is then a
+// multiple of 4).
+template <int V>
+KVCOMM_HD void load_floats_ro(const float* w, bool vec4, float* out) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (V % 4 == 0) {
+    if (vec4) {
+#pragma unroll
+      for (int v = 0; v < V; v += 4) {
+        const float4 q = load_ro(reinterpret_cast<const float4*>(w + v));
+        out[v] = q.x;
+        out[v + 1] = q.y;
+        out[v + 2] = q.z;
+        out[v + 3] = q.w;
+      }
+      return;
+    }
+  }
+#else
+  // The device takes the float4 path here: it needs 16-byte alignment.
+  if (V % 4 == 0 && vec4) KVCOMM_HOST_CHECK_VECTOR_ALIGNED(w);
+#endif
+  (void)vec4;
+#pragma unroll
+  for (int v = 0; v < V; ++v) out[v] = load_ro(w + v);
+}
+
+// N values of anchor r at (l, h, t, c..c+N-1) as floats: read in T for plain
+// anchors (Lanes: N vectors' worth), or as N one-byte codes (one 16-byte load
+// when kVec) times their channels' scales, decoded here in registers.
+template <typename T, Codes C, int N, bool kVec>
+KVCOMM_HD void load_anchor(const KVRef& r, const ScaleRef& sc, int64_t l, int64_t h, int64_t t,
+                           int64_t c, float* out) {
+  if constexpr (C == Codes::kPlain) {
+    (void)sc;
+    load_span<T, N, kVec>(elem<T>(r, l, h, t, c), out);
+  } else {
+    const uint8_t* p = elem<uint8_t>(r, l, h, t, c);
+    uint8_t code[N];
+    if constexpr (kVec) {
+      static_assert(N == 16, "compact vector reads are 16 codes");
+      load16(p, code);
+    } else {
+      code[0] = p[0];
+    }
+    float scale[N];
+    load_floats_ro<N>(sc.ptr + l * sc.layer + h * sc.head + c, kVec, scale);
+#pragma unroll
+    for (int v = 0; v < N; ++v) out[v] = math::decode_code<C>(code[v]) * scale[v];
+  }
 }
 
 #if defined(__CUDACC__)

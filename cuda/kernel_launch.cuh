@@ -21,25 +21,29 @@ namespace cuda {
 // Writes count (<= kMaxParamRefs) table entries at out (device memory).
 cudaError_t launch_store_refs(const RefTable& chunk, int64_t count, KVRef* out,
                               cudaStream_t stream);
+cudaError_t launch_store_scale_refs(const ScaleTable& chunk, int64_t count, ScaleRef* out,
+                                    cudaStream_t stream);
 
-template <typename T, bool kVec, bool kRotate>
+// C: how the anchors / deltas are read (kvcomm/codes.h); the scale tables
+// are unused for Codes::kPlain.
+template <typename T, Codes C, bool kVec, bool kRotate>
 cudaError_t launch_offset(const Launch& g, const OffsetArgs& a, const RefTable& table,
-                          cudaStream_t stream);
+                          const ScaleTable& scales, cudaStream_t stream);
 
-template <typename T, bool kVec, int NMAX>
+template <typename T, Codes C, bool kVec, int NMAX>
 cudaError_t launch_distances(const Launch& g, const DistanceArgs& a, const RefTable& table,
-                             cudaStream_t stream);
+                             const ScaleTable& scales, cudaStream_t stream);
 cudaError_t launch_distances_finish(const DistanceFinishArgs& a, cudaStream_t stream);
 cudaError_t launch_decide(const DecideArgs& a, cudaStream_t stream);
 
-template <typename T, bool kVec, int NMAX>
+template <typename T, Codes C, bool kVec, int NMAX>
 cudaError_t launch_token_scores(const Launch& g, const TokenArgs& a, const RefTable& table,
-                                cudaStream_t stream);
+                                const ScaleTable& scales, cudaStream_t stream);
 cudaError_t launch_token_finish(const TokenFinishArgs& a, cudaStream_t stream);
 
-template <typename T, int NMAX>
+template <typename T, Codes C, int NMAX>
 cudaError_t launch_segment_scores(const Launch& g, const SegmentArgs& a, const RefTable& table,
-                                  cudaStream_t stream);
+                                  const ScaleTable& scales, cudaStream_t stream);
 cudaError_t launch_segment_finish(const SegmentFinishArgs& a, cudaStream_t stream);
 
 template <typename T, bool kTable>

@@ -15,6 +15,7 @@
 
 #include <cstdint>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "dispatch.h"
@@ -47,17 +48,90 @@ inline bool vectorizable(const KVRef& r, int64_t element_size, int64_t span) {
          r.s.token % w == 0 && reinterpret_cast<uintptr_t>(r.ptr) % 16 == 0;
 }
 
-// Runs f(first, count, table) for the anchors in chunks of `chunk` (at most
-// kMaxParamRefs, the table's size).
+// The scales of compact anchors (checks::anchor_codes), made contiguous
+// (small: float32 [L, H, 1, D]) and held while the op runs; none for plain
+// anchors.
+struct Scales {
+  std::vector<at::Tensor> keep;
+  std::vector<ScaleRef> refs;
+};
+inline Scales scales_of(Codes codes, const c10::optional<at::TensorList>& scales) {
+  Scales out;
+  if (codes == Codes::kPlain) return out;
+  out.keep.reserve(scales->size());
+  for (const at::Tensor& s : *scales) {
+    out.keep.push_back(s.contiguous());
+    const at::Tensor& c = out.keep.back();
+    out.refs.push_back({c.data_ptr<float>(), c.stride(0), c.stride(1)});
+  }
+  return out;
+}
+
+// Whether anchors read as `codes` (and their scales) allow the vector path
+// over spans of `span` channels: 16-byte vectors of the anchors' dtype, or of
+// 16 codes with float4-aligned scales.
+inline bool anchors_vectorizable(const std::vector<KVRef>& refs, const Scales& scales,
+                                 Codes codes, int64_t element_size, int64_t span) {
+  const bool plain = codes == Codes::kPlain;
+  for (const KVRef& r : refs)
+    if (!vectorizable(r, plain ? element_size : 1, span)) return false;
+  for (const ScaleRef& s : scales.refs)
+    if (reinterpret_cast<uintptr_t>(s.ptr) % 16 != 0 || s.layer % 4 != 0 || s.head % 4 != 0)
+      return false;
+  return true;
+}
+
+// Vectors per span of `span` channels: Lanes (kernel_common.cuh) elements each.
+inline int64_t lanes_of(Codes codes, bool vec, int64_t element_size, int64_t span) {
+  if (!vec) return span;
+  return span / (codes == Codes::kPlain ? 16 / element_size : 16);
+}
+
+// f(std::integral_constant<Codes, C>) for the run-time `codes`.
 template <typename F>
-void for_ref_chunks(const std::vector<KVRef>& refs, int64_t chunk, F&& f) {
+void dispatch_codes(Codes codes, F&& f) {
+  switch (codes) {
+    case Codes::kPlain: f(std::integral_constant<Codes, Codes::kPlain>{}); return;
+    case Codes::kInt8: f(std::integral_constant<Codes, Codes::kInt8>{}); return;
+    case Codes::kFp8: f(std::integral_constant<Codes, Codes::kFp8>{}); return;
+  }
+  TORCH_CHECK(false, "unknown anchor codes ", static_cast<int>(codes));
+}
+
+// Runs f(first, count, table, scales) for the anchors in chunks of `chunk`
+// (at most kMaxParamRefs, the tables' size); `scales` is empty for plain
+// anchors.
+template <typename F>
+void for_ref_chunks(const std::vector<KVRef>& refs, const std::vector<ScaleRef>& scales,
+                    int64_t chunk, F&& f) {
   const int64_t n = static_cast<int64_t>(refs.size());
   for (int64_t first = 0; first < n; first += chunk) {
     const int64_t count = n - first < chunk ? n - first : chunk;
     RefTable table{};
-    for (int64_t u = 0; u < count; ++u) table.r[u] = refs[first + u];
-    f(first, count, table);
+    ScaleTable scale_table{};
+    for (int64_t u = 0; u < count; ++u) {
+      table.r[u] = refs[first + u];
+      if (!scales.empty()) scale_table.r[u] = scales[first + u];
+    }
+    f(first, count, table, scale_table);
   }
+}
+
+// A device table of `entries` (KVRef or ScaleRef), written chunk by chunk
+// from kernel parameters (offset_kernel.cuh: store_ref); stream order makes it
+// ready before the kernels that read it.
+template <class Exec, typename R, typename Table>
+R* device_table(Exec& ex, const std::vector<R>& entries, const at::Tensor& like,
+                at::Tensor& keepalive) {
+  R* table = ex.template alloc_table<R>(static_cast<int64_t>(entries.size()), like, keepalive);
+  const int64_t n = static_cast<int64_t>(entries.size());
+  for (int64_t first = 0; first < n; first += kMaxParamRefs) {
+    const int64_t count = n - first < kMaxParamRefs ? n - first : kMaxParamRefs;
+    Table chunk{};
+    for (int64_t u = 0; u < count; ++u) chunk.r[u] = entries[first + u];
+    ex.store_refs(chunk, count, table + first);
+  }
+  return table;
 }
 
 // ---- fused offset / RoPE move -------------------------------------------
@@ -65,22 +139,27 @@ void for_ref_chunks(const std::vector<KVRef>& refs, int64_t chunk, F&& f) {
 template <class Exec>
 void offset_into(const char* op, const at::Tensor& dst, const at::Tensor& base,
                  at::TensorList deltas, const at::Tensor& weights, const at::Tensor& shift,
-                 const c10::optional<at::Tensor>& inv_freq) {
-  const checks::OffsetPlan plan = checks::offset(op, dst, base, deltas, weights, shift, inv_freq);
+                 const c10::optional<at::Tensor>& inv_freq,
+                 const c10::optional<at::TensorList>& delta_scales = c10::nullopt) {
+  const checks::OffsetPlan plan =
+      checks::offset(op, dst, base, deltas, weights, shift, inv_freq, delta_scales);
   const checks::KVShape& s = plan.shape;
   if (dst.numel() == 0) return;
   Exec ex(op, base);
   const at::Tensor w = weights.contiguous();
   const at::Tensor sh = shift.reshape({-1}).contiguous();
   const at::Tensor f = plan.rotate ? inv_freq->contiguous() : at::Tensor();
+  const Scales scales = scales_of(plan.codes, delta_scales);
 
   const int64_t span = plan.rotate ? s.dim / 2 : s.dim;
   const int64_t esize = base.element_size();
   std::vector<KVRef> refs;
   for (const at::Tensor& d : deltas) refs.push_back(ref_of(d));
   const KVRef dref = ref_of(dst), bref = ref_of(base);
-  bool vec = vectorizable(dref, esize, span) && vectorizable(bref, esize, span);
-  for (const KVRef& r : refs) vec = vec && vectorizable(r, esize, span);
+  const int64_t vec_width = plan.codes == Codes::kPlain ? 16 / esize : 16;
+  const bool vec = span % vec_width == 0 && vectorizable(dref, esize, span) &&
+                   vectorizable(bref, esize, span) &&
+                   anchors_vectorizable(refs, scales, plan.codes, esize, span);
 
   OffsetArgs a{};
   a.dst = dst.data_ptr();
@@ -92,7 +171,7 @@ void offset_into(const char* op, const at::Tensor& dst, const at::Tensor& base,
   a.tokens = s.tokens;
   a.dim = s.dim;
   a.half = s.dim / 2;
-  a.lanes = span / (vec ? 16 / esize : 1);
+  a.lanes = lanes_of(plan.codes, vec, esize, span);
   a.num_deltas = plan.num_deltas;
   a.weights = w.data_ptr<float>();
   a.per_token_weights = plan.per_token_weights;
@@ -102,30 +181,32 @@ void offset_into(const char* op, const at::Tensor& dst, const at::Tensor& base,
   a.inv_freq = plan.rotate ? f.data_ptr<float>() : nullptr;
 
   RefTable small{};
-  at::Tensor table_keepalive;
+  ScaleTable small_scales{};
+  at::Tensor table_keepalive, scale_keepalive;
+  a.delta_table = nullptr;
+  a.scale_table = nullptr;
   if (plan.num_deltas <= kMaxParamRefs) {
     for (size_t u = 0; u < refs.size(); ++u) small.r[u] = refs[u];
-    a.delta_table = nullptr;
+    for (size_t u = 0; u < scales.refs.size(); ++u) small_scales.r[u] = scales.refs[u];
   } else {
-    // The device table, written chunk by chunk from kernel parameters
-    // (offset_kernel.cuh: store_ref); stream order makes it ready before the
-    // offset kernel reads it.
-    KVRef* table = ex.alloc_refs(plan.num_deltas, base, table_keepalive);
-    for_ref_chunks(refs, kMaxParamRefs, [&](int64_t first, int64_t count, const RefTable& chunk) {
-      ex.store_refs(chunk, count, table + first);
-    });
-    a.delta_table = table;
+    a.delta_table = device_table<Exec, KVRef, RefTable>(ex, refs, base, table_keepalive);
+    if (!scales.refs.empty())
+      a.scale_table =
+          device_table<Exec, ScaleRef, ScaleTable>(ex, scales.refs, base, scale_keepalive);
   }
   const Launch g = plan_offset(s.layers, s.heads, s.tokens, a.lanes, ex.sm_count(),
                                &a.rows_per_group);
   KVCOMM_DISPATCH_KV_TYPES(base.scalar_type(), "kvcomm.fused_offset", [&] {
-    if (vec) {
-      if (plan.rotate) ex.template offset<scalar_t, true, true>(g, a, small);
-      else ex.template offset<scalar_t, true, false>(g, a, small);
-    } else {
-      if (plan.rotate) ex.template offset<scalar_t, false, true>(g, a, small);
-      else ex.template offset<scalar_t, false, false>(g, a, small);
-    }
+    dispatch_codes(plan.codes, [&](auto codes) {
+      constexpr Codes C = decltype(codes)::value;
+      if (vec) {
+        if (plan.rotate) ex.template offset<scalar_t, C, true, true>(g, a, small, small_scales);
+        else ex.template offset<scalar_t, C, true, false>(g, a, small, small_scales);
+      } else {
+        if (plan.rotate) ex.template offset<scalar_t, C, false, true>(g, a, small, small_scales);
+        else ex.template offset<scalar_t, C, false, false>(g, a, small, small_scales);
+      }
+    });
   });
 }
 
@@ -135,10 +216,12 @@ inline at::Tensor no_weights(const at::Tensor& keys) {
 
 template <class Exec>
 at::Tensor fused_offset(const at::Tensor& base, at::TensorList deltas, const at::Tensor& weights,
-                        const at::Tensor& shift, const c10::optional<at::Tensor>& inv_freq) {
+                        const at::Tensor& shift, const c10::optional<at::Tensor>& inv_freq,
+                        const c10::optional<at::TensorList>& delta_scales) {
   checks::kv4("kvcomm.fused_offset", "base", base);
   at::Tensor out = at::empty_like(base, at::MemoryFormat::Contiguous);
-  offset_into<Exec>("kvcomm.fused_offset", out, base, deltas, weights, shift, inv_freq);
+  offset_into<Exec>("kvcomm.fused_offset", out, base, deltas, weights, shift, inv_freq,
+                    delta_scales);
   return out;
 }
 
@@ -158,46 +241,78 @@ at::Tensor rope_move(const at::Tensor& keys, const at::Tensor& inv_freq, const a
 
 // ---- matching -------------------------------------------------------------
 
+// The launches over anchor chunks of one score kernel (distances, token
+// scores): plain anchors up to kMaxParamRefs per launch (NMAX 8 or 32),
+// compact ones kCompactChunk. Calls launch(C, kVec, NMAX, first, count,
+// table, scales), the first three as std::integral_constant tags.
+template <typename F>
+void score_chunks(Codes codes, const std::vector<KVRef>& refs, const Scales& scales, bool vec,
+                  F&& launch) {
+  using std::integral_constant;
+  dispatch_codes(codes, [&](auto tag) {
+    constexpr Codes C = decltype(tag)::value;
+    const int64_t chunk = C == Codes::kPlain ? kMaxParamRefs : kCompactChunk;
+    for_ref_chunks(refs, scales.refs, chunk,
+                   [&](int64_t first, int64_t count, const RefTable& t, const ScaleTable& st) {
+      auto run = [&](auto kvec, auto nmax) { launch(tag, kvec, nmax, first, count, t, st); };
+      using Vec = std::true_type;
+      using Scalar = std::false_type;
+      if constexpr (C == Codes::kPlain) {
+        if (count <= 8) {
+          if (vec) run(Vec{}, integral_constant<int, 8>{});
+          else run(Scalar{}, integral_constant<int, 8>{});
+        } else {
+          if (vec) run(Vec{}, integral_constant<int, kMaxParamRefs>{});
+          else run(Scalar{}, integral_constant<int, kMaxParamRefs>{});
+        }
+      } else {
+        if (vec) run(Vec{}, integral_constant<int, kCompactChunk>{});
+        else run(Scalar{}, integral_constant<int, kCompactChunk>{});
+      }
+    });
+  });
+}
+
 template <class Exec>
-at::Tensor value_distances(const at::Tensor& content, at::TensorList anchors, bool rms) {
+at::Tensor value_distances(const at::Tensor& content, at::TensorList anchors, bool rms,
+                           const c10::optional<at::TensorList>& anchor_scales = c10::nullopt) {
   const char* op = "kvcomm.value_distances";
   const checks::KVShape s = checks::kv4(op, "content", content);
-  checks::anchors(op, "anchors", content, s, anchors);
+  const Codes codes = checks::anchor_codes(op, "anchors", content, s, anchors, anchor_scales);
   const int64_t n = static_cast<int64_t>(anchors.size());
   const auto fopts = content.options().dtype(at::kFloat);
   if (n == 0) return at::empty({0}, fopts);
   if (content.numel() == 0) return at::zeros({n}, fopts);
   Exec ex(op, content);
+  const Scales scales = scales_of(codes, anchor_scales);
   std::vector<KVRef> refs;
   for (const at::Tensor& a : anchors) refs.push_back(ref_of(a));
   const int64_t esize = content.element_size();
   const KVRef cref = ref_of(content);
-  bool vec = vectorizable(cref, esize, s.dim);
-  for (const KVRef& r : refs) vec = vec && vectorizable(r, esize, s.dim);
+  const bool vec = s.dim % (codes == Codes::kPlain ? 16 / esize : 16) == 0 &&
+                   vectorizable(cref, esize, s.dim) &&
+                   anchors_vectorizable(refs, scales, codes, esize, s.dim);
 
   DistanceArgs a{};
   a.content = cref.ptr;
   a.cs = cref.s;
   a.heads = s.heads;
   a.tokens = s.tokens;
-  a.lanes = s.dim / (vec ? 16 / esize : 1);
+  a.lanes = lanes_of(codes, vec, esize, s.dim);
   a.total = s.layers * s.heads * s.tokens * a.lanes;
   a.n_total = n;
   const Launch g = plan_distances(a.total, ex.sm_count());
   at::Tensor partial = at::empty({static_cast<int64_t>(g.grid_x), n}, fopts);
   a.partial = partial.data_ptr<float>();
   KVCOMM_DISPATCH_KV_TYPES(content.scalar_type(), "kvcomm.value_distances", [&] {
-    for_ref_chunks(refs, kMaxParamRefs, [&](int64_t first, int64_t count, const RefTable& table) {
-      a.first = first;
-      a.num_refs = count;
-      if (vec) {
-        if (count <= 8) ex.template distances<scalar_t, true, 8>(g, a, table);
-        else ex.template distances<scalar_t, true, kMaxParamRefs>(g, a, table);
-      } else {
-        if (count <= 8) ex.template distances<scalar_t, false, 8>(g, a, table);
-        else ex.template distances<scalar_t, false, kMaxParamRefs>(g, a, table);
-      }
-    });
+    score_chunks(codes, refs, scales, vec,
+                 [&](auto c, auto kvec, auto nmax, int64_t first, int64_t count,
+                     const RefTable& t, const ScaleTable& st) {
+                   a.first = first;
+                   a.num_refs = count;
+                   ex.template distances<scalar_t, decltype(c)::value, decltype(kvec)::value,
+                                         decltype(nmax)::value>(g, a, t, st);
+                 });
   });
   at::Tensor out = at::empty({n}, fopts);
   DistanceFinishArgs fa{partial.data_ptr<float>(), g.grid_x, n,
@@ -231,10 +346,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> match_decide(
 // ---- weights --------------------------------------------------------------
 
 template <class Exec>
-at::Tensor token_weights(const at::Tensor& base, at::TensorList anchors, double tau) {
+at::Tensor token_weights(const at::Tensor& base, at::TensorList anchors, double tau,
+                         const c10::optional<at::TensorList>& anchor_scales = c10::nullopt) {
   const char* op = "kvcomm.token_weights";
   const checks::KVShape s = checks::kv4(op, "base", base);
-  checks::anchors(op, "anchors", base, s, anchors);
+  const Codes codes = checks::anchor_codes(op, "anchors", base, s, anchors, anchor_scales);
   checks::tau(op, tau);
   const int64_t n = static_cast<int64_t>(anchors.size());
   const auto fopts = base.options().dtype(at::kFloat);
@@ -245,36 +361,36 @@ at::Tensor token_weights(const at::Tensor& base, at::TensorList anchors, double 
   int64_t groups = 0;
   at::Tensor partial;
   if (rows * s.dim > 0) {
+    const Scales scales = scales_of(codes, anchor_scales);
     std::vector<KVRef> refs;
     for (const at::Tensor& a : anchors) refs.push_back(ref_of(a));
     const int64_t esize = base.element_size();
     const KVRef bref = ref_of(base);
-    bool vec = vectorizable(bref, esize, s.dim);
-    for (const KVRef& r : refs) vec = vec && vectorizable(r, esize, s.dim);
+    const bool vec = s.dim % (codes == Codes::kPlain ? 16 / esize : 16) == 0 &&
+                     vectorizable(bref, esize, s.dim) &&
+                     anchors_vectorizable(refs, scales, codes, esize, s.dim);
     TokenArgs a{};
     a.base = bref.ptr;
     a.bs = bref.s;
     a.heads = s.heads;
     a.tokens = s.tokens;
     a.rows = rows;
-    a.lanes = s.dim / (vec ? 16 / esize : 1);
+    a.lanes = lanes_of(codes, vec, esize, s.dim);
     a.n_total = n;
     const Launch g = plan_token_scores(rows, s.tokens, a.lanes, ex.sm_count(), &a.rows_per_group);
     groups = g.grid_y;
     partial = at::empty({groups, n, s.tokens}, fopts);
     a.partial = partial.data_ptr<float>();
     KVCOMM_DISPATCH_KV_TYPES(base.scalar_type(), "kvcomm.token_weights", [&] {
-      for_ref_chunks(refs, kMaxParamRefs, [&](int64_t first, int64_t count, const RefTable& table) {
-        a.first = first;
-        a.num_refs = count;
-        if (vec) {
-          if (count <= 8) ex.template token_scores<scalar_t, true, 8>(g, a, table);
-          else ex.template token_scores<scalar_t, true, kMaxParamRefs>(g, a, table);
-        } else {
-          if (count <= 8) ex.template token_scores<scalar_t, false, 8>(g, a, table);
-          else ex.template token_scores<scalar_t, false, kMaxParamRefs>(g, a, table);
-        }
-      });
+      score_chunks(codes, refs, scales, vec,
+                   [&](auto c, auto kvec, auto nmax, int64_t first, int64_t count,
+                       const RefTable& t, const ScaleTable& st) {
+                     a.first = first;
+                     a.num_refs = count;
+                     ex.template token_scores<scalar_t, decltype(c)::value,
+                                              decltype(kvec)::value, decltype(nmax)::value>(
+                         g, a, t, st);
+                   });
     });
   }
   TokenFinishArgs fa{partial.defined() ? partial.data_ptr<float>() : nullptr, groups, n,
@@ -285,10 +401,11 @@ at::Tensor token_weights(const at::Tensor& base, at::TensorList anchors, double 
 }
 
 template <class Exec>
-at::Tensor segment_weights(const at::Tensor& base, at::TensorList anchors, double tau) {
+at::Tensor segment_weights(const at::Tensor& base, at::TensorList anchors, double tau,
+                           const c10::optional<at::TensorList>& anchor_scales = c10::nullopt) {
   const char* op = "kvcomm.segment_weights";
   const checks::KVShape s = checks::kv4(op, "base", base);
-  checks::anchors(op, "anchors", base, s, anchors);
+  const Codes codes = checks::anchor_codes(op, "anchors", base, s, anchors, anchor_scales);
   checks::tau(op, tau);
   const int64_t n = static_cast<int64_t>(anchors.size());
   const int64_t channels = s.layers * s.heads * s.dim;
@@ -298,6 +415,7 @@ at::Tensor segment_weights(const at::Tensor& base, at::TensorList anchors, doubl
   int64_t chunks = 0;
   at::Tensor partial;
   if (s.tokens > 0) {
+    const Scales scales = scales_of(codes, anchor_scales);
     std::vector<KVRef> refs;
     // The anchor's last T tokens line up with the content's tokens.
     for (const at::Tensor& a : anchors) refs.push_back(ref_of(a, a.size(2) - s.tokens));
@@ -315,11 +433,20 @@ at::Tensor segment_weights(const at::Tensor& base, at::TensorList anchors, doubl
     partial = at::empty({chunks, n, channels}, base.options().dtype(at::kFloat));
     a.partial = partial.data_ptr<float>();
     KVCOMM_DISPATCH_KV_TYPES(base.scalar_type(), "kvcomm.segment_weights", [&] {
-      for_ref_chunks(refs, kSegmentChunk, [&](int64_t first, int64_t count, const RefTable& table) {
-        a.first = first;
-        a.num_refs = count;
-        if (count <= 8) ex.template segment_scores<scalar_t, 8>(g, a, table);
-        else ex.template segment_scores<scalar_t, kSegmentChunk>(g, a, table);
+      dispatch_codes(codes, [&](auto tag) {
+        constexpr Codes C = decltype(tag)::value;
+        const int64_t chunk = C == Codes::kPlain ? kSegmentChunk : kCompactChunk;
+        for_ref_chunks(refs, scales.refs, chunk,
+                       [&](int64_t first, int64_t count, const RefTable& t, const ScaleTable& st) {
+          a.first = first;
+          a.num_refs = count;
+          if constexpr (C == Codes::kPlain) {
+            if (count <= 8) ex.template segment_scores<scalar_t, C, 8>(g, a, t, st);
+            else ex.template segment_scores<scalar_t, C, kSegmentChunk>(g, a, t, st);
+          } else {
+            ex.template segment_scores<scalar_t, C, kCompactChunk>(g, a, t, st);
+          }
+        });
       });
     });
   }
@@ -356,11 +483,7 @@ at::Tensor token_spread(at::TensorList deltas, const at::Tensor& weights) {
   if (p.num_deltas <= kMaxParamRefs) {
     for (size_t u = 0; u < refs.size(); ++u) small.r[u] = refs[u];
   } else {  // the device table, as the fused offset builds it
-    KVRef* table = ex.alloc_refs(p.num_deltas, weights, table_keepalive);
-    for_ref_chunks(refs, kMaxParamRefs, [&](int64_t first, int64_t count, const RefTable& chunk) {
-      ex.store_refs(chunk, count, table + first);
-    });
-    a.table = table;
+    a.table = device_table<Exec, KVRef, RefTable>(ex, refs, weights, table_keepalive);
   }
   const Launch g = plan_spread(p.tokens);
   KVCOMM_DISPATCH_KV_TYPES(deltas[0].scalar_type(), "kvcomm.token_spread", [&] {

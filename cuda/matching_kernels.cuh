@@ -6,7 +6,8 @@
 // their pointers in the kernel parameters), keeping N running sums of
 // squares in registers. Blocks reduce to one partial per anchor; a second
 // tiny kernel sums the partials in double and takes the square root. No
-// atomics, so the result is deterministic run to run.
+// atomics, so the result is deterministic run to run. Compact anchors (int8 /
+// fp8 codes, kernel_common.cuh load_anchor) are decoded in registers.
 #pragma once
 
 #include "kernel_common.cuh"
@@ -27,22 +28,22 @@ struct DistanceArgs {
 };
 
 // acc[u] += squared difference between content vector i and anchor u.
-template <typename T, bool kVec, int NMAX>
+template <typename T, Codes C, bool kVec, int NMAX>
 KVCOMM_HD void distance_accumulate(const DistanceArgs& a, const RefTable& refs,
-                                   int64_t i, float* acc) {
-  constexpr int V = Width<T, kVec>::value;
+                                   const ScaleTable& scales, int64_t i, float* acc) {
+  constexpr int V = Lanes<T, C, kVec>::value;
   const int64_t k = i % a.lanes;
   const int64_t rt = i / a.lanes;
   const int64_t t = rt % a.tokens, row = rt / a.tokens;
   const int64_t l = row / a.heads, h = row - l * a.heads;
   const int64_t c = k * V;
   float x[V];
-  load_float<T, kVec>(static_cast<const T*>(a.content) + a.cs.at(l, h, t, c), x);
+  load_span<T, V, kVec>(static_cast<const T*>(a.content) + a.cs.at(l, h, t, c), x);
 #pragma unroll
   for (int u = 0; u < NMAX; ++u) {
     if (u < a.num_refs) {
       float y[V];
-      load_float<T, kVec>(elem<T>(refs.r[u], l, h, t, c), y);
+      load_anchor<T, C, V, kVec>(refs.r[u], scales.r[u], l, h, t, c, y);
       float s = 0.f;
 #pragma unroll
       for (int v = 0; v < V; ++v) {
@@ -110,17 +111,18 @@ inline Launch plan_distance_finish(int64_t n) {
 }
 
 #if defined(__CUDACC__)
-template <typename T, bool kVec, int NMAX>
+template <typename T, Codes C, bool kVec, int NMAX>
 __global__ void __launch_bounds__(256)
     distance_kernel(const KVCOMM_GRID_CONSTANT DistanceArgs a,
-                    const KVCOMM_GRID_CONSTANT RefTable refs) {
+                    const KVCOMM_GRID_CONSTANT RefTable refs,
+                    const KVCOMM_GRID_CONSTANT ScaleTable scales) {
   float acc[NMAX];
 #pragma unroll
   for (int u = 0; u < NMAX; ++u) acc[u] = 0.f;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < a.total;
        i += step)
-    distance_accumulate<T, kVec, NMAX>(a, refs, i, acc);
+    distance_accumulate<T, C, kVec, NMAX>(a, refs, scales, i, acc);
   // Warp sums, then the first warp adds the warps' sums.
   __shared__ float warp_sums[8][NMAX];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;

@@ -28,10 +28,10 @@ __global__ void __launch_bounds__(256) distance_finish_kernel(const DistanceFini
 // than a round trip through the host.
 __global__ void decide_kernel(const DecideArgs a) { decide_thread(a); }
 
-template <typename T, bool kVec, int NMAX>
+template <typename T, Codes C, bool kVec, int NMAX>
 cudaError_t launch_distances(const Launch& g, const DistanceArgs& a, const RefTable& table,
-                             cudaStream_t stream) {
-  distance_kernel<T, kVec, NMAX><<<g.grid_x, g.block_x, 0, stream>>>(a, table);
+                             const ScaleTable& scales, cudaStream_t stream) {
+  distance_kernel<T, C, kVec, NMAX><<<g.grid_x, g.block_x, 0, stream>>>(a, table, scales);
   return cudaGetLastError();
 }
 
@@ -46,14 +46,20 @@ cudaError_t launch_decide(const DecideArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-#define KVCOMM_INSTANTIATE_DISTANCES(T, VEC, NMAX)                                   \
-  template cudaError_t launch_distances<T, VEC, NMAX>(const Launch&, const DistanceArgs&, \
-                                                      const RefTable&, cudaStream_t);
-#define KVCOMM_INSTANTIATE_DISTANCES_ALL(T)          \
-  KVCOMM_INSTANTIATE_DISTANCES(T, false, 8)          \
-  KVCOMM_INSTANTIATE_DISTANCES(T, true, 8)           \
-  KVCOMM_INSTANTIATE_DISTANCES(T, false, kMaxParamRefs) \
-  KVCOMM_INSTANTIATE_DISTANCES(T, true, kMaxParamRefs)
+#define KVCOMM_INSTANTIATE_DISTANCES(T, C, VEC, NMAX)                                     \
+  template cudaError_t launch_distances<T, C, VEC, NMAX>(const Launch&, const DistanceArgs&, \
+                                                         const RefTable&, const ScaleTable&, \
+                                                         cudaStream_t);
+// Compact anchors launch kCompactChunk at a time (launchers.cuh).
+#define KVCOMM_INSTANTIATE_DISTANCES_ALL(T)                              \
+  KVCOMM_INSTANTIATE_DISTANCES(T, Codes::kPlain, false, 8)               \
+  KVCOMM_INSTANTIATE_DISTANCES(T, Codes::kPlain, true, 8)                \
+  KVCOMM_INSTANTIATE_DISTANCES(T, Codes::kPlain, false, kMaxParamRefs)   \
+  KVCOMM_INSTANTIATE_DISTANCES(T, Codes::kPlain, true, kMaxParamRefs)    \
+  KVCOMM_INSTANTIATE_DISTANCES(T, Codes::kInt8, false, kCompactChunk)    \
+  KVCOMM_INSTANTIATE_DISTANCES(T, Codes::kInt8, true, kCompactChunk)     \
+  KVCOMM_INSTANTIATE_DISTANCES(T, Codes::kFp8, false, kCompactChunk)     \
+  KVCOMM_INSTANTIATE_DISTANCES(T, Codes::kFp8, true, kCompactChunk)
 
 KVCOMM_INSTANTIATE_DISTANCES_ALL(float)
 KVCOMM_INSTANTIATE_DISTANCES_ALL(c10::Half)

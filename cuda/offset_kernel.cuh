@@ -9,7 +9,9 @@
 // then consecutive tokens, so every load and store is coalesced; with 16-byte
 // alignment and a unit channel stride each access is one 128-bit
 // instruction, otherwise the scalar path follows any strides (dst may be a
-// strided slice of a [L, H, Tmax, D] cache buffer).
+// strided slice of a [L, H, Tmax, D] cache buffer). Compact deltas (int8 /
+// fp8 codes with per-channel scales) are decoded in registers: a thread then
+// covers 16 channels, one 16-byte load of each delta's codes.
 #pragma once
 
 #include "kernel_common.cuh"
@@ -28,6 +30,7 @@ struct OffsetArgs {
   int64_t rows_per_group;  // (layer, head) rows one thread walks
   int64_t num_deltas;
   const KVRef* delta_table;  // device table when num_deltas > kMaxParamRefs
+  const ScaleRef* scale_table;  // its scales, for compact deltas
   const float* weights;      // contiguous [N, T] or [N, L, H, D]
   bool per_token_weights;
   bool weights_vec4;         // per-channel weights 16-byte aligned: float4 loads
@@ -35,7 +38,8 @@ struct OffsetArgs {
   bool per_token_shift;
   const float* inv_freq;  // [dim/2], rotation only
 };
-static_assert(sizeof(OffsetArgs) + sizeof(RefTable) <= 4096, "offset kernel parameters over 4 KB");
+static_assert(sizeof(OffsetArgs) + sizeof(RefTable) + sizeof(ScaleTable) <= 4096,
+              "offset kernel parameters over 4 KB");
 
 // More deltas than kMaxParamRefs: the launcher writes their table to device
 // memory in chunks of kMaxParamRefs, each chunk carried by the parameters of
@@ -44,6 +48,9 @@ static_assert(sizeof(OffsetArgs) + sizeof(RefTable) <= 4096, "offset kernel para
 // memory would be replayed later from a buffer the host allocator may have
 // handed out again.
 KVCOMM_HD void store_ref(const RefTable& chunk, int64_t i, KVRef* out) { out[i] = chunk.r[i]; }
+KVCOMM_HD void store_scale_ref(const ScaleTable& chunk, int64_t i, ScaleRef* out) {
+  out[i] = chunk.r[i];
+}
 
 // The delta views of one launch, read where they live. Two types, not one
 // pointer that may point at either: a pointer into the kernel parameters
@@ -55,64 +62,53 @@ struct ParamRefs {
   const RefTable& table;
   KVCOMM_HD KVRef operator[](int64_t u) const { return table.r[u]; }
 };
-struct DeviceRefs {
-  const KVRef* table;
-  KVCOMM_HD KVRef operator[](int64_t u) const {
-#if defined(__CUDA_ARCH__)
-    static_assert(sizeof(KVRef) == 5 * sizeof(long long), "KVRef: a pointer and 4 strides");
-    const long long* f = reinterpret_cast<const long long*>(table + u);
-    long long v[5];
-#pragma unroll
-    for (int i = 0; i < 5; ++i) v[i] = load_ro(f + i);
-    KVRef r;
-    memcpy(&r, v, sizeof(r));
-    return r;
-#else
-    return table[u];
-#endif
-  }
+// With the scales of compact deltas, also read from the parameters.
+struct ParamScaledRefs : ParamRefs {
+  const ScaleTable& scales;
+  KVCOMM_HD ScaleRef scale(int64_t u) const { return scales.r[u]; }
 };
 
-// V consecutive float weights; as float4 loads when the launcher found them
-// 16-byte aligned (V is then a multiple of 4 and c a multiple of V).
-template <int V>
-KVCOMM_HD void load_weights(const float* w, bool vec4, float* out) {
+// Entry u of a device table of plain structs (8-byte fields), each field
+// through the read-only path.
+template <typename R>
+KVCOMM_HD R load_entry_ro(const R* table, int64_t u) {
 #if defined(__CUDA_ARCH__)
-  if constexpr (V % 4 == 0) {
-    if (vec4) {
+  constexpr int kFields = sizeof(R) / sizeof(long long);
+  static_assert(sizeof(R) == kFields * sizeof(long long), "table entries are 8-byte fields");
+  const long long* f = reinterpret_cast<const long long*>(table + u);
+  long long v[kFields];
 #pragma unroll
-      for (int v = 0; v < V; v += 4) {
-        const float4 q = load_ro(reinterpret_cast<const float4*>(w + v));
-        out[v] = q.x;
-        out[v + 1] = q.y;
-        out[v + 2] = q.z;
-        out[v + 3] = q.w;
-      }
-      return;
-    }
-  }
+  for (int i = 0; i < kFields; ++i) v[i] = load_ro(f + i);
+  R r;
+  memcpy(&r, v, sizeof(r));
+  return r;
 #else
-  // The device takes the float4 path here: it needs 16-byte alignment.
-  if (V % 4 == 0 && vec4) KVCOMM_HOST_CHECK_VECTOR_ALIGNED(w);
+  return table[u];
 #endif
-  (void)vec4;
-#pragma unroll
-  for (int v = 0; v < V; ++v) out[v] = load_ro(w + v);
 }
+
+struct DeviceRefs {
+  const KVRef* table;
+  const ScaleRef* scales = nullptr;  // for compact deltas only
+  KVCOMM_HD KVRef operator[](int64_t u) const { return load_entry_ro(table, u); }
+  KVCOMM_HD ScaleRef scale(int64_t u) const { return load_entry_ro(scales, u); }
+};
 
 // acc_lo/acc_hi (channels c.. and c+half..) += sum_u w_u * delta_u, in the
 // order u = 0, 1, ... like the CPU. Refs: ParamRefs or DeviceRefs.
-template <typename T, bool kVec, bool kRotate, class Refs>
+template <typename T, Codes C, bool kVec, bool kRotate, class Refs>
 KVCOMM_HD void offset_add_deltas(const OffsetArgs& a, const Refs& refs,
                                  int64_t l, int64_t h, int64_t t, int64_t c,
                                  float* lo, float* hi) {
-  constexpr int V = Width<T, kVec>::value;
+  constexpr int V = Lanes<T, C, kVec>::value;
 #pragma unroll 2
   for (int64_t u = 0; u < a.num_deltas; ++u) {
     const KVRef d = refs[u];
+    ScaleRef sc{};
+    if constexpr (C != Codes::kPlain) sc = refs.scale(u);
     float x[V], y[V];
-    load_float<T, kVec>(elem<T>(d, l, h, t, c), x);
-    if constexpr (kRotate) load_float<T, kVec>(elem<T>(d, l, h, t, c + a.half), y);
+    load_anchor<T, C, V, kVec>(d, sc, l, h, t, c, x);
+    if constexpr (kRotate) load_anchor<T, C, V, kVec>(d, sc, l, h, t, c + a.half, y);
     if (a.per_token_weights) {
       const float w = load_ro(a.weights + u * a.tokens + t);
 #pragma unroll
@@ -123,8 +119,8 @@ KVCOMM_HD void offset_add_deltas(const OffsetArgs& a, const Refs& refs,
     } else {
       const float* w = a.weights + ((u * a.layers + l) * a.heads + h) * a.dim + c;
       float wl[V], wh[V];
-      load_weights<V>(w, a.weights_vec4, wl);
-      if constexpr (kRotate) load_weights<V>(w + a.half, a.weights_vec4, wh);
+      load_floats_ro<V>(w, a.weights_vec4, wl);
+      if constexpr (kRotate) load_floats_ro<V>(w + a.half, a.weights_vec4, wh);
 #pragma unroll
       for (int v = 0; v < V; ++v) {
         lo[v] += wl[v] * x[v];
@@ -135,10 +131,10 @@ KVCOMM_HD void offset_add_deltas(const OffsetArgs& a, const Refs& refs,
 }
 
 // Everything thread (t, k) of row group `group` does.
-template <typename T, bool kVec, bool kRotate>
-KVCOMM_HD void offset_thread(const OffsetArgs& a, const RefTable& small, int64_t t,
-                             int64_t k, int64_t group) {
-  constexpr int V = Width<T, kVec>::value;
+template <typename T, Codes C, bool kVec, bool kRotate>
+KVCOMM_HD void offset_thread(const OffsetArgs& a, const RefTable& small,
+                             const ScaleTable& small_scales, int64_t t, int64_t k, int64_t group) {
+  constexpr int V = Lanes<T, C, kVec>::value;
   const int64_t c = k * V;
   float cs[V], sn[V];
   if constexpr (kRotate) {
@@ -155,15 +151,17 @@ KVCOMM_HD void offset_thread(const OffsetArgs& a, const RefTable& small, int64_t
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t l = r / a.heads, h = r - l * a.heads;
     float lo[V], hi[V];
-    load_float<T, kVec>(base + a.bs.at(l, h, t, c), lo);
-    if constexpr (kRotate) load_float<T, kVec>(base + a.bs.at(l, h, t, c + a.half), hi);
+    load_span<T, V, kVec>(base + a.bs.at(l, h, t, c), lo);
+    if constexpr (kRotate) load_span<T, V, kVec>(base + a.bs.at(l, h, t, c + a.half), hi);
     // Layer 0 is exact by construction (docs/method.md section 5): it never
     // gets deltas.
     if (l > 0) {
       if (a.delta_table != nullptr)
-        offset_add_deltas<T, kVec, kRotate>(a, DeviceRefs{a.delta_table}, l, h, t, c, lo, hi);
+        offset_add_deltas<T, C, kVec, kRotate>(a, DeviceRefs{a.delta_table, a.scale_table}, l, h,
+                                               t, c, lo, hi);
       else
-        offset_add_deltas<T, kVec, kRotate>(a, ParamRefs{small}, l, h, t, c, lo, hi);
+        offset_add_deltas<T, C, kVec, kRotate>(a, ParamScaledRefs{{small}, small_scales}, l, h, t,
+                                               c, lo, hi);
     }
     if constexpr (kRotate) {
 #pragma unroll
@@ -173,9 +171,9 @@ KVCOMM_HD void offset_thread(const OffsetArgs& a, const RefTable& small, int64_t
         lo[v] = y1;
         hi[v] = y2;
       }
-      store_float<T, kVec>(dst + a.ds.at(l, h, t, c + a.half), hi);
+      store_span<T, V, kVec>(dst + a.ds.at(l, h, t, c + a.half), hi);
     }
-    store_float<T, kVec>(dst + a.ds.at(l, h, t, c), lo);
+    store_span<T, V, kVec>(dst + a.ds.at(l, h, t, c), lo);
   }
 }
 
@@ -203,14 +201,15 @@ inline Launch plan_offset(int64_t layers, int64_t heads, int64_t tokens, int64_t
 }
 
 #if defined(__CUDACC__)
-template <typename T, bool kVec, bool kRotate>
+template <typename T, Codes C, bool kVec, bool kRotate>
 __global__ void __launch_bounds__(256)
     offset_kernel(const KVCOMM_GRID_CONSTANT OffsetArgs a,
-                  const KVCOMM_GRID_CONSTANT RefTable small) {
+                  const KVCOMM_GRID_CONSTANT RefTable small,
+                  const KVCOMM_GRID_CONSTANT ScaleTable small_scales) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   if (t >= a.tokens) return;
   for (int64_t k = threadIdx.x; k < a.lanes; k += blockDim.x)
-    offset_thread<T, kVec, kRotate>(a, small, t, k, blockIdx.y);
+    offset_thread<T, C, kVec, kRotate>(a, small, small_scales, t, k, blockIdx.y);
 }
 #endif
 

@@ -12,6 +12,9 @@
 // base - anchor_u's last T tokens, per channel. A thread owns one channel and
 // a chunk of tokens (lanes of a warp = consecutive channels, so loads are
 // coalesced); partials [chunks, N, channels].
+//
+// Compact anchors (int8 / fp8 codes with per-channel scales) are decoded in
+// registers (kernel_common.cuh load_anchor).
 #pragma once
 
 #include "kernel_common.cuh"
@@ -30,22 +33,23 @@ struct TokenArgs {
   int64_t n_total, first;
 };
 
-template <typename T, bool kVec, int NMAX>
-KVCOMM_HD void token_accumulate(const TokenArgs& a, const RefTable& refs, int64_t t,
-                                int64_t k, int64_t group, float* acc) {
-  constexpr int V = Width<T, kVec>::value;
+template <typename T, Codes C, bool kVec, int NMAX>
+KVCOMM_HD void token_accumulate(const TokenArgs& a, const RefTable& refs,
+                                const ScaleTable& scales, int64_t t, int64_t k, int64_t group,
+                                float* acc) {
+  constexpr int V = Lanes<T, C, kVec>::value;
   const int64_t c = k * V;
   const int64_t r0 = group * a.rows_per_group;
   const int64_t r1 = r0 + a.rows_per_group < a.rows ? r0 + a.rows_per_group : a.rows;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t l = r / a.heads, h = r - l * a.heads;
     float x[V];
-    load_float<T, kVec>(static_cast<const T*>(a.base) + a.bs.at(l, h, t, c), x);
+    load_span<T, V, kVec>(static_cast<const T*>(a.base) + a.bs.at(l, h, t, c), x);
 #pragma unroll
     for (int u = 0; u < NMAX; ++u) {
       if (u < a.num_refs) {
         float y[V];
-        load_float<T, kVec>(elem<T>(refs.r[u], l, h, t, c), y);
+        load_anchor<T, C, V, kVec>(refs.r[u], scales.r[u], l, h, t, c, y);
         float s = 0.f;
 #pragma unroll
         for (int v = 0; v < V; ++v) s += fabsf(x[v] - y[v]);
@@ -85,20 +89,38 @@ struct SegmentArgs {
   int64_t n_total, first;
 };
 
-// refs are already advanced to each anchor's last `tokens` tokens.
-template <typename T, int NMAX>
-KVCOMM_HD void segment_accumulate(const SegmentArgs& a, const RefTable& refs, int64_t ch,
-                                  int64_t chunk, float* acc) {
+// refs are already advanced to each anchor's last `tokens` tokens. A
+// compact anchor's scale is one per channel: read once, outside the tokens.
+template <typename T, Codes C, int NMAX>
+KVCOMM_HD void segment_accumulate(const SegmentArgs& a, const RefTable& refs,
+                                  const ScaleTable& scales, int64_t ch, int64_t chunk,
+                                  float* acc) {
   const int64_t row = ch / a.dim, d = ch - row * a.dim;
   const int64_t l = row / a.heads, h = row - l * a.heads;
   const int64_t t0 = chunk * a.tokens_per_chunk;
   const int64_t t1 = t0 + a.tokens_per_chunk < a.tokens ? t0 + a.tokens_per_chunk : a.tokens;
+  float scale[NMAX];
+#pragma unroll
+  for (int u = 0; u < NMAX; ++u) {
+    scale[u] = 1.f;
+    if constexpr (C != Codes::kPlain) {
+      if (u < a.num_refs) {
+        const ScaleRef& s = scales.r[u];
+        scale[u] = load_ro(s.ptr + l * s.layer + h * s.head + d);
+      }
+    }
+  }
   for (int64_t t = t0; t < t1; ++t) {
     const float x = static_cast<float>(static_cast<const T*>(a.base)[a.bs.at(l, h, t, d)]);
 #pragma unroll
     for (int u = 0; u < NMAX; ++u) {
       if (u < a.num_refs) {
-        const float diff = x - static_cast<float>(*elem<T>(refs.r[u], l, h, t, d));
+        float y;
+        if constexpr (C == Codes::kPlain)
+          y = static_cast<float>(*elem<T>(refs.r[u], l, h, t, d));
+        else
+          y = math::decode_code<C>(*elem<uint8_t>(refs.r[u], l, h, t, d)) * scale[u];
+        const float diff = x - y;
         acc[u] += diff * diff;
       }
     }
@@ -175,17 +197,18 @@ inline Launch plan_finish(int64_t items) {
 }
 
 #if defined(__CUDACC__)
-template <typename T, bool kVec, int NMAX>
+template <typename T, Codes C, bool kVec, int NMAX>
 __global__ void __launch_bounds__(256)
     token_score_kernel(const KVCOMM_GRID_CONSTANT TokenArgs a,
-                       const KVCOMM_GRID_CONSTANT RefTable refs) {
+                       const KVCOMM_GRID_CONSTANT RefTable refs,
+                       const KVCOMM_GRID_CONSTANT ScaleTable scales) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   float acc[NMAX];
 #pragma unroll
   for (int u = 0; u < NMAX; ++u) acc[u] = 0.f;
   if (t < a.tokens) {
     for (int64_t k = threadIdx.x; k < a.lanes; k += blockDim.x)
-      token_accumulate<T, kVec, NMAX>(a, refs, t, k, blockIdx.y, acc);
+      token_accumulate<T, C, kVec, NMAX>(a, refs, scales, t, k, blockIdx.y, acc);
   }
   // Every lane takes part in the shuffles, including those past the end.
 #pragma unroll
@@ -200,16 +223,17 @@ __global__ void __launch_bounds__(256)
 // anchor's address live and takes ~200 registers (one block per SM), or
 // spills under a bound; re-reading the base per chunk costs 1/(N+1) of the
 // traffic.
-template <typename T, int NMAX>
+template <typename T, Codes C, int NMAX>
 __global__ void __launch_bounds__(256, 2)
     segment_score_kernel(const KVCOMM_GRID_CONSTANT SegmentArgs a,
-                         const KVCOMM_GRID_CONSTANT RefTable refs) {
+                         const KVCOMM_GRID_CONSTANT RefTable refs,
+                         const KVCOMM_GRID_CONSTANT ScaleTable scales) {
   const int64_t ch = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (ch >= a.channels) return;
   float acc[NMAX];
 #pragma unroll
   for (int u = 0; u < NMAX; ++u) acc[u] = 0.f;
-  segment_accumulate<T, NMAX>(a, refs, ch, blockIdx.y, acc);
+  segment_accumulate<T, C, NMAX>(a, refs, scales, ch, blockIdx.y, acc);
 #pragma unroll
   for (int u = 0; u < NMAX; ++u)
     if (u < a.num_refs) a.partial[(blockIdx.y * a.n_total + a.first + u) * a.channels + ch] = acc[u];

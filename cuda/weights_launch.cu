@@ -20,11 +20,11 @@ __global__ void __launch_bounds__(256) segment_finish_kernel(const SegmentFinish
   if (ch < a.channels) segment_finish(a, ch);
 }
 
-template <typename T, bool kVec, int NMAX>
+template <typename T, Codes C, bool kVec, int NMAX>
 cudaError_t launch_token_scores(const Launch& g, const TokenArgs& a, const RefTable& table,
-                                cudaStream_t stream) {
-  token_score_kernel<T, kVec, NMAX>
-      <<<dim3(g.grid_x, g.grid_y), dim3(g.block_x, g.block_y), 0, stream>>>(a, table);
+                                const ScaleTable& scales, cudaStream_t stream) {
+  token_score_kernel<T, C, kVec, NMAX>
+      <<<dim3(g.grid_x, g.grid_y), dim3(g.block_x, g.block_y), 0, stream>>>(a, table, scales);
   return cudaGetLastError();
 }
 
@@ -34,10 +34,11 @@ cudaError_t launch_token_finish(const TokenFinishArgs& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <typename T, int NMAX>
+template <typename T, Codes C, int NMAX>
 cudaError_t launch_segment_scores(const Launch& g, const SegmentArgs& a, const RefTable& table,
-                                  cudaStream_t stream) {
-  segment_score_kernel<T, NMAX><<<dim3(g.grid_x, g.grid_y), g.block_x, 0, stream>>>(a, table);
+                                  const ScaleTable& scales, cudaStream_t stream) {
+  segment_score_kernel<T, C, NMAX>
+      <<<dim3(g.grid_x, g.grid_y), g.block_x, 0, stream>>>(a, table, scales);
   return cudaGetLastError();
 }
 
@@ -47,19 +48,28 @@ cudaError_t launch_segment_finish(const SegmentFinishArgs& a, cudaStream_t strea
   return cudaGetLastError();
 }
 
-#define KVCOMM_INSTANTIATE_TOKEN(T, VEC, NMAX)                                        \
-  template cudaError_t launch_token_scores<T, VEC, NMAX>(const Launch&, const TokenArgs&, \
-                                                         const RefTable&, cudaStream_t);
-#define KVCOMM_INSTANTIATE_SEGMENT(T, NMAX)                                              \
-  template cudaError_t launch_segment_scores<T, NMAX>(const Launch&, const SegmentArgs&, \
-                                                      const RefTable&, cudaStream_t);
-#define KVCOMM_INSTANTIATE_WEIGHTS_ALL(T)           \
-  KVCOMM_INSTANTIATE_TOKEN(T, false, 8)             \
-  KVCOMM_INSTANTIATE_TOKEN(T, true, 8)              \
-  KVCOMM_INSTANTIATE_TOKEN(T, false, kMaxParamRefs) \
-  KVCOMM_INSTANTIATE_TOKEN(T, true, kMaxParamRefs)  \
-  KVCOMM_INSTANTIATE_SEGMENT(T, 8)                  \
-  KVCOMM_INSTANTIATE_SEGMENT(T, kSegmentChunk)
+#define KVCOMM_INSTANTIATE_TOKEN(T, C, VEC, NMAX)                                        \
+  template cudaError_t launch_token_scores<T, C, VEC, NMAX>(const Launch&, const TokenArgs&, \
+                                                            const RefTable&,                \
+                                                            const ScaleTable&, cudaStream_t);
+#define KVCOMM_INSTANTIATE_SEGMENT(T, C, NMAX)                                              \
+  template cudaError_t launch_segment_scores<T, C, NMAX>(const Launch&, const SegmentArgs&, \
+                                                         const RefTable&, const ScaleTable&, \
+                                                         cudaStream_t);
+// Compact anchors launch kCompactChunk at a time (launchers.cuh).
+#define KVCOMM_INSTANTIATE_WEIGHTS_ALL(T)                        \
+  KVCOMM_INSTANTIATE_TOKEN(T, Codes::kPlain, false, 8)             \
+  KVCOMM_INSTANTIATE_TOKEN(T, Codes::kPlain, true, 8)              \
+  KVCOMM_INSTANTIATE_TOKEN(T, Codes::kPlain, false, kMaxParamRefs) \
+  KVCOMM_INSTANTIATE_TOKEN(T, Codes::kPlain, true, kMaxParamRefs)  \
+  KVCOMM_INSTANTIATE_TOKEN(T, Codes::kInt8, false, kCompactChunk)  \
+  KVCOMM_INSTANTIATE_TOKEN(T, Codes::kInt8, true, kCompactChunk)   \
+  KVCOMM_INSTANTIATE_TOKEN(T, Codes::kFp8, false, kCompactChunk)   \
+  KVCOMM_INSTANTIATE_TOKEN(T, Codes::kFp8, true, kCompactChunk)    \
+  KVCOMM_INSTANTIATE_SEGMENT(T, Codes::kPlain, 8)                  \
+  KVCOMM_INSTANTIATE_SEGMENT(T, Codes::kPlain, kSegmentChunk)      \
+  KVCOMM_INSTANTIATE_SEGMENT(T, Codes::kInt8, kCompactChunk)       \
+  KVCOMM_INSTANTIATE_SEGMENT(T, Codes::kFp8, kCompactChunk)
 
 KVCOMM_INSTANTIATE_WEIGHTS_ALL(float)
 KVCOMM_INSTANTIATE_WEIGHTS_ALL(c10::Half)

@@ -3,6 +3,13 @@
 Content KV layout everywhere: [layers, kv_heads, tokens, head_dim] (L, H, T, D),
 dtype float32, bfloat16 or float16. Keys in a pool are stored in the
 position-neutral frame (the content's first token at position 0).
+
+Compact anchors and deltas (docs/method.md section 10): value_distances,
+token_weights, segment_weights and the fused offsets also take int8 or
+float8_e4m3fn codes with `anchor_scales` / `delta_scales`, one float32 tensor
+[L, H, 1, D] per code tensor; the value read is code * scale, decoded in the
+kernels' registers (no decoded copy). kvcomm.reference.compact_anchor makes
+such a pair from a tensor.
 """
 from __future__ import annotations
 
@@ -48,13 +55,19 @@ def rope_move_(keys: Tensor, inv_freq: Tensor, shift: int | Tensor) -> Tensor:
     return keys
 
 
-def value_distances(content: Tensor, anchors: Sequence[Tensor], rms: bool = False) -> Tensor:
+def _scales(scales: Sequence[Tensor] | None) -> list[Tensor] | None:
+    return None if scales is None else list(scales)
+
+
+def value_distances(content: Tensor, anchors: Sequence[Tensor], rms: bool = False,
+                    anchor_scales: Sequence[Tensor] | None = None) -> Tensor:
     """float32 [N]: ||content - anchor_u[:, :, :n]|| over all elements.
 
-    content [L,H,n,D]; anchors: N tensors [L,H,m_u,D] with m_u >= n. rms=True
+    content [L,H,n,D]; anchors: N tensors [L,H,m_u,D] with m_u >= n, in content's
+    dtype, or int8 / float8_e4m3fn codes with anchor_scales (module docstring). rms=True
     divides the squared sum by the element count (scale-free distance).
     """
-    return _ops.value_distances(content, list(anchors), rms)
+    return _ops.value_distances(content, list(anchors), rms, _scales(anchor_scales))
 
 
 def match_decide(distances: Tensor, tau: float = 1.0, gamma: float = 0.3, top_p: float = 0.9):
@@ -67,31 +80,40 @@ def match_decide(distances: Tensor, tau: float = 1.0, gamma: float = 0.3, top_p:
     return _ops.match_decide(distances, tau, gamma, top_p)
 
 
-def token_weights(base: Tensor, anchors: Sequence[Tensor], tau: float = 1.0) -> Tensor:
-    """float32 [N, n]: softmax_u(-mean_{l,h,d}|base[t] - anchor_u[t]| / tau)."""
-    return _ops.token_weights(base, list(anchors), tau)
+def token_weights(base: Tensor, anchors: Sequence[Tensor], tau: float = 1.0,
+                  anchor_scales: Sequence[Tensor] | None = None) -> Tensor:
+    """float32 [N, n]: softmax_u(-mean_{l,h,d}|base[t] - anchor_u[t]| / tau).
+    Compact anchors with anchor_scales (module docstring)."""
+    return _ops.token_weights(base, list(anchors), tau, _scales(anchor_scales))
 
 
-def segment_weights(base: Tensor, anchors: Sequence[Tensor], tau: float = 1.0) -> Tensor:
-    """float32 [N, L, H, D]: softmax_u(-||base - anchor_u[:, :, -n:]||_t / tau)."""
-    return _ops.segment_weights(base, list(anchors), tau)
+def segment_weights(base: Tensor, anchors: Sequence[Tensor], tau: float = 1.0,
+                    anchor_scales: Sequence[Tensor] | None = None) -> Tensor:
+    """float32 [N, L, H, D]: softmax_u(-||base - anchor_u[:, :, -n:]||_t / tau).
+    Compact anchors with anchor_scales (module docstring)."""
+    return _ops.segment_weights(base, list(anchors), tau, _scales(anchor_scales))
 
 
 def fused_offset(base: Tensor, deltas: Sequence[Tensor], weights: Tensor, shift: int | Tensor,
-                 inv_freq: Tensor | None = None) -> Tensor:
+                 inv_freq: Tensor | None = None,
+                 delta_scales: Sequence[Tensor] | None = None) -> Tensor:
     """New tensor [L,H,T,D]: rot(base + sum_u w_u * delta_u, shift).
 
     deltas: N tensors [L,H,>=T,D] (first T tokens used), added on layers >= 1
-    only; weights float32 [N, T] (per token) or [N, L, H, D] (per channel);
+    only, in base's dtype or int8 / float8_e4m3fn codes with delta_scales (module
+    docstring); weights float32 [N, T] (per token) or [N, L, H, D] (per channel);
     rotation only when inv_freq is given (keys), none for values.
     """
-    return _ops.fused_offset(base, list(deltas), weights, _as_shift(shift, base), inv_freq)
+    return _ops.fused_offset(base, list(deltas), weights, _as_shift(shift, base), inv_freq,
+                             _scales(delta_scales))
 
 
 def fused_offset_into(dst: Tensor, base: Tensor, deltas: Sequence[Tensor], weights: Tensor,
-                      shift: int | Tensor, inv_freq: Tensor | None = None) -> Tensor:
+                      shift: int | Tensor, inv_freq: Tensor | None = None,
+                      delta_scales: Sequence[Tensor] | None = None) -> Tensor:
     """fused_offset written into dst [L,H,T,D] (any strides); returns dst."""
-    _ops.fused_offset_into(dst, base, list(deltas), weights, _as_shift(shift, base), inv_freq)
+    _ops.fused_offset_into(dst, base, list(deltas), weights, _as_shift(shift, base), inv_freq,
+                           _scales(delta_scales))
     return dst
 
 
@@ -119,7 +141,7 @@ def _rope_move_inplace_fake(keys, inv_freq, shift):
 
 
 @torch.library.register_fake("kvcomm::value_distances")
-def _value_distances_fake(content, anchors, rms=False):
+def _value_distances_fake(content, anchors, rms=False, anchor_scales=None):
     return content.new_empty(len(anchors), dtype=torch.float32)
 
 
@@ -131,23 +153,23 @@ def _match_decide_fake(distances, tau, gamma, top_p):
 
 
 @torch.library.register_fake("kvcomm::token_weights")
-def _token_weights_fake(base, anchors, tau):
+def _token_weights_fake(base, anchors, tau, anchor_scales=None):
     return base.new_empty(len(anchors), base.shape[2], dtype=torch.float32)
 
 
 @torch.library.register_fake("kvcomm::segment_weights")
-def _segment_weights_fake(base, anchors, tau):
+def _segment_weights_fake(base, anchors, tau, anchor_scales=None):
     L, H, _, D = base.shape
     return base.new_empty(len(anchors), L, H, D, dtype=torch.float32)
 
 
 @torch.library.register_fake("kvcomm::fused_offset")
-def _fused_offset_fake(base, deltas, weights, shift, inv_freq):
+def _fused_offset_fake(base, deltas, weights, shift, inv_freq, delta_scales=None):
     return torch.empty_like(base, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("kvcomm::fused_offset_into")
-def _fused_offset_into_fake(dst, base, deltas, weights, shift, inv_freq):
+def _fused_offset_into_fake(dst, base, deltas, weights, shift, inv_freq, delta_scales=None):
     return None
 
 

@@ -37,7 +37,18 @@ def rope_move(keys: Tensor, inv_freq: Tensor, shift: int | Tensor) -> Tensor:
     return rope_rotate(keys, inv_freq, shift).to(keys.dtype)
 
 
-def value_distances(content: Tensor, anchors: Sequence[Tensor], rms: bool = False) -> Tensor:
+def _values(anchors: Sequence[Tensor], scales: Sequence[Tensor] | None) -> list[Tensor]:
+    """Anchors as float32 values: compact ones (int8 / fp8 codes with float32 scales
+    [L, H, 1, D]) decoded as code * scale, as the kernels decode them."""
+    if scales is None:
+        return [a.to(torch.float32) for a in anchors]
+    assert len(scales) == len(anchors), "one scale tensor per compact anchor"
+    return [a.to(torch.float32) * s.to(torch.float32) for a, s in zip(anchors, scales)]
+
+
+def value_distances(content: Tensor, anchors: Sequence[Tensor], rms: bool = False,
+                    anchor_scales: Sequence[Tensor] | None = None) -> Tensor:
+    anchors = _values(anchors, anchor_scales)
     n = content.shape[2]
     c = content.to(torch.float32)
     out = []
@@ -76,7 +87,9 @@ def match_decide(distances: Tensor, tau: float, gamma: float, top_p: float):
     return probs, entropy.to(torch.float32), torch.tensor(share, device=d.device), credit
 
 
-def token_weights(base: Tensor, anchors: Sequence[Tensor], tau: float) -> Tensor:
+def token_weights(base: Tensor, anchors: Sequence[Tensor], tau: float,
+                  anchor_scales: Sequence[Tensor] | None = None) -> Tensor:
+    anchors = _values(anchors, anchor_scales)
     n = base.shape[2]
     b = base.to(torch.float32)
     if not anchors:
@@ -85,7 +98,9 @@ def token_weights(base: Tensor, anchors: Sequence[Tensor], tau: float) -> Tensor
     return torch.softmax(-s / tau, dim=0)
 
 
-def segment_weights(base: Tensor, anchors: Sequence[Tensor], tau: float) -> Tensor:
+def segment_weights(base: Tensor, anchors: Sequence[Tensor], tau: float,
+                    anchor_scales: Sequence[Tensor] | None = None) -> Tensor:
+    anchors = _values(anchors, anchor_scales)
     L, H, n, D = base.shape
     b = base.to(torch.float32)
     if not anchors:
@@ -95,7 +110,9 @@ def segment_weights(base: Tensor, anchors: Sequence[Tensor], tau: float) -> Tens
 
 
 def fused_offset(base: Tensor, deltas: Sequence[Tensor], weights: Tensor, shift: int | Tensor,
-                 inv_freq: Tensor | None = None) -> Tensor:
+                 inv_freq: Tensor | None = None,
+                 delta_scales: Sequence[Tensor] | None = None) -> Tensor:
+    deltas = _values(deltas, delta_scales)
     L, H, T, D = base.shape
     acc = base.to(torch.float32).clone()
     for u, delta in enumerate(deltas):

@@ -10,6 +10,8 @@
 #include <ATen/ops/full.h>
 #include <ATen/ops/ones.h>
 #include <ATen/ops/pow.h>
+#include <ATen/ops/rand.h>
+#include <ATen/ops/randint.h>
 #include <ATen/ops/randn.h>
 #include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/zeros.h>
@@ -92,6 +94,32 @@ TEST(Ops, FusedOffsetIntoBufferSlice) {
   EXPECT_TRUE(at::allclose(buf.narrow(2, 3, 4), rotate(expected, f, 7), 1e-5, 1e-5));
   EXPECT_EQ(buf.narrow(2, 0, 3).abs().sum().item<float>(), 0.f);
   EXPECT_EQ(buf.narrow(2, 7, 3).abs().sum().item<float>(), 0.f);
+}
+
+// Compact anchors and deltas through the C++ API: int8 codes with float32
+// scales [L, H, 1, D] read exactly as the dense values code * scale.
+TEST(Ops, Int8CodesWithScalesReadAsTheirValues) {
+  at::manual_seed(6);
+  const at::Tensor content = at::randn({2, 2, 5, 64});
+  const at::Tensor codes = at::randint(-127, 128, {2, 2, 7, 64}).to(at::kChar);
+  const at::Tensor scale = at::rand({2, 2, 1, 64}) * 0.05 + 0.01;
+  const at::Tensor values = codes.to(at::kFloat) * scale;
+  const std::vector<at::Tensor> scales{scale};
+  const at::Tensor d = kvcomm::value_distances(content, {codes}, false, at::TensorList(scales));
+  EXPECT_TRUE(at::allclose(d, kvcomm::value_distances(content, {values}, false), 1e-5, 1e-6));
+  const at::Tensor tw = kvcomm::token_weights(content, {codes, codes}, 1.0, at::TensorList({scale, scale}));
+  EXPECT_TRUE(at::allclose(tw, kvcomm::token_weights(content, {values, values}, 1.0), 1e-5, 1e-6));
+  const at::Tensor w = at::full({1, 5}, 0.5f);
+  const at::Tensor shift = at::scalar_tensor(3, at::kLong);
+  const at::Tensor moved = kvcomm::fused_offset(content, {codes}, w, shift, inv_freq(64), at::TensorList(scales));
+  EXPECT_TRUE(at::allclose(moved, kvcomm::fused_offset(content, {values}, w, shift, inv_freq(64)), 1e-5, 1e-5));
+  // Codes without their scales are refused, naming the argument.
+  try {
+    kvcomm::value_distances(content, {codes}, false);
+    FAIL() << "int8 anchors without scales were accepted";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("kvcomm.value_distances: anchors[0]"), std::string::npos) << e.what();
+  }
 }
 
 // token_spread: zero where the anchors agree, and for one token that disagrees on

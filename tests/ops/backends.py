@@ -96,6 +96,10 @@ def _shift(shift, like: torch.Tensor) -> torch.Tensor:
     return shift if isinstance(shift, torch.Tensor) else torch.tensor(int(shift), device=like.device)
 
 
+def _list(x):
+    return None if x is None else list(x)
+
+
 class EmulatedOps:
     """kvcomm.ops' signatures over torch.ops.kvcomm_emu."""
 
@@ -109,26 +113,28 @@ class EmulatedOps:
         self._emu.rope_move_(keys, inv_freq, _shift(shift, keys))
         return keys
 
-    def value_distances(self, content, anchors, rms=False):
-        return self._emu.value_distances(content, list(anchors), rms)
+    def value_distances(self, content, anchors, rms=False, anchor_scales=None):
+        return self._emu.value_distances(content, list(anchors), rms, _list(anchor_scales))
 
     def match_decide(self, distances, tau=1.0, gamma=0.3, top_p=0.9):
         return self._emu.match_decide(distances, tau, gamma, top_p)
 
-    def token_weights(self, base, anchors, tau=1.0):
-        return self._emu.token_weights(base, list(anchors), tau)
+    def token_weights(self, base, anchors, tau=1.0, anchor_scales=None):
+        return self._emu.token_weights(base, list(anchors), tau, _list(anchor_scales))
 
-    def segment_weights(self, base, anchors, tau=1.0):
-        return self._emu.segment_weights(base, list(anchors), tau)
+    def segment_weights(self, base, anchors, tau=1.0, anchor_scales=None):
+        return self._emu.segment_weights(base, list(anchors), tau, _list(anchor_scales))
 
     def token_spread(self, deltas, weights):
         return self._emu.token_spread(list(deltas), weights)
 
-    def fused_offset(self, base, deltas, weights, shift, inv_freq=None):
-        return self._emu.fused_offset(base, list(deltas), weights, _shift(shift, base), inv_freq)
+    def fused_offset(self, base, deltas, weights, shift, inv_freq=None, delta_scales=None):
+        return self._emu.fused_offset(base, list(deltas), weights, _shift(shift, base), inv_freq,
+                                      _list(delta_scales))
 
-    def fused_offset_into(self, dst, base, deltas, weights, shift, inv_freq=None):
-        self._emu.fused_offset_into(dst, base, list(deltas), weights, _shift(shift, base), inv_freq)
+    def fused_offset_into(self, dst, base, deltas, weights, shift, inv_freq=None, delta_scales=None):
+        self._emu.fused_offset_into(dst, base, list(deltas), weights, _shift(shift, base), inv_freq,
+                                    _list(delta_scales))
         return dst
 
 

@@ -75,8 +75,10 @@ int64_t vector_access_c(char* buf, int64_t offset) {
   float v[4];
   load_float<float, true>(reinterpret_cast<const float*>(buf + offset), v);
   store_float<float, true>(reinterpret_cast<float*>(buf + offset), v);
-  load_weights<4>(reinterpret_cast<const float*>(buf + offset), true, v);
-  load_weights<4>(reinterpret_cast<const float*>(buf + offset), false, v);  // scalar: never counts
+  load_floats_ro<4>(reinterpret_cast<const float*>(buf + offset), true, v);
+  load_floats_ro<4>(reinterpret_cast<const float*>(buf + offset), false, v);  // scalar: never counts
+  unsigned char codes[16];
+  load16(buf + offset, codes);  // 16 compact codes
   return g_misaligned;
 }
 }
@@ -94,7 +96,8 @@ def plans():
         pytest.skip("no host C++ compiler")
     headers = "".join((ROOT / p).read_text() for p in
                       ["cuda/kernel_common.cuh", "cuda/offset_kernel.cuh", "cuda/matching_kernels.cuh",
-                       "cuda/weight_kernels.cuh", "cpp/include/kvcomm/math.h"])
+                       "cuda/weight_kernels.cuh", "cpp/include/kvcomm/math.h",
+                       "cpp/include/kvcomm/codes.h"])
     key = hashlib.sha1((_PLANS_SOURCE + headers).encode()).hexdigest()[:12]
     build = Path(tempfile.gettempdir()) / f"kvcomm-launch-plans-{key}"
     lib = build / "plans.so"
@@ -237,10 +240,10 @@ def test_segment_score_launch_is_valid_and_covers_everything(plans):
 
 def test_emulation_flags_misaligned_vector_access(plans):
     # The hook host_emulation.cuh uses: counts every misaligned 16-byte
-    # access of load_float / store_float / load_weights(vec4), and none of
-    # the scalar path.
+    # access of load_float / store_float / load_floats_ro(vec4) / load16
+    # (compact codes), and none of the scalar path.
     buf = ctypes.create_string_buffer(64 + 16)
     aligned = (ctypes.addressof(buf) + 15) // 16 * 16
     assert plans.vector_access_c(aligned, 0) == 0
-    assert plans.vector_access_c(aligned, 4) == 3
+    assert plans.vector_access_c(aligned, 4) == 4
     assert plans.vector_access_c(aligned, 16) == 0

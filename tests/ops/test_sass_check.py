@@ -18,10 +18,14 @@ spec.loader.exec_module(sass_check)
 pytestmark = pytest.mark.skipif(shutil.which("c++filt") is None, reason="c++filt (binutils) demangles the names")
 
 TYPES = {"float": "f", "c10::Half": "N3c104HalfE", "c10::BFloat16": "N3c108BFloat16E"}
+CODES = ["LNS_5CodesE0E", "LNS_5CodesE1E", "LNS_5CodesE2E"]  # plain, int8, fp8
+PLAIN = CODES[0]
+SCORE_TAILS = [PLAIN + "Lb1ELi8E", PLAIN + "Lb1ELi32E", CODES[1] + "Lb1ELi8E", CODES[2] + "Lb1ELi8E"]
 KERNELS = {  # family -> (mangled name, args, template tails)
-    "offset": ("13offset_kernel", "NS0_10OffsetArgsENS0_8RefTableE", ["Lb1ELb0E", "Lb1ELb1E"]),
-    "distance": ("15distance_kernel", "NS0_12DistanceArgsENS0_8RefTableE", ["Lb1ELi8E", "Lb1ELi32E"]),
-    "token": ("18token_score_kernel", "NS0_9TokenArgsENS0_8RefTableE", ["Lb1ELi8E", "Lb1ELi32E"]),
+    "offset": ("13offset_kernel", "NS0_10OffsetArgsENS0_8RefTableENS0_10ScaleTableE",
+               [c + rot for c in CODES for rot in ("Lb1ELb0E", "Lb1ELb1E")]),
+    "distance": ("15distance_kernel", "NS0_12DistanceArgsENS0_8RefTableENS0_10ScaleTableE", SCORE_TAILS),
+    "token": ("18token_score_kernel", "NS0_9TokenArgsENS0_8RefTableENS0_10ScaleTableE", SCORE_TAILS),
 }
 
 GOOD = {
@@ -52,7 +56,9 @@ def _sass(overrides=None, drop=None):
     return "\n".join(out)
 
 
-BF16_ROT = "_ZN6kvcomm4cuda13offset_kernelIN3c108BFloat16ELb1ELb1EEEvNS0_10OffsetArgsENS0_8RefTableE"
+BF16_ROT = ("_ZN6kvcomm4cuda13offset_kernelIN3c108BFloat16ELNS_5CodesE0ELb1ELb1EEEvNS0_10OffsetArgsENS0_8RefTable"
+            "ENS0_10ScaleTableE")
+BF16_ROT_NAME = "offset_kernel<c10::BFloat16, (kvcomm::Codes)0, true, true>"
 
 
 def _check(text):
@@ -61,14 +67,14 @@ def _check(text):
 
 def test_all_128_bit_passes():
     bad, summary = _check(_sass())
-    assert bad == [] and len(summary) == 18
+    assert bad == [] and len(summary) == 3 * (6 + 4 + 4)
 
 
 def test_split_stores_fail():
     split = GOOD["offset"][:-1] + [f"STG.E desc[UR24][R6.64+{o}], R9 ;" for o in ("", "0x4", "0x8", "0xc")]
     bad, _ = _check(_sass({BF16_ROT: split}))
     assert len(bad) == 5  # four narrow stores, and no 128-bit store left
-    assert all("offset_kernel<c10::BFloat16, true, true>" in b for b in bad)
+    assert all(BF16_ROT_NAME in b for b in bad)
     assert "KV store narrower than 128 bits" in bad[0] and "no 128-bit KV store" in bad[-1]
 
 
@@ -82,7 +88,7 @@ def test_narrow_plain_loads_and_generic_accesses_fail():
 
 def test_a_missing_kernel_fails():
     bad, _ = _check(_sass(drop=BF16_ROT))
-    assert bad == ["offset_kernel<c10::BFloat16, true, true>: not found in the SASS (renamed? not instantiated?)"]
+    assert bad == [f"{BF16_ROT_NAME}: not found in the SASS (renamed? not instantiated?)"]
 
 
 def test_cli_exit_codes(tmp_path, capsys):

@@ -3,6 +3,11 @@
 // tensors, exactly like torch.ops.kvcomm.<name> from Python.
 //
 // Content KV layout everywhere: [layers, kv_heads, tokens, head_dim].
+//
+// Compact anchors / deltas (docs/method.md section 10): pass int8 or
+// float8_e4m3fn codes with `anchor_scales` / `delta_scales`, one float32
+// [layers, kv_heads, 1, head_dim] tensor per code tensor; the value read is
+// code * scale, decoded in the kernels' registers (no decoded copy).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -23,7 +28,8 @@ void rope_move_(const at::Tensor& keys, const at::Tensor& inv_freq,
 // of each anchor's values [L,H,m_u>=n,D]; Frobenius norm, or per-element RMS
 // when `rms`.
 at::Tensor value_distances(const at::Tensor& content, at::TensorList anchors,
-                           bool rms);
+                           bool rms,
+                           const c10::optional<at::TensorList>& anchor_scales = c10::nullopt);
 
 // The share-or-anchor decision from distances [N]: (probs [N] float32,
 // entropy [] float32 in bits, share [] bool, credit [N] bool).
@@ -33,11 +39,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> match_decide(
 // float32 [N, n]: per-token placeholder weights, softmax over anchors of
 // -mean|base[t] - anchor_u[t]| / tau.
 at::Tensor token_weights(const at::Tensor& base, at::TensorList anchors,
-                         double tau);
+                         double tau,
+                         const c10::optional<at::TensorList>& anchor_scales = c10::nullopt);
 // float32 [N, L, H, D]: per-channel segment weights, softmax over anchors of
 // -||base - anchor_u[-n:]||_tokens / tau.
 at::Tensor segment_weights(const at::Tensor& base, at::TensorList anchors,
-                           double tau);
+                           double tau,
+                           const c10::optional<at::TensorList>& anchor_scales = c10::nullopt);
 
 // base [L,H,T,D] plus, for layers >= 1, the weighted sum of deltas
 // (each [L,H,>=T,D], first T tokens used) with weights [N,T] (per token) or
@@ -45,12 +53,14 @@ at::Tensor segment_weights(const at::Tensor& base, at::TensorList anchors,
 // (keys) or left unrotated when it is not (values).
 at::Tensor fused_offset(const at::Tensor& base, at::TensorList deltas,
                         const at::Tensor& weights, const at::Tensor& shift,
-                        const c10::optional<at::Tensor>& inv_freq);
+                        const c10::optional<at::Tensor>& inv_freq,
+                        const c10::optional<at::TensorList>& delta_scales = c10::nullopt);
 // Same, written into `dst` [L,H,T,D] (any strides, e.g. a KV-buffer slice).
 void fused_offset_into(const at::Tensor& dst, const at::Tensor& base,
                        at::TensorList deltas, const at::Tensor& weights,
                        const at::Tensor& shift,
-                       const c10::optional<at::Tensor>& inv_freq);
+                       const c10::optional<at::Tensor>& inv_freq,
+                       const c10::optional<at::TensorList>& delta_scales = c10::nullopt);
 
 // float32 [n]: per-token spread of N deltas [L,H,>=n,D] under per-token
 // weights [N, n] (each column summing to 1): the square root of the weighted
