@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from dataclasses import asdict
@@ -348,7 +349,7 @@ def _command(args) -> str:
     argv = getattr(args, "argv", None)
     if argv is None:
         argv = sys.argv[1:]
-    return " ".join(["kvcomm", *argv])
+    return shlex.join(["kvcomm", *argv])
 
 
 def cmd_bench(args) -> int:

@@ -112,3 +112,15 @@ def test_storage_options_reach_the_pool_config():
         "min_anchors": 4, "storage": "int8", "byte_budget": 96 << 20}
     plain = cli.build_parser().parse_args(["eval", "--task", "gsm8k"])
     assert cli._config(plain, "gsm8k", 3, "fully_connected").pool == {"min_anchors": 4}
+
+
+def test_recorded_commands_run_when_pasted(monkeypatch):
+    """Results record the command that made them; an argument with spaces (a
+    --paired-variant of several settings) must stay one argument when pasted."""
+    import shlex
+
+    from kvcomm_app.runtime.session import command_line
+
+    argv = ["kvcomm", "eval", "--paired-variant", "min_anchors=2 byte_budget=128M storage=int8", "--threads", "1"]
+    monkeypatch.setattr("sys.argv", argv)
+    assert shlex.split(command_line()) == argv

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -210,7 +211,7 @@ def main(argv=None) -> int:
     doc = {
         "about": "Anchor bytes, scale choice and estimate time by anchor storage "
                  "(kvcomm_app/bench/anchor_memory.py; docs/benchmarks.md 'Compact anchors').",
-        "command": "python benchmarks/anchor_memory.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": shlex.join(["python", "benchmarks/anchor_memory.py", *(sys.argv[1:] if argv is None else argv)]),
         "torch": torch.__version__, "threads": args.threads,
         "embedded_pool": {"file": os.path.basename(args.pool), "by_storage": embedded,
                           "fp32_over": _ratios({s: v["bytes_per_anchor"] for s, v in embedded.items()},

@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import random
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
                "tau": args.tau, "gamma": args.gamma, "top_p": args.top_p, "seed": args.seed,
                "value_rms": float(torch.stack([v.float().pow(2).mean() for v in values]).mean().sqrt()),
                "decisions": rows, "shared": shared, "git_sha": sha,
-               "command": "python benchmarks/gate_random_texts.py " + " ".join(sys.argv[1:] if argv is None else argv),
+               "command": shlex.join(["python", "benchmarks/gate_random_texts.py", *(sys.argv[1:] if argv is None else argv)]),
                "wall_s": time.perf_counter() - t0}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")

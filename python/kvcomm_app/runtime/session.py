@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import random
+import shlex
 import subprocess
 import sys
 import time
@@ -259,4 +260,6 @@ def git_sha() -> str | None:
 
 
 def command_line() -> str:
-    return " ".join(["kvcomm", *sys.argv[1:]])
+    """The command as typed, quoted so that it runs when pasted (a --paired-variant
+    "a=1 b=2" stays one argument)."""
+    return shlex.join(["kvcomm", *sys.argv[1:]])
