@@ -22,6 +22,9 @@
 #               every call (random weights: the gate's decision means nothing)
 #   ttft-gate   the same with the pool's entropy gate deciding, fallbacks counted
 #   eager       ttft-share with the last token eager instead of a CUDA graph
+#   ttft-int8   ttft-share with int8 anchors (--anchor-storage int8): the CUDA
+#               kernels reading compact anchors, timed on the reuse path (not
+#               in `all`; run it in a second call: `build ttft-int8`)
 #   scaling     TTFT vs agents and vs prefix (5 measured requests each)
 #
 # Time. Every stage runs under `timeout`: at most its cap, never past the
@@ -108,7 +111,7 @@ collect() {  # every result and doc written since this script started, packed fo
 
 stages=("$@")
 [ ${#stages[@]} -eq 1 ] && [ "${stages[0]}" = all ] && stages=(build test ops ttft scaling)
-STAGES="build test ops ttft ttft-share ttft-gate eager scaling"
+STAGES="build test ops ttft ttft-share ttft-gate eager ttft-int8 scaling"
 [ ${#stages[@]} -gt 0 ] || { echo "usage: $0 all | STAGE... ($STAGES)" >&2; exit 2; }
 for stage in "${stages[@]}"; do
   case " $STAGES " in
@@ -204,6 +207,8 @@ for stage in "${stages[@]}"; do
       [ "$stage" != ttft-share ] && run_stage ttft-gate 80 "${TTFT[@]}" ;;
     eager)
       run_stage eager 80 "${TTFT[@]}" --share always --step eager ;;
+    ttft-int8)
+      run_stage ttft-int8 100 "${TTFT[@]}" --share always --anchor-storage int8 ;;
     scaling)
       run_stage scaling-agents 60 "${TTFT[@]}" --share always --scaling agents "${SCALE[@]}" "${AGENTS[@]}"
       run_stage scaling-prefix 60 "${TTFT[@]}" --share always --scaling prefix "${SCALE[@]}" "${PREFIXES[@]}" ;;

@@ -426,7 +426,8 @@ def cmd_bench_ttft(args) -> int:
         print(output.console_summary(doc))
     print(f"wall time {doc['wall_s']:.0f} s ({load_s:.0f} s loading)")
     if not args.no_write:
-        stem = ttft.result_stem(tag, share=args.share, step=args.step, scaling=args.scaling)
+        stem = ttft.result_stem(tag, share=args.share, step=args.step, scaling=args.scaling,
+                                storage=args.anchor_storage)
         path = args.json or stem + ".json"
         report.write_json(_plain(doc), path)
         png = args.plot or (path[:-5] if path.endswith(".json") else path) + ".png"

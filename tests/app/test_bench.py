@@ -263,6 +263,7 @@ def test_default_result_paths_keep_runs_apart():
     assert ttft.result_stem("h200", share="always") == "results/ttft/ttft-h200-share-always"
     assert ttft.result_stem("h200", share="always", step="eager", scaling="agents") == \
         "results/ttft/ttft-h200-share-always-step-eager-scaling-agents"
+    assert ttft.result_stem("h200", share="always", storage="int8") == "results/ttft/ttft-h200-share-always-anchors-int8"
 
 
 def test_share_policy_sets_the_pool_gamma():

@@ -119,3 +119,13 @@ def test_unknown_stage_exits_2_before_running_anything(tmp_path):
     p, calls = _run(tmp_path, "build", "warp-speed")
     assert p.returncode == 2 and "unknown stage 'warp-speed'" in p.stderr
     assert calls == []
+
+
+def test_the_int8_anchor_stage_times_the_compact_kernels_on_demand(tmp_path):
+    # Not part of `all` (the device time is short); named, it runs the shared-slot TTFT with
+    # int8 anchors, which writes its own result file (result_stem: -anchors-int8).
+    p, calls = _run(tmp_path, "build", "ttft-int8")
+    assert p.returncode == 0, p.stdout + p.stderr
+    ttft = [a for a, _ in calls if "bench ttft" in a]
+    assert len(ttft) == 1 and "--share always" in ttft[0] and "--anchor-storage int8" in ttft[0]
+    assert not any("--anchor-storage" in a for a, _ in _run(tmp_path, "all")[1])

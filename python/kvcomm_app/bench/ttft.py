@@ -194,7 +194,8 @@ def pool_gamma(share: str, gamma: float | None) -> float | None:
     return gamma
 
 
-def result_stem(device_tag: str, *, share: str = "gate", step: str = "auto", scaling: str | None = None) -> str:
+def result_stem(device_tag: str, *, share: str = "gate", step: str = "auto", scaling: str | None = None,
+                storage: str = "model") -> str:
     """results/ttft/ttft-<device>, then what sets this run apart from the default one, so
     runs of one session that differ in these do not overwrite each other."""
     stem = f"results/ttft/ttft-{device_tag}"
@@ -202,6 +203,8 @@ def result_stem(device_tag: str, *, share: str = "gate", step: str = "auto", sca
         stem += f"-share-{share}"
     if step != "auto":
         stem += f"-step-{step}"
+    if storage != "model":
+        stem += f"-anchors-{storage}"
     return stem + (f"-scaling-{scaling}" if scaling else "")
 
 
