@@ -143,8 +143,7 @@ inline void fp8x16_to_float(const uint8_t* p, VecF& a, VecF& b) {
   const __m256i mag = _mm256_and_si256(c, _mm256_set1_epi16(0x7F));
   const __m256i nan = _mm256_cmpeq_epi16(mag, _mm256_set1_epi16(0x7F));
   const __m256i value = _mm256_or_si256(sign, _mm256_slli_epi16(mag, 7));
-  const __m256i half = _mm256_or_si256(_mm256_andnot_si256(nan, value),
-                                       _mm256_and_si256(nan, _mm256_set1_epi16(0x7E00)));
+  const __m256i half = _mm256_blendv_epi8(value, _mm256_set1_epi16(0x7E00), nan);
   const __m256 k = _mm256_set1_ps(256.f);
   a = VecF(_mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(half)), k));
   b = VecF(_mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(half, 1)), k));
