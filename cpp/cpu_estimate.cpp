@@ -11,33 +11,29 @@ namespace cpu {
 
 namespace {
 
-// Compact anchors hold int8 / fp8 codes, so the dtype check of checks::anchors
-// does not apply; the rest does (the pool checked the layout when it stored
-// them, this guards the kernels' reads).
+// The checks the ops run on their anchors (checks::anchor_codes), for the
+// forms the ops take; bf16 anchors under another model dtype, a form only the
+// pool hands the kernels, are checked here (the pool checked the layout when
+// it stored them; this guards the kernels' reads).
 void stored_anchors(const char* op, const char* arg, const at::Tensor& content,
                     const checks::KVShape& s, const std::vector<at::Tensor>& list,
                     const std::vector<at::Tensor>& scales, StoreForm form) {
-  if (form == StoreForm::kDense) {
-    checks::anchors(op, arg, content, s, list);
+  if (form != StoreForm::kBf16) {
+    const Codes codes = checks::anchor_codes(
+        op, arg, content, s, list,
+        form_has_scale(form) ? c10::optional<at::TensorList>(scales) : c10::nullopt);
+    TORCH_INTERNAL_ASSERT(list.empty() || form_of(codes) == form, op, ": ", arg,
+                          " are not stored as the pool's storage says");
     return;
   }
-  const at::ScalarType code = form == StoreForm::kInt8  ? at::kChar
-                              : form == StoreForm::kFp8 ? at::kFloat8_e4m3fn
-                                                        : at::kBFloat16;
-  const bool scaled = form_has_scale(form);
-  TORCH_INTERNAL_ASSERT(scales.size() == (scaled ? list.size() : 0), op, ": ", arg,
-                        scaled ? " without a scale each" : " with scales");
+  TORCH_INTERNAL_ASSERT(scales.empty(), op, ": ", arg, " with scales");
   for (size_t u = 0; u < list.size(); ++u) {
     const at::Tensor& t = list[u];
-    TORCH_INTERNAL_ASSERT(t.dim() == 4 && t.scalar_type() == code && t.device() == content.device() &&
-                              t.size(0) == s.layers && t.size(1) == s.heads && t.size(3) == s.dim &&
-                              t.size(2) >= s.tokens && t.stride(3) == 1,
-                          op, ": ", arg, "[", u, "] is not a compact anchor of this content");
-    if (!scaled) continue;
-    const at::Tensor& sc = scales[u];
-    TORCH_INTERNAL_ASSERT(sc.scalar_type() == at::kFloat && sc.dim() == 4 && sc.size(0) == s.layers &&
-                              sc.size(1) == s.heads && sc.size(2) == 1 && sc.size(3) == s.dim,
-                          op, ": ", arg, "[", u, "] has scales of shape ", sc.sizes());
+    TORCH_INTERNAL_ASSERT(t.dim() == 4 && t.scalar_type() == at::kBFloat16 &&
+                              t.device() == content.device() && t.size(0) == s.layers &&
+                              t.size(1) == s.heads && t.size(3) == s.dim && t.size(2) >= s.tokens &&
+                              t.stride(3) == 1,
+                          op, ": ", arg, "[", u, "] is not a bf16 anchor of this content");
   }
 }
 

@@ -69,7 +69,8 @@ inline Scales scales_of(Codes codes, const c10::optional<at::TensorList>& scales
 
 // Whether anchors read as `codes` (and their scales) allow the vector path
 // over spans of `span` channels: 16-byte vectors of the anchors' dtype, or of
-// 16 codes with float4-aligned scales.
+// 16 codes with float4-aligned scales (a span of whole 16-code vectors, which
+// the content's check alone does not ensure for float16 / bfloat16).
 inline bool anchors_vectorizable(const std::vector<KVRef>& refs, const Scales& scales,
                                  Codes codes, int64_t element_size, int64_t span) {
   const bool plain = codes == Codes::kPlain;
@@ -156,8 +157,7 @@ void offset_into(const char* op, const at::Tensor& dst, const at::Tensor& base,
   std::vector<KVRef> refs;
   for (const at::Tensor& d : deltas) refs.push_back(ref_of(d));
   const KVRef dref = ref_of(dst), bref = ref_of(base);
-  const int64_t vec_width = plan.codes == Codes::kPlain ? 16 / esize : 16;
-  const bool vec = span % vec_width == 0 && vectorizable(dref, esize, span) &&
+  const bool vec = vectorizable(dref, esize, span) &&
                    vectorizable(bref, esize, span) &&
                    anchors_vectorizable(refs, scales, plan.codes, esize, span);
 
@@ -289,8 +289,7 @@ at::Tensor value_distances(const at::Tensor& content, at::TensorList anchors, bo
   for (const at::Tensor& a : anchors) refs.push_back(ref_of(a));
   const int64_t esize = content.element_size();
   const KVRef cref = ref_of(content);
-  const bool vec = s.dim % (codes == Codes::kPlain ? 16 / esize : 16) == 0 &&
-                   vectorizable(cref, esize, s.dim) &&
+  const bool vec = vectorizable(cref, esize, s.dim) &&
                    anchors_vectorizable(refs, scales, codes, esize, s.dim);
 
   DistanceArgs a{};
@@ -366,8 +365,7 @@ at::Tensor token_weights(const at::Tensor& base, at::TensorList anchors, double 
     for (const at::Tensor& a : anchors) refs.push_back(ref_of(a));
     const int64_t esize = base.element_size();
     const KVRef bref = ref_of(base);
-    const bool vec = s.dim % (codes == Codes::kPlain ? 16 / esize : 16) == 0 &&
-                     vectorizable(bref, esize, s.dim) &&
+    const bool vec = vectorizable(bref, esize, s.dim) &&
                      anchors_vectorizable(refs, scales, codes, esize, s.dim);
     TokenArgs a{};
     a.base = bref.ptr;
