@@ -146,9 +146,16 @@ std::shared_ptr<AnchorPool::Anchor> AnchorPool::find_locked(
 
 Decision AnchorPool::decide(const std::string& slot, const at::Tensor& content_v,
                             bool credit) {
+  Candidates c = candidate_distances(slot, content_v, config_.distance == DistanceMode::kRms);
+  return decide_from_distances(slot, c.ids, c.distances, credit);
+}
+
+AnchorPool::Candidates AnchorPool::candidate_distances(const std::string& slot,
+                                                       const at::Tensor& content_v,
+                                                       bool rms) const {
   const char* op = "AnchorPool.decide";
   const auto shape = checks::kv4(op, "content_v", content_v);
-  Decision out;
+  Candidates out;
   std::vector<CompactTensor> stored;
   {
     std::shared_lock<std::shared_mutex> lock(mutex_);
@@ -157,27 +164,40 @@ Decision AnchorPool::decide(const std::string& slot, const at::Tensor& content_v
     if (it != slots_.end()) {
       for (const auto& a : it->second.anchors) {
         if (a->length >= shape.tokens) {
-          out.candidates.push_back(a->id);
+          out.ids.push_back(a->id);
           stored.push_back(a->base_v);
         }
       }
     }
   }
-  const int64_t n = static_cast<int64_t>(stored.size());
-  const bool rms = config_.distance == DistanceMode::kRms;
   // The pool never copies across devices behind the caller's back: a
   // content on another device than the anchors is an error from the op.
-  const at::Tensor dist =
+  out.distances =
       content_v.device().is_cpu()
           ? cpu::stored_distances(op, content_v, codes_of(stored), scales_of(stored),
                                   cpu_form(config_.storage, content_v), rms)
           : value_distances(content_v, ops_codes(stored, config_.storage), rms,
                             OpsScales(stored, config_.storage));
+  return out;
+}
+
+Decision AnchorPool::decide_from_distances(const std::string& slot,
+                                           const std::vector<int64_t>& ids,
+                                           const at::Tensor& distances, bool credit) {
+  const char* op = "AnchorPool.decide";
+  const int64_t n = static_cast<int64_t>(ids.size());
+  TORCH_CHECK(distances.defined() && distances.dim() == 1 && distances.numel() == n, op,
+              ": distances must be a 1-D tensor with one entry per candidate (", n,
+              "), got ", distances.defined() ? distances.sizes() : at::IntArrayRef{});
+  TORCH_CHECK(distances.scalar_type() == at::kFloat, op,
+              ": distances must be float32, got ", distances.scalar_type());
+  Decision out;
+  out.candidates = ids;
   auto [probs, entropy, share, credit_mask] =
-      match_decide(dist, config_.tau, config_.gamma, config_.top_p);
+      match_decide(distances, config_.tau, config_.gamma, config_.top_p);
   // One small host read carries everything the caller needs.
   const at::Tensor host =
-      at::cat({dist, probs, entropy.view({1}), share.to(at::kFloat).view({1}),
+      at::cat({distances, probs, entropy.view({1}), share.to(at::kFloat).view({1}),
                credit_mask.to(at::kFloat)})
           .cpu();
   const float* h = host.data_ptr<float>();
@@ -197,15 +217,15 @@ Decision AnchorPool::decide(const std::string& slot, const at::Tensor& content_v
                          : 0.f;
   out.reason = out.share ? "share" : (!covered ? "too_few_candidates" : "entropy_above_gate");
   if (out.share) {
-    std::vector<int64_t> ids;
+    std::vector<int64_t> credited;
     for (int64_t u = 0; u < n; ++u)
-      if (h[2 * n + 2 + u] != 0.f) ids.push_back(out.candidates[u]);
+      if (h[2 * n + 2 + u] != 0.f) credited.push_back(out.candidates[u]);
     if (credit) {
       std::shared_lock<std::shared_mutex> lock(mutex_);
       auto it = slots_.find(slot);
       if (it != slots_.end()) {
         for (const auto& a : it->second.anchors) {
-          if (std::find(ids.begin(), ids.end(), a->id) != ids.end()) {
+          if (std::find(credited.begin(), credited.end(), a->id) != credited.end()) {
             a->activations.fetch_add(1);
             out.credited.push_back(a->id);
           }

@@ -124,6 +124,20 @@ PYBIND11_MODULE(_C, m) {
       .def("decide", &AnchorPool::decide, py::arg("slot"), py::arg("content_v"),
            py::arg("credit") = true, release(),
            "Share-or-anchor decision (docs/method.md section 4) for content values [L,H,n,D].")
+      .def(
+          "candidate_distances",
+          [](const AnchorPool& p, const std::string& slot, const at::Tensor& content_v, bool rms) {
+            auto c = p.candidate_distances(slot, content_v, rms);
+            return py::make_tuple(c.ids, c.distances);
+          },
+          py::arg("slot"), py::arg("content_v"), py::arg("rms") = false, release(),
+          "(ids, distances): the slot's anchors at least as long as content_v [L,H,n,D], in pool\n"
+          "order, and the float32 distance of content_v to each (Frobenius, or per-element RMS).\n"
+          "The first half of decide, for callers that combine distances (tensor parallelism).")
+      .def("decide_from_distances", &AnchorPool::decide_from_distances, py::arg("slot"),
+           py::arg("ids"), py::arg("distances"), py::arg("credit") = true, release(),
+           "The second half of decide: the entropy gate, coverage (min_anchors) and activation\n"
+           "credit from distances to candidates `ids` (as candidate_distances gave them).")
       .def("add_anchor", &AnchorPool::add_anchor, py::arg("slot"), py::arg("base_k"),
            py::arg("base_v"), release(),
            "New anchor from neutral-frame base K/V [L,H,n,D]; returns its id.")

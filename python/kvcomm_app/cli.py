@@ -16,19 +16,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from dataclasses import asdict
 
-from . import serve
+from . import provenance, serve
 from .cli_checks import STORAGES, UsageError, byte_size_arg, check_args, parse_variant
 
 
 def _add_reuse_options(p: argparse.ArgumentParser) -> None:
     """How a KVCOMM call reuses: shared by demo, eval and bench ttft."""
-    from kvcomm.engine.defaults import DEFAULT_MIN_ANCHORS
-    from kvcomm.engine.recompute import DEFAULT_POLICY
+    from kvcomm.plan.defaults import DEFAULT_MIN_ANCHORS
+    from kvcomm.plan.recompute import DEFAULT_POLICY
 
     p.add_argument("--recompute", default=DEFAULT_POLICY, metavar="POLICY",
                    help="prompt tokens a KVCOMM call runs through the model besides the slots it cannot "
@@ -68,7 +67,8 @@ def _add_common(p: argparse.ArgumentParser, *, questions: int, warmup: int, max_
                    help="keep the decision agent on the dense path in KVCOMM runs (identical decisions)")
     p.add_argument("--no-judge-shadow", action="store_true",
                    help="skip the dense re-run of the decision agent that measures judge consistency")
-    p.add_argument("--gamma", type=float, default=None, help="entropy gate of the anchor pool (default 0.3)")
+    p.add_argument("--gamma", type=float, default=None, help="the share decision's entropy threshold: a content shares when the entropy over its "
+                        "candidate anchors is at most gamma*log2(candidates) (default 0.3)")
     p.add_argument("--capacity", type=int, default=None, help="anchors per slot (default 20)")
     _add_reuse_options(p)
     p.add_argument("--paired", action="store_true", default=paired,
@@ -170,12 +170,12 @@ def _add_bench_ttft(bsub) -> None:
                         "random weights), tiny-random, or a local model folder")
     t.add_argument("--step", default="auto", choices=["auto", "eager", "static", "graph"],
                    help="the reuse path's last-token forward: auto = CUDA graph on CUDA, eager on CPU")
-    t.add_argument("--gamma", type=float, default=None, help="entropy gate of the pool (default 0.3)")
-    t.add_argument("--share", choices=["gate", "always"], default="gate",
-                   help="gate (default): the pool's entropy gate decides, as in use; always: every slot "
-                        "with two candidate anchors shares, so every call after warm-up takes the reuse "
-                        "path (for timing it where the gate's decision means nothing: random weights, "
-                        "filler texts; the decision still runs and is timed)")
+    t.add_argument("--gamma", type=float, default=None, help="the share decision's entropy threshold (default 0.3)")
+    t.add_argument("--share", choices=["entropy", "always"], default="entropy",
+                   help="entropy (default): the share decision's entropy threshold decides, as in use; "
+                        "always: every slot with two candidate anchors shares, so every call after warm-up "
+                        "takes the reuse path (for timing it where the decision means nothing: random "
+                        "weights, filler texts; the decision still runs and is timed)")
     t.add_argument("--capacity", type=int, default=None, help="anchors per slot (default 20)")
     t.add_argument("--pool", metavar="PATH", default=None,
                    help="start from the anchor pool saved at PATH if it exists, save the pool there at the end")
@@ -227,12 +227,12 @@ def _config(args, task: str, n_agents: int, topology: str, rounds: int = 2, laye
 def _run_and_report(cfg, args, title: str, engine_factory=None) -> int:
     from .runtime import report
     from .runtime.records import write_records
-    from .runtime.session import command_line, git_sha, run_experiment
+    from .runtime.session import run_experiment
 
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    sha = git_sha()   # the code that runs: read before a run that may take an hour
+    prov = _provenance(args)   # the code that runs: read before a run that may take an hour
     t0 = time.perf_counter()
     res = run_experiment(cfg, engine_factory=engine_factory)
     total_s = time.perf_counter() - t0
@@ -256,8 +256,7 @@ def _run_and_report(cfg, args, title: str, engine_factory=None) -> int:
                                       "first_token_agreement_reuse": res.summary["first_token_agreement_reuse"],
                                       "wall_s": total_s, "load_s": res.load_s, "run_s": res.run_s,
                                       "engine_stats": _plain(res.engine_stats),
-                                      "git_sha": sha, "command": command_line(),
-                                      "config": asdict(cfg)})
+                                      **prov.fields(), "config": asdict(cfg)})
         report.write_json(doc, args.json)
         print(f"wrote {args.json}")
     if getattr(args, "fidelity_json", None):
@@ -266,7 +265,7 @@ def _run_and_report(cfg, args, title: str, engine_factory=None) -> int:
             print("kvcomm: --fidelity-json needs --paired (no paired calls were measured)", file=sys.stderr)
         else:
             for r in [res] + res.variants:
-                update_fidelity_file(args.fidelity_json, fidelity_entry(r, command=command_line(), commit=sha))
+                update_fidelity_file(args.fidelity_json, fidelity_entry(r, command=prov.command, commit=prov.git_sha))
             print(f"wrote {args.fidelity_json} ({1 + len(res.variants)} entries)")
     if args.plot:
         report.plot_ttft(res.summary, args.plot, title=f"{title}: TTFT per agent ({res.model_name})")
@@ -313,7 +312,6 @@ def cmd_sweep(args, cfg, sweep_factory=None) -> int:
     """`kvcomm eval --sweep`: sweep_factory(pool) -> engine (tests pass a scripted one)."""
     from .bench import sweep
     from .runtime import report
-    from .runtime.session import git_sha
 
     if args.gamma is not None or args.capacity is not None:
         print("kvcomm: --gamma/--capacity set one point; with --sweep use --sweep-gammas/--sweep-capacities",
@@ -329,11 +327,11 @@ def cmd_sweep(args, cfg, sweep_factory=None) -> int:
         import torch
         torch.set_num_threads(args.threads)
     info = {"model_name": "scripted", "device_detail": f"{args.device} (scripted)"} if sweep_factory else None
-    sha = git_sha()
+    prov = _provenance(args)
     path = args.json or f"results/sweep/eval-{cfg.task}-{_model_tag(cfg.model)}-sweep.json"
 
     def write(doc: dict) -> None:   # after the dense pass and every point: a cut-off run keeps its rows
-        doc.update(git_sha=sha, command=_command(args), config=asdict(cfg))
+        doc.update(prov.fields(), config=asdict(cfg))
         report.write_json(_plain(doc), path)
 
     doc = sweep.run_sweep(cfg, points, engine_factory=sweep_factory, info=info, on_progress=write)
@@ -345,11 +343,10 @@ def cmd_sweep(args, cfg, sweep_factory=None) -> int:
     return 0
 
 
-def _command(args) -> str:
-    argv = getattr(args, "argv", None)
-    if argv is None:
-        argv = sys.argv[1:]
-    return shlex.join(["kvcomm", *argv])
+def _provenance(args) -> provenance.Provenance:
+    """The commit and command a results file of this invocation records (`args.argv`:
+    what main() parsed, so a test's argument list is recorded rather than pytest's)."""
+    return provenance.capture("kvcomm", argv=getattr(args, "argv", None))
 
 
 def cmd_bench(args) -> int:
@@ -369,7 +366,6 @@ def cmd_bench_ttft(args) -> int:
     from .bench.models import load_bench_model
     from .bench.setting import TTFTSetting
     from .runtime import report
-    from .runtime.session import git_sha
 
     if args.requests < 10:
         print(f"kvcomm: note: {args.requests} measured requests (the benchmark's standard is at least 10)",
@@ -401,8 +397,8 @@ def cmd_bench_ttft(args) -> int:
               partial=not args.no_partial, share=args.share, pool_path=args.pool, log=log,
               pool_settings=_storage_settings(args))
     tag = output.device_tag(args.device)
-    head = {"benchmark": "ttft", "device": tag, "device_detail": output.device_detail(args.device, dtype_name),
-            "model": model_name, "dtype": dtype_name, "git_sha": git_sha(), "command": _command(args)}
+    head = {"benchmark": "ttft", "device": tag, "device_detail": provenance.device_detail(args.device, dtype_name),
+            "model": model_name, "dtype": dtype_name, **_provenance(args).fields()}
     try:
         if args.scaling == "agents":     # the setting actually run: the largest count
             doc = dict(head, setting=dict(base.as_dict(), agents=max(values)),

@@ -24,7 +24,7 @@ _MINIMUMS = {
 _WHY = {
     "min_anchors": " (a slot shares from at least 2 anchors)",
     "capacity": " (anchors per slot)",
-    "gamma": " (the entropy gate: 0 shares nothing)",
+    "gamma": " (the entropy threshold: 0 shares nothing)",
 }
 
 
@@ -74,7 +74,7 @@ def check_args(args, named_models: tuple[str, ...] = ()) -> None:
         base = args.recompute if args.recompute not in (None, "none") else ""
         args.recompute = ",".join(p for p in (base, f"tail={args.exact_tail}") if p)
     if getattr(args, "recompute", None) is not None:
-        from kvcomm.engine.recompute import RecomputePolicy
+        from kvcomm.plan.recompute import RecomputePolicy
         try:
             RecomputePolicy.parse(args.recompute)
         except ValueError as e:
@@ -96,7 +96,7 @@ def check_vllm_backend(args) -> None:
     """Options the vLLM back end cannot honour. Its connector takes the all-or-nothing path
     with the last prompt token computed (docs/serving.md), the pool lives in the server, and
     a remote engine has no reply logits for a paired replay."""
-    from kvcomm.engine.recompute import RecomputePolicy
+    from kvcomm.plan.recompute import RecomputePolicy
     if getattr(args, "recompute", None) is not None and \
             RecomputePolicy.parse(args.recompute) != RecomputePolicy.parse("none"):
         raise UsageError(f"--recompute {args.recompute}: the vLLM back end computes the last prompt token only "
@@ -155,7 +155,7 @@ _VARIANT_POOL = {"gamma": float, "capacity": int, "min_anchors": int, "tau": flo
 def parse_variant(spec: str) -> dict:
     """'min_anchors=4 recompute=segments,budget=0.1 partial=off' -> overrides; UsageError
     naming the part that is wrong."""
-    from kvcomm.engine.recompute import RecomputePolicy
+    from kvcomm.plan.recompute import RecomputePolicy
 
     out: dict = {}
     for part in spec.split():

@@ -95,7 +95,7 @@ def test_the_graph_sees_the_packages_imports():
     graph = import_graph()
     assert "kvcomm.engine.engine" in graph["kvcomm.engine.gate"]      # the gate sits above the engine
     assert "kvcomm._C" in graph["kvcomm.engine.engine"]
-    assert "kvcomm.engine.template" in graph["kvcomm_app.runtime.agents"]
+    assert "kvcomm.plan.template" in graph["kvcomm_app.runtime.agents"]
     assert "kvcomm_app.runtime.session" in graph["kvcomm_app.bench.sweep"]   # an import inside a function
 
 

@@ -321,7 +321,7 @@ def test_humaneval_prompts_sit_in_their_slot_without_boundary_merges(smollm2):
     writer's template without a token across the slot edge (else every call runs dense:
     a 40-question eval reused 0% before the workload stripped the prompts' edge newlines)."""
     pytest.importorskip("kvcomm_app.runtime.datasets")
-    from kvcomm.engine.template import fill, render_layout
+    from kvcomm.plan.template import fill, render_layout
     from kvcomm_app.runtime.datasets import DataNotInstalled, load_humaneval
     from kvcomm_app.runtime.graph import build_graph
     from kvcomm_app.runtime.topology import make_topology

@@ -19,7 +19,7 @@ import torch
 
 import kvcomm
 from kvcomm.engine import KVCommEngine
-from kvcomm.engine import engine as engine_mod
+from kvcomm.plan.planner import Planner
 from kvcomm.engine import gate
 from kvcomm.models import random_model
 from kvcomm_app.runtime import metrics
@@ -131,17 +131,19 @@ def test_garbage_estimates_are_refused(tiny, monkeypatch):
     """A deliberately broken reuse path: every estimated slot and segment is overwritten
     with noise of the real KV's scale. The probe must catch it."""
     model, tok = tiny("llama")
-    real_assemble = engine_mod.assemble   # kvcomm.engine.paths.assemble, as the engine calls it
+    real_assemble = Planner.assemble   # the planner's step every backend calls
 
-    def broken(pool, st, lay, contents, plan, cache, *args, **kwargs):
-        real_assemble(pool, st, lay, contents, plan, cache, *args, **kwargs)
+    def broken(self, plan, k, v):
+        out = real_assemble(self, plan, k, v)
+        lay = plan.layout
         a, b = lay.spans[0][1], lay.length - 1
         g = torch.Generator().manual_seed(0)
-        for t in (cache.k, cache.v):
+        for t in (k, v):
             region = t[1:, :, a:b]
             region.copy_(torch.randn(region.shape, generator=g) * region.std() * 3)
+        return out
 
-    monkeypatch.setattr(engine_mod, "assemble", broken)
+    monkeypatch.setattr(Planner, "assemble", broken)
     eng = make_engine(model, tok)
     res = gate.apply(eng, gate_cfg(max_kv_error=1.0))
     assert not res.allowed, res.reason
@@ -282,7 +284,7 @@ def test_a_probe_that_fails_refuses_reuse(tiny, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("estimate kernel exploded\nsecond line")
 
-    monkeypatch.setattr(engine_mod, "assemble", boom)
+    monkeypatch.setattr(Planner, "assemble", boom)
     eng = make_engine(model, tok)
     res = gate.apply(eng, gate_cfg(disk_cache=True))
     calls = run_requests(eng, QUESTIONS[:2])

@@ -14,7 +14,7 @@ import torch
 
 import kvcomm
 from kvcomm.engine import KVCommEngine
-from kvcomm.engine.recompute import RecomputePolicy, SlotPlan, select_positions
+from kvcomm.plan.recompute import RecomputePolicy, SlotPlan, select_positions
 from kvcomm.engine.scatter import forward_scattered
 from kvcomm.hf.cache import KVBufferCache
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvcomm.engine.template import (CONDITION, CURRENT, HISTORY, QUESTION, TemplateError, chat_frame, classify,
+from kvcomm.plan.template import (CONDITION, CURRENT, HISTORY, QUESTION, TemplateError, chat_frame, classify,
                                     fill, parse_template, render_layout)
 from kvcomm.models import tiny_tokenizer
 

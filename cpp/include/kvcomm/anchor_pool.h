@@ -122,6 +122,29 @@ class AnchorPool {
   Decision decide(const std::string& slot, const at::Tensor& content_v,
                   bool credit = true);
 
+  // decide() in two steps, for callers that combine distances from several
+  // places first (tensor-parallel ranks each hold some KV heads of every
+  // anchor: they sum their squared Frobenius distances, then decide on the
+  // totals, so every rank takes the same decision by the same rule).
+  //
+  // candidate_distances: the slot's anchors with length >= n, in pool order,
+  // and the distance of content_v [L,H,n,D] to each (Frobenius, or
+  // per-element RMS when rms), on content_v's device.
+  struct Candidates {
+    std::vector<int64_t> ids;
+    at::Tensor distances;  // float32 [ids.size()]
+  };
+  Candidates candidate_distances(const std::string& slot, const at::Tensor& content_v,
+                                 bool rms) const;
+  // The decision from distances to candidates `ids` (as candidate_distances
+  // gave them; any device): the entropy gate, coverage (min_anchors) and,
+  // when sharing and `credit`, activation credit to the top-p anchors still
+  // in the pool. decide(slot, v, credit) is exactly
+  // decide_from_distances(slot, c.ids, c.distances, credit) with
+  // c = candidate_distances(slot, v, config().distance == kRms).
+  Decision decide_from_distances(const std::string& slot, const std::vector<int64_t>& ids,
+                                 const at::Tensor& distances, bool credit = true);
+
   // New anchor for `slot` from neutral-frame base K/V [L,H,n,D] (copied).
   // Evicts per the capacity and byte budget; returns the new anchor's id.
   int64_t add_anchor(const std::string& slot, const at::Tensor& base_k,

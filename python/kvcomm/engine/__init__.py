@@ -7,10 +7,10 @@
     call = eng.call("solver", {"user_question": "What is 2 + 3?"})
 
 KVCommEngine and AgentCall load on first use (they need transformers); the template
-grammar and MODES import without it.
+grammar (kvcomm.plan.template) and MODES import without it.
 """
 from .modes import MODES
-from .template import Placeholder, Template, TemplateError, parse_template
+from ..plan.template import Placeholder, Template, TemplateError, parse_template
 
 __all__ = ["KVCommEngine", "AgentCall", "MODES", "TemplateError", "Template", "Placeholder", "parse_template"]
 

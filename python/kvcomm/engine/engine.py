@@ -1,20 +1,19 @@
-"""KVCommEngine: one agent call = decide per slot -> assemble -> run the chosen tokens -> decode -> capture.
+"""KVCommEngine: KVCOMM on a Hugging Face transformers model.
 
-docs/method.md sections 4-6 and 9 on a Hugging Face model. Per call, in kvcomm mode:
+The engine is the transformers backend of the call planner (kvcomm.plan): the planner
+decides, the engine runs the model where the plan says and moves KV between the model's
+cache and the planner's buffers (a KVBufferCache's `k` / `v` are such buffers). Per call,
+in kvcomm mode:
 1. render the agent's prompt and tokenize it once; locate slots and segments;
-2. for each slot, the content's base KV (a captured reply, or encoded behind a
-   header) and the pool's share-or-anchor decision, both once per request;
-3. per slot, estimate (shared, and the pool holds deltas for this agent) or compute in
-   context (kvcomm.engine.paths). The exact S0 is copied and the core writes the
-   estimated KV of every estimated slot and its following segment straight into the
-   cache buffer; then one forward runs the tokens the recompute policy chooses
-   (kvcomm.engine.recompute: at least the last token, plus every computed slot and its
-   segment) at their positions against the rest (kvcomm.engine.scatter).
-   reuse path: every slot estimated; partial: some estimated, some computed;
-   dense: none estimated - real prefill after the exact S0.
-   Computed slots record their KV as neutral-frame deltas into their anchors;
+2. the planner's plan: each slot's base (a captured reply, or encoded behind a header by
+   this engine, kvcomm.engine.bases) and decision, once per request; the path (reuse,
+   partial, dense) and the prompt positions the model runs;
+3. reuse / partial: the planner writes the exact S0 and every estimated slot into the
+   cache buffer, then one forward runs the chosen tokens at their positions against the
+   rest (kvcomm.engine.scatter; the captured static step when only the last token runs);
+   dense: a real prefill after the exact S0. Computed slots record their deltas;
 4. first token from the last logits (TTFT stops here), then model.generate;
-5. the reply's KV is cut from the cache and decided against its slot's pool.
+5. the reply's KV is cut from the cache and the planner captures it.
 mode="dense" is the baseline: full prefill of the whole prompt, no pool, no capture.
 """
 from __future__ import annotations
@@ -31,19 +30,17 @@ from transformers import GenerationConfig
 from .. import hf
 from .._C import AnchorPool, PoolConfig
 from ..hf.cache import KVBufferCache
-from .agent import AgentState, build_agent
+from ..plan.defaults import DEFAULT_MIN_ANCHORS, DEFAULT_PARTIAL
+from ..plan.planner import Planner, PlanSettings
+from ..plan.recompute import RecomputePolicy
+from ..plan.replies import BlankTokens, reply_span
+from ..plan.state import AgentState, Session
+from ..plan.template import AGENT_NAME_RE, TemplateError, check_inputs, fill, render_layout, special_texts
+from .agent import build_agent
 from .bases import HeaderEncoder
-from .kv import forward, forward_logits, neutral_pair
-from .defaults import DEFAULT_MIN_ANCHORS
+from .kv import forward, forward_logits
 from .modes import MODES
-from .paths import CallPlan, assemble, plan_slots, record
-from .recompute import RecomputePolicy, select_positions
 from .scatter import forward_scattered
-from .request import Content, Reply, RequestState, decision_numbers
-from .template import AGENT_NAME_RE, CONDITION, CURRENT, HISTORY, QUESTION, TemplateError, fill, render_layout
-from .template import check_inputs, special_texts
-
-_KIND_OF = {QUESTION: "question", CONDITION: "condition", CURRENT: "reply", HISTORY: "reply"}
 
 
 @dataclass
@@ -52,7 +49,7 @@ class AgentCall:
     agent: str
     text: str
     mode: str                     # "kvcomm" or "dense"
-    path: str                     # "reuse" or "dense"
+    path: str                     # "reuse", "partial" or "dense" (kvcomm.plan.planner)
     reason: str                   # why this path
     ttft_ms: float                # everything the agent waited for before its first token
     timings: dict                 # encode, decide, estimate, forward, first_token, record, decode, capture, total
@@ -69,7 +66,7 @@ class AgentCall:
     s0_tokens: int = 0
     computed_tokens: int = 0
     encoded_tokens: int = 0
-    recomputed: dict = field(default_factory=dict)     # reuse/partial: group -> tokens (recompute.py)
+    recomputed: dict = field(default_factory=dict)     # reuse/partial: group -> tokens (kvcomm.plan.recompute)
     slot_anchors: dict = field(default_factory=dict)   # estimated slot -> anchor ids used
     # Only with call(..., reply_logits=K): float32 [min(K, reply tokens), vocab]; row 0 is the
     # first token's logits, row j the logits for reply token j given reply tokens [0, j).
@@ -92,12 +89,22 @@ def _longest_input(lay, inputs: dict) -> str:
     return ""
 
 
+def _settings(partial: bool | str, recompute: RecomputePolicy) -> PlanSettings:
+    """PlanSettings from the engine's `partial` argument (True, False or "prefix")."""
+    if partial == "prefix":
+        return PlanSettings(partial=True, recompute=recompute, prefix_only=True)
+    if not isinstance(partial, bool):
+        raise ValueError(f"partial must be True, False or 'prefix', got {partial!r}")
+    return PlanSettings(partial=partial, recompute=recompute)
+
+
 class _Clock:
+    """Per-step timings of one call; the planner calls lap() after each base and decision."""
+
     def __init__(self):
         self.t = {k: 0.0 for k in ("encode", "decide", "estimate", "forward", "first_token",
                                    "record", "decode", "capture")}
         self._last = time.perf_counter()
-        self.encoded_tokens = 0   # content tokens this call encoded behind a header
 
     def lap(self, key: str) -> None:
         now = time.perf_counter()
@@ -108,32 +115,30 @@ class _Clock:
 class KVCommEngine:
     """KVCOMM on a transformers model. See the module docstring for one call.
 
-    pool_config: kvcomm.PoolConfig; when None, the defaults of docs/method.md section 4
-      with min_anchors=DEFAULT_MIN_ANCHORS (section 9);
+    pool_config: kvcomm.PoolConfig; when None, the defaults of docs/method.md ("Deciding")
+      with min_anchors=DEFAULT_MIN_ANCHORS ("Beyond the paper");
     pool: an existing AnchorPool (e.g. loaded from disk) instead;
     lead_ins: per content kind ("question", "condition", "reply") header lead-in text.
     Reuse can be refused for the whole engine with refuse_reuse(reason): every
     kvcomm-mode call then runs dense with that reason. The correctness gate
     (kvcomm.engine.gate.apply) uses it; nothing is refused by default.
     recompute: which prompt tokens a KVCOMM call runs through the model besides the slots
-      it cannot estimate (kvcomm.engine.recompute): a RecomputePolicy or its string form,
+      it cannot estimate (kvcomm.plan.recompute): a RecomputePolicy or its string form,
       e.g. "none" (the last token only, the method as published), "tail=64",
       "segments,first=4,spread,budget=0.1".
     exact_tail: the same as recompute="tail=N" (kept for existing callers).
     partial: a call with some slots that cannot be estimated still estimates the others
-      and computes only those in context (default); False runs such calls fully dense.
+      and computes only those in context (default); False runs such calls fully dense;
+      "prefix" plans as a backend that takes estimated KV for a prompt prefix only (the
+      vLLM connector): every slot after the first computed one is computed too.
     """
 
     def __init__(self, model, tokenizer, pool_config: PoolConfig | None = None, *,
                  pool: AnchorPool | None = None, lead_ins: dict | None = None,
                  recompute: RecomputePolicy | str | None = None, exact_tail: int | None = None,
-                 partial: bool = True):
+                 partial: bool | str = DEFAULT_PARTIAL):
         if recompute is not None and exact_tail is not None:
             raise ValueError("give recompute or exact_tail, not both (exact_tail=N is recompute='tail=N')")
-        self.recompute = RecomputePolicy.parse(recompute)
-        if exact_tail is not None:
-            self.exact_tail = exact_tail
-        self.partial = bool(partial)
         self.spec = hf.enable(model)
         self.model = model
         self.tokenizer = tokenizer
@@ -142,10 +147,12 @@ class KVCommEngine:
             pool = AnchorPool(pool_config if pool_config is not None else
                               PoolConfig(layers=s.num_layers, kv_heads=s.kv_heads, head_dim=s.head_dim,
                                          min_anchors=DEFAULT_MIN_ANCHORS))
-        self.pool = pool
+        self.planner = Planner(pool, self.spec, _settings(partial, RecomputePolicy.parse(recompute)))
+        if exact_tail is not None:
+            self.exact_tail = exact_tail
         self.encoder = HeaderEncoder(model, tokenizer, self.spec, lead_ins)
         self.agents: dict[str, AgentState] = {}
-        self.request: RequestState | None = None
+        self.request: Session | None = None
         self._requests = 0
         self._paths: Counter = Counter()
         eos = model.generation_config.eos_token_id
@@ -154,32 +161,50 @@ class KVCommEngine:
             eos.append(tokenizer.eos_token_id)
         self.eos_ids = sorted(set(eos))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
-        self._blank: dict[int, bool] = {}
+        self._is_blank = BlankTokens(tokenizer)
         # Optional static / CUDA-graph last-token step of the reuse path (use_static_step).
         self.static_step = None
         self._special_texts = special_texts(tokenizer)
         self._refusal: str | None = None
 
     @property
+    def pool(self) -> AnchorPool:
+        return self.planner.pool
+
+    @pool.setter
+    def pool(self, pool: AnchorPool) -> None:
+        self.planner.pool = pool
+
+    @property
+    def settings(self) -> PlanSettings:
+        """How this engine's calls decide (partial calls, recompute policy)."""
+        return self.planner.settings
+
+    @property
     def recompute(self) -> RecomputePolicy:
-        return self._recompute
+        return self.planner.settings.recompute
 
     @recompute.setter
     def recompute(self, policy: RecomputePolicy | str | None) -> None:
-        self._recompute = RecomputePolicy.parse(policy)
+        self.planner.settings = dataclasses.replace(self.planner.settings, recompute=RecomputePolicy.parse(policy))
+
+    @property
+    def partial(self) -> bool | str:
+        s = self.planner.settings
+        return "prefix" if s.prefix_only and s.partial else s.partial
 
     @property
     def exact_tail(self) -> int:
-        return self._recompute.tail
+        return self.recompute.tail
 
     @exact_tail.setter
     def exact_tail(self, n: int) -> None:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"exact_tail must be an int >= 1 (prompt tokens the reuse path runs), got {n!r}")
-        self._recompute = dataclasses.replace(self._recompute, tail=n)
+        self.recompute = dataclasses.replace(self.recompute, tail=n)
 
     def sibling(self, pool: AnchorPool | None = None, *, recompute=None,
-                partial: bool | None = None) -> "KVCommEngine":
+                partial: bool | str | None = None) -> "KVCommEngine":
         """A new engine on the same model and tokenizer, with this engine's pool settings,
         lead-ins, recompute policy and partial setting unless given, but its own pool (a
         fresh one with the same config unless `pool` is given), agents, requests and reuse
@@ -205,7 +230,7 @@ class KVCommEngine:
     def new_request(self) -> None:
         """Starts a request: per-request bases, decisions and replies are dropped."""
         self._requests += 1
-        self.request = RequestState(index=self._requests)
+        self.request = Session(index=self._requests)
 
     def next_round(self) -> None:
         """This round's replies become {agent_<id>_history} of the next round."""
@@ -277,41 +302,26 @@ class KVCommEngine:
         capacity = T + max_new_tokens + 1
         clock.lap("encode")
 
-        slot_decisions: dict[str, str] = {}
-        slot_anchors: dict[str, list] = {}
-        contents: list[Content] = []
-        plan: CallPlan | None = None
-        recomputed: dict = {}
-        s0_tokens = 0
+        plan = None
         if mode == "dense":
             path, reason = "dense", "baseline"
-            cache, logits = self._prefill(st, lay, capacity, use_prefix=False)
-            computed = T
+            cache, logits = self._prefill(lay, capacity, 0)
+            computed, s0_tokens = T, 0
             clock.lap("forward")
         else:
-            reason = self._refusal or self._unaligned(st, lay, max_new_tokens)
-            if reason is None:
-                contents = self._contents(st, lay, clock)
-                plan = plan_slots(self.pool, st.key, lay, contents, slot_decisions)
-            path = "dense"
-            if plan is not None and (plan.any_estimated or not contents) and (self.partial or not plan.computed):
+            plan = self.planner.plan(st, lay, self.request, max_new_tokens=max_new_tokens,
+                                     encode=self.encoder.encode, refusal=self._refusal, laps=clock)
+            cache = None
+            if plan.uses_estimates:
                 cache = self._reuse_buffer(capacity)
-                assemble(self.pool, st, lay, contents, plan, cache, self.spec.inv_freq,
-                         self.recompute.wants_spread, slot_decisions, slot_anchors)
+                self.planner.assemble(plan, cache.k, cache.v)
                 clock.lap("estimate")
-                # Anchors evicted since the decision can leave a slot to compute: without
-                # partial calls that sends the whole call dense, as the decision would have.
-                if (plan.any_estimated or not contents) and (self.partial or not plan.computed):
-                    sel = select_positions(self.recompute, plan.slots, st.s0, T)
-                    logits = self._run_positions(cache, lay, sel.positions)
-                    path = "partial" if plan.computed else "reuse"
-                    recomputed, computed, s0_tokens = sel.counts, len(sel.positions), st.s0
-                    reason = (f"partial: {plan.reason()}" if plan.computed else
-                              "all slots shared" if contents else "no slots: exact prefix")
-            if path == "dense":
-                reason = reason or plan.reason()
-                cache, logits, s0_tokens = self._prefill(st, lay, capacity, use_prefix=True, with_prefix=True)
-                computed = T - s0_tokens
+            if plan.uses_estimates:   # still: anchors evicted since the decision can send it dense
+                logits = self._run_positions(cache, lay, plan.positions)
+            else:
+                cache, logits = self._prefill(lay, capacity, plan.s0, st)
+            path, reason = plan.path, plan.reason
+            computed, s0_tokens = len(plan.positions), plan.s0
             clock.lap("forward")
 
         first = self._first_token(logits, do_sample, temperature)
@@ -319,8 +329,7 @@ class KVCommEngine:
         ttft_ms = (time.perf_counter() - start) * 1000.0
 
         if plan is not None and path != "reuse":
-            which = range(len(contents)) if path == "dense" else plan.computed
-            record(self.pool, st, lay, cache, contents, plan, which, self.spec.inv_freq, slot_decisions)
+            self.planner.record(plan, cache.k, cache.v)
             clock.lap("record")
         tf_logits = None
         if reply_ids is not None:
@@ -329,7 +338,7 @@ class KVCommEngine:
             tokens, tf_logits = self._decode(lay.ids, first, cache, max_new_tokens, do_sample, temperature,
                                              reply_logits)
         clock.lap("decode")
-        lo, hi = self._reply_span(tokens)
+        lo, hi, _ = reply_span(tokens, self.eos_ids, self._is_blank)
         text = self.tokenizer.decode(tokens[lo:hi], skip_special_tokens=True)
         if mode == "kvcomm" and capture and hi > lo and self._exact_range_ok(T + len(tokens)) and not self._refusal:
             self._capture(st, cache, T, tokens, lo, hi, text)
@@ -341,10 +350,13 @@ class KVCommEngine:
         return AgentCall(agent=st.name, text=text, mode=mode, path=path, reason=reason, ttft_ms=ttft_ms,
                          timings=timings, first_token_id=int(first),
                          first_logits=logits.detach().cpu() if want_logits else None,
-                         prompt_tokens=T, new_tokens=len(tokens), slot_decisions=slot_decisions,
-                         token_ids=tokens, slot_gates={c.slot: c.gate for c in contents},
-                         s0_tokens=s0_tokens, computed_tokens=computed, encoded_tokens=clock.encoded_tokens,
-                         recomputed=recomputed, slot_anchors=slot_anchors,
+                         prompt_tokens=T, new_tokens=len(tokens),
+                         slot_decisions=dict(plan.decisions) if plan else {},
+                         token_ids=tokens, slot_gates=plan.gates if plan else {},
+                         s0_tokens=s0_tokens, computed_tokens=computed,
+                         encoded_tokens=plan.encoded_tokens if plan else 0,
+                         recomputed=dict(plan.recomputed) if plan else {},
+                         slot_anchors=dict(plan.anchors) if plan else {},
                          reply_logits=self._reply_logits(logits, tf_logits, len(tokens), reply_logits),
                          cache=cache if keep_cache else None, layout=lay if keep_cache else None)
 
@@ -364,74 +376,20 @@ class KVCommEngine:
         """The reason given to refuse_reuse, or None when reuse is allowed."""
         return self._refusal
 
-    # ------------------------------------------------------------------ per-slot content
-
     def _exact_range_ok(self, n: int) -> bool:
         return self.spec.exact_positions is None or n <= self.spec.exact_positions
 
-    def _unaligned(self, st: AgentState, lay, max_new_tokens: int) -> str | None:
-        if lay.problem:
-            return lay.problem
-        if not self._exact_range_ok(lay.length + max_new_tokens):
-            return (f"prompt + reply longer than {self.spec.exact_positions} positions, where "
-                    f"{self.spec.rope_type} RoPE key moves stop being exact")
-        return st.alignment_problem(lay)
+    # ------------------------------------------------------------------ the dense prefill
 
-    def _contents(self, st: AgentState, lay, clock: _Clock) -> list[Content]:
-        out = []
-        for i, ph in enumerate(st.template.placeholders):
-            out.append(self._content(ph, lay.span_ids(i), clock))
-        return out
-
-    def _content(self, ph, ids: tuple, clock: _Clock) -> Content:
-        req = self.request
-        key = (ph.name, ids)
-        found = req.contents.get(key)
-        if found is not None:
-            return found
-        base, source = None, "header"
-        if ph.kind in (CURRENT, HISTORY):
-            rep = (req.current if ph.kind == CURRENT else req.history).get(ph.owner)
-            if rep is not None and rep.ids == ids:
-                base, source = (rep.k, rep.v), "reply"
-        if base is None:
-            kind = _KIND_OF[ph.kind]
-            base = req.encoded.get((kind, ids))
-            if base is None:
-                base = self.encoder.encode(kind, ids)
-                req.encoded[(kind, ids)] = base
-                clock.encoded_tokens += len(ids)
-        clock.lap("encode")
-        content = self._decide(ph.name, ids, base[0], base[1], source)
-        req.contents[key] = content
-        clock.lap("decide")
-        return content
-
-    def _decide(self, slot: str, ids: tuple, k: torch.Tensor, v: torch.Tensor, source: str) -> Content:
-        d = self.pool.decide(slot, v)
-        content = Content(slot=slot, ids=ids, base_k=k, base_v=v, source=source, share=bool(d.share),
-                          reason=d.reason, gate=decision_numbers(d, len(ids)))
-        if not d.share:
-            content.anchor_id = self.pool.add_anchor(slot, k, v)
-        return content
-
-    # ------------------------------------------------------------------ the two paths
-
-    def _prefill(self, st: AgentState, lay, capacity: int, use_prefix: bool, with_prefix: bool = False):
-        """Dense prefill, after the exact S0 KV when the prompt starts with it.
-        (cache, logits), plus the S0 tokens copied when with_prefix."""
+    def _prefill(self, lay, capacity: int, prefix: int, st: AgentState | None = None):
+        """Dense prefill after the first `prefix` tokens, copied from the agent's exact S0.
+        (cache, logits)."""
         cache = KVBufferCache.for_spec(self.spec, capacity)
-        p = 0
-        if use_prefix and st.s0_k is not None:
-            limit = min(st.s0, lay.length - 1)
-            ref = st.layout.ids
-            while p < limit and lay.ids[p] == ref[p]:
-                p += 1
-            cache.k[:, :, :p].copy_(st.s0_k[:, :, :p])
-            cache.v[:, :, :p].copy_(st.s0_v[:, :, :p])
-            cache.set_length(p)
-        logits = forward(self.model, cache, lay.ids[p:])
-        return (cache, logits, p) if with_prefix else (cache, logits)
+        if prefix:
+            cache.k[:, :, :prefix].copy_(st.s0_k[:, :, :prefix])
+            cache.v[:, :, :prefix].copy_(st.s0_v[:, :, :prefix])
+            cache.set_length(prefix)
+        return cache, forward(self.model, cache, lay.ids[prefix:])
 
     # ------------------------------------------------------------------ static last-token step
 
@@ -517,39 +475,15 @@ class KVCommEngine:
             return tokens + out.sequences[0, x.shape[1]:].tolist(), logits
         return tokens + out[0, x.shape[1]:].tolist(), None
 
-    def _is_blank(self, token_id: int) -> bool:
-        blank = self._blank.get(token_id)
-        if blank is None:
-            blank = self._blank[token_id] = self.tokenizer.decode([token_id]).strip() == ""
-        return blank
-
-    def _reply_span(self, tokens: list[int]) -> tuple[int, int]:
-        """[lo, hi) of the reply's content in the generated tokens: no EOS, and no
-        whitespace-only tokens at either end. Edge whitespace would merge with the
-        newline around a placeholder in the next agent's prompt (one token across
-        the slot edge), which forces that agent onto the dense path."""
-        lo, hi = 0, len(tokens)
-        if hi and tokens[-1] in self.eos_ids:
-            hi -= 1
-        while hi > lo and self._is_blank(tokens[hi - 1]):
-            hi -= 1
-        while lo < hi and self._is_blank(tokens[lo]):
-            lo += 1
-        return lo, hi
-
     def _capture(self, st: AgentState, cache, T: int, tokens: list[int], lo: int, hi: int,
                  text: str) -> None:
         """The reply's KV, cut from this call's cache. Every generated token but the
         last was fed back; if the last one is content it still needs its KV
-        (docs/method.md section 8), computed here with one more forward."""
+        (docs/method.md, "Details"), computed here with one more forward."""
         if cache.length < T + hi:
             forward(self.model, cache, tokens[cache.length - T:hi], want_logits=False)
-        k, v = neutral_pair(cache, T + lo, T + hi, self.spec.inv_freq)
-        ids = tuple(tokens[lo:hi])
-        self.request.current[st.name] = Reply(st.name, text, ids, k, v)
-        slot = f"agent_{st.name}_current"
-        if (slot, ids) not in self.request.contents:
-            self.request.contents[(slot, ids)] = self._decide(slot, ids, k, v, "reply")
+        k, v = cache.span(T + lo, T + hi)
+        self.planner.capture(self.request, st.name, tokens[lo:hi], k, v, T + lo, text=text)
 
     # ------------------------------------------------------------------ reporting
 

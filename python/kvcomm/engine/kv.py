@@ -1,15 +1,9 @@
-"""Model forwards over the buffer cache, and the position-neutral frame.
-
-Everything the engine stores (bases, template segments, deltas) is in the
-position-neutral frame: keys rotated back so the piece's first token sits at
-position 0 (docs/method.md section 3). `neutral_keys(k, start)` is one core op call over
-all layers.
-"""
+"""Model forwards over the buffer cache (the transformers backend's side of the planner's
+buffers: `cache.k` / `cache.v` are [layers, kv_heads, capacity, head_dim])."""
 from __future__ import annotations
 
 import torch
 
-from .. import ops
 from ..hf.cache import KVBufferCache
 
 
@@ -30,14 +24,3 @@ def forward_logits(model, cache: KVBufferCache, ids: list[int], rows: int) -> to
         return None
     out = model(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=len(ids))
     return out.logits[0, :rows].float()
-
-
-def neutral_keys(keys: torch.Tensor, start: int, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Keys [L,H,n,D] whose first token sits at `start`, moved to start at 0 (new tensor)."""
-    return ops.rope_move(keys, inv_freq, -int(start)) if start else keys.contiguous().clone()
-
-
-def neutral_pair(cache: KVBufferCache, start: int, stop: int, inv_freq: torch.Tensor):
-    """Neutral-frame copies of K and V of tokens [start, stop) of `cache`."""
-    k, v = cache.span(start, stop)
-    return neutral_keys(k, start, inv_freq), v.contiguous().clone()

@@ -28,7 +28,7 @@ import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 
-from ..engine.template import AGENT_NAME_RE, fill, parse_template
+from ..plan.template import AGENT_NAME_RE, fill, parse_template
 
 KVCOMM, DENSE = "kvcomm", "dense"
 

@@ -348,7 +348,7 @@ class KVCommConnector(KVConnectorBase_V1):
                 self._calls.pop(req_id, None)
 
     def _save(self, paged, state, job: SaveJob) -> None:
-        from ..engine.template import PromptLayout
+        from ..plan.template import PromptLayout
         p = job.params
         T = job.prompt_len
         if job.kind == "template":

@@ -64,7 +64,7 @@ class KVCommLLM:
 
     def body(self, agent: str, inputs: dict, session: str, rnd: int = 0, learn: bool = True) -> dict:
         """The chat-completion body a client would send for this call."""
-        from ..engine.template import fill, parse_template
+        from ..plan.template import fill, parse_template
         system, template = self.agents[agent]
         user, spans = fill(parse_template(template), dict(inputs), agent)
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]

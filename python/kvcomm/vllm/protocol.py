@@ -30,7 +30,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from ..engine.template import AGENT_NAME_RE, Template, TemplateError, parse_template
+from ..plan.template import AGENT_NAME_RE, Template, TemplateError, parse_template
 
 KEY = "kvcomm"            # the key under kv_transfer_params
 SERVER = "_server"        # fields only the server's front end may set

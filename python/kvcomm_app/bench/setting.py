@@ -23,7 +23,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from kvcomm.engine.template import chat_frame, fill, markers, parse_template, render_layout
+from kvcomm.plan.template import chat_frame, fill, markers, parse_template, render_layout
 from .texts import TextMaker
 
 QUESTION_SLOT = "user_question"

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 # The engine's slot kinds: QUESTION is "user_question", the others name their suffix.
-from kvcomm.engine.template import CONDITION, CURRENT, HISTORY, QUESTION
+from kvcomm.plan.template import CONDITION, CURRENT, HISTORY, QUESTION
 
 # The engine parses "{...}" in templates as placeholders, so fixed prompt text must not
 # contain braces (no "\boxed{}" in instructions).

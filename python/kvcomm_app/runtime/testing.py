@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from kvcomm.engine import MODES
-from kvcomm.engine.template import fill, parse_template
+from kvcomm.plan.template import fill, parse_template
 
 
 @dataclass

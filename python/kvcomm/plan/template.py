@@ -30,6 +30,11 @@ _NAME_CHARS = re.compile(r"[A-Za-z0-9_\-]+")
 AGENT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]*")
 
 
+# The kind of content a placeholder holds, which picks the header its base is encoded behind
+# (kvcomm.plan.headers): the question, a tool result, or another agent's reply.
+CONTENT_KIND = {QUESTION: "question", CONDITION: "condition", CURRENT: "reply", HISTORY: "reply"}
+
+
 class TemplateError(ValueError):
     """A malformed template or bad inputs; the message names the placeholder or position."""
 

@@ -1,9 +1,0 @@
-"""Settings the engine and the `kvcomm` command use unless told otherwise (no heavy imports,
-so the command line can show them without loading transformers)."""
-
-# The anchors a slot collects before it shares, when the engine makes its own pool. The
-# pool's own default (PoolConfig) is the published method's 2; paired measurements on
-# GSM8K and MMLU (docs/quality.md, "Fidelity") put 4 ahead: first-token KL 0.046 -> 0.033
-# and 0.074 -> 0.049, agreement 89 -> 91% and 83 -> 91%, while 6 and 8 leave most calls
-# partial until the pool fills.
-DEFAULT_MIN_ANCHORS = 4

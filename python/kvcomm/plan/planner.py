@@ -1,0 +1,346 @@
+"""One agent call, planned: decide each slot, choose the path, assemble the estimated KV,
+record deltas, capture the reply (docs/method.md, "Deciding" to "Beyond the paper").
+
+The planner is the method's per-call logic, written once for both backends. It works on
+plain KV buffers [layers, kv_heads, tokens, head_dim] indexed by absolute prompt position,
+and imports neither transformers nor vLLM: KVCommEngine (transformers) and the vLLM
+connector are adapters that move KV between their caches and these buffers and run the
+model where the plan says.
+
+One call:
+1. `plan`: why the call cannot reuse at all (a layout problem, RoPE moves not exact that
+   far, a prompt that does not match the agent's template), else each slot's content base
+   (a captured reply, a header encoding, or `encode` - the backend runs the model) and its
+   share-or-anchor decision, once per session; a slot is *estimated* when it shares and the
+   pool holds deltas for this agent, else *computed*. The path: reuse (every slot
+   estimated), partial (some), dense (none, or some computed and partial calls are off);
+   and the prompt positions the model runs (the recompute policy's, plus every computed
+   slot and its segment).
+2. `assemble`: the exact S0 and every estimated slot (with the agent's segment after it)
+   written into the backend's buffers; a slot whose anchors were evicted since the decision
+   becomes computed (the plan is updated).
+3. the backend runs the model over `plan.positions` against those buffers (dense: the
+   prompt after the exact prefix `plan.s0`);
+4. `record`: computed slots' KV -> neutral-frame deltas into their anchors;
+5. `capture`: the reply's KV becomes the base of {agent_<name>_current}, decided at once.
+
+A backend that can only take cached KV for a *prefix* of the prompt and computes every
+token after it (vLLM's connector interface) sets `PlanSettings(prefix_only=True)`: after
+the first computed slot every later slot is computed too, and only recompute policies
+whose positions form a suffix of the prompt (tail=N) can be expressed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .decide import RankGroup, decide_content
+from .defaults import DEFAULT_PARTIAL
+from .neutral import neutral_keys, neutral_span
+from .recompute import RecomputePolicy, SlotPlan, select_positions
+from .state import AgentState, Content, Reply, Session
+from .template import CONTENT_KIND, CURRENT, HISTORY, PromptLayout, classify
+
+NO_BASE = "no base KV (content not encoded and no captured reply)"
+AFTER_COMPUTED = "after a computed slot (the backend takes estimated KV for a prefix only)"
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """How a call decides. partial: a call with some slots that cannot be estimated still
+    estimates the others (else it runs dense); recompute: which further prompt tokens run
+    through the model (kvcomm.plan.recompute); prefix_only: see the module docstring."""
+    partial: bool = DEFAULT_PARTIAL
+    recompute: RecomputePolicy = field(default_factory=RecomputePolicy)
+    prefix_only: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "recompute", RecomputePolicy.parse(self.recompute))
+        p = self.recompute
+        if self.prefix_only and (p.segments or p.first or p.spread):
+            raise ValueError(f"recompute policy {p.describe()!r} chooses tokens inside the prompt, but this "
+                             "backend takes estimated KV for a prefix of the prompt only and computes every token "
+                             "after it: use 'none' or 'tail=N'")
+
+    def describe(self) -> str:
+        return (f"partial={'prefix' if self.prefix_only and self.partial else self.partial}, "
+                f"recompute={self.recompute.describe()}")
+
+
+@dataclass
+class CallPlan:
+    """What one call does and why. Slot indices follow the template's placeholders."""
+    agent: AgentState
+    layout: PromptLayout
+    learn: bool
+    contents: list = field(default_factory=list)    # Content per slot, None when it has no base
+    slots: list = field(default_factory=list)       # SlotPlan per slot
+    why: dict = field(default_factory=dict)         # slot index -> why it is computed
+    missing: set = field(default_factory=set)       # slots that share, but no anchor has this agent's deltas
+    decisions: dict = field(default_factory=dict)   # slot name -> what was decided (for call records)
+    anchors: dict = field(default_factory=dict)     # estimated slot name -> anchor ids used
+    encoded_tokens: int = 0                         # content tokens this call encoded behind a header
+    refused: str | None = None                      # why the call could not reuse at all
+    path: str = "dense"                             # "reuse", "partial" or "dense"
+    reason: str = ""
+    s0: int = 0                                     # exact prefix tokens copied from the agent's S0
+    positions: list = field(default_factory=list)   # prompt positions the model runs
+    recomputed: dict = field(default_factory=dict)  # reuse / partial: group -> positions it added
+
+    @property
+    def computed(self) -> set[int]:
+        return {i for i, s in enumerate(self.slots) if not s.estimated}
+
+    @property
+    def any_estimated(self) -> bool:
+        return any(s.estimated for s in self.slots)
+
+    @property
+    def uses_estimates(self) -> bool:
+        """Whether the model runs against assembled KV (reuse / partial), not a dense prefill."""
+        return self.path != "dense"
+
+    @property
+    def prefix(self) -> int:
+        """Prompt tokens before the first one the model runs: the KV a prefix-only backend is given."""
+        return self.positions[0] if self.positions else self.s0
+
+    @property
+    def gates(self) -> dict:
+        return {c.slot: c.gate for c in self.contents if c is not None}
+
+    def slot_reasons(self) -> str:
+        """Why slots are computed, in slot order ('' when none is)."""
+        return "; ".join(f"slot {self.slots[i].name}: {self.why[i]}" for i in sorted(self.why))
+
+
+class Planner:
+    """The per-call steps over one anchor pool. rope: anything with `inv_freq` (float32
+    [head_dim/2]), `exact_positions` (None: key moves exact everywhere) and `rope_type`
+    (a kvcomm.hf.ModelSpec does); group: the tensor-parallel ranks deciding together."""
+
+    def __init__(self, pool, rope, settings: PlanSettings | None = None, *, group: RankGroup | None = None):
+        self.pool = pool
+        self.rope = rope
+        self.settings = settings or PlanSettings()
+        self.group = group
+
+    # ------------------------------------------------------------------ step 1: plan
+
+    def refusal(self, agent: AgentState, lay: PromptLayout, max_new_tokens: int) -> str | None:
+        """Why no part of this call can reuse, or None."""
+        if lay.problem:
+            return lay.problem
+        exact = self.rope.exact_positions
+        if exact is not None and lay.length + max_new_tokens > exact:
+            return (f"prompt + reply longer than {exact} positions, where {self.rope.rope_type} RoPE key moves "
+                    "stop being exact")
+        return agent.alignment_problem(lay)
+
+    def plan(self, agent: AgentState, lay: PromptLayout, session: Session, *, max_new_tokens: int,
+             encode=None, learn: bool = True, refusal: str | None = None, laps=None) -> CallPlan:
+        """The call's plan. encode(kind, ids) -> neutral (k, v): the backend encodes a content
+        behind its kind's header (None: contents the session lacks have no base and are
+        computed). refusal: a reason the caller already has to run dense (nothing is decided).
+        laps: an object whose lap(step) is called after each base ("encode") and decision
+        ("decide"), for the caller's timings."""
+        plan = CallPlan(agent=agent, layout=lay, learn=learn)
+        plan.refused = refusal or self.refusal(agent, lay, max_new_tokens)
+        if plan.refused is None:
+            for i, (name, a, b) in enumerate(lay.spans):
+                content = self._content(plan, session, name, tuple(lay.ids[a:b]), encode, learn, laps)
+                plan.contents.append(content)
+                plan.slots.append(SlotPlan(name=name, span=(a, b), segment=tuple(lay.segments[i]),
+                                           estimated=self._estimable(plan, i, content)))
+            self._prefix_only(plan)
+        self._finish(plan)
+        return plan
+
+    def _content(self, plan: CallPlan, session: Session, slot: str, ids: tuple, encode, learn: bool,
+                 laps) -> Content | None:
+        found = session.contents.get((slot, ids))
+        if found is not None:
+            return found
+        base = self._base(plan, session, slot, ids, encode)
+        if laps is not None:
+            laps.lap("encode")
+        if base is None:
+            return None
+        content = decide_content(self.pool, slot, ids, base[0], base[1], base[2], learn=learn, group=self.group)
+        session.contents[(slot, ids)] = content
+        if laps is not None:
+            laps.lap("decide")
+        return content
+
+    @staticmethod
+    def _base(plan: CallPlan, session: Session, slot: str, ids: tuple, encode):
+        """(k, v, source) of the content `ids` of `slot`, or None."""
+        ph = classify(slot)
+        if ph.kind in (CURRENT, HISTORY):
+            rep = (session.current if ph.kind == CURRENT else session.history).get(ph.owner)
+            if rep is not None and rep.ids == ids:
+                return rep.k, rep.v, "reply"
+        kind = CONTENT_KIND[ph.kind]
+        enc = session.encoded.get((kind, ids))
+        if enc is None and encode is not None:
+            enc = session.encoded[(kind, ids)] = encode(kind, ids)
+            plan.encoded_tokens += len(ids)
+        return None if enc is None else (enc[0], enc[1], "header")
+
+    def _estimable(self, plan: CallPlan, i: int, c: Content | None) -> bool:
+        name = plan.layout.spans[i][0]
+        if c is None:
+            plan.decisions[name] = NO_BASE
+            plan.why[i] = "no base KV"
+            return False
+        if not c.share:
+            plan.decisions[name] = f"{c.reason} (new anchor)" if c.anchor_id is not None else \
+                f"{c.reason} (not learning: no anchor added)"
+            plan.why[i] = c.reason
+            return False
+        if not any(a.length >= c.length and plan.agent.key in a.agents for a in self.pool.anchors(c.slot)):
+            plan.decisions[name] = "share, but no anchor has deltas for this agent"
+            plan.missing.add(i)
+            plan.why[i] = "no deltas for agent"
+            return False
+        plan.decisions[name] = "share"
+        return True
+
+    def _prefix_only(self, plan: CallPlan) -> None:
+        """A prefix-only backend computes every slot after the first computed one."""
+        if not self.settings.prefix_only:
+            return
+        computed = False
+        for i, s in enumerate(plan.slots):
+            if computed and s.estimated:
+                s.estimated = False
+                plan.decisions[s.name] += f"; computed: {AFTER_COMPUTED}"
+                plan.why[i] = AFTER_COMPUTED
+            computed = computed or not s.estimated
+
+    def _finish(self, plan: CallPlan) -> None:
+        """Path, reason and positions from the slots' states."""
+        lay, T = plan.layout, plan.layout.length
+        computed = plan.computed
+        dense = (plan.refused is not None or (plan.contents and not plan.any_estimated)
+                 or (computed and not self.settings.partial))
+        if dense:
+            plan.path = "dense"
+            plan.reason = plan.refused or plan.slot_reasons()
+            plan.s0 = plan.agent.exact_prefix(lay.ids)
+            plan.positions = list(range(plan.s0, T))
+            plan.recomputed = {}
+            return
+        sel = select_positions(self.settings.recompute, plan.slots, plan.agent.s0, T)
+        if self.settings.prefix_only and sel.positions != list(range(sel.positions[0], T)):
+            raise AssertionError(f"prefix-only plan with positions that are not a suffix: {sel.positions}")
+        plan.path = "partial" if computed else "reuse"
+        plan.reason = (f"partial: {plan.slot_reasons()}" if computed else
+                       "all slots shared" if plan.slots else "no slots: exact prefix")
+        plan.s0 = plan.agent.s0
+        plan.positions, plan.recomputed = sel.positions, sel.counts
+
+    # ------------------------------------------------------------------ step 2: assemble
+
+    def write_prefix(self, plan: CallPlan, k, v) -> None:
+        """The exact prefix (plan.s0 tokens of the agent's S0) into k, v."""
+        s0 = plan.s0
+        if s0:
+            k[:, :, :s0].copy_(plan.agent.s0_k[:, :, :s0])
+            v[:, :, :s0].copy_(plan.agent.s0_v[:, :, :s0])
+
+    def assemble(self, plan: CallPlan, k, v) -> CallPlan:
+        """Writes the exact S0 and every estimated slot (with its segment) into k, v
+        [L,H,>=T-1,D]; one pool call per slot covers all layers. A slot the pool cannot
+        estimate after all becomes computed, and the plan's path and positions follow
+        (it can turn dense: then the caller prefills after plan.s0)."""
+        if not plan.uses_estimates:
+            return plan
+        self.write_prefix(plan, k, v)
+        agent, spread = plan.agent, self.settings.recompute.spread
+        lost = False
+        for i, slot in enumerate(plan.slots):
+            if not slot.estimated:
+                continue
+            if lost:   # prefix-only: a slot before this one became computed
+                slot.estimated = False
+                plan.decisions[slot.name] += f"; computed: {AFTER_COMPUTED}"
+                plan.why[i] = AFTER_COMPUTED
+                continue
+            c = plan.contents[i]
+            (a, b), (sa, sb) = slot.span, slot.segment
+            seg = {}
+            if sb > sa:
+                seg = dict(seg_template_k=agent.seg_k[i], seg_template_v=agent.seg_v[i], seg_position=sa,
+                           seg_dst_k=k[:, :, sa:sb], seg_dst_v=v[:, :, sa:sb])
+            res = self.pool.estimate(c.slot, agent.key, c.base_k, c.base_v, self.rope.inv_freq, a,
+                                     k[:, :, a:b], v[:, :, a:b], **seg, want_spread=spread)
+            if not res.anchors:   # its anchors were evicted since the decision
+                slot.estimated = False
+                plan.decisions[slot.name] = "share, but no usable anchor for this agent"
+                plan.missing.add(i)
+                plan.why[i] = "no usable anchor for agent"
+                lost = self.settings.prefix_only
+                continue
+            slot.spread = res.spread
+            plan.anchors[slot.name] = list(res.anchors)
+            plan.decisions[slot.name] = f"share (estimated from anchors {list(res.anchors)})"
+        self._finish(plan)
+        return plan
+
+    # ------------------------------------------------------------------ step 4: record
+
+    def record(self, plan: CallPlan, k, v) -> int:
+        """The computed slots' KV in k, v [L,H,>=T-1,D] (absolute positions; a dense call's
+        real KV, a partial call's KV given the estimated slots before it) -> neutral-frame
+        deltas into their anchors. Returns how many slots recorded."""
+        if not plan.learn or plan.refused is not None:
+            return 0
+        which = range(len(plan.contents)) if plan.path == "dense" else sorted(plan.computed)
+        lay, agent, inv_freq = plan.layout, plan.agent, self.rope.inv_freq
+        recorded = 0
+        for i in which:
+            c = plan.contents[i]
+            if c is None:
+                continue
+            name, a, b = lay.spans[i]
+            if c.anchor_id is None and i in plan.missing:
+                # Shared content, but no anchor holds this agent's deltas: the content
+                # becomes an anchor so the agent has something to record into.
+                c.anchor_id = self.pool.add_anchor(c.slot, c.base_k, c.base_v)
+                plan.decisions[name] += " (new anchor)"
+            if c.anchor_id is None:
+                continue
+            ph_k, ph_v = neutral_span(k, v, a, b, inv_freq)
+            ph_k.sub_(c.base_k)
+            ph_v.sub_(c.base_v)
+            seg_k = seg_v = None
+            sa, sb = lay.segments[i]
+            if sb > sa:
+                seg_k, seg_v = neutral_span(k, v, sa, sb, inv_freq)
+                seg_k.sub_(agent.seg_k[i])
+                seg_v.sub_(agent.seg_v[i])
+            try:
+                self.pool.record_deltas(c.slot, c.anchor_id, agent.key, ph_k, ph_v, seg_k, seg_v)
+                recorded += 1
+            except RuntimeError as e:  # the anchor was evicted since it was added
+                plan.decisions[name] += f"; deltas not recorded: {str(e).splitlines()[0]}"
+        return recorded
+
+    # ------------------------------------------------------------------ step 5: capture
+
+    def capture(self, session: Session, agent: str, ids, k, v, start: int, *, text: str = "",
+                learn: bool = True) -> Content:
+        """A reply's content tokens `ids` with their KV k, v [L,H,n,D] (the first token at
+        absolute position `start`): the base of {agent_<agent>_current} in this session,
+        decided against that slot's pool now (once per session and content)."""
+        ids = tuple(int(t) for t in ids)
+        if k.shape[2] != len(ids) or v.shape[2] != len(ids):
+            raise ValueError(f"capture: {len(ids)} reply tokens but KV of {k.shape[2]} / {v.shape[2]} tokens")
+        nk, nv = neutral_keys(k, start, self.rope.inv_freq), v.contiguous().clone()
+        session.current[agent] = Reply(agent, text, ids, nk, nv)
+        slot = f"agent_{agent}_current"
+        content = session.contents.get((slot, ids))
+        if content is None:
+            content = session.contents[(slot, ids)] = decide_content(self.pool, slot, ids, nk, nv, "reply",
+                                                                     learn=learn, group=self.group)
+        return content

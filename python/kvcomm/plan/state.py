@@ -1,0 +1,187 @@
+"""What the planner keeps between calls: agents, sessions, contents and replies.
+
+- AgentState: one agent's template, its exact prefix S0 and the neutral-frame KV of the
+  template's segments (docs/method.md, "Terms": template KV), made from the KV of one
+  forward over the template rendered with the placeholder markers in place;
+- Session: one multi-agent request (a conversation): the contents decided so far, header
+  encodings, and the replies of this round and the previous one;
+- Content: one content of one slot in one session, its base KV and its share-or-anchor
+  decision, decided once by its first consumer and shared by every later one.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from .neutral import neutral_span
+from .template import ChatFrame, PromptLayout, Template
+
+
+def decision_numbers(decision, tokens: int) -> dict:
+    """What the pool's share-or-anchor decision (docs/method.md, "Deciding") saw, small enough
+    for a call record: how many candidates, how close the nearest two were, the entropy
+    against its threshold - why the entropy gate fired, not only that it did."""
+    dist = sorted(float(x) for x in decision.distances)
+    return {"tokens": int(tokens), "candidates": len(decision.candidates),
+            "entropy": float(decision.entropy), "threshold": float(decision.threshold),
+            "nearest": dist[:2], "top_prob": max((float(p) for p in decision.probs), default=None)}
+
+
+@dataclass
+class Content:
+    """One content in one slot of a session: its base and its decision."""
+    slot: str
+    ids: tuple[int, ...]
+    base_k: torch.Tensor          # neutral [L,H,n,D]
+    base_v: torch.Tensor
+    source: str                   # "reply" (cut from the sender's KV) or "header"
+    share: bool
+    reason: str                   # the pool's decision reason
+    anchor_id: int | None = None  # set when this content is an anchor of its slot
+    gate: dict = field(default_factory=dict)   # the decision's numbers (decision_numbers)
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class Reply:
+    """An agent's reply: generated tokens that carry KV, and that KV (neutral)."""
+    agent: str
+    text: str
+    ids: tuple[int, ...]
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+@dataclass
+class Session:
+    """One multi-agent request. Keys: contents (slot, ids); encoded (kind, ids)."""
+    index: int
+    round: int = 0
+    contents: dict = field(default_factory=dict)   # (slot, ids) -> Content
+    encoded: dict = field(default_factory=dict)    # (kind, ids) -> (k, v) header encodings
+    current: dict = field(default_factory=dict)    # agent -> Reply, this round
+    history: dict = field(default_factory=dict)    # agent -> Reply, previous round
+
+    def next_round(self) -> None:
+        self.round += 1
+        self.history = self.current
+        self.current = {}
+
+    def advance_to(self, rnd: int) -> None:
+        """Moves to round `rnd` (a later round's call arrived): replies age per round."""
+        while self.round < rnd:
+            self.next_round()
+
+
+def agent_key(name: str, system_prompt: str, template: str) -> str:
+    """The agent's identity in the pool: name@hash(system prompt, template). Deltas depend on
+    the agent's prefix and segments: a changed definition gets a new identity, so a saved
+    pool never feeds stale deltas to it."""
+    digest = hashlib.sha1(f"{system_prompt}\0{template}".encode()).hexdigest()[:8]
+    return f"{name}@{digest}"
+
+
+@dataclass
+class AgentState:
+    name: str
+    key: str                      # agent_key(name, system prompt, template)
+    system_prompt: str
+    template: Template
+    layout: PromptLayout          # of the marker render
+    frame: ChatFrame | None = None   # the chat text around the user turn (backends that render)
+    problem: str | None = None    # why no call of this agent can reuse (template edges merge)
+    s0_k: torch.Tensor | None = None
+    s0_v: torch.Tensor | None = None
+    seg_k: list = field(default_factory=list)   # neutral [L,H,S,D] per placeholder, None if S == 0
+    seg_v: list = field(default_factory=list)
+    setup_ms: float = 0.0
+
+    @property
+    def s0(self) -> int:
+        return 0 if self.s0_k is None else self.s0_k.shape[2]
+
+    def alignment_problem(self, real: PromptLayout) -> str | None:
+        """Why `real` cannot use this agent's S0/segment KV, or None."""
+        if self.problem:
+            return self.problem
+        t = self.layout
+        if real.s0 != t.s0 or real.ids[:real.s0] != t.ids[:t.s0]:
+            return "prefix S0 tokens differ from the template's"
+        if len(real.spans) != len(t.spans):
+            return f"the prompt has {len(real.spans)} slots, the template {len(t.spans)}"
+        for i, (name, _, _) in enumerate(real.spans):
+            if name != t.spans[i][0]:
+                return f"slot {i} is {name}, the template's is {t.spans[i][0]}"
+            if real.segment_ids(i) != t.segment_ids(i):
+                return f"segment after slot {name}: tokens differ from the template's"
+        if real.ids[-1] != t.ids[-1]:
+            return "last prompt token differs from the template's"
+        return None
+
+    def exact_prefix(self, ids: list[int]) -> int:
+        """How many leading tokens of a prompt `ids` equal this agent's S0 (at most all but the
+        last prompt token): the exact prefix both paths copy instead of computing."""
+        if self.s0_k is None:
+            return 0
+        ref = self.layout.ids
+        limit = min(self.s0, len(ids) - 1)
+        p = 0
+        while p < limit and ids[p] == ref[p]:
+            p += 1
+        return p
+
+
+def agent_from_template_kv(name: str, key: str, system_prompt: str, template: Template, layout: PromptLayout,
+                           k: torch.Tensor | None, v: torch.Tensor | None, inv_freq: torch.Tensor,
+                           frame: ChatFrame | None = None) -> AgentState:
+    """The agent as the planner keeps it, from the KV k, v [L,H,>=T-1,D] (absolute positions)
+    of one forward over its marker render `layout`. A layout with a problem (a placeholder
+    edge inside a token) keeps no KV: no call of this agent can reuse, and says why."""
+    state = AgentState(name=name, key=key, system_prompt=system_prompt, template=template, layout=layout,
+                       frame=frame)
+    if layout.problem:
+        state.problem = f"template: {layout.problem}"
+        return state
+    state.s0_k = k[:, :, :layout.s0].contiguous().clone()
+    state.s0_v = v[:, :, :layout.s0].contiguous().clone()
+    for a, b in layout.segments:
+        pair = neutral_span(k, v, a, b, inv_freq) if b > a else (None, None)
+        state.seg_k.append(pair[0])
+        state.seg_v.append(pair[1])
+    return state
+
+
+class Sessions:
+    """Sessions by id, the least recently used forgotten past `limit` (a server sees
+    conversations start and never sees them end)."""
+
+    def __init__(self, limit: int = 1024):
+        if limit < 1:
+            raise ValueError(f"Sessions: limit must be >= 1, got {limit}")
+        self.limit = int(limit)
+        self._by_id: OrderedDict[str, Session] = OrderedDict()
+        self._made = 0
+
+    def get(self, sid: str, rnd: int = 0) -> Session:
+        """The session `sid` (made on first use), moved to round `rnd` if it is behind."""
+        st = self._by_id.get(sid)
+        if st is None:
+            self._made += 1
+            st = self._by_id[sid] = Session(index=self._made)
+            while len(self._by_id) > self.limit:
+                self._by_id.popitem(last=False)
+        self._by_id.move_to_end(sid)
+        st.advance_to(rnd)
+        return st
+
+    def __contains__(self, sid: str) -> bool:
+        return sid in self._by_id
+
+    def __len__(self) -> int:
+        return len(self._by_id)
