@@ -37,11 +37,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -50,6 +48,7 @@ import torch
 
 import kvcomm  # noqa: F401  (registers torch.ops.kvcomm)
 from kvcomm import ops, reference
+from kvcomm_app import provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Op benchmarks"
@@ -232,17 +231,6 @@ def peak_for(name: str):
     return None, None
 
 
-def git_sha() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 # ---- the benchmark ------------------------------------------------------------
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -281,7 +269,7 @@ class Bench:
         if self.device.type == "cpu":
             # The machine's 1-minute load average when the row was timed: other
             # processes on a small host move every CPU number.
-            row["load_avg_1m"] = round(os.getloadavg()[0], 2)
+            row["load_avg_1m"] = provenance.load_1m()
         if self.peak:
             row["fraction_of_peak"] = round(gbps / self.peak, 3)
         if extra:
@@ -435,7 +423,8 @@ def cases_for(args) -> list[dict]:
     return presets
 
 
-def run(args) -> dict:
+def run(args, made: provenance.Provenance) -> dict:
+    """The rows and targets of one run; `made`: its provenance, captured before it."""
     device = torch.device(args.device)
     timer = Timer(device, args.warmup, args.iters)
     name = device_name(device)
@@ -449,7 +438,7 @@ def run(args) -> dict:
         copy_gbps = measured_copy_gbps(device, timer)
         copies[str(threads or "device")] = round(copy_gbps, 2)
         if device.type == "cpu":
-            loads[str(threads)] = round(os.getloadavg()[0], 2)
+            loads[str(threads)] = provenance.load_1m()
         print(f"-- {f'{threads} thread(s), ' if threads else ''}copy {copy_gbps:.1f} GB/s", flush=True)
         b = Bench(device, timer, copy_gbps, peak, threads)
         gen = torch.Generator(device="cpu").manual_seed(0)
@@ -468,8 +457,8 @@ def run(args) -> dict:
     torch.set_num_threads(args.threads[-1] if device.type == "cpu" else torch.get_num_threads())
     result = dict(device=name, cpu_model=cpu_model() if device.type == "cpu" else None,
                   cpu_capability=torch.backends.cpu.get_cpu_capability(), peak_gbps=peak,
-                  peak_source=source, copy_gbps=copies, copy_load_avg_1m=loads or None, git_sha=git_sha(),
-                  command=" ".join(["python"] + [Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+                  peak_source=source, copy_gbps=copies, copy_load_avg_1m=loads or None,
+                  git_sha=made.marked_sha, command=made.command,
                   quick=args.quick, segment_tokens=args.segment, rows=rows)
     result["targets"] = targets(result)
     return result
@@ -586,7 +575,7 @@ def main(argv=None) -> int:
         args.iters = 3 if args.quick else (20 if args.device == "cuda" else 7)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("no CUDA device: use --device cpu")
-    result = run(args)
+    result = run(args, provenance.capture("python", "benchmarks/ops.py", argv=argv))
     out = Path(args.out) if args.out else ROOT / "results" / "ops" / f"ops-{slug(result['device'])}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

@@ -212,7 +212,7 @@ def test_static_step_forward_reads_nothing_back_to_the_host(tiny, arch):
 
 # ---------------------------------------------------------------- kvcomm bench ttft
 
-TOP_LEVEL = {"setting", "device", "git_sha", "command", "agents", "reuse_rate", "model", "dtype",
+TOP_LEVEL = {"setting", "device", "git_sha", "git_dirty", "command", "agents", "reuse_rate", "model", "dtype",
              "requests", "warmup", "one_token_step", "paper", "samples"}
 AGENT_FIELDS = {"agent", "tokens", "nominal_tokens", "dense_ms", "kvcomm_ms", "speedup", "reuse_rate"}
 TINY_ARGS = ["bench", "ttft", "--model", "tiny-random", "--agents", "3", "--prefix", "48", "--input", "24",
@@ -267,7 +267,7 @@ def test_default_result_paths_keep_runs_apart():
 
 
 def test_share_policy_sets_the_pool_gamma():
-    assert ttft.pool_gamma("gate", None) is None and ttft.pool_gamma("gate", 0.5) == 0.5
+    assert ttft.pool_gamma("entropy", None) is None and ttft.pool_gamma("entropy", 0.5) == 0.5
     assert ttft.pool_gamma("always", None) >= 1.0      # H <= log2 N always holds from gamma 1
     with pytest.raises(ValueError, match="gamma"):
         ttft.pool_gamma("always", 0.3)
@@ -368,4 +368,4 @@ def test_eval_sweep_cut_off_keeps_the_points_it_finished(tmp_path):
     assert doc["sweep"]["points_done"] == 2
     assert [(r["gamma"], r["capacity"]) for r in doc["grid"]] == [(0.3, 5), (0.3, 20)]
     assert doc["default_point"]["capacity"] == 20 and doc["dense"]["accuracy"] is not None
-    assert doc["command"] == "kvcomm eval --sweep" and "git_sha" in doc
+    assert doc["command"] == "kvcomm eval --sweep" and {"git_sha", "git_dirty"} <= set(doc)

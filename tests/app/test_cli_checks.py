@@ -17,7 +17,7 @@ from kvcomm_app.cli_checks import UsageError, check_args, check_device, check_mo
     (["demo", "--min-anchors", "1"], "--min-anchors must be at least 2 (a slot shares from at least 2 anchors)"),
     (["demo", "--recompute", "tail=0"], "--recompute: recompute tail must be an int >= 1"),
     (["demo", "--threads", "0"], "--threads must be at least 1"),
-    (["eval", "--task", "gsm8k", "--gamma", "-1"], "--gamma must be at least 0.0 (the entropy gate"),
+    (["eval", "--task", "gsm8k", "--gamma", "-1"], "--gamma must be at least 0.0 (the entropy threshold"),
     (["eval", "--task", "gsm8k", "--capacity", "0"], "--capacity must be at least 1 (anchors per slot), got 0"),
     (["eval", "--task", "gsm8k", "--agents", "0"], "--agents must be at least 1"),
     (["eval", "--task", "gsm8k", "--rounds", "0"], "--rounds must be at least 1"),
@@ -114,13 +114,12 @@ def test_storage_options_reach_the_pool_config():
     assert cli._config(plain, "gsm8k", 3, "fully_connected").pool == {"min_anchors": 4}
 
 
-def test_recorded_commands_run_when_pasted(monkeypatch):
+def test_recorded_commands_run_when_pasted():
     """Results record the command that made them; an argument with spaces (a
     --paired-variant of several settings) must stay one argument when pasted."""
     import shlex
 
-    from kvcomm_app.runtime.session import command_line
-
-    argv = ["kvcomm", "eval", "--paired-variant", "min_anchors=2 byte_budget=128M storage=int8", "--threads", "1"]
-    monkeypatch.setattr("sys.argv", argv)
-    assert shlex.split(command_line()) == argv
+    argv = ["eval", "--task", "gsm8k", "--paired-variant", "min_anchors=2 byte_budget=128M storage=int8"]
+    args = cli.build_parser().parse_args(argv)
+    args.argv = argv    # what main() records
+    assert shlex.split(cli._provenance(args).command) == ["kvcomm", *argv]

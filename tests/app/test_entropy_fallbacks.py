@@ -1,10 +1,11 @@
-"""benchmarks/gate_value.py: reuse-path calls with a dense twin on identical inputs are
-split by whether the replayed gate would have sent one of their slots to a new anchor."""
+"""benchmarks/entropy_fallbacks.py: reuse-path calls with a dense twin on identical inputs
+are split by whether the replayed entropy threshold would have sent one of their slots to a
+new anchor."""
 from __future__ import annotations
 
 import json
 
-from kvcomm_app.bench import gate_value
+from kvcomm_app.analysis import entropy_fallbacks
 from kvcomm_app.runtime.records import CallRecord, QuestionRecord, record_to_dict
 
 NEAR_TIE = {"tokens": 9, "candidates": 2, "entropy": 0.9, "nearest": [100.0, 100.5]}   # > 0.3 * log2 2
@@ -30,21 +31,21 @@ def _write(tmp_path):
     return str(path)
 
 
-def test_reuse_calls_split_by_the_replayed_gate(tmp_path):
+def test_reuse_calls_split_by_the_replayed_threshold(tmp_path):
     path = _write(tmp_path)
     out = tmp_path / "value.json"
-    assert gate_value.main([path, "--gamma", "0.3", "--json", str(out)]) == 0
+    assert entropy_fallbacks.main([path, "--gamma", "0.3", "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
     assert doc["passes"] == {"pairs": 1, "agree": 1, "agreement": 1.0}
     assert doc["gated"] == {"pairs": 1, "agree": 0, "agreement": 0.0}
-    assert doc["command"].startswith("python benchmarks/gate_value.py")
-    # A looser gate lets the near-tie through: both calls pass.
-    loose = gate_value.split(gate_value.read_records([path]), gamma=1.0)
+    assert doc["command"].startswith("python benchmarks/entropy_fallbacks.py")
+    # A looser threshold lets the near-tie through: both calls pass.
+    loose = entropy_fallbacks.split(entropy_fallbacks.read_records([path]), gamma=1.0)
     assert loose["passes"]["pairs"] == 2 and loose["gated"]["pairs"] == 0
 
 
 def test_records_without_reuse_pairs_are_refused(tmp_path, capsys):
     path = tmp_path / "empty.jsonl"
     path.write_text("")
-    assert gate_value.main([str(path)]) == 2
+    assert entropy_fallbacks.main([str(path)]) == 2
     assert "no reuse-path calls" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from kvcomm_app.bench import eval_subset as subset
+from kvcomm_app.analysis import eval_subset as subset
 from kvcomm_app.runtime.records import read_records, record_to_dict, write_records
 
 ROOT = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir)

@@ -1,9 +1,9 @@
-"""kvcomm_app.bench.fidelity_table: one markdown row per run of results/quality/fidelity.json."""
+"""kvcomm_app.analysis.fidelity_table: one markdown row per run of results/quality/fidelity.json."""
 from __future__ import annotations
 
 import json
 
-from kvcomm_app.bench import fidelity_table
+from kvcomm_app.analysis import fidelity_table
 
 
 def _run(**kw):

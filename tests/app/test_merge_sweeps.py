@@ -8,7 +8,7 @@ import json
 from sweep_args import sweep_args
 
 from kvcomm_app import cli
-from kvcomm_app.bench import merge_sweeps
+from kvcomm_app.analysis import merge_sweeps
 from kvcomm_app.runtime.testing import ScriptedEngine
 
 

@@ -1,5 +1,5 @@
-"""benchmarks/gate_numbers.py: a content's decision counts once per (question, slot), and
-the gated and shared decisions' distance gaps are summarised apart."""
+"""benchmarks/share_decisions.py: a content's decision counts once per (question, slot), and
+the distance gaps of contents sent to new anchors and of shared ones are summarised apart."""
 from __future__ import annotations
 
 import gzip
@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from kvcomm_app.bench import gate_numbers
+from kvcomm_app.analysis import share_decisions
 
 
-def _gate(cands, near, entropy, threshold):
+def _numbers(cands, near, entropy, threshold):
     return {"tokens": 10, "candidates": cands, "nearest": near, "entropy": entropy, "threshold": threshold,
             "top_prob": None}
 
@@ -21,18 +21,18 @@ def _question(qid, calls, mode="kvcomm", phase="measure"):
 
 
 def _write(tmp_path):
-    gated = _gate(2, [100.0, 101.0], 0.9, 0.3)
-    shared = _gate(3, [90.0, 120.0], 0.0, 0.475)
-    cold = _gate(0, [], 0.0, 0.0)
+    above = _numbers(2, [100.0, 101.0], 0.9, 0.3)
+    shared = _numbers(3, [90.0, 120.0], 0.0, 0.475)
+    cold = _numbers(0, [], 0.0, 0.0)
     rows = [
         # two agents read the same question: one decision
-        _question("q1", [({"user_question": gated}, {"user_question": "entropy_above_gate (new anchor)"}),
-                         ({"user_question": gated, "agent_0_current": shared},
+        _question("q1", [({"user_question": above}, {"user_question": "entropy_above_gate (new anchor)"}),
+                         ({"user_question": above, "agent_0_current": shared},
                           {"user_question": "entropy_above_gate (new anchor)", "agent_0_current": "share"})]),
         _question("q2", [({"user_question": cold}, {"user_question": "too_few_candidates (new anchor)"})]),
         _question("q3", [({"user_question": shared}, {"user_question": "share (estimated from anchors [1])"})]),
-        _question("q1", [({"user_question": gated}, {"user_question": "baseline"})], mode="dense"),
-        _question("w1", [({"user_question": gated}, {"user_question": "entropy_above_gate (new anchor)"})],
+        _question("q1", [({"user_question": above}, {"user_question": "baseline"})], mode="dense"),
+        _question("w1", [({"user_question": above}, {"user_question": "entropy_above_gate (new anchor)"})],
                   phase="warmup"),
     ]
     path = tmp_path / "calls.jsonl.gz"   # what results/ keeps; a plain .jsonl reads the same
@@ -44,7 +44,7 @@ def _write(tmp_path):
 def test_decisions_count_once_and_gaps_split_by_outcome(tmp_path):
     path = _write(tmp_path)
     out = tmp_path / "summary.json"
-    assert gate_numbers.main([path, "--json", str(out)]) == 0
+    assert share_decisions.main([path, "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
     assert doc["decisions"] == 4
     assert doc["by_outcome"] == {"entropy_above_gate": 1, "share": 2, "too_few_candidates": 1}
@@ -52,13 +52,14 @@ def test_decisions_count_once_and_gaps_split_by_outcome(tmp_path):
     assert doc["entropy_above_gate"]["relative_gap_max"] == pytest.approx(1.0 / 101.0)
     assert doc["share"]["decisions"] == 2 and doc["share"]["gap_min"] == pytest.approx(30.0)
     assert doc["share"]["entropy_minus_threshold_max"] == pytest.approx(-0.475)
-    assert doc["sources"] == [path] and doc["command"].startswith("python benchmarks/gate_numbers.py")
-    warm = gate_numbers.summarize(gate_numbers.decisions([path], "warmup"))
+    assert doc["sources"] == [path] and doc["command"].startswith("python benchmarks/share_decisions.py")
+    assert "git_sha" in doc and "git_dirty" in doc
+    warm = share_decisions.summarize(share_decisions.decisions([path], "warmup"))
     assert warm["decisions"] == 1 and warm["by_outcome"] == {"entropy_above_gate": 1}
 
 
-def test_records_without_gate_numbers_are_refused(tmp_path, capsys):
+def test_records_without_decision_numbers_are_refused(tmp_path, capsys):
     path = tmp_path / "old.jsonl"
     path.write_text(json.dumps(_question("q1", [({}, {"user_question": "share"})])) + "\n")
-    assert gate_numbers.main([str(path)]) == 2
+    assert share_decisions.main([str(path)]) == 2
     assert "no slot_gates" in capsys.readouterr().err

@@ -13,20 +13,19 @@ own warm-up and an anchor pool that starts empty) into one summary:
 
 Prints the summary's quality fields and per-agent TTFT as JSON (warm-up questions stay
 in the records but, as in `kvcomm eval`, are not counted). `--json PATH` also writes it,
-with the records it came from (path and measured questions of each), `git_sha` and
-`command`, as a results file:
+with the records it came from (path and measured questions of each) and its provenance
+(`git_sha`, `git_dirty`, `command`), as a results file:
 
     python benchmarks/eval_subset.py run-a.jsonl run-b.jsonl --json results/quality/eval-pooled.json
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from ..runtime import metrics, report
+from ..runtime import metrics
 from ..runtime.records import MEASURE, read_records
-from ..runtime.session import git_sha
+from .summary import write_and_print
 
 FIELDS = ("questions", "reuse_rate", "accuracy", "answer_agreement", "judge_consistency",
           "judge_without_choice", "first_token_agreement", "first_token_pairs", "first_token_agreement_reuse",
@@ -70,7 +69,7 @@ def main(argv=None) -> int:
     p.add_argument("--first", type=int, default=None,
                    help="only the first N measured questions (in file order; default: all)")
     p.add_argument("--json", default=None, metavar="PATH",
-                   help="also write the summary, its sources, git_sha and command to PATH")
+                   help="also write the summary, its sources and provenance to PATH")
     args = p.parse_args(argv)
     if args.first is not None and args.first < 1:
         p.error(f"--first: at least 1 question, got {args.first}")
@@ -80,16 +79,9 @@ def main(argv=None) -> int:
         records = first_questions(records, args.first)
     summary = metrics.summarize(records)
     out = {k: summary[k] for k in FIELDS if k in summary}
-    print(json.dumps(out, indent=1))
-    if args.json:
-        kept = measured_ids(records)
-        out["sources"] = [dict(records=path, questions=len(measured_ids(rs) & kept))
-                          for path, rs in runs.items()]
-        out["git_sha"] = git_sha()
-        out["command"] = report.script_command("benchmarks/eval_subset.py", argv)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
-            f.write("\n")
+    kept = measured_ids(records)
+    sources = [dict(records=path, questions=len(measured_ids(rs) & kept)) for path, rs in runs.items()]
+    write_and_print(out, args.json, script="benchmarks/eval_subset.py", argv=argv, sources=sources)
     return 0
 
 

@@ -1,7 +1,7 @@
 """Markdown tables of results/quality/fidelity.json (the runs of `kvcomm eval --paired
 --fidelity-json`): one row per run, the headline numbers with their 95% intervals.
 
-    python -m kvcomm_app.bench.fidelity_table results/quality/fidelity.json [--by recompute|min_anchors]
+    python -m kvcomm_app.analysis.fidelity_table results/quality/fidelity.json [--task TASK]
 """
 from __future__ import annotations
 

@@ -15,9 +15,9 @@ import argparse
 import json
 import sys
 
-from . import sweep
+from .. import provenance
+from ..bench import sweep
 from ..runtime import report
-from ..runtime.session import git_sha
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(sweep.format_table(merged))
     if args.json:
-        merged.update(git_sha=git_sha(), command=report.script_command("benchmarks/merge_sweeps.py", argv))
+        merged.update(provenance.capture("python", "benchmarks/merge_sweeps.py", argv=argv).fields())
         report.write_json(merged, args.json)
         print(f"wrote {args.json}")
     return 0

@@ -1,16 +1,17 @@
-"""Why the anchor pool's entropy gate fired, from `kvcomm eval --records`.
+"""The numbers behind the pool's share-or-anchor decisions of a `kvcomm eval --records` run:
+which contents the entropy threshold sent to new anchors, and why.
 
-Each KVCOMM call record carries `slot_gates`: per slot, the numbers behind the pool's
-share-or-anchor decision (docs/method.md section 4). A content is decided once per request and
-every agent that reads it sees the same decision, so decisions are counted once per
-(question, slot). Among those with at least two candidates, it compares the ones the
-gate turned into new anchors with the ones it shared: the gap between the two nearest
-candidates' distances, absolute and relative to the nearest, and the entropy against its
-threshold.
+Each KVCOMM call record carries `slot_gates` (the records' name for it): per slot, the
+numbers behind the pool's share-or-anchor decision (docs/method.md section 4). A content is
+decided once per request and every agent that reads it sees the same decision, so
+decisions are counted once per (question, slot). Among those with at least two
+candidates, it compares the ones whose entropy was above the threshold (new anchors) with
+the ones shared: the gap between the two nearest candidates' distances, absolute and
+relative to the nearest, and the entropy against its threshold.
 
-    python benchmarks/gate_numbers.py results/quality/eval-math500-smollm2-135m-5a-gates-10.jsonl.gz
+    python benchmarks/share_decisions.py results/quality/eval-math500-smollm2-135m-5a-10.jsonl.gz
 
-Prints a JSON summary (`--json PATH` also writes it, with `sources` and `command`).
+Prints a JSON summary (`--json PATH` also writes it, with `sources` and provenance).
 """
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ import argparse
 import statistics
 import sys
 
-from ..runtime import report
 from ..runtime.records import read_record_dicts
+from .summary import write_and_print
 
 
 def decisions(paths: list[str], phase: str = "measure") -> list[dict]:
@@ -42,6 +43,7 @@ def decisions(paths: list[str], phase: str = "measure") -> list[dict]:
 
 
 def _outcome(decision: str) -> str:
+    # the pool's reason names: entropy_above_gate is the entropy above the threshold
     for name in ("too_few_candidates", "entropy_above_gate"):
         if decision.startswith(name):
             return name
@@ -78,11 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rows = decisions(args.records, args.phase)
     if not rows:
-        print("gate_numbers: no slot_gates in these records (written by an older kvcomm that did not record them?)", file=sys.stderr)
+        print("share_decisions: no slot_gates in these records (written by an older kvcomm that did not "
+              "record them?)", file=sys.stderr)
         return 2
     doc = summarize(rows)
-    report.write_and_print(doc, args.json, script="benchmarks/gate_numbers.py", argv=argv,
-                           sources=args.records)
+    write_and_print(doc, args.json, script="benchmarks/share_decisions.py", argv=argv, sources=args.records)
     return 0
 
 

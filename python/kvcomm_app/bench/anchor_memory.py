@@ -21,14 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import statistics
-import sys
 import time
 
 import torch
 
 import kvcomm
+
+from .. import provenance
 
 STORAGES = ("model", "bf16", "int8", "fp8")
 LLAMA8B = dict(layers=32, heads=8, dim=128, dtype=torch.bfloat16)
@@ -135,7 +135,7 @@ def estimate_times(layout: dict, tokens: int, segment: int, anchors: int, rounds
         pool.decide("q", base_v, credit=False)
 
     out = {"tokens": tokens, "segment": segment, "anchors": anchors, "rounds": rounds,
-           "load_average_1m_before": round(os.getloadavg()[0], 2)}
+           "load_average_1m_before": provenance.load_1m()}
     for name, fn in (("estimate", estimate), ("decide", decide)):
         times = {s: [] for s in STORAGES}
         for r in range(rounds + 1):
@@ -201,6 +201,7 @@ def main(argv=None) -> int:
             json.dump(doc, f, indent=1)
         return 0
     torch.set_num_threads(args.threads)
+    made = provenance.capture("python", "benchmarks/anchor_memory.py", argv=argv)   # the code measured
     t0 = time.time()
     embedded = embedded_pool_bytes(args.pool)
     emb_layout = dict(layers=30, heads=3, dim=64, dtype=torch.float32)
@@ -211,7 +212,8 @@ def main(argv=None) -> int:
     doc = {
         "about": "Anchor bytes, scale choice and estimate time by anchor storage "
                  "(kvcomm_app/bench/anchor_memory.py; docs/benchmarks.md 'Compact anchors').",
-        "command": shlex.join(["python", "benchmarks/anchor_memory.py", *(sys.argv[1:] if argv is None else argv)]),
+        # `commit`: the name this file has always used for the sha
+        "commit": made.git_sha, "git_dirty": made.git_dirty, "command": made.command,
         "torch": torch.__version__, "threads": args.threads,
         "embedded_pool": {"file": os.path.basename(args.pool), "by_storage": embedded,
                           "fp32_over": _ratios({s: v["bytes_per_anchor"] for s, v in embedded.items()},
@@ -229,7 +231,7 @@ def main(argv=None) -> int:
             "llama8b_1024_tokens_4_anchors": estimate_times(LLAMA8B, 1024, 64, 4, max(3, args.rounds // 2)),
         },
         "run_s": round(time.time() - t0, 1),
-        "load_average_1m_at_end": round(os.getloadavg()[0], 2),
+        "load_average_1m_at_end": provenance.load_1m(),
     }
     if fidelity:
         doc["fixed_budget_fidelity"] = fidelity

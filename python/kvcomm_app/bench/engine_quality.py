@@ -21,10 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 
@@ -34,7 +32,7 @@ import kvcomm
 from kvcomm.engine import KVCommEngine
 from kvcomm.models import load_model
 
-from ..runtime.report import script_command
+from .. import provenance
 
 SYSTEM = {
     "solver": "You are a careful math solver. Work through the problem one step at a time and finish "
@@ -264,8 +262,8 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
 
-    git_sha, git_dirty = _git_sha(), _git_dirty()   # the code measured, not the code at the end
-    load_at_start = os.getloadavg()  # other work on the machine skews the TTFT numbers: recorded
+    made = provenance.capture("python", "benchmarks/engine_quality.py", argv=argv)   # the code measured
+    load_at_start = provenance.load_average()  # other work on the machine skews the TTFT numbers: recorded
     t0 = time.perf_counter()
     model, tok = load_model(args.model)
     print(f"model loaded in {time.perf_counter() - t0:.1f} s; torch threads {torch.get_num_threads()}", flush=True)
@@ -316,7 +314,7 @@ def main(argv=None) -> int:
 
     result = {
         "model": args.model or "SmolLM2-135M-Instruct (embedded)",
-        "device": f"cpu ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)",
+        "device": provenance.device_detail("cpu", model.dtype),
         "pool": {"gamma": args.gamma, "tau": args.tau, "distance": args.distance, "capacity": args.capacity},
         "exact_tail": args.tails[0],
         "quality": quality, "ttft": ttft_rows, "long_prompt_quality": long_quality,
@@ -325,12 +323,9 @@ def main(argv=None) -> int:
                   "ttft_requests": args.ttft_requests, "ttft_new_tokens": args.ttft_new_tokens,
                   "context_sentences": args.context_sentences,
                   "quality_prompt_tokens": _token_range(rows), "ttft_prompt_tokens": _token_range(trow)},
-        "command": script_command("benchmarks/engine_quality.py", argv),
-        "git_sha": git_sha,
-        "git_dirty": git_dirty,   # uncommitted changes in the tree that was measured
-        "versions": {"torch": torch.__version__, "transformers": _version("transformers")},
-        "load_avg": {"start": [round(x, 2) for x in load_at_start],
-                     "end": [round(x, 2) for x in os.getloadavg()]},
+        **made.fields(),
+        "versions": {"torch": torch.__version__, "transformers": provenance.package_version("transformers")},
+        "load_avg": {"start": load_at_start, "end": provenance.load_average()},
     }
     print(json.dumps({k: result[k] for k in ("quality", "ttft", "long_prompt_quality")}, indent=1))
     if args.json:
@@ -348,32 +343,6 @@ def _token_range(rows: list) -> dict | None:
         if n:
             out[name] = {"min": n[0], "median": statistics.median(n), "max": n[-1]}
     return out or None
-
-
-def _git_dirty():
-    try:
-        out = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "status", "--porcelain",
-                              "--untracked-files=no"], capture_output=True, text=True, timeout=5)
-        return bool(out.stdout.strip()) if out.returncode == 0 else None
-    except Exception:
-        return None
-
-
-def _version(package: str):
-    try:
-        from importlib.metadata import version
-        return version(package)
-    except Exception:
-        return None
-
-
-def _git_sha():
-    try:
-        out = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "HEAD"],
-                             capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None
-    except Exception:
-        return None
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -36,7 +35,7 @@ import torch
 from kvcomm import reference
 from kvcomm.models import load_model
 
-from ..runtime.report import script_command
+from .. import provenance
 from . import engine_quality as eq  # the workload and its helpers
 
 
@@ -181,7 +180,7 @@ def main(argv=None) -> int:
     tails = eq.parse_tails(p, args.tails)
     if args.threads:
         torch.set_num_threads(args.threads)
-    git_sha, git_dirty = eq._git_sha(), eq._git_dirty()   # the code measured, not the code at the end
+    made = provenance.capture("python", "benchmarks/estimate_ablation.py", argv=argv)   # the code measured
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     model, tok = load_model(args.model)
@@ -198,7 +197,7 @@ def main(argv=None) -> int:
     labels = ["core", *VARIANTS, *(f"tail={t}" for t in tails)]
     result = {
         "model": args.model or "SmolLM2-135M-Instruct (embedded)",
-        "device": f"cpu ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)",
+        "device": provenance.device_detail("cpu", model.dtype),
         "pool": {"gamma": 0.3, "tau": 1.0, "distance": "frobenius", "capacity": 20},
         "variants": {k: vars(v) for k, v in VARIANTS.items()},
         "summary": summarize(rows, labels),
@@ -206,9 +205,7 @@ def main(argv=None) -> int:
         "sizes": {"warm_requests": args.warm, "measured_requests": args.measure,
                   "max_new_tokens": args.max_new_tokens},
         "seconds": time.perf_counter() - t0,
-        "command": script_command("benchmarks/estimate_ablation.py", argv),
-        "git_sha": git_sha,
-        "git_dirty": git_dirty,
+        **made.fields(),
     }
     for label, s in result["summary"].items():
         per_agent = "  ".join(f"{n} {s[f'agreement_{n}']:.2f}/{s[f'calls_{n}']}" for n in eq.ORDER

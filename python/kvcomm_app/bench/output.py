@@ -30,17 +30,6 @@ def device_tag(device: str) -> str:
     return "cuda"
 
 
-def device_detail(device: str, dtype: str) -> str:
-    import platform
-    dev = torch.device(device)
-    out = f"{device}, {dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads"
-    if dev.type == "cuda":
-        out += f", {torch.cuda.get_device_name(dev)}"
-    else:
-        out += f", {os.cpu_count()} cores, {platform.machine()}"
-    return out
-
-
 def agents_table(doc: dict) -> str:
     """Markdown: one row per agent, tokens, dense and KVCOMM median TTFT, speedup, reuse."""
     lines = ["| agent | prompt tokens (nominal) | dense TTFT ms | KVCOMM TTFT ms | speedup | reuse | "
@@ -87,7 +76,8 @@ def console_summary(doc: dict) -> str:
 def _share(doc: dict) -> str:
     if doc.get("share") == "always":
         return "always (every slot with 2 candidate anchors shares: timing of the reuse path)"
-    return f"entropy gate (gamma {doc.get('pool', {}).get('gamma', 0.3)})"
+    # files written before the policy was named "entropy" say "gate": the same policy
+    return f"entropy threshold (gamma {doc.get('pool', {}).get('gamma', 0.3)})"
 
 
 def plot_agents(doc: dict, path: str) -> None:

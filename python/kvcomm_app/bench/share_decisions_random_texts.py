@@ -1,17 +1,17 @@
-"""How the pool's share-or-anchor gate (docs/method.md section 4) decides on the TTFT benchmark's
+"""How the pool's share-or-anchor decision (docs/method.md section 4) goes on the TTFT benchmark's
 inputs with the GPU benchmark's model: fresh filler texts through the Llama-3.1-8B-shaped
 random model, cut to a few layers so it runs on a CPU.
 
 For K texts of N tokens (each behind BOS, as the bench's inputs are encoded), text k is
 matched against texts 0..k-1 as anchors with the core ops: raw Frobenius value
-distances (kvcomm.ops.value_distances), then softmax / entropy / gate
+distances (kvcomm.ops.value_distances), then softmax / entropy / the threshold
 (kvcomm.ops.match_decide, default tau 1, gamma 0.3). Reported per decision: the
-nearest distance, the gap to the second nearest, the spread, the entropy against the
-gate's threshold, share or not. The gap is what the gate reads (softmax of -d/tau):
-on random texts it is an accident of the draw.
+nearest distance, the gap to the second nearest, the spread, the entropy against its
+threshold, share or not. The gap is what the decision reads (softmax of -d/tau): on
+random texts it is an accident of the draw.
 
-    python benchmarks/gate_random_texts.py --layers 2 --tokens 1024 --texts 8 \
-        --json results/gate/gate-random-texts-cpu.json
+    python benchmarks/share_decisions_random_texts.py --layers 2 --tokens 1024 --texts 8 \
+        --json results/share-decisions/share-decisions-random-texts-cpu.json
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ import argparse
 import json
 import math
 import random
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -63,7 +62,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", metavar="PATH", help="write the result here")
     args = p.parse_args(argv)
     if args.layers < 1 or args.tokens < 1 or args.texts < 3:
-        print("gate_random_texts: --layers and --tokens must be >= 1 and --texts >= 3", file=sys.stderr)
+        print("share_decisions_random_texts: --layers and --tokens must be >= 1 and --texts >= 3", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -71,9 +70,9 @@ def main(argv=None) -> int:
     import kvcomm  # noqa: F401  (registers the ops)
     from .models import llama_8b_random
     from .texts import TextMaker
-    from ..runtime.session import git_sha
+    from .. import provenance
 
-    sha = git_sha()
+    made = provenance.capture("python", "benchmarks/share_decisions_random_texts.py", argv=argv)
     t0 = time.perf_counter()
     model, tok = llama_8b_random("cpu", getattr(torch, args.dtype), num_hidden_layers=args.layers)
     maker, rng = TextMaker(tok), random.Random(args.seed)
@@ -89,12 +88,11 @@ def main(argv=None) -> int:
     shared = sum(r["share"] for r in rows)
     print(f"shared {shared} of {len(rows)} decisions ({time.perf_counter() - t0:.0f} s)")
     if args.json:
-        doc = {"benchmark": "gate_random_texts", "model": f"Llama-3.1-8B-shaped, random weights, "
+        doc = {"benchmark": "share_decisions_random_texts", "model": f"Llama-3.1-8B-shaped, random weights, "
                f"{args.layers} layers", "dtype": args.dtype, "tokens": args.tokens, "texts": args.texts,
                "tau": args.tau, "gamma": args.gamma, "top_p": args.top_p, "seed": args.seed,
                "value_rms": float(torch.stack([v.float().pow(2).mean() for v in values]).mean().sqrt()),
-               "decisions": rows, "shared": shared, "git_sha": sha,
-               "command": shlex.join(["python", "benchmarks/gate_random_texts.py", *(sys.argv[1:] if argv is None else argv)]),
+               "decisions": rows, "shared": shared, **made.fields(),
                "wall_s": time.perf_counter() - t0}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")

@@ -215,7 +215,8 @@ def main(argv=None) -> int:
 
     import torch
     from ..runtime.datasets import load_task
-    from ..runtime.session import ExperimentConfig, apply_gate, gate_summary, git_sha, load_engine
+    from .. import provenance
+    from ..runtime.session import ExperimentConfig, apply_gate, gate_summary, load_engine
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -229,12 +230,11 @@ def main(argv=None) -> int:
         print(f"{gate.reason} [{gate.source}, {gate.seconds:.1f} s]")
     problems = load_task("gsm8k")
     runner = demo_runner(engine, max_new_tokens=args.max_new_tokens)
-    sha = git_sha()   # of the code that runs, read before the soak's half hour
+    made = provenance.capture("python", "benchmarks/soak.py", argv=argv)   # before the soak's half hour
     report = run_soak(runner, problems, n, window=args.window, warm=args.warm)
     report = {
         "benchmark": "soak", "model": name, "device_detail": detail, "platform": platform.platform(),
-        "torch": torch.__version__, "git_sha": sha, "command": " ".join([os.path.basename(sys.argv[0]),
-                                                                               *sys.argv[1:]]),
+        "torch": torch.__version__, **made.fields(),
         "graph": "kvcomm demo: gsm8k, fully connected 4 agents + decision, kvcomm mode only, no shadow",
         "max_new_tokens": args.max_new_tokens, "load_s": load_s,
         # glibc malloc tuning in the environment changes what RSS shows (docs/benchmarks.md, Soak)

@@ -1,4 +1,4 @@
-"""`kvcomm eval --sweep`: the anchor pool's entropy gate (gamma) x capacity, on real tasks.
+"""`kvcomm eval --sweep`: the share decision's entropy threshold (gamma) x pool capacity, on real tasks.
 
 For one task, graph and question set:
 - the dense run is done once (it never touches the pool, so it is the same for every

@@ -32,7 +32,7 @@ DENSE, KVCOMM = "dense", "kvcomm"
 WARMUP, MEASURE = "warmup", "measure"
 STEPS = ("auto", "eager", "static", "graph")
 TIMING_KEYS = ("encode", "decide", "estimate", "forward", "first_token")
-SHARES = ("gate", "always")
+SHARES = ("entropy", "always")
 # share="always": the entropy test H <= gamma*log2(N) holds for every distribution
 # once gamma >= 1 (H never exceeds log2 N); 2 leaves room for float rounding.
 ALWAYS_SHARE_GAMMA = 2.0
@@ -180,11 +180,12 @@ def summarize(samples: list[Sample], setting: TTFTSetting, token_rows: list[dict
 
 
 def pool_gamma(share: str, gamma: float | None) -> float | None:
-    """The pool's gamma for a share policy. "gate": the pool's entropy gate decides
-    (gamma as given, default 0.3). "always": every slot with at least two candidate
-    anchors shares, so every call after the warm-up takes the reuse path. That is for
-    timing the reuse path where the gate's decision carries no information (random
-    weights, random filler texts); the decision itself still runs and is timed."""
+    """The pool's gamma for a share policy. "entropy": the share decision's entropy
+    threshold decides, as in use (gamma as given, default 0.3). "always": every slot with
+    at least two candidate anchors shares, so every call after the warm-up takes the
+    reuse path. That is for timing the reuse path where the decision carries no
+    information (random weights, random filler texts); the decision itself still runs
+    and is timed."""
     if share not in SHARES:
         raise ValueError(f"share must be one of {SHARES}, got {share!r}")
     if share == "always":
@@ -194,12 +195,12 @@ def pool_gamma(share: str, gamma: float | None) -> float | None:
     return gamma
 
 
-def result_stem(device_tag: str, *, share: str = "gate", step: str = "auto", scaling: str | None = None,
+def result_stem(device_tag: str, *, share: str = "entropy", step: str = "auto", scaling: str | None = None,
                 storage: str = "model") -> str:
     """results/ttft/ttft-<device>, then what sets this run apart from the default one, so
     runs of one session that differ in these do not overwrite each other."""
     stem = f"results/ttft/ttft-{device_tag}"
-    if share != "gate":
+    if share != "entropy":
         stem += f"-share-{share}"
     if step != "auto":
         stem += f"-step-{step}"
@@ -211,7 +212,7 @@ def result_stem(device_tag: str, *, share: str = "gate", step: str = "auto", sca
 def run_setting(model, tokenizer, setting: TTFTSetting, *, requests: int, warmup: int, seed: int = 0,
                 gamma: float | None = None, capacity: int | None = None, step: str = "auto",
                 recompute: str = "none", min_anchors: int | None = None, partial: bool = True,
-                share: str = "gate", pool_path: str | None = None, log=None,
+                share: str = "entropy", pool_path: str | None = None, log=None,
                 pool_settings: dict | None = None) -> dict:
     """Builds the prompts and the engine, measures, summarises. The engine is fresh
     (empty pool) for every call of this function. `share`: see pool_gamma."""

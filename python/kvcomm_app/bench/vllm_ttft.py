@@ -20,11 +20,12 @@ import argparse
 import concurrent.futures as cf
 import json
 import os
-import shlex
 import statistics
-import subprocess
 import sys
 import time
+
+# absolute: this file also runs as a script (docs/serving.md)
+from kvcomm_app import provenance
 
 AGENTS = [
     ("analyst", "You are a careful analyst. Answer briefly.",
@@ -86,7 +87,7 @@ def checks_phase(model_dir: str, log) -> dict:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from kvcomm.models import load_model
     from kvcomm.vllm.offline import KVCommLLM
-    from kvcomm.vllm.verify import reuse_vs_hf, run_reference
+    from kvcomm_app.bench.vllm_parity import compare_with_engine, run_reference
     from vllm.distributed.kv_transfer import get_kv_transfer_group
     eng = KVCommLLM(model_dir, dtype="float32", max_model_len=2048, enforce_eager=True, seed=0, block_size=32,
                     kv_cache_memory_bytes=1 << 30, keep_loads=True)
@@ -105,10 +106,10 @@ def checks_phase(model_dir: str, log) -> dict:
     ref = run_reference(model_dir, [c.prompt_ids for c in dense], 8)
     dense_identical = [c.token_ids for c in dense] == ref
     model, tok = load_model(model_dir)
-    cmp = reuse_vs_hf(eng, get_kv_transfer_group(), model, tok, AGENTS, [question(200 + i) for i in range(4)],
+    cmp = compare_with_engine(eng, get_kv_transfer_group(), model, tok, AGENTS, [question(200 + i) for i in range(4)],
                       max_tokens=(12, 12, 6))
-    log(f"checks: dense identical {dense_identical}; reuse-path KV vs HF max abs diff {cmp.kv_max_abs_diff} over "
-        f"{len(cmp.reuse_pairs)} calls; first tokens equal {cmp.first_token_equal}")
+    log(f"checks: dense identical {dense_identical}; estimated KV vs HF max abs diff {cmp.kv_max_abs_diff} over "
+        f"{len(cmp.estimated_pairs)} calls; first tokens equal {cmp.first_token_equal}")
     return {"dense_identical": dense_identical, "dense_calls_compared": len(dense),
             "kv_max_abs_diff_vs_hf": cmp.kv_max_abs_diff, "first_token_equal_hf": cmp.first_token_equal,
             "hf_comparison": cmp.to_dict()}
@@ -174,14 +175,6 @@ def server_phase(model_dir: str, args, log) -> dict:
                 "warmup_questions": args.warmup}
 
 
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5).stdout.strip() or None
-    except Exception:
-        return None
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="a local model folder (default: the embedded SmolLM2)")
@@ -198,7 +191,11 @@ def main(argv=None) -> int:
 
     def log(msg):
         print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", flush=True)
-    out = {"command": shlex.join([os.path.basename(sys.executable)] + sys.argv), "commit": git_commit(),
+    # run as a script (docs/serving.md) or through `kvcomm bench ttft --backend vllm`: either
+    # way the command recorded is the script's, which reruns it; `commit` is this file's name
+    # for the sha
+    made = provenance.capture("python", "python/kvcomm_app/bench/vllm_ttft.py", argv=argv)
+    out = {"command": made.command, "commit": made.git_sha, "git_dirty": made.git_dirty,
            "model": model_dir, "device": "cpu", "dtype": "float32"}
     try:
         import vllm

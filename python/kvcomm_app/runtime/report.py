@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
-import sys
 import textwrap
 from functools import partial
 
@@ -97,22 +95,6 @@ def summary_json(summary: dict, *, model: str, device: str, warmup: dict | None 
     if extra:
         doc.update(extra)
     return doc
-
-
-def script_command(script: str, argv: list[str] | None) -> str:
-    """The shell line that reruns a benchmark script with these arguments, for its
-    JSON's `command` field (argv None: the process's own arguments)."""
-    return shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)])
-
-
-def write_and_print(doc: dict, json_path: str | None, *, script: str, argv: list[str] | None,
-                    sources: list[str]) -> None:
-    """A benchmark script's summary: written to json_path (if given) with its sources and
-    the command that reruns it, then printed. Written first, so a reader that closes the
-    pipe early (`| head`) does not cost the file."""
-    if json_path:
-        write_json(dict(doc, sources=sources, command=script_command(script, argv)), json_path)
-    print(json.dumps(doc, indent=1))
 
 
 def write_json(doc: dict, path: str) -> None:

@@ -3,15 +3,12 @@ and KVCOMM over real questions, summarise. Shared by `kvcomm demo` and `kvcomm e
 from __future__ import annotations
 
 import os
-import platform
 import random
-import shlex
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .. import provenance
 from .compare import run_comparison
 from .datasets import load_task
 from .executor import GraphRunner
@@ -115,12 +112,7 @@ def load_engine(cfg: ExperimentConfig):
                           partial=cfg.partial)
     load_s = time.perf_counter() - t0
     name = EMBEDDED_MODEL if cfg.model is None else os.path.basename(os.path.normpath(cfg.model))
-    detail = f"{cfg.device}, {cfg.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads"
-    if cfg.device == "cpu":
-        detail += f", {os.cpu_count()} cores, {platform.machine()}"
-    elif cfg.device.startswith("cuda"):
-        detail += f", {torch.cuda.get_device_name(torch.device(cfg.device))}"
-    return engine, name, detail, load_s
+    return engine, name, provenance.device_detail(cfg.device, cfg.dtype), load_s
 
 
 def apply_gate(engine, cfg: ExperimentConfig):
@@ -247,19 +239,3 @@ def load_pool(path: str | None, pools: list, log: Callable[[str], None]) -> bool
     if pools:
         log(f"anchor pool loaded from {path}: {pools[0].size()} anchors in {len(pools[0].slots())} slots")
     return True
-
-
-def git_sha() -> str | None:
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=5)
-        return out.stdout.strip() or None
-    except Exception:
-        return None
-
-
-def command_line() -> str:
-    """The command as typed, quoted so that it runs when pasted (a --paired-variant
-    "a=1 b=2" stays one argument)."""
-    return shlex.join(["kvcomm", *sys.argv[1:]])
