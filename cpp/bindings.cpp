@@ -127,8 +127,9 @@ PYBIND11_MODULE(_C, m) {
       .def(
           "candidate_distances",
           [](const AnchorPool& p, const std::string& slot, const at::Tensor& content_v, bool rms) {
+            // A C++ pair: converted to Python after the call guard gives the GIL back.
             auto c = p.candidate_distances(slot, content_v, rms);
-            return py::make_tuple(c.ids, c.distances);
+            return std::make_pair(std::move(c.ids), std::move(c.distances));
           },
           py::arg("slot"), py::arg("content_v"), py::arg("rms") = false, release(),
           "(ids, distances): the slot's anchors at least as long as content_v [L,H,n,D], in pool\n"

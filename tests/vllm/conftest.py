@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from kvcomm.vllm.verify import run_reference  # noqa: F401  (used by the tests)
+from kvcomm_app.bench.vllm_parity import run_reference  # noqa: F401  (used by the tests)
 
 # (this folder is itself named vllm: on sys.path it looks like a namespace package,
 # which has no origin; the real vLLM is a regular package)
@@ -28,6 +28,11 @@ os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 # An explicit KV cache size: without it vLLM's CPU worker refuses to start when less than
 # --gpu-memory-utilization (0.92) of the machine's memory is free, which other jobs decide.
 KV_BYTES = 1 << 30
+
+# The published method's 2 anchors per slot instead of the default 4, so that the few
+# warm-up questions these tests can afford cover the slots (questions of different lengths
+# each need anchors at least as long as they are).
+SMALL_POOL = {"min_anchors": 2}
 
 SOLVER = ("solver", "You are a careful math tutor.",
           "Solve this problem.\nProblem:\n{user_question}\nReply with the final number only.")
@@ -52,7 +57,7 @@ def offline(model_dir):
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from kvcomm.vllm.offline import KVCommLLM
     eng = KVCommLLM(model_dir, dtype="float32", max_model_len=1024, enforce_eager=True, seed=0, block_size=32,
-                    kv_cache_memory_bytes=KV_BYTES, keep_loads=True)
+                    kv_cache_memory_bytes=KV_BYTES, keep_loads=True, pool=SMALL_POOL)
     for a in (SOLVER, CRITIC):
         eng.add_agent(*a)
     return eng
@@ -70,7 +75,7 @@ def server(model_dir, tmp_path_factory):
     front end) on a free loopback port, fp32; stopped by its process id at the end."""
     from kvcomm.vllm.launch import Server
     log_path = str(tmp_path_factory.mktemp("server") / "server.log")
-    with Server(model_dir, log_path, served_model_name="smol", dtype="float32", max_model_len=1024,
+    with Server(model_dir, log_path, served_model_name="smol", dtype="float32", max_model_len=1024, pool=SMALL_POOL,
                 extra_args=["--enforce-eager", "--block-size", "32", "--uvicorn-log-level", "warning",
                             "--max-num-seqs", "8", "--kv-cache-memory-bytes", str(KV_BYTES)]) as client:
         client.log_path = log_path

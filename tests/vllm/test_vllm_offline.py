@@ -1,8 +1,10 @@
 """vLLM with the connector, engine in this process (fp32, SmolLM2-135M):
 - requests the connector does not estimate (plain ones, and KVCOMM calls on the dense
   path) give vLLM's own tokens, as vLLM without the connector gives them;
-- the KV the reuse path writes into vLLM's blocks equals the KV KVCommEngine assembles for
-  the same prompt and pool, and the first token is the same;
+- on a 3-agent and a 5-agent graph, every call takes the path KVCommEngine takes at the
+  settings the connector can express (partial="prefix", recompute "none") for the same
+  prompt and pool; where both estimate, the KV the connector writes into vLLM's blocks
+  equals the KV the engine assembles within 1e-4 and the first token is the same;
 - a load that fails is recomputed by vLLM: the call still gets exact tokens."""
 import pytest
 
@@ -16,7 +18,7 @@ def warm_run(offline):
     """Solver then critic over the warm-up questions (learning, cold pool first), plus the
     same prompts as plain requests through the same engine."""
     calls = []
-    for i, q in enumerate(WARM[:4]):
+    for i, q in enumerate(WARM):
         a = offline.call("solver", {"user_question": q}, session=f"w{i}", max_tokens=MAX)
         b = offline.call("critic", {"user_question": q, "agent_solver_current": a.text.strip() or "none"},
                          session=f"w{i}", max_tokens=MAX)
@@ -29,24 +31,47 @@ def warm_run(offline):
 def test_dense_and_plain_requests_equal_vllm_without_connector(warm_run, model_dir):
     calls, plain = warm_run
     dense = [c for c in calls if c.path == "dense"]
-    assert len(dense) >= 4, [c.path for c in calls]     # a cold pool: the first calls are anchors
-    assert {c.path for c in calls} == {"dense", "reuse"}
+    paths = {c.path for c in calls}
+    assert len(dense) >= 4, [c.path for c in calls]     # a cold pool: the first questions are anchors
+    assert "dense" in paths and paths & {"reuse", "partial"} and paths <= {"dense", "partial", "reuse"}
     prompts = [c.prompt_ids for c in dense + plain]
     ref = run_reference(model_dir, prompts, MAX)
     assert [c.token_ids for c in dense + plain] == ref
 
 
-def test_reuse_path_kv_equals_hf_engine(offline, connector, warm_run, smollm2):
-    from kvcomm.vllm.verify import reuse_vs_hf
+GRAPH5 = [SOLVER, CRITIC,
+          ("reader", "You summarize.", "Problem:\n{user_question}\nA solution:\n{agent_solver_current}\n"
+           "Summarize it in one line."),
+          ("checker", "You check answers.", "Problem:\n{user_question}\nVerdict:\n{agent_critic_current}\n"
+           "Is the verdict right?"),
+          ("judge", "You decide.", "Problem:\n{user_question}\nSummary:\n{agent_reader_current}\nCheck:\n"
+           "{agent_checker_current}\nFinal answer?")]
+
+
+@pytest.mark.parametrize("graph", [GRAPH5[:3], GRAPH5], ids=["3-agents", "5-agents"])
+def test_connector_plans_and_injects_what_the_engine_does(offline, connector, smollm2, graph):
+    from kvcomm_app.bench.vllm_parity import compare_with_engine, graph_inputs
+    for a in graph[2:]:
+        if a[0] not in offline.agents:
+            offline.add_agent(*a)
+    # Warm the pool (learning) on this graph, cold slots first.
+    for i, q in enumerate(WARM):
+        replies = {}
+        for name, _, template in graph:
+            out = offline.call(name, graph_inputs(template, q, replies), session=f"g{len(graph)}w{i}",
+                               max_tokens=MAX)
+            replies[name] = out.text.strip() or "none"
     model, tok = smollm2
-    cmp = reuse_vs_hf(offline, connector, model, tok, [SOLVER, CRITIC], TEST + WARM[4:5], max_tokens=(12, 4))
-    pairs = cmp.reuse_pairs
-    print("reuse-path comparisons:", [(c["agent"], c["k_max_abs_diff"], c["v_max_abs_diff"]) for c in pairs])
-    assert len(pairs) >= 2, cmp.calls
+    cmp = compare_with_engine(offline, connector, model, tok, graph, TEST, max_tokens=(12, 6),
+                              session_prefix=f"g{len(graph)}c")
+    print("paths:", [(c["agent"], c["vllm_path"], c["hf_path"], c.get("k_max_abs_diff")) for c in cmp.calls])
+    assert len(cmp.calls) == len(graph) * len(TEST)
+    assert cmp.same_path == 1.0, [(c["agent"], c["vllm_path"], c["vllm_reason"], c["hf_path"], c["hf_reason"])
+                                  for c in cmp.calls if c["vllm_path"] != c["hf_path"]]
+    assert all(c["vllm_prefix"] == c["hf_prefix"] for c in cmp.calls)
+    assert len(cmp.estimated_pairs) >= 2, cmp.calls
     assert cmp.kv_max_abs_diff <= 1e-4
-    assert cmp.first_token_equal == 1.0, [(c["vllm_first"], c["hf_first"]) for c in pairs]
-    # both engines took the same path on every call
-    assert all(c["vllm_path"].split(" ")[0] == c["hf_path"] for c in cmp.calls), cmp.calls
+    assert cmp.first_token_equal == 1.0, [(c["vllm_first"], c["hf_first"]) for c in cmp.estimated_pairs]
 
 
 def test_failed_load_is_recomputed(offline, connector, warm_run, monkeypatch):

@@ -67,7 +67,7 @@ def test_bad_params_get_400_and_the_server_keeps_serving(client, params, needle)
     assert e.value.status == 400 and needle in e.value.message
     ok = client.post("/v1/chat/completions", body(client, GOOD))
     assert ok["choices"][0]["message"]["content"] is not None
-    assert ok["kv_transfer_params"]["kvcomm"]["path"] in ("dense", "reuse")
+    assert ok["kv_transfer_params"]["kvcomm"]["path"] in ("dense", "partial", "reuse")
 
 
 def test_plain_requests_are_ordinary_vllm(client):
@@ -125,6 +125,6 @@ def test_eval_backend_vllm_runs_the_runtime_graph(client, tmp_path):
     calls = [(r["mode"], c["path"], c["new_tokens"]) for r in recs for c in r["calls"]]
     assert len(calls) == 8, calls                      # 2 questions x 2 modes x 2 agents
     assert {p for m, p, _ in calls if m == "dense"} == {"baseline"}          # plain vLLM
-    assert {p for m, p, _ in calls if m == "kvcomm"} <= {"dense", "reuse"}   # through the connector
+    assert {p for m, p, _ in calls if m == "kvcomm"} <= {"dense", "partial", "reuse"}   # through the connector
     assert all(n >= 1 for _, _, n in calls)
     assert json.loads((tmp_path / "s.json").read_text())["questions"] == 1

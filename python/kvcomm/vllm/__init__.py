@@ -10,5 +10,6 @@ Modules (importing this package imports none of them, nor vLLM):
 - client: a small standard-library client that runs agent calls against the server;
 - offline: KVCOMM with vLLM's offline LLM class (no server);
 - launch: the `vllm serve` command line and connector configuration;
-- paged, worker_state, tp, jobs, prepare, model_info: the connector's parts.
+- scheduler_side, worker_side, worker_state, settings, jobs, paged, tp, prepare, model_info: the
+  connector's parts (the method itself is kvcomm.plan).
 """

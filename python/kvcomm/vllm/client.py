@@ -244,7 +244,7 @@ class RemoteEngine:
         self.learn = learn
         self.session: str | None = None
         self.round = 0
-        self.calls = {"reuse": 0, "dense": 0, "baseline": 0}
+        self.calls = {"reuse": 0, "partial": 0, "dense": 0, "baseline": 0}
 
     @property
     def agents(self):

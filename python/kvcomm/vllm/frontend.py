@@ -6,7 +6,7 @@ each POST /v1/chat/completions whose kv_transfer_params carry "kvcomm" it
 1. validates the parameters against the request (kvcomm.vllm.protocol) and answers
    HTTP 400 with the reason when they are wrong; the server goes on serving;
 2. lays the prompt out in tokens with the engine's own template code
-   (kvcomm.engine.template: the chat frame around the user turn, token spans from
+   (kvcomm.plan.template: the chat frame around the user turn, token spans from
    character offsets), exactly as KVCommEngine lays out a call;
 3. makes sure the engine has what the call may reuse, by sending internal requests
    to the engine (one-token generations whose prefill the connector reads back):
@@ -14,7 +14,7 @@ each POST /v1/chat/completions whose kv_transfer_params carry "kvcomm" it
      markers in place (KVCommEngine.add_agent's template pass);
    - the base KV of each question / tool result / reply content that is not a reply the
      engine captured: the content's tokens behind its kind's header
-     (kvcomm.engine.bases: BOS + chat header + lead-in), once per session and content;
+     (kvcomm.plan.headers: BOS + chat header + lead-in), once per session and content;
    these are waited for, so they count in the call's time to first token, as the
    engine's encodings do;
 4. passes the call on with the layout under kv_transfer_params.kvcomm._server (with the
@@ -30,8 +30,9 @@ import logging
 import uuid
 from collections import OrderedDict
 
+from ..plan.replies import BlankTokens, reply_span
 from .prepare import Internal, Preparer, kv_params
-from .protocol import KEY, SERVER, Call, ParamError, kvcomm_params, parse_call, reply_span
+from .protocol import KEY, SERVER, Call, ParamError, kvcomm_params, parse_call
 
 log = logging.getLogger("kvcomm.vllm")
 
@@ -53,7 +54,7 @@ class _Engine:
     def __init__(self, app):
         from transformers import AutoTokenizer
 
-        from .connector import TOKEN
+        from .settings import LEAD_INS, TOKEN
         state = app.state
         self.client = state.engine_client
         cfg = state.vllm_config
@@ -64,17 +65,11 @@ class _Engine:
             raise RuntimeError("kvcomm front end: the server's kv-transfer-config has no KVCommConnector with a "
                                "server_token (start it with `kvcomm serve`)")
         tok = AutoTokenizer.from_pretrained(cfg.model_config.tokenizer, local_files_only=True)
-        self.prep = Preparer(tok, extra.get("lead_ins"))
+        self.prep = Preparer(tok, extra.get(LEAD_INS))
         self.stops = set()
         for t in (tok.eos_token_id, getattr(cfg.model_config.hf_config, "eos_token_id", None)):
             self.stops.update([t] if isinstance(t, int) else list(t or []))
-        self._blank: dict[int, bool] = {}
-
-    def is_blank(self, t: int) -> bool:
-        b = self._blank.get(t)
-        if b is None:
-            b = self._blank[t] = self.prep.tok.decode([t]).strip() == ""
-        return b
+        self.is_blank = BlankTokens(tok)
 
     async def one_token(self, job: Internal) -> None:
         """An internal request: prefill job.ids, generate one token."""

@@ -8,7 +8,31 @@ from dataclasses import dataclass, field
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
 
-from .worker_state import CallLayout, PlanResult
+
+@dataclass
+class CallLayout:
+    """An agent call's prompt as the server's front end laid it out (token positions)."""
+    agent_key: str
+    agent_name: str
+    session: str
+    round: int
+    learn: bool
+    spans: list           # [(slot, start, stop)] token ranges of the placeholders
+    segments: list        # [(start, stop)] the text after each placeholder
+    s0: int
+    problem: str | None   # why the layout cannot reuse (a slot edge inside a token), else None
+    max_tokens: int
+
+
+@dataclass
+class PlanResult:
+    """The worker's plan of a call, as the scheduler needs it."""
+    path: str                  # "reuse", "partial" or "dense"
+    reason: str
+    prefix: int                # prompt tokens the connector loads; vLLM computes the rest
+    slots: dict = field(default_factory=dict)    # slot -> what was decided
+    gates: dict = field(default_factory=dict)    # slot -> the decision's numbers
+    record: bool = False       # after the prefill, read the computed KV back for deltas
 
 
 @dataclass
@@ -31,8 +55,8 @@ class LoadJob:
 @dataclass
 class SaveJob:
     """A prompt's prefill is complete: read its KV back. kind: "template" (the agent's
-    exact S0 and segment KV), "encode" (a content's base), "record" (a dense call's
-    real KV -> deltas)."""
+    exact S0 and segment KV), "encode" (a content's base), "record" (the KV a dense or
+    partial call computed -> deltas)."""
     req_id: str
     kind: str
     block_ids: list
@@ -77,5 +101,5 @@ class KVCommWorkerMeta(KVConnectorWorkerMetadata):
             elif mine.path != res.path or mine.prefix != res.prefix:
                 dense = mine if mine.path == "dense" else res
                 out.plans[req_id] = PlanResult("dense", f"ranks disagree ({mine.reason} / {res.reason})",
-                                               min(mine.prefix, res.prefix), dense.slots, dense.gates)
+                                               0, dense.slots, dense.gates)
         return out

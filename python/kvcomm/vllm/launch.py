@@ -18,20 +18,26 @@ def new_token() -> str:
 
 def transfer_config(token: str | None = None, pool: dict | None = None, pool_file: str | None = None,
                     lead_ins: dict | None = None, max_sessions: int | None = None,
-                    keep_loads: bool = False) -> dict:
-    """The --kv-transfer-config of a KVCOMM server. kv_load_failure_policy "recompute":
-    a load that fails anyway is recomputed by vLLM instead of failing the request."""
-    extra = {"server_token": token or new_token()}
+                    keep_loads: bool = False, plan: dict | None = None) -> dict:
+    """The --kv-transfer-config of a KVCOMM server (keys: kvcomm.vllm.settings).
+    kv_load_failure_policy "recompute": a load that fails anyway is recomputed by vLLM
+    instead of failing the request. plan: {"partial": bool, "recompute": "none" | "tail=N"},
+    checked here so a bad value fails before the server starts."""
+    from . import settings
+    extra = {settings.TOKEN: token or new_token()}
     if pool:
-        extra["pool"] = dict(pool)
+        extra[settings.POOL_ARGS] = dict(pool)
     if pool_file:
-        extra["pool_file"] = pool_file
+        extra[settings.POOL_FILE] = pool_file
     if lead_ins:
-        extra["lead_ins"] = dict(lead_ins)
+        extra[settings.LEAD_INS] = dict(lead_ins)
     if max_sessions:
-        extra["max_sessions"] = int(max_sessions)
+        extra[settings.MAX_SESSIONS] = int(max_sessions)
     if keep_loads:
-        extra["keep_loads"] = True
+        extra[settings.KEEP_LOADS] = True
+    if plan:
+        extra[settings.PLAN_ARGS] = dict(plan)
+        settings.plan_settings(extra)
     return {"kv_connector": CONNECTOR, "kv_connector_module_path": MODULE, "kv_role": "kv_both",
             "kv_load_failure_policy": "recompute", "kv_connector_extra_config": extra}
 
@@ -52,6 +58,14 @@ def serve_argv(model: str, *, host: str = "127.0.0.1", port: int = 8000, dtype: 
     if served_model_name:
         argv += ["--served-model-name", served_model_name]
     return argv + list(extra_args or [])
+
+
+def free_port() -> int:
+    """A free loopback port for a server this process starts."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class Server:
@@ -76,7 +90,6 @@ class Server:
         import time
 
         from .client import KVCommClient
-        from .verify import free_port
         port = free_port()
         env = dict(os.environ)
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")

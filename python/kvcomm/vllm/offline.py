@@ -24,12 +24,13 @@ from .protocol import KEY, parse_call
 class OfflineCall:
     text: str
     token_ids: list
-    path: str                  # "reuse", "dense" or "plain"
+    path: str                  # "reuse", "partial", "dense" or "plain"
     reason: str
     slots: dict = field(default_factory=dict)
     prompt_ids: list = field(default_factory=list)
     reply_ids: list | None = None
     request_id: str = ""
+    reused_tokens: int = 0     # prompt tokens vLLM did not compute (the connector's prefix)
 
 
 class KVCommLLM:
@@ -104,7 +105,8 @@ class KVCommLLM:
         reply = info.get("reply_ids")
         self._replies[(session, agent, rnd)] = tuple(reply) if reply else None
         return OfflineCall(o.text, list(o.token_ids), info.get("path", "?"), info.get("reason", ""),
-                           info.get("slots", {}), list(prep.lay.ids), reply, out.request_id)
+                           info.get("slots", {}), list(prep.lay.ids), reply, out.request_id,
+                           int(info.get("reused_tokens", 0)))
 
 
 def call_params(call) -> dict:

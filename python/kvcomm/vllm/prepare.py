@@ -1,19 +1,17 @@
 """Turning a validated KVCOMM call into what the engine needs: token layout, internal requests.
 
 The front end (frontend.py) uses this inside the OpenAI server; tests and offline
-drivers use it with vLLM's LLM class. Layouts come from the engine's own template code
-(kvcomm.engine.template), so a call is laid out exactly as KVCommEngine lays it out.
+drivers use it with vLLM's LLM class. Layouts come from the planner's template code
+(kvcomm.plan.template), so a call is laid out exactly as KVCommEngine lays it out.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..engine.agent import agent_key
-from ..engine.bases import DEFAULT_LEAD_INS
-from ..engine.template import (PromptLayout, chat_frame, classify, fill, markers, render_layout, special_texts,
-                               tokenize)
+from ..plan.headers import header_ids, lead_ins as merge_lead_ins
+from ..plan.state import agent_key
+from ..plan.template import CONTENT_KIND, PromptLayout, chat_frame, classify, fill, markers, render_layout, special_texts
 from .protocol import KEY, SERVER, Call, ids_digest
-from .worker_state import KIND_OF
 
 
 @dataclass
@@ -40,11 +38,8 @@ class Preparer:
     def __init__(self, tokenizer, lead_ins: dict | None = None):
         self.tok = tokenizer
         self.specials = special_texts(tokenizer)
-        self.lead_ins = dict(DEFAULT_LEAD_INS)
-        self.lead_ins.update(lead_ins or {})
-        frame = chat_frame(tokenizer, None, generation_prompt=False)
-        self.headers = {k: tokenize(tokenizer, frame.prefix + lead, frame.add_special_tokens)[0]
-                        for k, lead in self.lead_ins.items()}
+        self.lead_ins = merge_lead_ins(lead_ins)
+        self.headers = header_ids(tokenizer, self.lead_ins)
 
     def prepare(self, call: Call) -> Prepared:
         frame = chat_frame(self.tok, call.system or None)
@@ -61,7 +56,7 @@ class Preparer:
         if not lay.problem:
             for name, a, b in lay.spans:
                 ph = classify(name)
-                kind = KIND_OF[ph.kind]
+                kind = CONTENT_KIND[ph.kind]
                 ids = tuple(lay.ids[a:b])
                 if kind == "reply":
                     rnd = call.round if ph.kind == "current" else call.round - 1

@@ -201,19 +201,3 @@ def ids_digest(ids) -> str:
     """A short fingerprint of token ids: the server's front end and the engine compare
     the prompt they each see by it."""
     return hashlib.sha1(json.dumps([int(t) for t in ids]).encode()).hexdigest()[:16]
-
-
-def reply_span(ids: list[int], stops, is_blank) -> tuple[int, int, bool]:
-    """(lo, hi, captured) of a reply's generated ids, the rule both the engine side (which
-    reads the KV) and the front end (which skips encoding a captured reply) apply:
-    [lo, hi) drops a final stop token and whitespace-only tokens at either end (as
-    KVCommEngine does), and the reply is captured when its last content token was fed
-    back through the model (every generated token but the last was)."""
-    lo, hi = 0, len(ids)
-    if hi and ids[-1] in stops:
-        hi -= 1
-    while hi > lo and is_blank(ids[hi - 1]):
-        hi -= 1
-    while lo < hi and is_blank(ids[lo]):
-        lo += 1
-    return lo, hi, hi > lo and hi <= len(ids) - 1

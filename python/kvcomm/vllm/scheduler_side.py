@@ -1,0 +1,176 @@
+"""The scheduler half of KVCommConnector (runs in vLLM's engine-core process).
+
+Per KVCOMM call it asks the worker side for a plan (one step), then tells vLLM how many
+prompt tokens come from the connector (the plan's prefix), asks for loads and read-backs,
+and when the request finishes, captures the reply's KV before its blocks are freed. It
+imports no model code: the planner's records travel in kvcomm.vllm.jobs.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from ..plan.replies import BlankTokens, reply_span
+from .jobs import CallLayout, CaptureJob, KVCommMeta, KVCommWorkerMeta, LoadJob, PlanJob, PlanResult, SaveJob
+from .protocol import KEY, SERVER, ids_digest
+from .settings import TOKEN
+
+log = logging.getLogger("kvcomm.vllm")
+
+
+@dataclass
+class _Req:
+    kind: str                 # "call", "template" or "encode"
+    request: Any              # vllm.v1.request.Request
+    params: dict              # the _server fields
+    call: CallLayout | None = None
+    plan: PlanResult | None = None
+    plan_sent: bool = False
+    local: int = 0            # locally cached tokens when the load was decided
+    load: tuple | None = None
+    saved: bool = False
+
+
+class SchedulerSide:
+    def __init__(self, vllm_config, extra: dict):
+        self._token = extra.get(TOKEN)
+        self._reqs: dict[str, _Req] = {}
+        self._plan_queue: list[str] = []
+        self._captures: list[CaptureJob] = []
+        self._drops: list[str] = []
+        self._prefix_caching = bool(vllm_config.cache_config.enable_prefix_caching)
+        self._tokenizer_path = vllm_config.model_config.tokenizer
+        self._is_blank = None
+        self._warned: set[str] = set()
+
+    def _warn_once(self, key: str, msg: str, *args) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(msg, *args)
+
+    def _parse(self, request) -> _Req | None:
+        """The request's KVCOMM role, or None for a plain request (never an exception:
+        the front end has validated the client's part; anything else is served plain)."""
+        info = self._reqs.get(request.request_id)
+        if info is not None:
+            return info
+        ktp = request.kv_transfer_params
+        p = ktp.get(KEY) if isinstance(ktp, dict) else None
+        if not isinstance(p, dict):
+            return None
+        srv = p.get(SERVER)
+        if not self._token or not isinstance(srv, dict) or srv.get("token") != self._token:
+            self._warn_once("front", "kvcomm connector: a request with kvcomm parameters but without the front "
+                            "end's fields is served as plain vLLM (send calls through `kvcomm serve`)")
+            return None
+        op = srv.get("op", "call")
+        if op in ("template", "encode"):
+            info = _Req(op, request, srv)
+        elif op == "call":
+            ids = request.prompt_token_ids or []
+            if srv.get("ids") != ids_digest(ids) or srv.get("n") != len(ids):
+                self._warn_once("ids", "kvcomm connector: the engine's prompt tokens differ from the front end's "
+                                "layout (another chat template?); such calls are served as plain vLLM")
+                return None
+            if self._prefix_caching and not request.cache_salt:
+                # Estimated KV must never become a prefix-cache hit of another request.
+                self._warn_once("salt", "kvcomm connector: a call without cache_salt is served as plain vLLM")
+                return None
+            sp = request.sampling_params
+            info = _Req("call", request, srv, call=CallLayout(
+                agent_key=srv["agent_key"], agent_name=srv["agent"], session=srv["session"], round=srv["round"],
+                learn=bool(srv.get("learn", True)), spans=[tuple(s) for s in srv["spans"]],
+                segments=[tuple(s) for s in srv["segments"]], s0=srv["s0"], problem=srv.get("problem"),
+                max_tokens=int(sp.max_tokens or 0) if sp is not None else 0))
+        else:
+            return None
+        self._reqs[request.request_id] = info
+        return info
+
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        info = self._parse(request)
+        if info is None or info.kind != "call":
+            return 0, False
+        if info.plan is None:
+            if not info.plan_sent:
+                self._plan_queue.append(request.request_id)
+                info.plan_sent = True
+            return None, False   # asked again once the worker has planned
+        info.local = num_computed_tokens
+        return max(0, info.plan.prefix - num_computed_tokens), False
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens: int):
+        info = self._reqs.get(request.request_id)
+        if info is not None and num_external_tokens > 0:
+            info.load = (info.local, info.local + num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output) -> KVCommMeta:
+        meta = KVCommMeta()
+        for req_id in self._plan_queue:
+            info = self._reqs.get(req_id)
+            if info is not None:
+                meta.plans.append(PlanJob(req_id, list(info.request.prompt_token_ids), info.call))
+        self._plan_queue = []
+        state = scheduler_output.kv_connector_block_state
+        for req_id, n_sched in scheduler_output.num_scheduled_tokens.items():
+            info = self._reqs.get(req_id)
+            if info is None:
+                continue
+            if info.load is not None:
+                a, b = info.load
+                meta.loads.append(LoadJob(req_id, list(state.get_block_ids(req_id)[0]), a, b))
+                info.load = None
+            wants_save = info.kind != "call" or (info.plan is not None and info.plan.record)
+            prompt_len = info.request.num_prompt_tokens
+            if wants_save and not info.saved and info.request.num_computed_tokens + n_sched >= prompt_len:
+                meta.saves.append(SaveJob(req_id, "record" if info.kind == "call" else info.kind,
+                                          list(state.get_block_ids(req_id)[0]), prompt_len, info.params))
+                info.saved = True
+        meta.captures, self._captures = self._captures, []
+        meta.drops, self._drops = self._drops, []
+        return meta
+
+    def update_connector_output(self, connector_output) -> None:
+        wm = connector_output.kv_connector_worker_meta
+        if isinstance(wm, KVCommWorkerMeta):
+            for req_id, res in wm.plans.items():
+                info = self._reqs.get(req_id)
+                if info is not None:
+                    info.plan = res
+
+    def _blank(self, token_id: int) -> bool:
+        if self._is_blank is None:   # the tokenizer only when a reply first needs it
+            from transformers import AutoTokenizer
+            self._is_blank = BlankTokens(AutoTokenizer.from_pretrained(self._tokenizer_path, local_files_only=True))
+        return self._is_blank(token_id)
+
+    def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        info = self._reqs.pop(request.request_id, None)
+        if info is None:
+            return False, None
+        self._drops.append(request.request_id)
+        if info.kind != "call":
+            return False, {KEY: {"op": info.kind, "saved": info.saved}}
+        plan = info.plan
+        out = {"path": plan.path if plan else "none", "reason": plan.reason if plan else "finished before planning",
+               "slots": plan.slots if plan else {}, "prompt_tokens": request.num_prompt_tokens,
+               "reused_tokens": plan.prefix if plan else 0}
+        delay = False
+        from vllm.v1.request import RequestStatus
+        ids = list(request.output_token_ids)
+        stops = set(request.sampling_params.all_stop_token_ids) if request.sampling_params else set()
+        lo, hi, fed = reply_span(ids, stops, self._blank)
+        T = request.num_prompt_tokens
+        normal = request.status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
+        # Generated tokens carry KV once fed back: all but the last one. A reply whose last
+        # content token was never fed (cut by max_tokens) is not captured; the next agent
+        # then encodes it behind the reply header instead.
+        if plan is not None and normal and fed and T + hi <= request.num_computed_tokens:
+            self._captures.append(CaptureJob(request.request_id, list(block_ids), T + lo, T + hi, ids[lo:hi],
+                                             info.call))
+            delay = True
+            out["reply_ids"] = ids[lo:hi]
+        else:
+            out["reply_ids"] = None
+        return delay, {KEY: out}

@@ -1,0 +1,170 @@
+"""The worker half of KVCommConnector (runs in every vLLM worker, one per tensor-parallel rank).
+
+At the end of each engine step (wait_for_save) it reads back the KV the step's forward wrote
+for template passes, header encodings, recorded calls and captured replies, then plans the
+calls the scheduler asked about (kvcomm.vllm.worker_state: the planner on this rank's
+heads). Before a step's forward (start_load_kv) it writes the planned KV into the calls'
+blocks with vLLM's own cache-write op (kvcomm.vllm.paged). A load that fails reports its
+blocks, and vLLM recomputes them: a failure costs time, never correctness.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from .jobs import CallLayout, KVCommMeta, KVCommWorkerMeta, PlanResult, SaveJob
+from .settings import KEEP_LOADS, MAX_SESSIONS, POOL_FILE, plan_settings, pool_args
+
+log = logging.getLogger("kvcomm.vllm")
+
+
+class WorkerSide:
+    """get_metadata: the connector's _get_connector_metadata (this step's KVCommMeta)."""
+
+    def __init__(self, vllm_config, extra: dict, get_metadata):
+        self._vllm_config = vllm_config
+        self._extra = extra
+        self._meta = get_metadata
+        self.settings = plan_settings(extra)   # a bad setting fails the worker at start
+        self._paged = None
+        self._state = None
+        self._kv_caches: dict = {}
+        self._load_errors: set[int] = set()
+        self._sent: set[str] = set()
+        self._results: dict[str, PlanResult] = {}
+        self._calls: dict[str, CallLayout] = {}
+        self.kept: dict[str, tuple] = {}   # req_id -> (K, V) read back after a load (KEEP_LOADS)
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
+        self._kv_caches = kv_caches
+
+    def _ready(self):
+        """PagedKV and WorkerState, built on first use (the attention layers get their
+        CPU instruction path after the caches are registered)."""
+        if self._state is not None:
+            return self._paged, self._state
+        from .. import AnchorPool, PoolConfig
+        from .model_info import connector_spec
+        from .paged import PagedKV
+        from .tp import vllm_rank_group
+        from .worker_state import WorkerState
+        cfg = self._vllm_config
+        layers = cfg.compilation_config.static_forward_context
+        paged = PagedKV(self._kv_caches, {n: layers.get(n) for n in self._kv_caches}, cfg.cache_config.cache_dtype)
+        spec = connector_spec(cfg.model_config.hf_config, paged.num_layers, paged.kv_heads, paged.head_dim,
+                              paged.dtype, paged.device)
+        pool = AnchorPool(PoolConfig(**pool_args(self._extra), layers=spec.num_layers, kv_heads=spec.kv_heads,
+                                     head_dim=spec.head_dim))
+        group = vllm_rank_group()
+        if self._extra.get(POOL_FILE):
+            path = self._extra[POOL_FILE]
+            if group.world_size > 1:
+                from vllm.distributed import get_tensor_model_parallel_rank
+                path = path.format(rank=get_tensor_model_parallel_rank())
+            pool.load(path, str(paged.device) if paged.device.type != "cpu" else "")
+        self._paged = paged
+        self._state = WorkerState(spec, pool, group, max_sessions=int(self._extra.get(MAX_SESSIONS, 1024)),
+                                  settings=self.settings)
+        return self._paged, self._state
+
+    @property
+    def worker_state(self):
+        """The worker's KVCOMM state (tests, diagnostics); None before the first step."""
+        return self._state
+
+    # ------------------------------------------------------------------ before the forward
+
+    def start_load_kv(self, forward_context, **kwargs: Any) -> None:
+        meta = self._meta()
+        if not isinstance(meta, KVCommMeta) or not meta.loads:
+            return
+        paged, state = self._ready()
+        for job in meta.loads:
+            try:
+                staged = state.staged.get(job.req_id)
+                if staged is not None:
+                    k, v = staged
+                else:
+                    call = self._calls.get(job.req_id)
+                    s0 = state.s0(call.agent_key) if call is not None else None
+                    if s0 is None or s0[0] is None:
+                        raise RuntimeError("no staged KV and no exact S0 for this call")
+                    k, v = s0
+                if job.stop > k.shape[2]:
+                    raise RuntimeError(f"load of [{job.start}, {job.stop}) but only {k.shape[2]} tokens are staged")
+                with torch.inference_mode():
+                    paged.write(k[:, :, job.start:job.stop], v[:, :, job.start:job.stop],
+                                paged.slot_mapping(job.block_ids, job.start, job.stop))
+                    if self._extra.get(KEEP_LOADS):
+                        self.kept[job.req_id] = paged.read(job.block_ids, job.start, job.stop)
+            except Exception as e:  # recomputed by vLLM: slower, never wrong
+                log.error("kvcomm connector: load of %s failed (%s); its blocks are recomputed", job.req_id, e)
+                bs = paged.block_size
+                self._load_errors.update(job.block_ids[job.start // bs:-(-job.stop // bs)])
+
+    # ------------------------------------------------------------------ after the forward
+
+    def wait_for_save(self):
+        meta = self._meta()
+        if not isinstance(meta, KVCommMeta) or not (meta.saves or meta.captures or meta.plans or meta.drops):
+            return
+        paged, state = self._ready()
+        with torch.inference_mode():
+            for job in meta.saves:
+                try:
+                    self._save(paged, state, job)
+                except Exception as e:
+                    log.error("kvcomm connector: saving %s (%s) failed: %s", job.req_id, job.kind, e)
+            for job in meta.captures:
+                try:
+                    k, v = paged.read(job.block_ids, job.start, job.stop)
+                    state.add_reply(job.call, tuple(job.ids), k, v, job.start)
+                except Exception as e:
+                    log.error("kvcomm connector: capturing the reply of %s failed: %s", job.req_id, e)
+                finally:
+                    self._sent.add(job.req_id)   # the blocks may be freed now, captured or not
+            for job in meta.plans:
+                try:
+                    res = state.plan(job.req_id, job.ids, job.call)
+                    self._calls[job.req_id] = job.call
+                except Exception as e:
+                    log.exception("kvcomm connector: planning %s failed", job.req_id)
+                    state.drop(job.req_id)
+                    res = PlanResult("dense", f"planning failed: {e}", 0)
+                self._results[job.req_id] = res
+            for req_id in meta.drops:
+                state.drop(req_id)
+                self._calls.pop(req_id, None)
+
+    def _save(self, paged, state, job: SaveJob) -> None:
+        from ..plan.template import PromptLayout
+        p = job.params
+        T = job.prompt_len
+        if job.kind == "template":
+            k, v = paged.read(job.block_ids, 0, T - 1)
+            lay = PromptLayout(ids=list(p["ids_list"]), spans=[tuple(s) for s in p["spans"]],
+                               segments=[tuple(s) for s in p["segments"]], s0=p["s0"], problem=p.get("problem"))
+            state.add_template(p["agent_key"], p["agent"], p.get("system", ""), p["template"], lay, k, v)
+        elif job.kind == "encode":
+            h = int(p["header"])
+            k, v = paged.read(job.block_ids, h, T)
+            state.add_encoding(p["session"], p["kind"], tuple(p["content_ids"]), k, v, h)
+        elif job.kind == "record":
+            k, v = paged.read(job.block_ids, 0, T - 1)
+            state.record(job.req_id, k, v)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        sent, self._sent = self._sent, set()
+        return (sent or None), None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errs, self._load_errors = self._load_errors, set()
+        return errs
+
+    def build_connector_worker_meta(self):
+        if not self._results:
+            return None
+        out, self._results = KVCommWorkerMeta(self._results), {}
+        return out
