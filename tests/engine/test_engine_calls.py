@@ -245,6 +245,24 @@ def test_reply_reaches_the_next_agent_as_its_base(smollm2):
     assert content.source == "reply" and content.base_k is reply.k
 
 
+def test_a_reply_ending_in_whitespace_does_not_send_the_reader_dense(smollm2):
+    """Frameworks pass a reply on as generated, trailing newline included; before the
+    template's own newline the two merge into one token. The reader still reuses: that
+    token joins the segment after the slot and is recomputed."""
+    model, tok = smollm2
+    eng = make_engine(model, tok)
+    eng.add_agent("b", SYSTEM, "Question:\n{user_question}\nAnswer:\n{agent_a_current}\n\nIs it right?")
+    paths = []
+    for x in (INPUTS[0], INPUTS[1], INPUTS[0]):
+        eng.new_request()
+        a = eng.call("a", x, max_new_tokens=8)
+        b = eng.call("b", {"user_question": x["user_question"], "agent_a_current": a.text + "\n"}, max_new_tokens=1,
+                     keep_cache=True)
+        assert b.layout.merged and "boundary" not in b.reason
+        paths.append((b.path, dict(b.recomputed)))
+    assert paths[-1][0] == "reuse" and paths[-1][1].get("merged") == 1, paths
+
+
 def test_a_call_without_capture_leaves_the_reply_and_its_slot_alone(smollm2):
     model, tok = smollm2
     eng = make_engine(model, tok)

@@ -113,6 +113,13 @@ class CallPlan:
         return "; ".join(f"slot {self.slots[i].name}: {self.why[i]}" for i in sorted(self.why))
 
 
+def _add(positions: set, counts: dict, group: str, more) -> None:
+    new = [p for p in more if p not in positions]
+    if new:
+        positions.update(new)
+        counts[group] = counts.get(group, 0) + len(new)
+
+
 class Planner:
     """The per-call steps over one anchor pool. rope: anything with `inv_freq` (float32
     [head_dim/2]), `exact_positions` (None: key moves exact everywhere) and `rope_type`
@@ -206,16 +213,17 @@ class Planner:
         return True
 
     def _prefix_only(self, plan: CallPlan) -> None:
-        """A prefix-only backend computes every slot after the first computed one."""
+        """A prefix-only backend computes every slot after the first computed position (a
+        computed slot, or a segment token that took in a content's trailing whitespace)."""
         if not self.settings.prefix_only:
             return
-        computed = False
+        first = min([s.span[0] for s in plan.slots if not s.estimated] + list(plan.layout.merged),
+                    default=plan.layout.length)
         for i, s in enumerate(plan.slots):
-            if computed and s.estimated:
+            if s.estimated and s.span[0] >= first:
                 s.estimated = False
                 plan.decisions[s.name] += f"; computed: {AFTER_COMPUTED}"
                 plan.why[i] = AFTER_COMPUTED
-            computed = computed or not s.estimated
 
     def _finish(self, plan: CallPlan) -> None:
         """Path, reason and positions from the slots' states."""
@@ -230,14 +238,17 @@ class Planner:
             plan.positions = list(range(plan.s0, T))
             plan.recomputed = {}
             return
-        sel = select_positions(self.settings.recompute, plan.slots, plan.agent.s0, T)
-        if self.settings.prefix_only and sel.positions != list(range(sel.positions[0], T)):
-            raise AssertionError(f"prefix-only plan with positions that are not a suffix: {sel.positions}")
+        s0 = plan.agent.s0
+        sel = select_positions(self.settings.recompute, plan.slots, s0, T)
+        positions, counts = set(sel.positions), dict(sel.counts)
+        _add(positions, counts, "merged", (p for p in lay.merged if p >= s0))
+        if self.settings.prefix_only:   # everything after the first computed position
+            _add(positions, counts, "suffix", range(min(positions), T))
         plan.path = "partial" if computed else "reuse"
         plan.reason = (f"partial: {plan.slot_reasons()}" if computed else
                        "all slots shared" if plan.slots else "no slots: exact prefix")
-        plan.s0 = plan.agent.s0
-        plan.positions, plan.recomputed = sel.positions, sel.counts
+        plan.s0 = s0
+        plan.positions, plan.recomputed = sorted(positions), counts
 
     # ------------------------------------------------------------------ step 2: assemble
 
@@ -319,6 +330,10 @@ class Planner:
                 seg_k, seg_v = neutral_span(k, v, sa, sb, inv_freq)
                 seg_k.sub_(agent.seg_k[i])
                 seg_v.sub_(agent.seg_v[i])
+                for p in lay.merged:   # another token than the template's there: no offset to learn
+                    if sa <= p < sb:
+                        seg_k[:, :, p - sa].zero_()
+                        seg_v[:, :, p - sa].zero_()
             try:
                 self.pool.record_deltas(c.slot, c.anchor_id, agent.key, ph_k, ph_v, seg_k, seg_v)
                 recorded += 1

@@ -79,6 +79,17 @@ class Session:
             self.next_round()
 
 
+def _same_segment(real: PromptLayout, template: PromptLayout, i: int) -> bool:
+    """Segment i of `real` has the template's tokens, except at positions where a content's
+    trailing whitespace merged into the segment's first token (recomputed on every call)."""
+    a, b = real.segments[i]
+    ta, tb = template.segments[i]
+    if b - a != tb - ta:
+        return False
+    merged = set(real.merged)
+    return all(p in merged or real.ids[p] == template.ids[ta + p - a] for p in range(a, b))
+
+
 def agent_key(name: str, system_prompt: str, template: str) -> str:
     """The agent's identity in the pool: name@hash(system prompt, template). Deltas depend on
     the agent's prefix and segments: a changed definition gets a new identity, so a saved
@@ -118,7 +129,7 @@ class AgentState:
         for i, (name, _, _) in enumerate(real.spans):
             if name != t.spans[i][0]:
                 return f"slot {i} is {name}, the template's is {t.spans[i][0]}"
-            if real.segment_ids(i) != t.segment_ids(i):
+            if not _same_segment(real, t, i):
                 return f"segment after slot {name}: tokens differ from the template's"
         if real.ids[-1] != t.ids[-1]:
             return "last prompt token differs from the template's"

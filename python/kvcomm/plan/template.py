@@ -12,10 +12,13 @@ applied to [system prompt, user turn], with the assistant header appended.
 
 Spans are found by tokenizing the rendered prompt once (with offsets) and mapping
 each placeholder's character range to the tokens inside it; pieces are never
-tokenized on their own, since that changes the tokens at their edges. When a token
-straddles a placeholder edge (content merged with its neighbour into one token)
-the span is not clean and the call cannot reuse anything: `PromptLayout.problem`
-says where. Put placeholders after a newline to keep edges clean.
+tokenized on their own, since that changes the tokens at their edges. A content's
+trailing whitespace that merged with the template's following text into one token
+(a reply ending in a newline before the template's newline) goes with the segment,
+and that token is always recomputed (`PromptLayout.merged`). Any other token that
+straddles a placeholder edge makes the span unclean and the call cannot reuse
+anything: `PromptLayout.problem` says where. Put placeholders after a newline to
+keep edges clean.
 """
 from __future__ import annotations
 
@@ -243,13 +246,16 @@ class PromptLayout:
     (start, stop) of the text after it up to the next placeholder, the last one
     ending before the prompt's last token (which is always run through the model).
     s0 = tokens before the first placeholder (all but the last token if none).
-    `problem` is set when a placeholder edge falls inside a token.
+    `merged`: segment positions whose token took in a content's trailing whitespace (the
+    first token of the segment after it); every call computes them.
+    `problem` is set when a placeholder edge falls inside a token otherwise.
     """
     ids: list[int]
     spans: list[tuple[str, int, int]] = field(default_factory=list)
     segments: list[tuple[int, int]] = field(default_factory=list)
     s0: int = 0
     problem: str | None = None
+    merged: list[int] = field(default_factory=list)
 
     @property
     def length(self) -> int:
@@ -270,9 +276,15 @@ def tokenize(tokenizer, text: str, add_special_tokens: bool) -> tuple[list[int],
 
 
 def layout(ids: list[int], offsets: list[tuple[int, int]],
-           char_spans: list[tuple[str, int, int]]) -> PromptLayout:
+           char_spans: list[tuple[str, int, int]], text: str | None = None) -> PromptLayout:
     """Token spans of the placeholders whose character ranges are `char_spans`
-    (into the tokenized text), from the tokenizer's offsets."""
+    (into the tokenized `text`), from the tokenizer's offsets.
+
+    A token across a content's end whose part inside the content is whitespace only (a
+    reply ending in a newline, followed by the template's own newline: one "\n\n" token)
+    is given to the segment after the content and listed in `merged`: the content is the
+    tokens before it, and the segment's first token differs from the template's, so every
+    call recomputes it (needs `text`). Any other token across a content edge is a problem."""
     out = PromptLayout(ids=list(ids))
     T = len(ids)
     if T < 2:
@@ -283,6 +295,9 @@ def layout(ids: list[int], offsets: list[tuple[int, int]],
         first = last = None
         for t, (s, e) in enumerate(offsets):
             if e <= s:          # zero-width (added special tokens): belongs to no text
+                continue
+            if s < c1 < e and not s < c0 and text is not None and not text[s:c1].strip():
+                out.merged.append(t)   # trailing whitespace merged into the segment's first token
                 continue
             if s < c0 < e or s < c1 < e:
                 piece = "start" if s < c0 < e else "end"
@@ -304,6 +319,9 @@ def layout(ids: list[int], offsets: list[tuple[int, int]],
     if out.spans and out.spans[-1][2] >= T:
         out.problem = f"slot {out.spans[-1][0]}: the prompt ends inside the content"
         return out
+    if any(m >= T - 1 for m in out.merged):
+        out.problem = "the prompt's last token merged with a content's trailing whitespace"
+        return out
     out.s0 = out.spans[0][1] if out.spans else T - 1
     for i, (_, _, stop) in enumerate(out.spans):
         nxt = out.spans[i + 1][1] if i + 1 < len(out.spans) else T - 1
@@ -317,4 +335,4 @@ def render_layout(tokenizer, frame: ChatFrame, user_text: str,
     text = frame.prefix + user_text + frame.suffix
     ids, offsets = tokenize(tokenizer, text, frame.add_special_tokens)
     shift = len(frame.prefix)
-    return layout(ids, offsets, [(n, a + shift, b + shift) for n, a, b in char_spans])
+    return layout(ids, offsets, [(n, a + shift, b + shift) for n, a, b in char_spans], text)

@@ -22,6 +22,7 @@ class CallLayout:
     s0: int
     problem: str | None   # why the layout cannot reuse (a slot edge inside a token), else None
     max_tokens: int
+    merged: list = field(default_factory=list)   # segment tokens that took in a content's whitespace
 
 
 @dataclass

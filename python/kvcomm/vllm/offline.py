@@ -31,6 +31,8 @@ class OfflineCall:
     reply_ids: list | None = None
     request_id: str = ""
     reused_tokens: int = 0     # prompt tokens vLLM did not compute (the connector's prefix)
+    s0: int = 0                # the agent's exact prefix (tokens before the first placeholder)
+    encoded_tokens: int = 0    # content tokens this call had encoded behind a header
 
 
 class KVCommLLM:
@@ -92,10 +94,12 @@ class KVCommLLM:
         # A reply the engine captured is its own base; anything else is encoded.
         skip = {(session, "reply", ids) for _, owner, r, ids in prep.replies
                 if self._replies.get((session, owner, r)) == ids}
+        encoded = 0
         for job in prep.encodes:
             if job.key not in self._done and job.key not in skip:
                 self._one_token(job)
                 self._done.add(job.key)
+                encoded += len(job.server["content_ids"])
         sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, extra_args={"kv_transfer_params": {
             KEY: dict(call_params(call), _server=dict(prep.server, token=self.token))}})
         prompt = TokensPrompt(prompt_token_ids=list(prep.lay.ids), cache_salt=f"kvcomm-{uuid.uuid4().hex}")
@@ -106,7 +110,7 @@ class KVCommLLM:
         self._replies[(session, agent, rnd)] = tuple(reply) if reply else None
         return OfflineCall(o.text, list(o.token_ids), info.get("path", "?"), info.get("reason", ""),
                            info.get("slots", {}), list(prep.lay.ids), reply, out.request_id,
-                           int(info.get("reused_tokens", 0)))
+                           int(info.get("reused_tokens", 0)), prep.lay.s0, encoded)
 
 
 def call_params(call) -> dict:

@@ -68,7 +68,7 @@ class Preparer:
         server = {"op": "call", "agent": call.agent, "agent_key": key, "session": call.session,
                   "round": call.round, "learn": call.learn, "ids": ids_digest(lay.ids), "n": lay.length,
                   "spans": [list(s) for s in lay.spans], "segments": [list(s) for s in lay.segments],
-                  "s0": lay.s0, "problem": lay.problem}
+                  "s0": lay.s0, "problem": lay.problem, "merged": list(lay.merged)}
         return Prepared(lay, key, template, encodes, replies, server)
 
 

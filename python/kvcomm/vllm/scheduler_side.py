@@ -82,7 +82,7 @@ class SchedulerSide:
                 agent_key=srv["agent_key"], agent_name=srv["agent"], session=srv["session"], round=srv["round"],
                 learn=bool(srv.get("learn", True)), spans=[tuple(s) for s in srv["spans"]],
                 segments=[tuple(s) for s in srv["segments"]], s0=srv["s0"], problem=srv.get("problem"),
-                max_tokens=int(sp.max_tokens or 0) if sp is not None else 0))
+                max_tokens=int(sp.max_tokens or 0) if sp is not None else 0, merged=list(srv.get("merged", []))))
         else:
             return None
         self._reqs[request.request_id] = info

@@ -95,7 +95,8 @@ class WorkerState:
         """The call's path. Reuse / partial: its KV [0, prefix) is staged for the load step.
         Dense: the exact S0 is loaded. Either way what record() needs after the prefill is kept."""
         lay = PromptLayout(ids=list(ids), spans=[tuple(s) for s in call.spans],
-                           segments=[tuple(s) for s in call.segments], s0=call.s0, problem=call.problem)
+                           segments=[tuple(s) for s in call.segments], s0=call.s0, problem=call.problem,
+                           merged=list(call.merged))
         agent = self.agents.get(call.agent_key)
         if agent is None:
             return self._count(PlanResult("dense", "agent template not registered on this worker", 0))

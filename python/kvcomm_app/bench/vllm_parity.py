@@ -133,3 +133,165 @@ def run_reference(model_dir: str, prompts: list[list[int]], max_tokens: int) -> 
     if out.returncode != 0 or not lines:
         raise RuntimeError(f"reference run failed ({out.returncode}):\n{out.stderr[-4000:]}")
     return json.loads(lines[-1][len("RESULT "):])
+
+
+# ---------------------------------------------------------------------- the parity benchmark
+#
+# python benchmarks/vllm_parity.py [--warmup 5] [--questions 8] [--max-tokens 48]
+# (in the vLLM environment: build/venv-vllm). Every call runs three ways on identical prompts
+# (the vLLM reply's tokens are fed to both engines as reply_ids), each learning its own pool
+# from empty: the server's connector, KVCommEngine at the settings the connector can express
+# (partial="prefix"), and KVCommEngine at its defaults (partial calls estimate any slot).
+# Reported per graph over the measured questions: the share of prompt tokens after each
+# agent's S0 that each one did not compute (encodings beside: content tokens encoded behind a
+# header), path agreement, and a same-pool check (compare_with_engine) on a few questions.
+# Questions: short shop reports with a question (kvcomm_app.bench.vllm_ttft.question, ~120
+# tokens, different numbers each), so contents of similar length meet the pools' anchors.
+
+SOLVE = ("solver", "You are a careful math tutor.",
+         "Solve this problem step by step.\nProblem:\n{user_question}\nEnd with the final number.")
+CRITIC = ("critic", "You check solutions.",
+          "Problem:\n{user_question}\nProposed solution:\n{agent_solver_current}\nIs it correct? Explain briefly.")
+JUDGE = ("judge", "You give the final answer.",
+         "Problem:\n{user_question}\nSolution:\n{agent_solver_current}\nReview:\n{agent_critic_current}\n"
+         "Give the final number only.")
+ALT = ("alt", "You solve problems another way.",
+       "Find the answer by another method.\nProblem:\n{user_question}\nEnd with the final number.")
+COMPARE = ("compare", "You compare two solutions.",
+           "Problem:\n{user_question}\nFirst:\n{agent_solver_current}\nSecond:\n{agent_alt_current}\n"
+           "Do they agree?")
+JUDGE5 = ("judge5", "You give the final answer.",
+          "Problem:\n{user_question}\nReview:\n{agent_critic_current}\nComparison:\n{agent_compare_current}\n"
+          "Give the final number only.")
+GRAPHS = {"3-agents": [SOLVE, CRITIC, JUDGE], "5-agents": [SOLVE, ALT, CRITIC, COMPARE, JUDGE5]}
+
+
+def _share(calls: list, key: str) -> float | None:
+    after = sum(c["after_s0"] for c in calls)
+    return sum(c[key] for c in calls) / after if after else None
+
+
+def _bootstrap(calls: list, key: str, rounds: int = 2000, seed: int = 0) -> list | None:
+    """95% interval of _share over questions (one question's calls decide together)."""
+    import random
+    by_q: dict = {}
+    for c in calls:
+        by_q.setdefault(c["question"], []).append(c)
+    qs = list(by_q)
+    if len(qs) < 2:
+        return None
+    rng = random.Random(seed)
+    vals = sorted(_share([c for q in (rng.choice(qs) for _ in qs) for c in by_q[q]], key) or 0.0
+                  for _ in range(rounds))
+    return [vals[int(0.025 * rounds)], vals[int(0.975 * rounds) - 1]]
+
+
+def _summary(calls: list, backend: str) -> dict:
+    mine = [dict(c[backend], question=c["question"]) for c in calls]
+    paths: dict = {}
+    for c in mine:
+        paths[c["path"]] = paths.get(c["path"], 0) + 1
+    out = {"calls": len(mine), "paths": paths,
+           "reused_after_s0": _share(mine, "reused"), "reused_after_s0_ci95": _bootstrap(mine, "reused"),
+           "encoded_tokens": sum(c["encoded"] for c in mine)}
+    after = sum(c["after_s0"] for c in mine)
+    out["reused_after_s0_encodings_counted"] = (sum(c["reused"] for c in mine) - out["encoded_tokens"]) / after \
+        if after else None
+    return out
+
+
+def parity_run(offline, hf_model, hf_tokenizer, graph, questions: list[str], warmup: int, max_tokens: int,
+               tag: str) -> list[dict]:
+    """Every call of `graph` over `questions`, three ways (see above); one record per call."""
+    from kvcomm.engine import KVCommEngine
+    prefix = KVCommEngine(hf_model, hf_tokenizer, partial="prefix")
+    default = KVCommEngine(hf_model, hf_tokenizer)
+    for a in graph:
+        for eng in (prefix, default):
+            eng.add_agent(*a)
+        if a[0] not in offline.agents:
+            offline.add_agent(*a)
+    records = []
+    for j, q in enumerate(questions):
+        for eng in (prefix, default):
+            eng.new_request()
+        replies: dict = {}
+        for name, _, template in graph:
+            inputs = graph_inputs(template, q, replies)
+            v = offline.call(name, inputs, session=f"{tag}{j}", max_tokens=max_tokens)
+            rec = {"question": j, "phase": "warmup" if j < warmup else "measure", "agent": name,
+                   "server": {"path": v.path, "after_s0": len(v.prompt_ids) - v.s0,
+                              "reused": max(0, v.reused_tokens - v.s0), "encoded": v.encoded_tokens,
+                              "reason": v.reason}}
+            for key, eng in (("engine_prefix", prefix), ("engine_default", default)):
+                h = eng.call(name, inputs, reply_ids=v.token_ids)
+                rec[key] = {"path": h.path, "after_s0": h.prompt_tokens - eng.agents[name].s0,
+                            "reused": h.prompt_tokens - h.computed_tokens - h.s0_tokens,
+                            "encoded": h.encoded_tokens, "reason": h.reason}
+            records.append(rec)
+            replies[name] = v.text.strip() or "none"
+    return records
+
+
+def main(argv=None) -> int:
+    import argparse
+    import time
+    p = argparse.ArgumentParser(description="The vLLM connector against KVCommEngine on the same calls "
+                                "(results/vllm/parity.json). Run it in the vLLM environment.")
+    p.add_argument("--warmup", type=int, default=5, help="questions that fill the pools first")
+    p.add_argument("--questions", type=int, default=8, help="measured questions per graph")
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--check-questions", type=int, default=3, help="questions of the same-pool check per graph")
+    p.add_argument("--out", default="results/vllm/parity.json")
+    args = p.parse_args(argv)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    from kvcomm.models import embedded_model_dir, load_model
+    from kvcomm.vllm.offline import KVCommLLM
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    from ..provenance import capture
+    from .vllm_ttft import question
+    prov = capture("python", "benchmarks/vllm_parity.py")
+    t0 = time.perf_counter()
+    model_dir = embedded_model_dir()
+    offline = KVCommLLM(model_dir, dtype="float32", max_model_len=2048, enforce_eager=True, seed=0, block_size=32,
+                        kv_cache_memory_bytes=1 << 30, keep_loads=True)
+    connector = get_kv_transfer_group()
+    model, tok = load_model(model_dir)
+    n = args.warmup + args.questions
+    out = {"model": "SmolLM2-135M-Instruct (embedded), float32, CPU", "warmup_questions": args.warmup,
+           "questions": "kvcomm_app.bench.vllm_ttft.question(i): a shop report and a question, ~120 tokens",
+           "measured_questions": args.questions, "max_tokens": args.max_tokens,
+           "graphs": {}, **prov.fields()}
+    for gi, (label, graph) in enumerate(GRAPHS.items()):
+        qs = [question(1000 * gi + i) for i in range(n)]
+        recs = parity_run(offline, model, tok, graph, qs, args.warmup, args.max_tokens, f"{label}-")
+        measured = [r for r in recs if r["phase"] == "measure"]
+        same = sum(r["server"]["path"] == r["engine_prefix"]["path"] for r in measured)
+        cmp = compare_with_engine(offline, connector, model, tok, graph,
+                                  [question(1000 * gi + 500 + i) for i in range(args.check_questions)],
+                                  max_tokens=(args.max_tokens,), session_prefix=f"{label}-check-")
+        out["graphs"][label] = {
+            "agents": [a[0] for a in graph],
+            "server": _summary(measured, "server"), "engine_prefix": _summary(measured, "engine_prefix"),
+            "engine_default": _summary(measured, "engine_default"),
+            "same_path_server_vs_engine_prefix": same / len(measured) if measured else None,
+            "same_pool_check": {k: v for k, v in cmp.to_dict().items() if k != "calls"},
+            "calls": recs}
+        print(f"{label}: server {out['graphs'][label]['server']['reused_after_s0']:.3f}, engine prefix "
+              f"{out['graphs'][label]['engine_prefix']['reused_after_s0']:.3f}, engine default "
+              f"{out['graphs'][label]['engine_default']['reused_after_s0']:.3f} of tokens after S0 reused; "
+              f"same path {same}/{len(measured)}; same-pool check {cmp.to_dict()['same_path']}, "
+              f"KV diff {cmp.kv_max_abs_diff}", flush=True)
+    ws = connector.worker_state   # made on the connector's first step
+    out["settings"] = {"server": f"{ws.planner.settings.describe()}, min_anchors {ws.pool.config.min_anchors}",
+                       "engine_prefix": "partial=prefix, recompute=none, min_anchors 4",
+                       "engine_default": "partial=True, recompute=none, min_anchors 4"}
+    out["wall_s"] = round(time.perf_counter() - t0, 1)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"wrote {args.out} ({out['wall_s']} s)")
+    return 0
