@@ -253,7 +253,7 @@ def main(argv=None) -> int:
 
     from ..provenance import capture
     from .vllm_ttft import question
-    prov = capture("python", "benchmarks/vllm_parity.py")
+    prov = capture("python", "benchmarks/vllm_parity.py", argv=argv)   # main(argv) records argv, not pytest's
     t0 = time.perf_counter()
     model_dir = embedded_model_dir()
     offline = KVCommLLM(model_dir, dtype="float32", max_model_len=2048, enforce_eager=True, seed=0, block_size=32,
