@@ -12,18 +12,19 @@ NEAR_TIE = {"tokens": 9, "candidates": 2, "entropy": 0.9, "nearest": [100.0, 100
 CLEAR = {"tokens": 9, "candidates": 4, "entropy": 0.1, "nearest": [50.0, 90.0]}        # < 0.3 * log2 4
 
 
-def _call(mode, agent, token, *, path="dense", gates=None, digest="same"):
+def _call(mode, agent, token, *, path="dense", slot_gates=None, digest="same"):
     return CallRecord(question_id="q", mode=mode, phase="measure", round=0, agent_id=agent,
                       agent_name=agent, role=agent, call_mode=mode, path=path, reason="", ttft_ms=1.0,
-                      text="", inputs_digest=digest, first_token_id=token, slot_gates=gates or {})
+                      text="", inputs_digest=digest, first_token_id=token, slot_gates=slot_gates or {})
 
 
 def _write(tmp_path):
     dense = [_call("dense", a, 7) for a in ("a", "b", "c", "d")]
-    kv = [_call("kvcomm", "a", 7, path="reuse", gates={"user_question": CLEAR}),
-          _call("kvcomm", "b", 8, path="reuse", gates={"user_question": CLEAR, "agent_a_current": NEAR_TIE}),
-          _call("kvcomm", "c", 7, path="reuse", gates={"user_question": NEAR_TIE}, digest="other"),  # no twin
-          _call("kvcomm", "d", 7, path="dense", gates={"user_question": CLEAR})]                    # not reuse
+    kv = [_call("kvcomm", "a", 7, path="reuse", slot_gates={"user_question": CLEAR}),
+          _call("kvcomm", "b", 8, path="reuse",
+                slot_gates={"user_question": CLEAR, "agent_a_current": NEAR_TIE}),
+          _call("kvcomm", "c", 7, path="reuse", slot_gates={"user_question": NEAR_TIE}, digest="other"),  # no twin
+          _call("kvcomm", "d", 7, path="dense", slot_gates={"user_question": CLEAR})]   # not reuse
     path = tmp_path / "records.jsonl"
     path.write_text("".join(json.dumps(record_to_dict(QuestionRecord(
         question_id="q", task="t", mode=m, phase="measure", gold="", prediction=None, correct=False,
