@@ -145,7 +145,7 @@ def run_reference(model_dir: str, prompts: list[list[int]], max_tokens: int) -> 
 # Reported per graph over the measured questions: the share of prompt tokens after each
 # agent's S0 that each one did not compute (encodings beside: content tokens encoded behind a
 # header), path agreement, and a same-pool check (compare_with_engine) on a few questions.
-# Questions: short shop reports with a question (kvcomm_app.bench.vllm_ttft.question, ~120
+# Questions: short shop reports with a question (kvcomm_app.bench.shop_questions.question, ~120
 # tokens, different numbers each), so contents of similar length meet the pools' anchors.
 
 SOLVE = ("solver", "You are a careful math tutor.",
@@ -252,7 +252,7 @@ def main(argv=None) -> int:
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
     from ..provenance import capture
-    from .vllm_ttft import question
+    from .shop_questions import question
     prov = capture("python", "benchmarks/vllm_parity.py", argv=argv)   # main(argv) records argv, not pytest's
     t0 = time.perf_counter()
     model_dir = embedded_model_dir()
@@ -262,7 +262,7 @@ def main(argv=None) -> int:
     model, tok = load_model(model_dir)
     n = args.warmup + args.questions
     out = {"model": "SmolLM2-135M-Instruct (embedded), float32, CPU", "warmup_questions": args.warmup,
-           "questions": "kvcomm_app.bench.vllm_ttft.question(i): a shop report and a question, ~120 tokens",
+           "questions": "kvcomm_app.bench.shop_questions.question(i): a shop report and a question, ~120 tokens",
            "measured_questions": args.questions, "max_tokens": args.max_tokens,
            "graphs": {}, **prov.fields()}
     for gi, (label, graph) in enumerate(GRAPHS.items()):
