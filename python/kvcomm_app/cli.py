@@ -1,8 +1,9 @@
 """The `kvcomm` command.
 
-  kvcomm demo   the main job: a fully connected 4-agent + decision math graph on GSM8K,
-                dense prefill vs KVCOMM on the same questions, with the embedded
-                SmolLM2-135M-Instruct (or --model PATH), a table, optional JSON and plot.
+  kvcomm demo   the main job: a fully connected 3-agent + decision graph on MMLU (a task
+                the embedded model does), dense prefill vs KVCOMM on the same questions,
+                with the embedded SmolLM2-135M-Instruct (or --model PATH), a table,
+                optional JSON and plot.
   kvcomm eval   the same comparison on gsm8k / math500 / mmlu / humaneval with other
                 graph sizes and topologies.
   kvcomm bench ttft
@@ -42,6 +43,10 @@ def _add_reuse_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-partial", action="store_true",
                    help="a call with a slot that cannot be estimated runs fully dense, as the paper "
                         "(default: estimate the other slots, compute that one in context)")
+    p.add_argument("--method", default=None, metavar="NAME[:VALUE]",
+                   help="a named method instead of --recompute: kvcomm, prefix (prefix caching only), "
+                        "cacheblend:R, epic:K, hybrid-deviation:R, hybrid-spread:R, fit, fit-deviation:R "
+                        "(kvcomm.plan.methods; docs/quality.md compares them)")
     p.add_argument("--anchor-storage", default="model", choices=STORAGES,
                    help="how the pool holds anchors (default model: the model's dtype); int8 / fp8 store "
                         "per-channel-scaled values in about a quarter of fp32's bytes (docs/method.md "
@@ -52,7 +57,7 @@ def _add_reuse_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_common(p: argparse.ArgumentParser, *, questions: int, warmup: int, max_new_tokens: int,
-                paired: bool = False) -> None:
+                paired: bool = False, threads: int | None = None) -> None:
     p.add_argument("--model", default=None, metavar="PATH",
                    help="a local transformers model folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--questions", type=int, default=questions, metavar="N",
@@ -61,6 +66,9 @@ def _add_common(p: argparse.ArgumentParser, *, questions: int, warmup: int, max_
                    help=f"warm-up questions that fill the anchor pool first, reported apart (default {warmup}); "
                         "a slot shares only once it has --min-anchors anchors")
     p.add_argument("--offset", type=int, default=0, help="index of the first measured question")
+    p.add_argument("--warmup-rule", default=None, choices=["longest", "cover"],
+                   help="which held-out questions warm up: the longest (eval's default) or the shortest "
+                        "that cover the measured ones (the demo's default: shorter prompts, a faster run)")
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="T",
                    help=f"reply length limit of every agent (default {max_new_tokens})")
     p.add_argument("--decision-dense", action="store_true",
@@ -93,7 +101,8 @@ def _add_common(p: argparse.ArgumentParser, *, questions: int, warmup: int, max_
                         "model) that keeps every call dense when reuse disagrees with dense")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=threads,
+                   help="torch CPU threads (default: " + ("torch's choice" if threads is None else str(threads)) + ")")
     p.add_argument("--json", metavar="PATH", help="write the summary as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of per-agent TTFT")
     p.add_argument("--records", metavar="PATH", help="write every call record as JSON lines")
@@ -106,16 +115,19 @@ def build_parser() -> argparse.ArgumentParser:
         "(arXiv 2510.12872; not 'KVComm: Selective KV Sharing').")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="4 agents + decision on GSM8K, dense vs KVCOMM (the main job)",
-                          description="Runs a fully connected 4-agent + decision math graph (solver, "
-                          "analyst, programming expert, inspector) over GSM8K questions, once with "
+    demo = sub.add_parser("demo", help="3 agents + decision on MMLU, dense vs KVCOMM (the main job)",
+                          description="Runs a fully connected 3-agent + decision graph (knowledge expert, "
+                          "reasoning expert, critic, final decision maker) over MMLU questions, once with "
                           "dense prefill and once with KVCOMM, and compares them.")
-    # Sized to finish in about 3 minutes on a 2-core CPU: 2 measured questions after the 4
-    # warm-up ones a slot needs before it can share (--min-anchors), replies of up to 48
-    # tokens (enough for the first token and the reply a downstream agent reuses; `kvcomm
-    # eval` runs real sizes). Paired: every KVCOMM call is also replayed against its dense
-    # twin (docs/quality.md).
-    _add_common(demo, questions=2, warmup=4, max_new_tokens=48, paired=True)
+    # MMLU: the embedded model answers it (GSM8K: 0% in both modes, so the accuracy row said
+    # nothing). Sized to finish in under 3 minutes on a 2-core CPU: 5 measured questions
+    # after the 4 warm-up ones a slot needs before it can share (--min-anchors; the warm-up
+    # takes held-out questions just long enough to cover the measured ones), replies of up
+    # to 24 tokens (room for "... The answer is (X)"; `kvcomm eval` runs real sizes), one
+    # torch thread (a 135M model gains little from two, and a busy machine's second core
+    # slowed it several times over). Paired: every KVCOMM call is also replayed against its
+    # dense twin, and timed against dense with the exact S0 cached (docs/quality.md).
+    _add_common(demo, questions=5, warmup=4, max_new_tokens=24, paired=True, threads=1)
 
     ev = sub.add_parser("eval", help="dense vs KVCOMM on gsm8k, math500, mmlu or humaneval",
                         description="The demo's comparison on any task, graph size and topology.")
@@ -213,13 +225,18 @@ def _config(args, task: str, n_agents: int, topology: str, rounds: int = 2, laye
     pool = {k: v for k, v in (("gamma", args.gamma), ("capacity", args.capacity),
                               ("min_anchors", args.min_anchors)) if v is not None}
     pool.update(_storage_settings(args))
+    method = {}
+    if getattr(args, "method", None):
+        from kvcomm.plan.methods import method_settings
+        method = dict(method_settings(args.method), method=args.method)
     return ExperimentConfig(
-        task=task, n_agents=n_agents, topology=topology, rounds=rounds, layers=layers,
+        task=task, n_agents=n_agents, topology=topology, rounds=rounds, layers=layers, **method,
         questions=args.questions, warmup=args.warmup, offset=args.offset,
         max_new_tokens=args.max_new_tokens, decision_dense=args.decision_dense,
         judge_shadow=not args.no_judge_shadow, model=args.model, device=args.device,
         dtype=args.dtype, pool=pool, progress=not args.no_progress, mmlu_split=mmlu_split,
-        gate=not args.no_gate, recompute=args.recompute, partial=not args.no_partial,
+        gate=not args.no_gate, **({} if method else {"recompute": args.recompute}), partial=not args.no_partial,
+        **({"warmup_rule": args.warmup_rule} if getattr(args, "warmup_rule", None) else {}),
         paired=args.paired, free=not args.paired_only, pool_path=args.pool,
         variants=[(spec, parse_variant(spec)) for spec in getattr(args, "paired_variant", [])])
 
@@ -286,8 +303,11 @@ def _plain(d: dict) -> dict:
 
 
 def cmd_demo(args, engine_factory=None) -> int:
-    cfg = _config(args, "gsm8k", 4, "fully_connected")
-    return _run_and_report(cfg, args, "kvcomm demo (GSM8K, fully connected 4 agents + decision)",
+    import dataclasses
+    cfg = _config(args, "mmlu", 3, "fully_connected")
+    if args.warmup_rule is None:
+        cfg = dataclasses.replace(cfg, warmup_rule="cover")
+    return _run_and_report(cfg, args, "kvcomm demo (MMLU, fully connected 3 agents + decision)",
                            engine_factory)
 
 
@@ -392,8 +412,12 @@ def cmd_bench_ttft(args) -> int:
     log = None if args.no_progress else ttft.stderr_log
     if args.warmup is None:
         args.warmup = args.min_anchors + 1
+    method = {"recompute": args.recompute}
+    if args.method:
+        from kvcomm.plan.methods import method_settings
+        method = method_settings(args.method)
     kw = dict(requests=args.requests, warmup=args.warmup, seed=args.seed, gamma=args.gamma,
-              capacity=args.capacity, step=args.step, recompute=args.recompute, min_anchors=args.min_anchors,
+              capacity=args.capacity, step=args.step, min_anchors=args.min_anchors, **method,
               partial=not args.no_partial, share=args.share, pool_path=args.pool, log=log,
               pool_settings=_storage_settings(args))
     tag = output.device_tag(args.device)

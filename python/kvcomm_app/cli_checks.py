@@ -79,6 +79,14 @@ def check_args(args, named_models: tuple[str, ...] = ()) -> None:
             RecomputePolicy.parse(args.recompute)
         except ValueError as e:
             raise UsageError(f"--recompute: {e}") from None
+    if getattr(args, "method", None):
+        from kvcomm.plan.methods import method_settings
+        try:
+            method_settings(args.method)
+        except ValueError as e:
+            raise UsageError(f"--method: {e}") from None
+        if getattr(args, "recompute", "none") not in (None, "none"):
+            raise UsageError("--method sets the recompute policy itself: give --method or --recompute, not both")
     if getattr(args, "paired_only", False) and not getattr(args, "paired", False):
         raise UsageError("--paired-only needs --paired (it drops the free-running KVCOMM run)")
     if getattr(args, "backend", "hf") == "vllm":
@@ -154,7 +162,10 @@ _VARIANT_POOL = {"gamma": float, "capacity": int, "min_anchors": int, "tau": flo
 
 def parse_variant(spec: str) -> dict:
     """'min_anchors=4 recompute=segments,budget=0.1 partial=off' -> overrides; UsageError
-    naming the part that is wrong."""
+    naming the part that is wrong. 'method=cacheblend:0.15' sets estimator and recompute
+    (kvcomm.plan.methods); 'estimator=base' the estimator alone."""
+    from kvcomm.plan.estimators import ESTIMATORS
+    from kvcomm.plan.methods import method_settings
     from kvcomm.plan.recompute import RecomputePolicy
 
     out: dict = {}
@@ -162,7 +173,18 @@ def parse_variant(spec: str) -> dict:
         key, eq, value = part.partition("=")
         if not eq or not value:
             raise UsageError(f"--paired-variant {spec!r}: {part!r} is not KEY=VALUE")
-        if key == "recompute":
+        if key == "method":
+            try:
+                out.update(method_settings(value))
+            except ValueError as e:
+                raise UsageError(f"--paired-variant {spec!r}: {e}") from None
+            out["method"] = value
+        elif key == "estimator":
+            if value not in ESTIMATORS:
+                raise UsageError(f"--paired-variant {spec!r}: estimator must be one of {', '.join(ESTIMATORS)}, "
+                                 f"got {value!r}")
+            out[key] = value
+        elif key == "recompute":
             try:
                 RecomputePolicy.parse(value)
             except ValueError as e:
@@ -181,8 +203,8 @@ def parse_variant(spec: str) -> dict:
             if key == "min_anchors" and out[key] < 2:
                 raise UsageError(f"--paired-variant {spec!r}: min_anchors must be at least 2, got {out[key]}")
         else:
-            raise UsageError(f"--paired-variant {spec!r}: unknown setting {key!r}; use recompute, partial or "
-                             f"a PoolConfig field ({', '.join(sorted(_VARIANT_POOL))})")
+            raise UsageError(f"--paired-variant {spec!r}: unknown setting {key!r}; use method, estimator, "
+                             f"recompute, partial or a PoolConfig field ({', '.join(sorted(_VARIANT_POOL))})")
     if not out:
         raise UsageError(f"--paired-variant {spec!r}: no settings")
     return out

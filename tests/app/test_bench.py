@@ -233,13 +233,24 @@ def test_bench_ttft_end_to_end_json_and_png(tmp_path, capsys):
     for a in doc["agents"]:
         assert AGENT_FIELDS <= set(a)
         assert a["nominal_tokens"] == setting.nominal_tokens(a["agent"]) and a["tokens"] > a["nominal_tokens"]
-        assert a["dense_ms"] > 0 and a["kvcomm_ms"] > 0
-        assert a["speedup"] == pytest.approx(a["dense_ms"] / a["kvcomm_ms"])
-        assert len(a["dense_ms_all"]) == len(a["kvcomm_ms_all"]) == 2
+        assert a["dense_ms"] > 0 and a["kvcomm_ms"] > 0 and a["prefix_ms"] > 0
+        # the headline baseline is dense prefill with the agent's exact S0 cached
+        assert a["baseline"] == "prefix" and a["speedup"] == pytest.approx(a["prefix_ms"] / a["kvcomm_ms"])
+        assert a["speedup_vs_dense"] == pytest.approx(a["dense_ms"] / a["kvcomm_ms"])
+        assert len(a["dense_ms_all"]) == len(a["prefix_ms_all"]) == len(a["kvcomm_ms_all"]) == 2
+    # a reply's capture is charged to its first reader (agent i+1 reads agent i's reply first)
+    kv = {(s["request"], s["agent"]): s for s in doc["samples"] if s["mode"] == "kvcomm" and s["phase"] == "measure"}
+    a2 = doc["agents"][1]
+    want = sorted(kv[(r, 2)]["ttft_ms"] + kv[(r, 1)]["timings"]["capture"] for r in (2, 3))
+    assert sorted(a2["kvcomm_ms_all"]) == pytest.approx(want, abs=1e-3)
+    assert all(kv[(r, 1)]["timings"]["capture"] > 0 for r in (2, 3))
+    prefix = [s for s in doc["samples"] if s["mode"] == "prefix"]
+    assert prefix and all(s["path"] == "dense" and "prefix caching only" in s["reason"] for s in prefix)
     # warm-up fills the pools (2 anchors per slot); with gamma 1 every later slot shares
     assert doc["warmup_reuse_rate"] == 0.0 and doc["reuse_rate"] == 1.0
     assert doc["replies_captured"] == 1.0
-    assert len(doc["samples"]) == (2 + 2) * 2 * 3
+    # (dense, prefix, kvcomm) x agents per measured request and the first warm-up one; kvcomm alone after
+    assert len(doc["samples"]) == (2 + 1) * 3 * 3 + 1 * 3
     tokens = {a["agent"]: a["tokens"] for a in doc["agents"]}
     assert all(s["prompt_tokens"] == tokens[s["agent"]] for s in doc["samples"])
     assert out.with_suffix(".png").read_bytes()[:8] == PNG

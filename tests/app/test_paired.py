@@ -55,9 +55,11 @@ def test_summary_breakdowns_and_token_reuse():
     assert s["first_token_agreement"]["rate"] == 0.5 and s["first_token_agreement"]["n"] == 2
     assert s["first_token_kl"] == pytest.approx(0.05)
     assert s["tf32_agreement"]["k"] == 58 and s["tf32_agreement"]["n"] == 64
-    # token reuse over every call: (90 + 90 + 90) after S0, (5 + 40 + 90) computed, 20 encoded
-    assert s["token_reuse"]["rate"] == pytest.approx(1 - 135 / 270)
-    assert s["token_reuse_with_encoding"]["rate"] == pytest.approx(1 - 155 / 270)
+    # token reuse over every call: (90 + 90 + 90) after S0, (5 + 40 + 90) computed, 20 encoded;
+    # the headline counts every token the model ran, the other figure leaves encodings out
+    assert s["token_reuse"]["rate"] == pytest.approx(1 - 155 / 270)
+    assert s["token_reuse_excluding_encodings"]["rate"] == pytest.approx(1 - 135 / 270)
+    assert s["compute"] == {"prompt": 135, "encodings": 20, "probe": 0.0, "share": pytest.approx(155 / 270)}
     assert s["paths"] == {"reuse": 1, "partial": 1, "dense": 1}
     kinds = fidelity.by_slot_kind(calls)
     assert kinds["question"]["calls"] == 2 and kinds["reply"]["calls"] == 1
@@ -158,3 +160,134 @@ def test_parse_variant_names_what_is_wrong():
                         ("byte_budget=big", "byte_budget 'big' is not a size in bytes")]:
         with pytest.raises(UsageError, match=needle):
             parse_variant(bad)
+
+
+# ------------------------------------------------------------------ intervals, paths, charged TTFT
+
+
+def _q(qid, agent, path, agree, **kw):
+    c = _call(agent, path, agree, 0.02, 30 if agree else 20, 32, {"user_question": "question"}, {"user_question": [1]},
+              **kw)
+    c.question_id = qid
+    return c
+
+
+def test_intervals_resample_questions_not_calls():
+    """When a question decides all of its calls (every call of a question agrees, or none
+    does), calls are not independent: the bootstrap over questions is much wider than a
+    Wilson interval over calls; seeded, it is reproducible."""
+    calls = [_q(f"q{i}", f"a{j}", "reuse", i % 2 == 0) for i in range(10) for j in range(10)]
+    s = fidelity.summary(calls)
+    lo, hi = s["first_token_agreement"]["ci95"]
+    wlo, whi = fidelity.wilson(50, 100)
+    assert s["first_token_agreement"]["rate"] == 0.5
+    assert hi - lo > 2 * (whi - wlo) and lo < 0.25 and hi > 0.75
+    assert fidelity.summary(calls)["first_token_agreement"]["ci95"] == [lo, hi]
+    # the same 50/50 mixed inside every question: close to the Wilson width
+    mixed = [_q(f"q{i}", f"a{j}", "reuse", j % 2 == 0) for i in range(10) for j in range(10)]
+    mlo, mhi = fidelity.summary(mixed)["first_token_agreement"]["ci95"]
+    assert mhi - mlo < 0.1
+    # token reuse: calls of a question share its path, so its interval is over questions too
+    tok = [_q(f"q{i}", "a", "reuse" if i < 5 else "partial", True, computed=1 if i < 5 else 60) for i in range(10)]
+    t = fidelity.summary(tok)["token_reuse"]
+    assert t["ci"] == "bootstrap over questions" and t["ci95"][1] - t["ci95"][0] > 0.3
+    assert fidelity.bootstrap_ratios([{"x": (1.0, 2.0)}]) == {"x": None}   # one question: no interval
+
+
+def test_fidelity_by_path():
+    calls = [_q("q1", "a", "reuse", True), _q("q1", "b", "partial", False), _q("q2", "a", "reuse", True),
+             _q("q2", "b", "dense", True)]
+    paths = fidelity.by_path(calls)
+    assert list(paths) == ["reuse", "partial", "dense"]
+    assert paths["reuse"]["first_token_agreement"]["rate"] == 1.0 and paths["reuse"]["calls"] == 2
+    assert paths["partial"]["first_token_agreement"]["rate"] == 0.0
+    assert paths["dense"]["calls"] == 0 and paths["dense"]["kvcomm_calls"] == 1
+
+
+def test_capture_and_later_encodings_are_charged_to_the_first_reader():
+    from kvcomm_app.runtime import metrics
+
+    def rec(agent, kinds, ttft, mode="paired", **timings):
+        c = _call(agent, "reuse", True, 0.0, 1, 1, kinds, {})
+        c.agent_id, c.mode, c.ttft_ms, c.timings = agent, mode, ttft, dict(timings)
+        return c
+
+    a = rec("0", {"user_question": "question"}, 100.0, capture=12.0, encode_after=30.0)
+    b = rec("1", {"user_question": "question", "agent_0_current": "reply"}, 20.0, capture=5.0)
+    c = rec("2", {"user_question": "question", "agent_0_current": "reply", "agent_1_current": "reply"}, 25.0)
+    d = rec("3", {"agent_0_history": "reply"}, 7.0)
+    got = metrics.charged_ttft([a, b, c, d])
+    # b is the first to read agent 0's reply and the question a encoded after its first token
+    assert got[id(a)] == 100.0 and got[id(b)] == 20.0 + 12.0 + 30.0
+    assert got[id(c)] == 25.0 + 5.0 and got[id(d)] == 7.0   # each charge paid once
+    # another question (or mode) starts clean
+    e = rec("1", {"agent_0_current": "reply"}, 20.0)
+    e.question_id = "other"
+    assert metrics.charged_ttft([a, e])[id(e)] == 20.0
+
+
+def test_ttft_is_timed_on_the_paired_replays_against_the_prefix_baseline():
+    from kvcomm_app.runtime import metrics
+
+    def rec(mode, ttft, prefix=None, path="reuse", **timings):
+        c = _call("0", path, True, 0.0, 1, 1, {"user_question": "question"}, {})
+        c.mode, c.ttft_ms, c.prefix_ttft_ms, c.timings = mode, ttft, prefix, dict(timings)
+        return c
+
+    calls = [rec("dense", 400.0), rec("kvcomm", 10.0), rec("paired", 50.0, prefix=300.0)]
+    a = metrics.per_agent_ttft(calls)["0"]
+    assert a["timed"] == "paired" and a["ttft_ms_kvcomm"] == 50.0 and a["ttft_ms_prefix"] == 300.0
+    assert a["baseline"] == "prefix" and a["speedup"] == pytest.approx(6.0) and a["speedup_vs_dense"] == 8.0
+    free = metrics.per_agent_ttft(calls[:2])["0"]
+    assert free["timed"] == "free-running" and free["baseline"] == "dense" and free["speedup"] == 40.0
+
+
+def test_method_variants_replay_identical_calls_and_build_the_pareto_table(tiny, tmp_path):
+    """The baselines as paired variants of one dense run: CacheBlend (moved bases, no
+    anchors, a probe), EPIC, a hybrid and the fitted estimator; the run's own replay times
+    the prefix-caching baseline. Their fidelity entries share the dense run's digest, and
+    the Pareto table joins them; a run with other dense calls is refused."""
+    import kvcomm
+    from kvcomm.engine import KVCommEngine
+    from kvcomm_app.analysis import pareto
+    from kvcomm_app.cli_checks import parse_variant
+    from kvcomm_app.runtime.fidelity_report import fidelity_entry
+    from kvcomm_app.runtime.session import ExperimentConfig, run_experiment
+
+    model, tok = tiny("llama")
+
+    def factory(cfg):
+        spec = kvcomm.hf.inspect_model(model)
+        pool = kvcomm.PoolConfig(layers=spec.num_layers, kv_heads=spec.kv_heads, head_dim=spec.head_dim, gamma=2.0)
+        return KVCommEngine(model, tok, pool_config=pool), "tiny", "cpu", 0.0
+
+    specs = ("method=cacheblend:0.2", "method=epic:2", "method=hybrid-deviation:0.1", "estimator=fit")
+    variants = [(s, parse_variant(s)) for s in specs]
+    assert variants[0][1] == {"estimator": "base", "recompute": "deviation,budget=0.2", "method": "cacheblend:0.2"}
+    cfg = ExperimentConfig(task="gsm8k", n_agents=2, questions=2, warmup=2, max_new_tokens=6, gate=False,
+                           paired=True, paired_positions=4, progress=False, free=False, variants=variants)
+    res = run_experiment(cfg, engine_factory=factory, log=lambda *_: None)
+    own = [c for q in res.records if q.mode == "paired" for c in q.calls]
+    assert own and all(c.prefix_ttft_ms is not None and c.prefix_ttft_ms > 0 for c in own)
+    blend = res.variants[0]
+    calls = [c for q in blend.records if q.mode == "paired" for c in q.calls]
+    # no anchors, so no warm-up replay, no partial calls; the probe ran on every estimated call
+    assert calls and all(c.phase == "measure" for c in calls)
+    assert all(c.path == "reuse" and c.probed_tokens == c.prompt_tokens - c.s0_tokens for c in calls)
+    assert [q for q in blend.records if q.mode == "paired"][-1].pool_size == 0
+    f = blend.summary["fidelity"]
+    assert f["compute"]["probe"] > 0 and f["token_reuse"]["rate"] < f["token_reuse_excluding_encodings"]["rate"] + 1e-9
+    epic = [c for q in res.variants[1].records if q.mode == "paired" for c in q.calls]
+    assert all(set(c.recomputed) <= {"tail", "first", "segfirst"} for c in epic)
+    entries = [fidelity_entry(r, command="test", commit=None) for r in [res] + res.variants]
+    assert len({e["dense_digest"] for e in entries}) == 1
+    assert [e["method"] for e in entries] == [None, "cacheblend:0.2", "epic:2", "hybrid-deviation:0.1", None]
+    doc = pareto.build(entries)
+    (c,) = doc["configs"]
+    assert [p["method"] for p in c["points"]][:2] == ["kvcomm", "hybrid-deviation:0.1"]
+    assert {p["family"] for p in c["points"]} == {"kvcomm", "hybrid-deviation", "fit/none", "cacheblend", "epic"}
+    assert c["ttft_baselines_ms_median"]["prefix"] and "| gsm8k | 2 | cacheblend:0.2 |" in pareto.table(doc)
+    pareto.plot(doc, str(tmp_path / "p.png"))
+    other = dict(entries[1], dense_digest="different")
+    with pytest.raises(ValueError, match="different dense calls"):
+        pareto.build([entries[0], other])

@@ -40,6 +40,7 @@ from .agent import build_agent
 from .bases import HeaderEncoder
 from .kv import forward, forward_logits
 from .modes import MODES
+from .probe import probe_deviation
 from .scatter import forward_scattered
 
 
@@ -68,6 +69,10 @@ class AgentCall:
     encoded_tokens: int = 0
     recomputed: dict = field(default_factory=dict)     # reuse/partial: group -> tokens (kvcomm.plan.recompute)
     slot_anchors: dict = field(default_factory=dict)   # estimated slot -> anchor ids used
+    # recompute 'deviation': prompt tokens the early-layer probe ran, through the share
+    # probe_fraction of the model's layers only (its cost in full tokens: the product)
+    probed_tokens: int = 0
+    probe_fraction: float = 0.0
     # Only with call(..., reply_logits=K): float32 [min(K, reply tokens), vocab]; row 0 is the
     # first token's logits, row j the logits for reply token j given reply tokens [0, j).
     reply_logits: torch.Tensor | None = field(default=None, repr=False)
@@ -103,7 +108,7 @@ class _Clock:
 
     def __init__(self):
         self.t = {k: 0.0 for k in ("encode", "decide", "estimate", "forward", "first_token",
-                                   "record", "decode", "capture")}
+                                   "record", "decode", "capture", "probe")}
         self._last = time.perf_counter()
 
     def lap(self, key: str) -> None:
@@ -131,12 +136,15 @@ class KVCommEngine:
       and computes only those in context (default); False runs such calls fully dense;
       "prefix" plans as a backend that takes estimated KV for a prompt prefix only (the
       vLLM connector): every slot after the first computed one is computed too.
+    estimator: how estimated slots get their KV (kvcomm.plan.estimators): "anchors" (KVCOMM,
+      default), "base" (moved bases, no offsets: CacheBlend / EPIC's start), "none" (prefix
+      caching only), "fit" (anchor weights fitted to the content's base).
     """
 
     def __init__(self, model, tokenizer, pool_config: PoolConfig | None = None, *,
                  pool: AnchorPool | None = None, lead_ins: dict | None = None,
                  recompute: RecomputePolicy | str | None = None, exact_tail: int | None = None,
-                 partial: bool | str = DEFAULT_PARTIAL):
+                 partial: bool | str = DEFAULT_PARTIAL, estimator: str | None = None):
         if recompute is not None and exact_tail is not None:
             raise ValueError("give recompute or exact_tail, not both (exact_tail=N is recompute='tail=N')")
         self.spec = hf.enable(model)
@@ -147,7 +155,9 @@ class KVCommEngine:
             pool = AnchorPool(pool_config if pool_config is not None else
                               PoolConfig(layers=s.num_layers, kv_heads=s.kv_heads, head_dim=s.head_dim,
                                          min_anchors=DEFAULT_MIN_ANCHORS))
-        self.planner = Planner(pool, self.spec, _settings(partial, RecomputePolicy.parse(recompute)))
+        self.planner = Planner(pool, self.spec, dataclasses.replace(
+            _settings(partial, RecomputePolicy.parse(recompute)),
+            **({} if estimator is None else {"estimator": estimator})))
         if exact_tail is not None:
             self.exact_tail = exact_tail
         self.encoder = HeaderEncoder(model, tokenizer, self.spec, lead_ins)
@@ -204,7 +214,7 @@ class KVCommEngine:
         self.recompute = dataclasses.replace(self.recompute, tail=n)
 
     def sibling(self, pool: AnchorPool | None = None, *, recompute=None,
-                partial: bool | str | None = None) -> "KVCommEngine":
+                partial: bool | str | None = None, estimator: str | None = None) -> "KVCommEngine":
         """A new engine on the same model and tokenizer, with this engine's pool settings,
         lead-ins, recompute policy and partial setting unless given, but its own pool (a
         fresh one with the same config unless `pool` is given), agents, requests and reuse
@@ -213,7 +223,8 @@ class KVCommEngine:
                             pool=pool if pool is not None else AnchorPool(self.pool.config),
                             lead_ins=self.encoder.lead_ins,
                             recompute=self.recompute if recompute is None else recompute,
-                            partial=self.partial if partial is None else partial)
+                            partial=self.partial if partial is None else partial,
+                            estimator=self.settings.estimator if estimator is None else estimator)
 
     # ------------------------------------------------------------------ setup
 
@@ -316,6 +327,11 @@ class KVCommEngine:
                 cache = self._reuse_buffer(capacity)
                 self.planner.assemble(plan, cache.k, cache.v)
                 clock.lap("estimate")
+            if plan.uses_estimates and self.planner.wants_probe(plan):
+                probe = self.planner.probe_positions(plan)
+                self.planner.apply_probe(plan, probe_deviation(
+                    self.model, cache, [lay.ids[p] for p in probe], probe, T, self.planner.probe_layer))
+                clock.lap("probe")
             if plan.uses_estimates:   # still: anchors evicted since the decision can send it dense
                 logits = self._run_positions(cache, lay, plan.positions)
             else:
@@ -340,7 +356,8 @@ class KVCommEngine:
         clock.lap("decode")
         lo, hi, _ = reply_span(tokens, self.eos_ids, self._is_blank)
         text = self.tokenizer.decode(tokens[lo:hi], skip_special_tokens=True)
-        if mode == "kvcomm" and capture and hi > lo and self._exact_range_ok(T + len(tokens)) and not self._refusal:
+        if (mode == "kvcomm" and capture and hi > lo and self._exact_range_ok(T + len(tokens)) and not self._refusal
+                and self.planner.captures):
             self._capture(st, cache, T, tokens, lo, hi, text)
             clock.lap("capture")
 
@@ -357,6 +374,9 @@ class KVCommEngine:
                          encoded_tokens=plan.encoded_tokens if plan else 0,
                          recomputed=dict(plan.recomputed) if plan else {},
                          slot_anchors=dict(plan.anchors) if plan else {},
+                         probed_tokens=plan.probed if plan else 0,
+                         probe_fraction=(self.planner.probe_layer + 1) / self.spec.num_layers
+                         if plan and plan.probed else 0.0,
                          reply_logits=self._reply_logits(logits, tf_logits, len(tokens), reply_logits),
                          cache=cache if keep_cache else None, layout=lay if keep_cache else None)
 

@@ -35,12 +35,15 @@ from dataclasses import dataclass, field
 
 from .decide import RankGroup, decide_content
 from .defaults import DEFAULT_PARTIAL
+from .estimators import DEFAULT_ESTIMATOR, make_estimator
 from .neutral import neutral_keys, neutral_span
 from .recompute import RecomputePolicy, SlotPlan, select_positions
 from .state import AgentState, Content, Reply, Session
 from .template import CONTENT_KIND, CURRENT, HISTORY, PromptLayout, classify
 
 NO_BASE = "no base KV (content not encoded and no captured reply)"
+PREFIX_ONLY = "prefix caching only (estimator none): computed after the exact prefix"
+NO_DECISION = "not decided: the estimator uses no anchors"
 AFTER_COMPUTED = "after a computed slot (the backend takes estimated KV for a prefix only)"
 
 
@@ -52,18 +55,24 @@ class PlanSettings:
     partial: bool = DEFAULT_PARTIAL
     recompute: RecomputePolicy = field(default_factory=RecomputePolicy)
     prefix_only: bool = False
+    # How estimated slots get their KV (kvcomm.plan.estimators): "anchors" (KVCOMM),
+    # "base" (no offsets: what CacheBlend / EPIC start from), "none" (prefix caching only),
+    # "fit" (anchor weights fitted to the content's base).
+    estimator: str = DEFAULT_ESTIMATOR
 
     def __post_init__(self):
         object.__setattr__(self, "recompute", RecomputePolicy.parse(self.recompute))
+        make_estimator(self.estimator)   # an unknown name fails here, not at the first call
         p = self.recompute
-        if self.prefix_only and (p.segments or p.first or p.spread):
+        if self.prefix_only and p.inside:
             raise ValueError(f"recompute policy {p.describe()!r} chooses tokens inside the prompt, but this "
                              "backend takes estimated KV for a prefix of the prompt only and computes every token "
                              "after it: use 'none' or 'tail=N'")
 
     def describe(self) -> str:
         return (f"partial={'prefix' if self.prefix_only and self.partial else self.partial}, "
-                f"recompute={self.recompute.describe()}")
+                f"recompute={self.recompute.describe()}"
+                + ("" if self.estimator == DEFAULT_ESTIMATOR else f", estimator={self.estimator}"))
 
 
 @dataclass
@@ -85,6 +94,8 @@ class CallPlan:
     s0: int = 0                                     # exact prefix tokens copied from the agent's S0
     positions: list = field(default_factory=list)   # prompt positions the model runs
     recomputed: dict = field(default_factory=dict)  # reuse / partial: group -> positions it added
+    deviation: object = None                        # per position after s0: the probe's deviation
+    probed: int = 0                                 # tokens the probe ran (through its layers only)
 
     @property
     def computed(self) -> set[int]:
@@ -130,6 +141,20 @@ class Planner:
         self.rope = rope
         self.settings = settings or PlanSettings()
         self.group = group
+        self._estimator = None
+
+    @property
+    def estimator(self):
+        """The settings' estimator (kvcomm.plan.estimators), made once per name."""
+        name = self.settings.estimator
+        if self._estimator is None or self._estimator.name != name:
+            self._estimator = make_estimator(name)
+        return self._estimator
+
+    @property
+    def captures(self) -> bool:
+        """Whether replies are captured as bases (not for prefix caching only)."""
+        return self.estimator.reuses
 
     # ------------------------------------------------------------------ step 1: plan
 
@@ -167,11 +192,18 @@ class Planner:
         found = session.contents.get((slot, ids))
         if found is not None:
             return found
+        est = self.estimator
+        if not est.reuses:
+            return None
         base = self._base(plan, session, slot, ids, encode)
         if laps is not None:
             laps.lap("encode")
         if base is None:
             return None
+        if not est.uses_anchors:
+            content = session.contents[(slot, ids)] = Content(slot, tuple(ids), base[0], base[1], base[2],
+                                                              share=True, reason=NO_DECISION)
+            return content
         content = decide_content(self.pool, slot, ids, base[0], base[1], base[2], learn=learn, group=self.group)
         session.contents[(slot, ids)] = content
         if laps is not None:
@@ -195,6 +227,10 @@ class Planner:
 
     def _estimable(self, plan: CallPlan, i: int, c: Content | None) -> bool:
         name = plan.layout.spans[i][0]
+        if not self.estimator.reuses:
+            plan.decisions[name] = PREFIX_ONLY
+            plan.why[i] = "prefix caching only"
+            return False
         if c is None:
             plan.decisions[name] = NO_BASE
             plan.why[i] = "no base KV"
@@ -204,6 +240,9 @@ class Planner:
                 f"{c.reason} (not learning: no anchor added)"
             plan.why[i] = c.reason
             return False
+        if not self.estimator.uses_anchors:
+            plan.decisions[name] = f"estimated without anchors (estimator {self.estimator.name})"
+            return True
         if not any(a.length >= c.length and plan.agent.key in a.agents for a in self.pool.anchors(c.slot)):
             plan.decisions[name] = "share, but no anchor has deltas for this agent"
             plan.missing.add(i)
@@ -239,7 +278,7 @@ class Planner:
             plan.recomputed = {}
             return
         s0 = plan.agent.s0
-        sel = select_positions(self.settings.recompute, plan.slots, s0, T)
+        sel = select_positions(self.settings.recompute, plan.slots, s0, T, deviation=plan.deviation)
         positions, counts = set(sel.positions), dict(sel.counts)
         _add(positions, counts, "merged", (p for p in lay.merged if p >= s0))
         if self.settings.prefix_only:   # everything after the first computed position
@@ -277,24 +316,44 @@ class Planner:
                 plan.decisions[slot.name] += f"; computed: {AFTER_COMPUTED}"
                 plan.why[i] = AFTER_COMPUTED
                 continue
-            c = plan.contents[i]
-            (a, b), (sa, sb) = slot.span, slot.segment
-            seg = {}
-            if sb > sa:
-                seg = dict(seg_template_k=agent.seg_k[i], seg_template_v=agent.seg_v[i], seg_position=sa,
-                           seg_dst_k=k[:, :, sa:sb], seg_dst_v=v[:, :, sa:sb])
-            res = self.pool.estimate(c.slot, agent.key, c.base_k, c.base_v, self.rope.inv_freq, a,
-                                     k[:, :, a:b], v[:, :, a:b], **seg, want_spread=spread)
-            if not res.anchors:   # its anchors were evicted since the decision
+            used = self.estimator.write(self, plan, i, k, v, want_spread=spread)
+            if used is None:   # its anchors were evicted since the decision
                 slot.estimated = False
                 plan.decisions[slot.name] = "share, but no usable anchor for this agent"
                 plan.missing.add(i)
                 plan.why[i] = "no usable anchor for agent"
                 lost = self.settings.prefix_only
                 continue
-            slot.spread = res.spread
-            plan.anchors[slot.name] = list(res.anchors)
-            plan.decisions[slot.name] = f"share (estimated from anchors {list(res.anchors)})"
+            if used:
+                plan.anchors[slot.name] = used
+                plan.decisions[slot.name] = f"share (estimated from anchors {used})"
+        self._finish(plan)
+        return plan
+
+    # ------------------------------------------------------------------ step 2b: probe (deviation)
+
+    def wants_probe(self, plan: CallPlan) -> bool:
+        """Whether the backend must probe the early layers before running plan.positions
+        (recompute 'deviation'): then it runs layers 0..probe_layer over probe_positions
+        against the assembled KV and hands the deviations to apply_probe."""
+        return plan.uses_estimates and self.settings.recompute.wants_probe and plan.deviation is None
+
+    @property
+    def probe_layer(self) -> int:
+        return self.settings.recompute.layer
+
+    def probe_positions(self, plan: CallPlan) -> list[int]:
+        """Every prompt position after the exact prefix: CacheBlend's candidates are all tokens."""
+        return list(range(plan.s0, plan.layout.length))
+
+    def apply_probe(self, plan: CallPlan, deviation) -> CallPlan:
+        """deviation: per position of probe_positions (float tensor or sequence); the plan's
+        positions then include the budget's most deviating tokens."""
+        if len(deviation) != plan.layout.length - plan.s0:
+            raise ValueError(f"apply_probe: {len(deviation)} deviations for {plan.layout.length - plan.s0} "
+                             "positions after the exact prefix")
+        plan.deviation = deviation
+        plan.probed = len(deviation)
         self._finish(plan)
         return plan
 
@@ -304,7 +363,7 @@ class Planner:
         """The computed slots' KV in k, v [L,H,>=T-1,D] (absolute positions; a dense call's
         real KV, a partial call's KV given the estimated slots before it) -> neutral-frame
         deltas into their anchors. Returns how many slots recorded."""
-        if not plan.learn or plan.refused is not None:
+        if not plan.learn or plan.refused is not None or not self.estimator.uses_anchors:
             return 0
         which = range(len(plan.contents)) if plan.path == "dense" else sorted(plan.computed)
         lay, agent, inv_freq = plan.layout, plan.agent, self.rope.inv_freq
@@ -355,6 +414,9 @@ class Planner:
         session.current[agent] = Reply(agent, text, ids, nk, nv)
         slot = f"agent_{agent}_current"
         content = session.contents.get((slot, ids))
+        if content is None and not self.estimator.uses_anchors:
+            content = session.contents[(slot, ids)] = Content(slot, ids, nk, nv, "reply", share=True,
+                                                              reason=NO_DECISION)
         if content is None:
             content = session.contents[(slot, ids)] = decide_content(self.pool, slot, ids, nk, nv, "reply",
                                                                      learn=learn, group=self.group)

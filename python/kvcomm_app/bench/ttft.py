@@ -15,6 +15,13 @@ forward (kvcomm mode) and captures its KV exactly as it captures a generated rep
 The last agent's reply is read by nobody, so it stops after its first token.
 `warmup` requests fill the anchor pools (a slot shares once it has min_anchors anchors) and
 warm the kernels; they are reported apart.
+
+Two baselines per request, on the same texts: dense prefill of the whole prompt, and dense
+prefill after the agent's exact prefix S0 taken from a cache (mode "prefix": what prefix
+caching gives any server, KVCOMM or not; an engine with estimator 'none'). The headline
+speedup is against the second. A KVCOMM reply's capture (cutting its KV and deciding its
+slot) runs after its producer's first token and before its first reader's call: it is
+charged to the first reader (agent i+1), as the input's encoding is charged to agent 1.
 """
 from __future__ import annotations
 
@@ -28,7 +35,7 @@ import torch
 
 from .setting import SettingBuilder, TTFTSetting
 
-DENSE, KVCOMM = "dense", "kvcomm"
+DENSE, KVCOMM, PREFIX = "dense", "kvcomm", "prefix"
 WARMUP, MEASURE = "warmup", "measure"
 STEPS = ("auto", "eager", "static", "graph")
 TIMING_KEYS = ("encode", "decide", "estimate", "forward", "first_token")
@@ -56,7 +63,7 @@ class Sample:
 def build_engine(model, tokenizer, builder: SettingBuilder, *, gamma: float | None = None,
                  capacity: int | None = None, step: str = "auto", step_capacity: int | None = None,
                  recompute: str = "none", min_anchors: int | None = None, partial: bool = True,
-                 pool_path: str | None = None, pool_settings: dict | None = None):
+                 pool_path: str | None = None, pool_settings: dict | None = None, estimator: str = "anchors"):
     """(KVCommEngine with the setting's agents, step used). The reuse path's last-token
     step: auto = CUDA graph on CUDA, eager otherwise; static = the static buffer without
     capture (CPU-testable); graph = static + CUDA graph (CUDA only). The static step
@@ -78,7 +85,7 @@ def build_engine(model, tokenizer, builder: SettingBuilder, *, gamma: float | No
         pool["min_anchors"] = min_anchors
     pool.update(pool_settings or {})
     engine = KVCommEngine(model, tokenizer, pool_config=kvcomm.PoolConfig(**pool), recompute=recompute,
-                          partial=partial)
+                          partial=partial, estimator=estimator)
     if pool_path and os.path.exists(pool_path):
         engine.pool.load(pool_path)
     for a in builder.agents:
@@ -98,22 +105,36 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(engine, builder: SettingBuilder, *, requests: int, warmup: int, log=None) -> list[Sample]:
-    """Runs warmup + requests requests in both modes; one Sample per agent call."""
+def prefix_engine(engine, builder: SettingBuilder):
+    """The prefix-caching baseline: a sibling engine that reuses only the agent's exact S0."""
+    eng = engine.sibling(estimator="none")
+    for a in builder.agents:
+        eng.add_agent(a.name, a.system_prompt, a.template)
+    return eng
+
+
+def measure(engine, builder: SettingBuilder, *, requests: int, warmup: int, log=None,
+            prefix=None) -> list[Sample]:
+    """Runs warmup + requests requests in every mode (dense, prefix when `prefix` is an
+    engine for it, kvcomm); one Sample per agent call. Warm-up requests after the first run
+    KVCOMM only: they fill its pools, and the baselines' kernels are warm after one."""
     n = builder.setting.agents
     device = engine.spec.device
     samples: list[Sample] = []
     t_start = time.perf_counter()
+    modes = (DENSE, PREFIX, KVCOMM) if prefix is not None else (DENSE, KVCOMM)
     for r in range(warmup + requests):
         phase = WARMUP if r < warmup else MEASURE
         texts = builder.request(r)
-        for mode in (DENSE, KVCOMM):
-            engine.new_request()
+        for mode in modes if phase == MEASURE or r == 0 else (KVCOMM,):
+            eng = prefix if mode == PREFIX else engine
+            eng.new_request()
             for a in builder.agents:
-                kwargs = ({"max_new_tokens": 1} if a.index == n else
+                kwargs = ({"max_new_tokens": 1} if a.index == n or mode == PREFIX else
                           {"reply_ids": texts.reply_ids[a.index - 1]})
                 _sync(device)   # nothing queued by an earlier call lands in this call's clock
-                call = engine.call(a.name, texts.inputs_for(a.index), mode=mode, **kwargs)
+                call = eng.call(a.name, texts.inputs_for(a.index), mode=DENSE if mode == DENSE else KVCOMM,
+                                **kwargs)
                 captured = None
                 if mode == KVCOMM and a.index < n:
                     rep = engine.request.current.get(a.name)
@@ -139,27 +160,46 @@ def _ratio(a, b):
     return None if a is None or not b else a / b
 
 
+def charged(samples: list[Sample]) -> dict:
+    """id(sample) -> a KVCOMM call's TTFT plus the capture of the reply it is the first to
+    read (agent i reads agent i-1's reply first), as charged_ttft does for the eval graphs."""
+    capture = {(s.request, s.agent): s.timings.get("capture", 0.0) for s in samples if s.mode == KVCOMM}
+    return {id(s): s.ttft_ms + capture.get((s.request, s.agent - 1), 0.0) for s in samples if s.mode == KVCOMM}
+
+
 def summarize(samples: list[Sample], setting: TTFTSetting, token_rows: list[dict]) -> dict:
-    """Per agent medians over the measured requests, and the reuse rates."""
+    """Per agent medians over the measured requests, and the reuse rates. `kvcomm_ms` has the
+    captures charged; `speedup` is against the prefix-cached baseline when it ran, else dense."""
     meas = [s for s in samples if s.phase == MEASURE]
+    cost = charged(samples)
     agents = []
     for row in token_rows:
         i = row["agent"]
         dense = [s for s in meas if s.agent == i and s.mode == DENSE]
+        pre = [s for s in meas if s.agent == i and s.mode == PREFIX]
         kv = [s for s in meas if s.agent == i and s.mode == KVCOMM]
         d = _median([s.ttft_ms for s in dense])
-        k = _median([s.ttft_ms for s in kv])
+        p = _median([s.ttft_ms for s in pre])
+        k = _median([cost[id(s)] for s in kv])
+        base = p if p is not None else d
         reused = [s for s in kv if s.path == "reuse"]
+        reuse_ms = _median([cost[id(s)] for s in reused])
         agents.append({
             "agent": i, "name": row["name"],
             "tokens": row["tokens"], "nominal_tokens": row["nominal_tokens"],
-            "dense_ms": d, "kvcomm_ms": k, "speedup": _ratio(d, k),
+            "dense_ms": d, "prefix_ms": p, "kvcomm_ms": k, "speedup": _ratio(base, k),
+            "baseline": "prefix" if p is not None else "dense",
+            "speedup_vs_dense": _ratio(d, k), "speedup_vs_prefix": _ratio(p, k),
+            "kvcomm_uncharged_ms": _median([s.ttft_ms for s in kv]),
             "reuse_rate": _ratio(len(reused), len(kv)),
-            "kvcomm_reuse_only_ms": _median([s.ttft_ms for s in reused]),
-            "speedup_reuse_only": _ratio(d, _median([s.ttft_ms for s in reused])),
-            "kvcomm_breakdown_ms": {key: _median([s.timings.get(key, 0.0) for s in kv]) for key in TIMING_KEYS},
+            "kvcomm_reuse_only_ms": reuse_ms,
+            "speedup_reuse_only": _ratio(base, reuse_ms),
+            "speedup_reuse_only_vs_dense": _ratio(d, reuse_ms),
+            "kvcomm_breakdown_ms": {key: _median([s.timings.get(key, 0.0) for s in kv])
+                                    for key in TIMING_KEYS + ("capture",)},
             "dense_ms_all": [round(s.ttft_ms, 3) for s in dense],
-            "kvcomm_ms_all": [round(s.ttft_ms, 3) for s in kv],
+            "prefix_ms_all": [round(s.ttft_ms, 3) for s in pre],
+            "kvcomm_ms_all": [round(cost[id(s)], 3) for s in kv],
             "kvcomm_paths": [s.path for s in kv],
         })
     kv_all = [s for s in meas if s.mode == KVCOMM]
@@ -213,9 +253,10 @@ def run_setting(model, tokenizer, setting: TTFTSetting, *, requests: int, warmup
                 gamma: float | None = None, capacity: int | None = None, step: str = "auto",
                 recompute: str = "none", min_anchors: int | None = None, partial: bool = True,
                 share: str = "entropy", pool_path: str | None = None, log=None,
-                pool_settings: dict | None = None) -> dict:
+                pool_settings: dict | None = None, prefix_baseline: bool = True, estimator: str = "anchors") -> dict:
     """Builds the prompts and the engine, measures, summarises. The engine is fresh
-    (empty pool) for every call of this function. `share`: see pool_gamma."""
+    (empty pool) for every call of this function. `share`: see pool_gamma. prefix_baseline:
+    also time dense prefill after the cached exact S0 (the headline's baseline)."""
     gamma = pool_gamma(share, gamma)
     builder = SettingBuilder(tokenizer, setting, seed=seed)
     token_rows = builder.check(builder.request(0))
@@ -227,16 +268,17 @@ def run_setting(model, tokenizer, setting: TTFTSetting, *, requests: int, warmup
     engine, step = build_engine(model, tokenizer, builder, gamma=gamma, capacity=capacity, step=step,
                                 step_capacity=max_tokens + setting.output + 2, recompute=recompute,
                                 min_anchors=min_anchors, partial=partial, pool_path=pool_path,
-                                pool_settings=pool_settings)
+                                pool_settings=pool_settings, estimator=estimator)
     t0 = time.perf_counter()
-    samples = measure(engine, builder, requests=requests, warmup=warmup, log=log)
+    samples = measure(engine, builder, requests=requests, warmup=warmup, log=log,
+                      prefix=prefix_engine(engine, builder) if prefix_baseline else None)
     if pool_path:
         engine.pool.save(pool_path)
     out = summarize(samples, setting, token_rows)
     stats = engine.stats()
     out.update({
         "setting": setting.as_dict(), "requests": requests, "warmup": warmup, "seed": seed,
-        "recompute": engine.recompute.describe(), "partial": partial,
+        "recompute": engine.recompute.describe(), "partial": partial, "estimator": estimator,
         "min_anchors": engine.pool.config.min_anchors, "storage": engine.pool.config.storage,
         "byte_budget": engine.pool.config.byte_budget, "share": share,
         "one_token_step": step if engine.static_step is None else f"{step}: {engine.static_step.describe()}",
@@ -284,6 +326,7 @@ def _scaling_row(key: dict, agents: list[dict]) -> dict:
     kv = [a["kvcomm_ms"] for a in agents if a["kvcomm_ms"] is not None]
     rates = [a["reuse_rate"] for a in agents if a["reuse_rate"] is not None]
     return dict(key, last_agent_tokens=last["tokens"], last_agent_dense_ms=last["dense_ms"],
+                last_agent_prefix_ms=last.get("prefix_ms"), baseline=last.get("baseline", "dense"),
                 last_agent_kvcomm_ms=last["kvcomm_ms"], last_agent_speedup=last["speedup"],
                 last_agent_reuse_rate=last["reuse_rate"],
                 last_agent_reuse_only_ms=last["kvcomm_reuse_only_ms"],

@@ -184,6 +184,8 @@ def call_record(out, agent: Agent, inputs: dict[str, str], problem: Problem, mod
             encoded_tokens=int(getattr(out, "encoded_tokens", 0) or 0),
             recomputed=jsonable(getattr(out, "recomputed", None) or {}),
             slot_anchors=jsonable(getattr(out, "slot_anchors", None) or {}),
+            probed_tokens=int(getattr(out, "probed_tokens", 0) or 0),
+            probe_fraction=float(getattr(out, "probe_fraction", 0.0) or 0.0),
             slot_kinds={s.placeholder: slot_kind(s) for s in agent.reads})
 
 

@@ -7,6 +7,7 @@ keyed by the run's task, graph, questions and settings.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -22,7 +23,13 @@ def _rate(r: dict | None) -> str:
     if not r or r.get("rate") is None:
         return "-"
     ci = r.get("ci95")
-    return f"{_pct(r['rate'])} of {r['n']}" + (f" [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else "")
+    n = r["n"]
+    n = f"{n:.0f}" if isinstance(n, float) else n
+    return f"{_pct(r['rate'])} of {n}" + (f" [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else "")
+
+
+def _ci(ci) -> str:
+    return f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
 
 
 def _kl(x) -> str:
@@ -31,14 +38,15 @@ def _kl(x) -> str:
 
 def format_fidelity(f: dict) -> str:
     head = ("Paired calls (teacher-forced: identical inputs, the dense reply fed to both caches), "
-            f"{f['calls']} reuse/partial calls:")
+            f"{f['calls']} reuse/partial calls; 95% intervals by a bootstrap over questions:")
     out = [head,
            f"  first-token agreement  {_rate(f['first_token_agreement'])}   mean KL {_kl(f['first_token_kl'])}"
-           f" (median {_kl(f.get('first_token_kl_median'))})",
-           f"  32-token agreement     {_rate(f['tf32_agreement'])} positions   mean KL {_kl(f['tf32_kl'])}",
-           f"  token reuse            {_rate(f['token_reuse'])} tokens after S0 not computed; with "
-           f"encodings {_rate(f['token_reuse_with_encoding'])}"]
-    for title, groups in (("agent", f.get("agents")), ("slot kind read", f.get("slot_kinds")),
+           f"{_ci(f.get('first_token_kl_ci95'))} (median {_kl(f.get('first_token_kl_median'))})",
+           f"  32-token agreement     {_rate(f['tf32_agreement'])} positions   mean KL {_kl(f['tf32_kl'])}"
+           f"{_ci(f.get('tf32_kl_ci95'))}",
+           f"  token reuse            {_rate(f['token_reuse'])} tokens after S0 the model did not compute "
+           f"(every forward counted); excluding encodings {_rate(f.get('token_reuse_excluding_encodings'))}"]
+    for title, groups in (("path", f.get("paths")), ("agent", f.get("agents")), ("slot kind read", f.get("slot_kinds")),
                           ("fewest anchors", f.get("anchors"))):
         if not groups:
             continue
@@ -70,6 +78,25 @@ def score_mean(questions, mode: str) -> dict | None:
     return {"mean": m, "n": n, "ci95": [round(max(0.0, m - half), 4), round(min(1.0, m + half), 4)]}
 
 
+def dense_digest(records) -> str:
+    """A digest of the measured dense calls (agent, round, inputs, reply): runs whose
+    digests match replayed identical calls."""
+    h = hashlib.sha1()
+    for q in records:
+        if q.mode != "dense" or q.phase != "measure":
+            continue
+        for c in q.calls:
+            h.update(f"{q.question_id}|{c.agent_id}|{c.round}|{c.inputs_digest}|{c.first_token_id}|{c.text}\n"
+                     .encode("utf-8"))
+    return h.hexdigest()
+
+
+# What the entries' token_reuse counts (entries without this key count the prompt forward
+# only in token_reuse, and the encodings too in token_reuse_with_encoding).
+ACCOUNTING = "every token the model ran: prompt forward, content encodings, probe at its share of layers"
+INTERVALS = "percentile bootstrap over questions"
+
+
 def fidelity_entry(res, *, command: str, commit: str | None) -> dict:
     """results/fidelity.json's entry for one experiment result (runtime.session)."""
     cfg, s = res.config, res.summary
@@ -77,16 +104,22 @@ def fidelity_entry(res, *, command: str, commit: str | None) -> dict:
     entry = {
         "task": cfg.task, "agents": cfg.n_agents, "topology": cfg.topology, "questions": s["questions"],
         "offset": cfg.offset, "warmup": cfg.warmup, "max_new_tokens": cfg.max_new_tokens,
-        "recompute": cfg.recompute, "partial": cfg.partial, "pool": dict(cfg.pool),
+        "recompute": cfg.recompute, "partial": cfg.partial, "estimator": getattr(cfg, "estimator", "anchors"),
+        "method": getattr(cfg, "method", None), "pool": dict(cfg.pool),
         "pool_path": cfg.pool_path, "model": res.model_name, "device": res.device_detail,
         "commit": commit, "command": command, "run_s": round(res.run_s, 1),
+        "accounting": ACCOUNTING, "intervals": INTERVALS,
+        "dense_digest": dense_digest(res.records),
         "first_token_agreement": f.get("first_token_agreement"),
         "first_token_kl": f.get("first_token_kl"),
+        "first_token_kl_ci95": f.get("first_token_kl_ci95"),
         "tf32_agreement": f.get("tf32_agreement"),
         "tf32_kl": f.get("tf32_kl"),
+        "tf32_kl_ci95": f.get("tf32_kl_ci95"),
         "paired_calls": f.get("calls"),
         "token_reuse": f.get("token_reuse"),
-        "token_reuse_with_encoding": f.get("token_reuse_with_encoding"),
+        "token_reuse_excluding_encodings": f.get("token_reuse_excluding_encodings"),
+        "compute": f.get("compute"),
         "call_reuse": f.get("call_reuse"),
         "call_reuse_or_partial": f.get("call_reuse_or_partial"),
         "free_running": s.get("tokens"),
@@ -95,10 +128,15 @@ def fidelity_entry(res, *, command: str, commit: str | None) -> dict:
         "f1": {"dense": score_mean(res.records, "dense"),
                "kvcomm": score_mean(res.records, "kvcomm") if cfg.free else None},
         "answer_agreement": s.get("answer_agreement"),
+        "per_path": {k: _short(v) for k, v in (f.get("paths") or {}).items()},
         "per_agent": {k: _short(v) for k, v in (f.get("agents") or {}).items()},
         "per_slot_kind": {k: _short(v) for k, v in (f.get("slot_kinds") or {}).items()},
         "by_anchors": {k: _short(v) for k, v in (f.get("anchors") or {}).items()},
         "final_pool": _final_pool(res.records),
+        "ttft": {name: {k: a.get(k) for k in ("ttft_ms_dense", "ttft_ms_prefix", "ttft_ms_kvcomm",
+                                              "ttft_ms_kvcomm_uncharged", "speedup_vs_dense", "speedup_vs_prefix",
+                                              "timed", "calls_kvcomm")}
+                 for name, a in (s.get("agents") or {}).items()},
     }
     return entry
 
@@ -110,13 +148,13 @@ def _final_pool(records) -> dict | None:
 
 
 def _short(g: dict) -> dict:
-    return {k: g[k] for k in ("calls", "first_token_agreement", "first_token_kl", "tf32_agreement",
-                              "tf32_kl", "token_reuse")}
+    return {k: g.get(k) for k in ("calls", "first_token_agreement", "first_token_kl", "first_token_kl_ci95",
+                                  "tf32_agreement", "tf32_kl", "token_reuse")}
 
 
 def _key(e: dict) -> tuple:
     return (e["task"], e["agents"], e["topology"], e["questions"], e["offset"], e["recompute"],
-            e["partial"], json.dumps(e["pool"], sort_keys=True), e["max_new_tokens"])
+            e["partial"], json.dumps(e["pool"], sort_keys=True), e["max_new_tokens"], e.get("estimator", "anchors"))
 
 
 def update_fidelity_file(path: str, entry: dict) -> None:

@@ -6,12 +6,22 @@ Conventions, stated once:
 - Shadow calls (the decision agent re-run densely for judge consistency) count only in
   judge consistency and first-token agreement, never in TTFT, paths or reuse rate.
 - A KVCOMM call's TTFT is counted whichever path it took: falling back to dense is part
-  of the method's cost.
+  of the method's cost. Work a call does after its first token for the agents after it
+  (cutting its reply's KV and deciding that slot, `capture`; encoding contents it carried
+  first, `encode_after`) is charged to the first later call that reads that reply or
+  content, as the first reader of a question pays for encoding it (charged_ttft).
+- TTFT is compared on identical inputs: when a run has paired replays (the dense run's
+  calls replayed with the same inputs), KVCOMM's TTFT is the replays', not the free-running
+  calls' (whose inputs are their own mode's replies). Beside full dense prefill, the
+  baseline a user would run is dense prefill with the agent's exact S0 cached (prefix
+  caching: `prefix_ttft_ms` of the paired records); the headline speedup is against it
+  when it was measured.
 - Answers compare as extracted values; two missing answers (None) agree.
 Every function returns None where its denominator would be zero.
 """
 from __future__ import annotations
 
+import re
 import statistics
 from collections import OrderedDict
 
@@ -139,33 +149,83 @@ def first_token_agreement(calls: list[CallRecord], reuse_only: bool = False) -> 
     return _ratio(sum(1 for d, k in pairs if d.first_token_id == k.first_token_id), len(pairs)), len(pairs)
 
 
+_REPLY_SLOT = re.compile(r"^agent_(.+)_(current|history)$")
+_ENCODED_KINDS = ("question", "condition")
+
+
+def charged_ttft(calls: list[CallRecord]) -> dict:
+    """id(call) -> its TTFT plus the after-first-token work of earlier calls of the same
+    question and mode that it is the first to read: a reply's capture (its KV cut and its
+    slot decided: `timings["capture"]`, charged to the first call reading that agent's
+    reply) and contents a call encoded after its first token (`timings["encode_after"]`,
+    charged to the first later call reading a question or tool result it read)."""
+    out: dict = {}
+    groups: OrderedDict = OrderedDict()
+    for c in calls:
+        if not c.shadow:
+            groups.setdefault((c.question_id, c.phase, c.mode), []).append(c)
+    for group in groups.values():
+        replies: dict = {}    # producing agent id -> capture ms not yet charged
+        contents: dict = {}   # placeholder -> encode_after ms not yet charged
+        for c in group:
+            extra = 0.0
+            for p in c.slot_kinds or {}:
+                m = _REPLY_SLOT.match(p)
+                if m:
+                    extra += replies.pop(m.group(1), 0.0)
+                extra += contents.pop(p, 0.0)
+            out[id(c)] = c.ttft_ms + extra
+            t = c.timings or {}
+            if t.get("capture"):
+                replies[c.agent_id] = replies.get(c.agent_id, 0.0) + float(t["capture"])
+            if t.get("encode_after"):
+                carried = [p for p, k in (c.slot_kinds or {}).items() if k in _ENCODED_KINDS]
+                if carried:
+                    contents[carried[0]] = contents.get(carried[0], 0.0) + float(t["encode_after"])
+    return out
+
+
 def per_agent_ttft(calls: list[CallRecord], stat=statistics.median) -> "OrderedDict[str, dict]":
-    """Per agent (first-seen order): TTFT in ms under dense and under KVCOMM (`stat` over
-    calls, median by default), speedup = dense / kvcomm, reuse rate, the KVCOMM TTFT of
-    reuse-path calls alone, and call counts."""
+    """Per agent (first-seen order), `stat` over calls (median by default), in ms: dense
+    prefill (`ttft_ms_dense`), dense prefill after the cached exact S0 (`ttft_ms_prefix`, when
+    the paired replays timed it), KVCOMM with the charges of charged_ttft
+    (`ttft_ms_kvcomm`; `_uncharged` without them) - from the paired replays when the run has
+    them (identical inputs), else from the free-running KVCOMM calls. `speedup` is against
+    the prefix-cached baseline when it was measured (`baseline` says which), else against
+    dense; both ratios are kept. Also the KVCOMM TTFT of reuse-path calls alone, the reuse
+    rate, paths and call counts of the timed KVCOMM calls."""
+    charged = charged_ttft(calls)
+    timed = PAIRED if any(c.mode == PAIRED for c in calls) else KVCOMM
     by_agent: OrderedDict[str, dict[str, list[CallRecord]]] = OrderedDict()
     for c in calls:
-        if c.shadow:
+        if c.shadow or c.mode not in (DENSE, timed):
             continue
-        if c.mode not in (DENSE, KVCOMM):
-            continue   # paired replays are fidelity measurements, not runs to time
-        by_agent.setdefault(c.agent_name, {DENSE: [], KVCOMM: []})[c.mode].append(c)
+        by_agent.setdefault(c.agent_name, {DENSE: [], timed: []})[c.mode].append(c)
     out: OrderedDict[str, dict] = OrderedDict()
     for name, modes in by_agent.items():
+        kv_calls = modes[timed]
         dense = [c.ttft_ms for c in modes[DENSE]]
-        kv = [c.ttft_ms for c in modes[KVCOMM]]
-        kv_reuse = [c.ttft_ms for c in modes[KVCOMM] if c.path == REUSE]
-        kv_partial = sum(1 for c in modes[KVCOMM] if c.path == PARTIAL)
+        prefix = [c.prefix_ttft_ms for c in kv_calls if c.prefix_ttft_ms is not None]
+        kv = [charged[id(c)] for c in kv_calls]
+        kv_reuse = [charged[id(c)] for c in kv_calls if c.path == REUSE]
+        kv_partial = sum(1 for c in kv_calls if c.path == PARTIAL)
         d = stat(dense) if dense else None
+        p = stat(prefix) if prefix else None
         k = stat(kv) if kv else None
+        base = p if p is not None else d
         out[name] = {
-            "ttft_ms_dense": d, "ttft_ms_kvcomm": k,
-            "speedup": (d / k) if d is not None and k else None,
+            "ttft_ms_dense": d, "ttft_ms_prefix": p, "ttft_ms_kvcomm": k,
+            "ttft_ms_kvcomm_uncharged": stat([c.ttft_ms for c in kv_calls]) if kv_calls else None,
+            "speedup": (base / k) if base is not None and k else None,
+            "baseline": "prefix" if p is not None else "dense",
+            "speedup_vs_dense": (d / k) if d is not None and k else None,
+            "speedup_vs_prefix": (p / k) if p is not None and k else None,
+            "timed": "paired" if timed == PAIRED else "free-running",
             "ttft_ms_kvcomm_reuse_only": stat(kv_reuse) if kv_reuse else None,
             "reuse_rate": _ratio(len(kv_reuse), len(kv)),
             "calls_dense": len(dense), "calls_kvcomm": len(kv),
             "paths": {REUSE: len(kv_reuse), PARTIAL: kv_partial, DENSE: len(kv) - len(kv_reuse) - kv_partial},
-            "is_decision": any(c.is_decision for c in modes[DENSE] + modes[KVCOMM]),
+            "is_decision": any(c.is_decision for c in modes[DENSE] + kv_calls),
         }
     return out
 
@@ -210,4 +270,5 @@ def paired_fidelity(calls: list[CallRecord]) -> dict | None:
     if not paired:
         return None
     return {**fidelity.summary(paired), "agents": fidelity.by_agent(paired),
-            "slot_kinds": fidelity.by_slot_kind(paired), "anchors": fidelity.by_anchors(paired)}
+            "slot_kinds": fidelity.by_slot_kind(paired), "anchors": fidelity.by_anchors(paired),
+            "paths": fidelity.by_path(paired)}

@@ -16,13 +16,19 @@ cache, as a free-running KVCOMM call captures its own reply, so downstream slots
 estimated from that KV: every agent and slot kind is measured, not only the calls whose
 upstream happened to match. The KVCOMM engine must be a separate engine with its own pool
 from the free-running KVCOMM run's, so neither sees the other's anchors.
+
+Timing: the replayed calls see exactly the dense call's inputs, so their TTFT is the one to
+compare with dense (a free-running KVCOMM call reads its own mode's replies). With a
+`baseline` engine (estimator 'none': a dense prefill after the agent's cached exact S0,
+what prefix caching gives) each call is also timed that way on the same inputs, right
+before the replay (CallRecord.prefix_ttft_ms).
 """
 from __future__ import annotations
 
 import time
 
 from .executor import call_record
-from .records import PAIRED, QuestionRecord
+from .records import PAIRED, WARMUP, QuestionRecord
 
 DEFAULT_POSITIONS = 32
 
@@ -45,7 +51,7 @@ class PairedReplay:
     """Replays a dense run's traced calls (GraphRunner.trace) on a KVCOMM engine."""
 
     def __init__(self, engine, graph, workload, positions: int = DEFAULT_POSITIONS,
-                 label: str | None = None):
+                 label: str | None = None, baseline=None):
         if positions < 1:
             raise ValueError(f"paired positions must be >= 1, got {positions}")
         self.engine = engine
@@ -53,35 +59,50 @@ class PairedReplay:
         self.graph = graph
         self.workload = workload
         self.positions = positions
+        self.baseline = baseline
         self._registered = False
 
     def register(self) -> None:
         if not self._registered:
-            for a in self.graph.all_agents:
-                self.engine.add_agent(a.id, a.role.system_prompt, a.template)
+            for eng in [self.engine] + ([self.baseline] if self.baseline is not None else []):
+                for a in self.graph.all_agents:
+                    eng.add_agent(a.id, a.role.system_prompt, a.template)
             self._registered = True
+
+    def _uses_pool(self) -> bool:
+        planner = getattr(self.engine, "planner", None)
+        return planner is None or planner.estimator.uses_anchors
 
     def run(self, problem, phase: str, trace: list) -> QuestionRecord:
         """trace: (agent, inputs, round, dense AgentCall with reply_logits) in call order."""
         self.register()
         eng = self.engine
         start = time.perf_counter()
+        # Warm-up questions fill the pool; an estimator without anchors has nothing to fill.
+        skip = phase == WARMUP and not self._uses_pool()
         eng.new_request()
         calls, rnd_now = [], 0
         final_text = ""
-        for agent, inputs, rnd, dense in trace:
+        for agent, inputs, rnd, dense in ([] if skip else trace):
             while rnd_now < rnd:
                 eng.next_round()
                 rnd_now += 1
             reply = list(dense.token_ids)
+            prefix_ms = None
+            if self.baseline is not None:
+                self.baseline.new_request()
+                prefix_ms = float(self.baseline.call(agent.id, inputs, mode="kvcomm", max_new_tokens=1,
+                                                     capture=False).ttft_ms)
             out = eng.call(agent.id, inputs, mode="kvcomm", max_new_tokens=len(reply), reply_ids=reply,
                            reply_logits=self.positions)
             rec = call_record(out, agent, inputs, problem, PAIRED, "kvcomm", phase, rnd)
+            rec.prefix_ttft_ms = prefix_ms
             if dense.reply_logits is not None and out.reply_logits is not None:
                 rec.fidelity = compare_logits(dense.reply_logits, out.reply_logits)
                 rec.fidelity["dense_first_token_id"] = int(dense.first_token_id)
             calls.append(rec)
-            final_text = dense.text
+        if trace:
+            final_text = trace[-1][3].text
         prediction = self.workload.extract(final_text, problem)
         pool = getattr(eng, "pool", None)
         return QuestionRecord(

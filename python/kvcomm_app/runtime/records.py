@@ -54,6 +54,12 @@ class CallRecord:
     recomputed: dict = field(default_factory=dict)    # recompute group -> tokens
     slot_anchors: dict = field(default_factory=dict)  # estimated slot -> anchor ids used
     slot_kinds: dict = field(default_factory=dict)    # slot -> "question", "condition" or "reply"
+    # recompute 'deviation': tokens an early-layer probe ran, and the share of layers it ran
+    probed_tokens: int = 0
+    probe_fraction: float = 0.0
+    # paired calls: TTFT of a dense prefill after the agent's cached exact S0 on the same
+    # inputs (what prefix caching gives), timed right before this call
+    prefix_ttft_ms: float | None = None
     fidelity: dict | None = None  # paired calls only: agreement with the dense twin (fidelity.py)
 
 

@@ -12,13 +12,16 @@ _pct = partial(pct, digits=1)
 
 
 def format_table(summary: dict, warmup: dict | None = None, title: str | None = None) -> str:
-    """Per agent: KVCOMM path counts, median TTFT dense and KVCOMM, speedup; then totals."""
-    rows = [("agent", "reuse/partial/dense", "TTFT dense ms", "TTFT kvcomm ms", "speedup", "reuse-only ms")]
+    """Per agent: KVCOMM path counts, median TTFT dense, dense with S0 cached and KVCOMM,
+    speedups; then totals."""
+    rows = [("agent", "reuse/partial/dense", "TTFT dense ms", "dense+S0 ms", "TTFT kvcomm ms",
+             "speedup vs dense+S0", "speedup vs dense", "reuse-only ms")]
     for name, a in summary["agents"].items():
         label = f"{name} (decision)" if a.get("is_decision") and "decision" not in name else name
         p = a["paths"]
         rows.append((label, f"{p['reuse']}/{p.get('partial', 0)}/{p['dense']}", _ms(a["ttft_ms_dense"]),
-                     _ms(a["ttft_ms_kvcomm"]), _x(a["speedup"]), _ms(a["ttft_ms_kvcomm_reuse_only"])))
+                     _ms(a.get("ttft_ms_prefix")), _ms(a["ttft_ms_kvcomm"]), _x(a.get("speedup_vs_prefix")),
+                     _x(a.get("speedup_vs_dense", a.get("speedup"))), _ms(a["ttft_ms_kvcomm_reuse_only"])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
                                for i, (c, w) in enumerate(zip(r, widths)))
@@ -48,17 +51,22 @@ def format_table(summary: dict, warmup: dict | None = None, title: str | None = 
     tokens = summary.get("tokens") or {}
     if tokens.get("kvcomm_calls"):
         out.append(f"token reuse             {_pct(tokens['token_reuse']['rate'])} of the prompt tokens after "
-                   f"the exact prefix not computed ({_pct(tokens['token_reuse_with_encoding']['rate'])} "
-                   "counting content encodings); partial calls "
-                   f"{tokens['paths']['partial']} of {tokens['kvcomm_calls']}")
+                   f"the exact prefix not computed by the model (every forward counted; "
+                   f"{_pct(tokens['token_reuse_excluding_encodings']['rate'])} excluding content encodings); "
+                   f"partial calls {tokens['paths']['partial']} of {tokens['kvcomm_calls']} (free-running run)")
     pool = summary.get("pool") or {}
     if pool.get("anchors") is not None:
         out.append(f"anchor pool             {pool['anchors']} anchors, {pool['bytes'] / 2**20:.1f} MiB")
     if warmup is not None and warmup.get("questions"):
         out.append(f"warm-up (not above)     {warmup['questions']} questions, reuse rate "
                    f"{_pct(warmup['reuse_rate'])} while the pool filled")
-    out.append("TTFT = median time to first token of each agent call, every cost counted "
-               "(encode inputs, decide, estimate, forward); kvcomm counts dense fallbacks too.")
+    timed = next((a.get("timed") for a in summary["agents"].values() if a.get("calls_kvcomm")), None)
+    out.append("TTFT = median time to first token of each agent call: encoding inputs, deciding, estimating, "
+               "the forward; a reply's capture (KV cut + slot decision, after its producer's first token) "
+               "is charged to its first reader; kvcomm counts dense fallbacks too. dense+S0 = dense prefill "
+               "with the agent's exact prefix cached (prefix caching)."
+               + (" KVCOMM timed on the paired replays (the dense run's exact inputs)." if timed == "paired" else
+                  " KVCOMM timed on the free-running run (its own replies as inputs)." if timed else ""))
     if summary.get("fidelity"):
         from .fidelity_report import format_fidelity
         out += ["", format_fidelity(summary["fidelity"])]
@@ -77,8 +85,11 @@ def summary_json(summary: dict, *, model: str, device: str, warmup: dict | None 
         "answer_agreement": summary["answer_agreement"],
         "judge_consistency": summary["judge_consistency"],
         "judge_without_choice": summary.get("judge_without_choice"),
-        "agents": [{"name": name, "ttft_ms_dense": a["ttft_ms_dense"],
+        "agents": [{"name": name, "ttft_ms_dense": a["ttft_ms_dense"], "ttft_ms_prefix": a.get("ttft_ms_prefix"),
                     "ttft_ms_kvcomm": a["ttft_ms_kvcomm"], "speedup": a["speedup"],
+                    "baseline": a.get("baseline"), "speedup_vs_dense": a.get("speedup_vs_dense"),
+                    "speedup_vs_prefix": a.get("speedup_vs_prefix"),
+                    "ttft_ms_kvcomm_uncharged": a.get("ttft_ms_kvcomm_uncharged"), "timed": a.get("timed"),
                     "reuse_rate": a["reuse_rate"],
                     "ttft_ms_kvcomm_reuse_only": a["ttft_ms_kvcomm_reuse_only"],
                     "paths": a["paths"], "is_decision": a["is_decision"]}
@@ -122,16 +133,21 @@ def plot_ttft(summary: dict, path: str, title: str = "Time to first token per ag
 
     names = list(summary["agents"])
     dense = [summary["agents"][n]["ttft_ms_dense"] or 0.0 for n in names]
+    prefix = [summary["agents"][n].get("ttft_ms_prefix") or 0.0 for n in names]
     kv = [summary["agents"][n]["ttft_ms_kvcomm"] or 0.0 for n in names]
     xs = range(len(names))
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(names) + 2), 4.0))
-    w = 0.38
-    ax.bar([x - w / 2 for x in xs], dense, w, label="dense prefill", color="#8c8c8c")
-    ax.bar([x + w / 2 for x in xs], kv, w, label="KVCOMM", color="#1f77b4")
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.5 * len(names) + 2), 4.0))
+    bars = [("dense prefill", dense, "#8c8c8c")]
+    if any(prefix):
+        bars.append(("dense, exact S0 cached", prefix, "#c7a76c"))
+    bars.append(("KVCOMM", kv, "#1f77b4"))
+    w = 0.8 / len(bars)
+    for j, (label, ys, color) in enumerate(bars):
+        ax.bar([x + (j - (len(bars) - 1) / 2) * w for x in xs], ys, w, label=label, color=color)
     for x, n in zip(xs, names):
         s = summary["agents"][n]["speedup"]
         if s:
-            ax.text(x, max(dense[x], kv[x]) * 1.02, f"{s:.2f}x", ha="center", va="bottom", fontsize=9)
+            ax.text(x, max(dense[x], prefix[x], kv[x]) * 1.02, f"{s:.2f}x", ha="center", va="bottom", fontsize=9)
     ax.set_xticks(list(xs))
     ax.set_xticklabels(names, rotation=20)
     ax.set_ylabel("median TTFT (ms)")

@@ -47,6 +47,11 @@ class ExperimentConfig:
     gate: object = True                 # correctness gate before reuse (kvcomm.engine.gate): True
                                         # (its defaults), False, or a GateConfig
     recompute: str = "none"             # KVCommEngine(recompute=...): prompt tokens a KVCOMM call runs
+    estimator: str = "anchors"          # KVCommEngine(estimator=...): how estimated slots get their KV
+    method: str | None = None           # the named method (kvcomm.plan.methods) that set the two above
+    prefix_baseline: bool = True        # paired: also time dense prefill after the cached exact S0
+    warmup_rule: str = "longest"        # which held-out questions warm up: "longest", or "cover" (the
+                                        # shortest that are at least as long as every measured one)
     partial: bool = True                # KVCommEngine(partial=...): estimate what can be, compute the rest
     paired: bool = False                # also replay each dense run teacher-forced (runtime/paired.py)
     paired_positions: int = 32          # reply positions compared per paired call
@@ -86,8 +91,17 @@ def select_problems(cfg: ExperimentConfig):
     # the warm-up takes the longest questions of a held-out tail slice: anchors that
     # cover the lengths of the measured questions, like a pool that has seen traffic.
     held_out = problems[max(cfg.offset + cfg.questions, len(problems) - WARMUP_POOL):]
-    warm = sorted(held_out, key=lambda p: len(p.question) + len(p.extra.get("passage", "")),
-                  reverse=True)[:max(cfg.warmup, 0)]
+    size = lambda p: len(p.question) + len(p.extra.get("passage", ""))  # noqa: E731
+    warm = sorted(held_out, key=size, reverse=True)[:max(cfg.warmup, 0)]
+    if cfg.warmup_rule == "cover":
+        # Anchors as long as the measured contents need, no longer: a short run (the demo)
+        # does not pay for the split's longest passages.
+        longest = max((size(p) for p in measured), default=0)
+        covering = sorted((p for p in held_out if size(p) >= longest), key=size)[:max(cfg.warmup, 0)]
+        if len(covering) == max(cfg.warmup, 0):
+            warm = covering
+    elif cfg.warmup_rule != "longest":
+        raise ValueError(f"warmup_rule must be 'longest' or 'cover', got {cfg.warmup_rule!r}")
     if len(measured) < cfg.questions:
         raise ValueError(f"{cfg.task} has {len(problems)} questions; cannot take {cfg.questions} "
                          f"from offset {cfg.offset}")
@@ -109,7 +123,7 @@ def load_engine(cfg: ExperimentConfig):
     model, tokenizer = load_model(cfg.model, dtype=dtype, device=cfg.device)
     pool_config = kvcomm.PoolConfig(**cfg.pool) if cfg.pool else None
     engine = KVCommEngine(model, tokenizer, pool_config=pool_config, recompute=cfg.recompute,
-                          partial=cfg.partial)
+                          partial=cfg.partial, estimator=cfg.estimator)
     load_s = time.perf_counter() - t0
     name = EMBEDDED_MODEL if cfg.model is None else os.path.basename(os.path.normpath(cfg.model))
     return engine, name, provenance.device_detail(cfg.device, cfg.dtype), load_s
@@ -160,7 +174,10 @@ def run_experiment(cfg: ExperimentConfig, engine_factory: Callable | None = None
         paired_engine = engine.sibling()
         if res is not None:
             paired_engine.refuse_reuse(engine.reuse_refusal)
-        paired = [PairedReplay(paired_engine, graph, workload, positions=cfg.paired_positions)]
+        # The baseline a user runs without KVCOMM: dense prefill after the agent's cached exact S0.
+        baseline = engine.sibling(estimator="none") if cfg.prefix_baseline else None
+        paired = [PairedReplay(paired_engine, graph, workload, positions=cfg.paired_positions,
+                               baseline=baseline)]
         for label, overrides in cfg.variants:
             variant_engine = variant_sibling(engine, cfg, overrides)
             if res is not None:
@@ -203,7 +220,7 @@ def run_experiment(cfg: ExperimentConfig, engine_factory: Callable | None = None
     return result
 
 
-VARIANT_KEYS = ("recompute", "partial")
+VARIANT_KEYS = ("recompute", "partial", "estimator", "method")
 
 
 def variant_config(cfg: ExperimentConfig, overrides: dict) -> ExperimentConfig:
@@ -224,7 +241,7 @@ def variant_sibling(engine, cfg: ExperimentConfig, overrides: dict):
         s = engine.spec   # the model's shape, which the pool checks every KV against
         pool = kvcomm.AnchorPool(kvcomm.PoolConfig(**vcfg.pool, layers=s.num_layers, kv_heads=s.kv_heads,
                                                    head_dim=s.head_dim))
-    return engine.sibling(pool, recompute=vcfg.recompute, partial=vcfg.partial)
+    return engine.sibling(pool, recompute=vcfg.recompute, partial=vcfg.partial, estimator=vcfg.estimator)
 
 
 def load_pool(path: str | None, pools: list, log: Callable[[str], None]) -> bool:

@@ -79,8 +79,10 @@ class ScriptedEngine:
     constant (reuse), so speedups are visible in tests."""
 
     def __init__(self, responder: Callable | None = None, warm_after: int = 2,
-                 dense_ms_per_char: float = 0.05, reuse_ms: float = 2.0):
+                 dense_ms_per_char: float = 0.05, reuse_ms: float = 2.0, prefix_only: bool = False):
         self.responder = responder or default_responder
+        # estimator 'none' (prefix caching): KVCOMM calls never reuse, S0's characters are free
+        self.prefix_only = prefix_only
         self.warm_after = warm_after
         self.dense_ms_per_char = dense_ms_per_char
         self.reuse_ms = reuse_ms
@@ -102,10 +104,12 @@ class ScriptedEngine:
     def next_round(self) -> None:
         self.round += 1
 
-    def sibling(self, pool=None, *, recompute=None, partial=None) -> "ScriptedEngine":
+    def sibling(self, pool=None, *, recompute=None, partial=None, estimator=None) -> "ScriptedEngine":
         """A new scripted engine with the same settings and its own pool (as KVCommEngine.sibling;
-        a scripted engine has no pool settings, recompute or partial calls to change)."""
-        return ScriptedEngine(self.responder, self.warm_after, self.dense_ms_per_char, self.reuse_ms)
+        a scripted engine has no pool settings, recompute or partial calls to change; estimator
+        'none' makes the prefix-caching stand-in)."""
+        return ScriptedEngine(self.responder, self.warm_after, self.dense_ms_per_char, self.reuse_ms,
+                              prefix_only=(estimator == "none") if estimator is not None else self.prefix_only)
 
     def call(self, agent: str, inputs: dict[str, str], *, mode: str = "kvcomm",
              max_new_tokens: int = 128, do_sample: bool = False, temperature: float = 1.0,
@@ -118,13 +122,15 @@ class ScriptedEngine:
         system, template = self.agents[agent]
         names = template.names
         prompt = system + fill(template, inputs, agent)[0]
-        reuse = mode == "kvcomm" and self.requests > self.warm_after
-        if mode == "kvcomm" and not reuse:
+        reuse = mode == "kvcomm" and self.requests > self.warm_after and not self.prefix_only
+        if mode == "kvcomm" and not reuse and not self.prefix_only:
             self.pool.anchors += len(names)
         text = self.responder(agent, inputs, self.requests, self.round)
         tokens = list(reply_ids) if reply_ids is not None else [
             zlib.crc32(w.encode()) % 1000 for w in text.split()][:max_new_tokens] or [0]
         dense_ms = self.dense_ms_per_char * len(prompt)
+        if mode == "kvcomm" and self.prefix_only:
+            dense_ms = self.dense_ms_per_char * (len(prompt) - len(system))
         ttft = self.reuse_ms if reuse else dense_ms
         prompt_tokens = len(prompt) // 4
         s0 = len(system) // 4 if mode == "kvcomm" else 0
