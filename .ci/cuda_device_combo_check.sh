@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
 # On demand (not part of .ci/run): the CUDA compile check of
-# .ci/cuda_compile_check.sh (build, load, CUDA kernel for every op, SASS check
-# of the vector kernels and its negative control) against the combination
-# of the lent GPU machine: Python 3.12, torch 2.11.0 (CUDA 13.0; its headers
-# build the C++ as C++17, where 2.13+ use C++20), nvcc 13.0, arch 9.0a.
+# .ci/cuda_compile_check.sh (the 9.0a wheel built, its resource table with no
+# spills, the SASS check of the vector kernels and its negative control, the
+# wheel installed into a fresh venv with its torch, a CUDA kernel for every
+# op) against the combination of the lent GPU machine: Python 3.12, torch
+# 2.11.0 (CUDA 13.0; its headers build the C++ as C++17, where 2.13+ use
+# C++20), nvcc 13.0, arch 9.0a.
 #
 #   bash .ci/cuda_device_combo_check.sh [VENV]      # default build/venv-cuda-211
 #
 # The first run creates VENV with Python 3.12 (pyenv's, or python3.12 on
 # PATH) and pip downloads torch 2.11.0 with its CUDA libraries from PyPI
 # (~4.7 GB installed; about 7 minutes here), then the build takes as long
-# as the regular check. That is too slow for every CI run, which checks
-# torch 2.14.1 (local disk) and the same arch. Exits non-zero on any failure.
+# as the regular check, and the fresh venv of the wheel check installs that
+# torch again (from pip's cache). That is too slow for every CI run, which
+# checks torch 2.14.1 (local disk) and the same arch. Exits non-zero on any
+# failure.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY312=$(command -v python3.12 || true)

@@ -4,6 +4,7 @@ library: every KV access of a vector kernel must be one 128-bit global
 instruction, as the kernels are written to do.
 
     python3 .ci/sass_check.py LIB_OR_CUBIN [--cuobjdump PATH] [--kernels offset,distance,token]
+                              [--codes plain,int8,fp8]
     python3 .ci/sass_check.py --sass DUMP.txt ...     (a saved `cuobjdump --dump-sass` output)
 
 Rules, for every instantiation of the vector variants (kVec = true) of
@@ -21,7 +22,8 @@ read-only path):
     STG.E.128, and there is at least one. A 16-byte store split into four
     STG.E (what nvcc 13 made of the plain C++ store) fails here.
 Every expected instantiation must be present (3 dtypes x 6 / 4 / 4 template
-variants), so a rename cannot silently empty the check.
+variants, or those of the code types --codes names), so a rename cannot
+silently empty the check. Spills are .ci/resource_check.py's.
 Exits 1 with the offending instructions on any violation, 2 on usage errors.
 """
 from __future__ import annotations
@@ -87,20 +89,27 @@ def mnemonic(line: str) -> str:
     return _INSN.match(line).group(1)
 
 
-def expected_kernels(families: list[str]) -> dict[str, tuple[str, bool]]:
-    """'offset_kernel<c10::Half, (kvcomm::Codes)0, true, true>' -> (family, stores KV data)."""
+CODE_NAMES = {"plain": PLAIN, "int8": INT8, "fp8": FP8}
+
+
+def expected_kernels(families: list[str], codes: list[str] | None = None) -> dict[str, tuple[str, bool]]:
+    """'offset_kernel<c10::Half, (kvcomm::Codes)0, true, true>' -> (family, stores KV data),
+    for the variants of the code types `codes` (default all)."""
+    keep = [CODE_NAMES[c] for c in (codes or CODE_NAMES)]
     out = {}
     for fam in families:
         name, variants, stores = FAMILIES[fam]
         for dt in DTYPES:
             for v in variants:
-                out[f"{name}<{dt}, {v}>"] = (fam, stores)
+                if v.split(",")[0] in keep:
+                    out[f"{name}<{dt}, {v}>"] = (fam, stores)
     return out
 
 
-def check(functions: dict[str, list[str]], families: list[str]) -> tuple[list[str], list[str]]:
+def check(functions: dict[str, list[str]], families: list[str],
+          codes: list[str] | None = None) -> tuple[list[str], list[str]]:
     """(violations, summary lines)."""
-    want = expected_kernels(families)
+    want = expected_kernels(families, codes)
     found: dict[str, list[str]] = {}
     for fn, insns in functions.items():
         m = re.search(r"kvcomm::cuda::(\w+<[^>]*>)", fn)
@@ -136,16 +145,17 @@ def check(functions: dict[str, list[str]], families: list[str]) -> tuple[list[st
     return bad, summary
 
 
-def dump(path: str, cuobjdump: str | None) -> str:
+def dump(path: str, cuobjdump: str | None, what: str = "--dump-sass", expect: str = "Function") -> str:
+    """`cuobjdump WHAT path`'s output, which must contain `expect`; exits otherwise."""
     tool = cuobjdump or shutil.which("cuobjdump")
     if tool is None:
-        sys.exit("sass_check: no cuobjdump (pass --cuobjdump, or put it on PATH)")
+        sys.exit("no cuobjdump (pass --cuobjdump, or put it on PATH)")
     env = dict(os.environ)
     # cuobjdump runs nvdisasm, which the pip packages put beside it.
     env["PATH"] = os.path.dirname(os.path.abspath(tool)) + os.pathsep + env.get("PATH", "")
-    p = subprocess.run([tool, "--dump-sass", path], capture_output=True, text=True, env=env)
-    if p.returncode != 0 or "Function" not in p.stdout:
-        sys.exit(f"sass_check: `{tool} --dump-sass {path}` failed (exit {p.returncode}): {p.stderr.strip()[:500]}")
+    p = subprocess.run([tool, what, path], capture_output=True, text=True, env=env)
+    if p.returncode != 0 or expect not in p.stdout:
+        sys.exit(f"`{tool} {what} {path}` failed (exit {p.returncode}): {p.stderr.strip()[:500]}")
     return p.stdout
 
 
@@ -156,25 +166,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cuobjdump", help="path of cuobjdump (default: PATH)")
     ap.add_argument("--kernels", default="offset,distance,token",
                     help="kernel families to require (comma-separated; default all)")
+    ap.add_argument("--codes", default="plain,int8,fp8",
+                    help="anchor code types whose variants to require (comma-separated; default all)")
     args = ap.parse_args(argv)
     families = [f for f in args.kernels.split(",") if f]
-    unknown = [f for f in families if f not in FAMILIES]
-    if unknown or not families or (args.binary is None) == (args.sass is None):
+    codes = [c for c in args.codes.split(",") if c]
+    unknown = [f for f in families if f not in FAMILIES] + [c for c in codes if c not in CODE_NAMES]
+    if unknown or not families or not codes or (args.binary is None) == (args.sass is None):
         ap.print_usage(sys.stderr)
-        print(f"sass_check: give one of BINARY or --sass; families from {sorted(FAMILIES)}", file=sys.stderr)
+        print(f"sass_check: give one of BINARY or --sass; families from {sorted(FAMILIES)}, codes from "
+              f"{sorted(CODE_NAMES)}", file=sys.stderr)
         return 2
     text = open(args.sass).read() if args.sass else dump(args.binary, args.cuobjdump)
-    bad, summary = check(parse(text), families)
+    bad, summary = check(parse(text), families, codes)
     print(f"sass_check: {len(summary)} vector kernels, global memory instructions:")
     print("\n".join(summary))
+    return report("sass_check", bad, "every KV load/store of a vector kernel is one 128-bit global instruction")
+
+
+def report(tool: str, bad: list[str], ok: str) -> int:
+    """The findings (the first 60) on stderr and exit status 1, or `ok` and 0."""
     if bad:
-        print(f"sass_check: FAILED, {len(bad)} violations:", file=sys.stderr)
+        print(f"{tool}: FAILED, {len(bad)} findings:", file=sys.stderr)
         for b in bad[:60]:
             print("  " + b, file=sys.stderr)
         if len(bad) > 60:
             print(f"  ... and {len(bad) - 60} more", file=sys.stderr)
         return 1
-    print("sass_check: OK (every KV load/store of a vector kernel is one 128-bit global instruction)")
+    print(f"{tool}: OK ({ok})")
     return 0
 
 

@@ -22,8 +22,10 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <torch/library.h>
 
 #include <cstdint>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -53,6 +55,18 @@ inline void check_launch(const char* kernel, const Launch& g, unsigned max_threa
                             static_cast<uint64_t>(g.block_x) * g.block_y <= max_threads,
                         kernel, ": block ", g.block_x, " x ", g.block_y, " over ", max_threads,
                         " threads (__launch_bounds__)");
+}
+
+// The kernel variants launched since the last take_launch_log() call, as
+// "offset_kernel:vector" / ":strided" (distance and token scores too): what
+// tests read to tell which path a launcher chose.
+inline std::vector<std::string>& launch_log() {
+  static std::vector<std::string> log;
+  return log;
+}
+template <bool kVec>
+void log_launch(const char* kernel) {
+  launch_log().push_back(std::string(kernel) + (kVec ? ":vector" : ":strided"));
 }
 
 class HostExec {
@@ -87,6 +101,7 @@ class HostExec {
   void offset(const Launch& g, const OffsetArgs& a, const RefTable& table,
               const ScaleTable& scales) {
     check_launch("offset_kernel", g, 256);
+    log_launch<kVec>("offset_kernel");
     TORCH_INTERNAL_ASSERT(static_cast<int64_t>(g.grid_x) * g.block_y >= a.tokens &&
                           static_cast<int64_t>(g.grid_y) * a.rows_per_group >= a.layers * a.heads);
     TORCH_INTERNAL_ASSERT(a.delta_table != nullptr || a.num_deltas <= kMaxParamRefs);
@@ -107,6 +122,7 @@ class HostExec {
   void distances(const Launch& g, const DistanceArgs& a, const RefTable& table,
                  const ScaleTable& scales) {
     check_launch("distance_kernel", g, 256);
+    log_launch<kVec>("distance_kernel");
     // The block reduction: 8 full warps in x (warp_sums[8][NMAX]); thread u
     // < num_refs writes anchor u.
     TORCH_INTERNAL_ASSERT(g.block_x == 256 && g.block_y == 1 && g.grid_y == 1);
@@ -142,6 +158,7 @@ class HostExec {
   void token_scores(const Launch& g, const TokenArgs& a, const RefTable& table,
                     const ScaleTable& scales) {
     check_launch("token_score_kernel", g, 256);
+    log_launch<kVec>("token_score_kernel");
     // Full-mask shuffles over groups of block_x lanes: block_x a power of two
     // <= 32 and every warp full.
     TORCH_INTERNAL_ASSERT(g.block_x <= 32 && (g.block_x & (g.block_x - 1)) == 0 &&
@@ -227,6 +244,12 @@ namespace emu {
 
 inline void set_assumed_sms(int64_t n) { HostExec::assumed_sms() = static_cast<int>(n); }
 
+inline std::vector<std::string> take_launch_log() {
+  std::vector<std::string> out;
+  out.swap(launch_log());
+  return out;
+}
+
 inline at::Tensor rope_move(const at::Tensor& keys, const at::Tensor& inv_freq,
                             const at::Tensor& shift) {
   return cuda::rope_move<HostExec>(keys, inv_freq, shift);
@@ -274,3 +297,8 @@ inline void fused_offset_into(const at::Tensor& dst, const at::Tensor& base,
 }  // namespace emu
 }  // namespace cuda
 }  // namespace kvcomm
+
+// Beside the ops that tests/ops/backends.py registers from the schemas.
+TORCH_LIBRARY_FRAGMENT(kvcomm_emu, m) {
+  m.def("take_launch_log() -> str[]", &kvcomm::cuda::emu::take_launch_log);
+}

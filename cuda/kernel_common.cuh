@@ -81,6 +81,15 @@ static_assert(sizeof(KVRef) == 40, "KVRef is shared by host and device: keep it 
 // a table plus the largest argument struct (~250 bytes) must stay under that.
 static_assert(sizeof(RefTable) + 512 <= 4096, "RefTable too big for the kernel parameters");
 
+// The blocks of 256 threads per SM that the score and offset kernels ask
+// ptxas for in __launch_bounds__, i.e. a budget of 65536 / (256 * blocks)
+// registers per thread. Given the thread count alone, ptxas (nvcc 13.0,
+// sm_90a) spilled 4-8 bytes in 9 int8 / fp8 token-score and offset kernels
+// at 40-80 registers (a value stored before a loop, loaded after it); with
+// the minimum stated none spills, and .ci/resource_check.py fails the build
+// if one does. Two blocks (128 registers) fit every kernel.
+constexpr int kMinBlocks = 2;
+
 // A launch shape that is also meaningful to the host emulation.
 struct Launch {
   unsigned grid_x = 1, grid_y = 1;
@@ -177,7 +186,7 @@ KVCOMM_HD void store_float(T* p, const float* in) {
     // __builtin_assume_aligned) all came out of nvcc 13 as four 32-bit STGs
     // in the offset kernels, while the matching loads were 128-bit. The
     // "memory" clobber keeps it ordered like the C++ store it replaces.
-    // .ci/sass_check.sh fails the build if a vector kernel loses this.
+    // .ci/sass_check.py fails the build if a vector kernel loses this.
 #if defined(KVCOMM_PLAIN_CXX_VECTOR_ACCESS)
     *reinterpret_cast<uint4*>(p) = bits;
 #else
@@ -213,7 +222,7 @@ KVCOMM_HD void store_span(T* p, const float* in) {
 // of delta views) through the read-only data path (LDG.CONSTANT): a kernel
 // never writes them, and the argument checks reject a dst that overlaps
 // them, so the non-coherent path is allowed. Keeping them off plain LDGs
-// also lets .ci/sass_check.sh demand that every plain LDG of a vector kernel
+// also lets .ci/sass_check.py demand that every plain LDG of a vector kernel
 // (the KV data) is a 128-bit one.
 template <typename X>
 KVCOMM_HD X load_ro(const X* p) {
@@ -257,16 +266,37 @@ KVCOMM_HD void load_floats_ro(const float* w, bool vec4, float* out) {
   for (int v = 0; v < V; ++v) out[v] = load_ro(w + v);
 }
 
-// N values of anchor r at (l, h, t, c..c+N-1) as floats: read in T for plain
-// anchors (Lanes: N vectors' worth), or as N one-byte codes (one 16-byte load
-// when kVec) times their channels' scales, decoded here in registers.
-template <typename T, Codes C, int N, bool kVec>
-KVCOMM_HD void load_anchor(const KVRef& r, const ScaleRef& sc, int64_t l, int64_t h, int64_t t,
-                           int64_t c, float* out) {
+// Channels of a compact vector read that a thread decodes at once: one
+// float4 of scales. All 16 at once kept 16 scales per anchor (and, in the
+// fused offset, 16 weights per side) live beside the codes. Plain anchors
+// and the strided path take their whole span in one group.
+// Scales depend on (layer, head, channel), not on the token. Segment weights,
+// whose threads walk tokens at one channel, read them once per thread. The
+// vector kernels' threads walk rows at one token (offset, token weights:
+// their sums are per token) or a flat grid (distances) whose next item,
+// gridDim.x * 256 items on, is in another row unless the content has more
+// than ~16K tokens (head_dim 128, 132 SMs); so they read a lane's scales once
+// per row and anchor, a float4 at a time.
+template <Codes C, int N, bool kVec>
+struct Group {
+  static constexpr int value = C != Codes::kPlain && kVec ? 4 : N;
+};
+
+// The N values of anchor r at (l, h, t, c..c+N-1) as floats, one group of
+// G = Group channels at a time: f(g, y) gets y[0..G) = channels c+g.. . Read
+// in T for plain anchors (Lanes: N vectors' worth), or as N one-byte codes
+// (one 16-byte load when kVec) times their channels' scales, decoded here in
+// registers.
+template <typename T, Codes C, int N, bool kVec, class F>
+KVCOMM_HD void anchor_groups(const KVRef& r, const ScaleRef& sc, int64_t l, int64_t h, int64_t t,
+                             int64_t c, F&& f) {
   if constexpr (C == Codes::kPlain) {
     (void)sc;
-    load_span<T, N, kVec>(elem<T>(r, l, h, t, c), out);
+    float y[N];
+    load_span<T, N, kVec>(elem<T>(r, l, h, t, c), y);
+    f(0, y);
   } else {
+    constexpr int G = Group<C, N, kVec>::value;
     const uint8_t* p = elem<uint8_t>(r, l, h, t, c);
     uint8_t code[N];
     if constexpr (kVec) {
@@ -275,10 +305,15 @@ KVCOMM_HD void load_anchor(const KVRef& r, const ScaleRef& sc, int64_t l, int64_
     } else {
       code[0] = p[0];
     }
-    float scale[N];
-    load_floats_ro<N>(sc.ptr + l * sc.layer + h * sc.head + c, kVec, scale);
+    const float* scale = sc.ptr + l * sc.layer + h * sc.head + c;
 #pragma unroll
-    for (int v = 0; v < N; ++v) out[v] = math::decode_code<C>(code[v]) * scale[v];
+    for (int g = 0; g < N; g += G) {
+      float y[G];
+      load_floats_ro<G>(scale + g, kVec, y);
+#pragma unroll
+      for (int v = 0; v < G; ++v) y[v] = math::decode_code<C>(code[g + v]) * y[v];
+      f(g, y);
+    }
   }
 }
 

@@ -1,6 +1,6 @@
 // Launch functions of every kernel, callable without seeing the kernels.
 //
-// The kernel files (*_launch.cu) include no torch header, only these plain
+// The kernel files (launch_*.cu) include no torch header, only these plain
 // declarations, and instantiate them for float, c10::Half and c10::BFloat16;
 // the one file that needs ATen (cuda_register.cu, through cuda_exec.cuh)
 // calls them. ATen.h costs ~25 s of compile per nvcc translation unit, so
@@ -17,6 +17,17 @@
 
 namespace kvcomm {
 namespace cuda {
+
+#if defined(__CUDACC__)
+// kernel<<<grid (g.grid_x, g.grid_y), block (g.block_x, g.block_y)>>>(args)
+// on `stream` (a 1-D plan leaves the y sizes at 1), then the launch's error.
+template <typename... P, typename... A>
+cudaError_t launch_kernel(void (*kernel)(P...), const Launch& g, cudaStream_t stream,
+                          const A&... args) {
+  kernel<<<dim3(g.grid_x, g.grid_y), dim3(g.block_x, g.block_y), 0, stream>>>(args...);
+  return cudaGetLastError();
+}
+#endif
 
 // Writes count (<= kMaxParamRefs) table entries at out (device memory).
 cudaError_t launch_store_refs(const RefTable& chunk, int64_t count, KVRef* out,

@@ -29,8 +29,17 @@
 namespace kvcomm {
 namespace cuda {
 
+// 0 for a dimension of size 1 (its index is always 0, so its stride never
+// moves a pointer), else the tensor's stride. torch keeps any stride for such
+// a dimension, contiguous() included (a head dim of 1 sliced from a wider
+// buffer, an MQA scale [L, 1, 1, D] made by as_strided); an odd one must not
+// send the op to the strided path.
+inline int64_t stride_used(const at::Tensor& t, int64_t d) {
+  return t.size(d) == 1 ? 0 : t.stride(d);
+}
+
 inline Strides4 strides_of(const at::Tensor& t) {
-  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+  return {stride_used(t, 0), stride_used(t, 1), stride_used(t, 2), stride_used(t, 3)};
 }
 
 // A view of t starting at token `first`.
@@ -62,7 +71,7 @@ inline Scales scales_of(Codes codes, const c10::optional<at::TensorList>& scales
   for (const at::Tensor& s : *scales) {
     out.keep.push_back(s.contiguous());
     const at::Tensor& c = out.keep.back();
-    out.refs.push_back({c.data_ptr<float>(), c.stride(0), c.stride(1)});
+    out.refs.push_back({c.data_ptr<float>(), stride_used(c, 0), stride_used(c, 1)});
   }
   return out;
 }

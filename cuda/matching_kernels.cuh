@@ -7,7 +7,7 @@
 // squares in registers. Blocks reduce to one partial per anchor; a second
 // tiny kernel sums the partials in double and takes the square root. No
 // atomics, so the result is deterministic run to run. Compact anchors (int8 /
-// fp8 codes, kernel_common.cuh load_anchor) are decoded in registers.
+// fp8 codes, kernel_common.cuh anchor_groups) are decoded in registers.
 #pragma once
 
 #include "kernel_common.cuh"
@@ -42,14 +42,14 @@ KVCOMM_HD void distance_accumulate(const DistanceArgs& a, const RefTable& refs,
 #pragma unroll
   for (int u = 0; u < NMAX; ++u) {
     if (u < a.num_refs) {
-      float y[V];
-      load_anchor<T, C, V, kVec>(refs.r[u], scales.r[u], l, h, t, c, y);
       float s = 0.f;
+      anchor_groups<T, C, V, kVec>(refs.r[u], scales.r[u], l, h, t, c, [&](int g, const float* y) {
 #pragma unroll
-      for (int v = 0; v < V; ++v) {
-        const float d = x[v] - y[v];
-        s += d * d;
-      }
+        for (int v = 0; v < Group<C, V, kVec>::value; ++v) {
+          const float d = x[g + v] - y[v];
+          s += d * d;
+        }
+      });
       acc[u] += s;
     }
   }
@@ -112,7 +112,7 @@ inline Launch plan_distance_finish(int64_t n) {
 
 #if defined(__CUDACC__)
 template <typename T, Codes C, bool kVec, int NMAX>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(256, kMinBlocks)
     distance_kernel(const KVCOMM_GRID_CONSTANT DistanceArgs a,
                     const KVCOMM_GRID_CONSTANT RefTable refs,
                     const KVCOMM_GRID_CONSTANT ScaleTable scales) {

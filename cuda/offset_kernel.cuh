@@ -94,39 +94,56 @@ struct DeviceRefs {
   KVCOMM_HD ScaleRef scale(int64_t u) const { return load_entry_ro(scales, u); }
 };
 
-// acc_lo/acc_hi (channels c.. and c+half..) += sum_u w_u * delta_u, in the
-// order u = 0, 1, ... like the CPU. Refs: ParamRefs or DeviceRefs.
-template <typename T, Codes C, bool kVec, bool kRotate, class Refs>
-KVCOMM_HD void offset_add_deltas(const OffsetArgs& a, const Refs& refs,
-                                 int64_t l, int64_t h, int64_t t, int64_t c,
-                                 float* lo, float* hi) {
+// lo (channels c..c+V-1) and, with kSides 2, hi (c+half..) += sum_u w_u *
+// delta_u, in the order u = 0, 1, ... like the CPU. Refs: ParamRefs or
+// DeviceRefs. Compact deltas of keys go one side per call (the sides are
+// independent sums; one at a time holds half the codes, scales and weights)
+// and are not unrolled: with both sides and two deltas in flight their rotate
+// kernels took 174-218 registers (ptxas -v, sm_90a); this way they fit the
+// 128 of kMinBlocks without spilling.
+template <typename T, Codes C, bool kVec, int kSides, class Refs>
+KVCOMM_HD void offset_add_deltas(const OffsetArgs& a, const Refs& refs, int64_t l, int64_t h,
+                                 int64_t t, int64_t c, float* lo, float* hi) {
   constexpr int V = Lanes<T, C, kVec>::value;
-#pragma unroll 2
+  constexpr int G = Group<C, V, kVec>::value;
+#pragma unroll(C == Codes::kPlain ? 2 : 1)
   for (int64_t u = 0; u < a.num_deltas; ++u) {
-    const KVRef d = refs[u];
     ScaleRef sc{};
     if constexpr (C != Codes::kPlain) sc = refs.scale(u);
-    float x[V], y[V];
-    load_anchor<T, C, V, kVec>(d, sc, l, h, t, c, x);
-    if constexpr (kRotate) load_anchor<T, C, V, kVec>(d, sc, l, h, t, c + a.half, y);
-    if (a.per_token_weights) {
-      const float w = load_ro(a.weights + u * a.tokens + t);
+    const KVRef d = refs[u];
+    const float wt = a.per_token_weights ? load_ro(a.weights + u * a.tokens + t) : 0.f;
+    const float* w = a.weights + ((u * a.layers + l) * a.heads + h) * a.dim + c;
 #pragma unroll
-      for (int v = 0; v < V; ++v) {
-        lo[v] += w * x[v];
-        if constexpr (kRotate) hi[v] += w * y[v];
-      }
-    } else {
-      const float* w = a.weights + ((u * a.layers + l) * a.heads + h) * a.dim + c;
-      float wl[V], wh[V];
-      load_floats_ro<V>(w, a.weights_vec4, wl);
-      if constexpr (kRotate) load_floats_ro<V>(w + a.half, a.weights_vec4, wh);
+    for (int side = 0; side < kSides; ++side) {
+      float* acc = side == 0 ? lo : hi;
+      const int64_t off = side == 0 ? 0 : a.half;
+      anchor_groups<T, C, V, kVec>(d, sc, l, h, t, c + off, [&](int g, const float* x) {
+        float wg[G];
+        if (a.per_token_weights) {
 #pragma unroll
-      for (int v = 0; v < V; ++v) {
-        lo[v] += wl[v] * x[v];
-        if constexpr (kRotate) hi[v] += wh[v] * y[v];
-      }
+          for (int v = 0; v < G; ++v) wg[v] = wt;
+        } else {
+          load_floats_ro<G>(w + off + g, a.weights_vec4, wg);
+        }
+#pragma unroll
+        for (int v = 0; v < G; ++v) acc[g + v] += wg[v] * x[v];
+      });
     }
+  }
+}
+
+// Both sides of a row (kSides, above): plain deltas in one pass, compact ones
+// in one pass per side.
+template <typename T, Codes C, bool kVec, bool kRotate, class Refs>
+KVCOMM_HD void offset_add_row(const OffsetArgs& a, const Refs& refs, int64_t l, int64_t h,
+                              int64_t t, int64_t c, float* lo, float* hi) {
+  if constexpr (!kRotate) {
+    offset_add_deltas<T, C, kVec, 1>(a, refs, l, h, t, c, lo, nullptr);
+  } else if constexpr (C == Codes::kPlain) {
+    offset_add_deltas<T, C, kVec, 2>(a, refs, l, h, t, c, lo, hi);
+  } else {
+    offset_add_deltas<T, C, kVec, 1>(a, refs, l, h, t, c, lo, nullptr);
+    offset_add_deltas<T, C, kVec, 1>(a, refs, l, h, t, c + a.half, hi, nullptr);
   }
 }
 
@@ -157,11 +174,11 @@ KVCOMM_HD void offset_thread(const OffsetArgs& a, const RefTable& small,
     // gets deltas.
     if (l > 0) {
       if (a.delta_table != nullptr)
-        offset_add_deltas<T, C, kVec, kRotate>(a, DeviceRefs{a.delta_table, a.scale_table}, l, h,
-                                               t, c, lo, hi);
+        offset_add_row<T, C, kVec, kRotate>(a, DeviceRefs{a.delta_table, a.scale_table}, l, h, t,
+                                            c, lo, hi);
       else
-        offset_add_deltas<T, C, kVec, kRotate>(a, ParamScaledRefs{{small}, small_scales}, l, h, t,
-                                               c, lo, hi);
+        offset_add_row<T, C, kVec, kRotate>(a, ParamScaledRefs{{small}, small_scales}, l, h, t,
+                                            c, lo, hi);
     }
     if constexpr (kRotate) {
 #pragma unroll
@@ -181,8 +198,8 @@ KVCOMM_HD void offset_thread(const OffsetArgs& a, const RefTable& small,
 // grid (token blocks, row groups). Rows per thread (1..8) grow with the work
 // so that about two waves of 2048 threads per SM remain: small inputs still
 // fill the GPU, large ones amortise the sin/cos over several rows. (The
-// vector rotate kernel holds ~95 registers, 512 resident threads per SM, so
-// that is many more real waves.)
+// vector rotate kernels hold 60-150 registers, 256-768 resident threads per
+// SM, so that is many more real waves.)
 inline Launch plan_offset(int64_t layers, int64_t heads, int64_t tokens, int64_t lanes,
                           int sm_count, int64_t* rows_per_group) {
   Launch g;
@@ -202,7 +219,7 @@ inline Launch plan_offset(int64_t layers, int64_t heads, int64_t tokens, int64_t
 
 #if defined(__CUDACC__)
 template <typename T, Codes C, bool kVec, bool kRotate>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(256, kMinBlocks)
     offset_kernel(const KVCOMM_GRID_CONSTANT OffsetArgs a,
                   const KVCOMM_GRID_CONSTANT RefTable small,
                   const KVCOMM_GRID_CONSTANT ScaleTable small_scales) {

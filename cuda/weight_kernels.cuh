@@ -14,7 +14,7 @@
 // coalesced); partials [chunks, N, channels].
 //
 // Compact anchors (int8 / fp8 codes with per-channel scales) are decoded in
-// registers (kernel_common.cuh load_anchor).
+// registers (kernel_common.cuh anchor_groups).
 #pragma once
 
 #include "kernel_common.cuh"
@@ -48,11 +48,12 @@ KVCOMM_HD void token_accumulate(const TokenArgs& a, const RefTable& refs,
 #pragma unroll
     for (int u = 0; u < NMAX; ++u) {
       if (u < a.num_refs) {
-        float y[V];
-        load_anchor<T, C, V, kVec>(refs.r[u], scales.r[u], l, h, t, c, y);
         float s = 0.f;
+        anchor_groups<T, C, V, kVec>(refs.r[u], scales.r[u], l, h, t, c,
+                                     [&](int g, const float* y) {
 #pragma unroll
-        for (int v = 0; v < V; ++v) s += fabsf(x[v] - y[v]);
+          for (int v = 0; v < Group<C, V, kVec>::value; ++v) s += fabsf(x[g + v] - y[v]);
+        });
         acc[u] += s;
       }
     }
@@ -198,7 +199,7 @@ inline Launch plan_finish(int64_t items) {
 
 #if defined(__CUDACC__)
 template <typename T, Codes C, bool kVec, int NMAX>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(256, kMinBlocks)
     token_score_kernel(const KVCOMM_GRID_CONSTANT TokenArgs a,
                        const KVCOMM_GRID_CONSTANT RefTable refs,
                        const KVCOMM_GRID_CONSTANT ScaleTable scales) {
@@ -224,7 +225,7 @@ __global__ void __launch_bounds__(256)
 // spills under a bound; re-reading the base per chunk costs 1/(N+1) of the
 // traffic.
 template <typename T, Codes C, int NMAX>
-__global__ void __launch_bounds__(256, 2)
+__global__ void __launch_bounds__(256, kMinBlocks)
     segment_score_kernel(const KVCOMM_GRID_CONSTANT SegmentArgs a,
                          const KVCOMM_GRID_CONSTANT RefTable refs,
                          const KVCOMM_GRID_CONSTANT ScaleTable scales) {

@@ -99,3 +99,19 @@ def test_cli_exit_codes(tmp_path, capsys):
     assert sass_check.main(["--sass", str(split)]) == 1
     assert sass_check.main(["--sass", str(good), "--kernels", "nonsense"]) == 2
     assert "FAILED" in capsys.readouterr().err
+
+
+def test_codes_narrow_the_required_kernels(tmp_path):
+    # the negative control compiles only the plain kernels (cuda/launch_plain.cu)
+    plain_offsets = [f"_ZN6kvcomm4cuda13offset_kernelI{t}{PLAIN}{rot}EEvNS0_10OffsetArgsENS0_8RefTableENS0_10ScaleTableE"
+                     for t in TYPES.values() for rot in ("Lb1ELb0E", "Lb1ELb1E")]
+    text = "\n".join(line for block in _sass().split("\t\t..........") for line in block.splitlines()
+                     if any(k in block for k in plain_offsets))
+    bad, summary = sass_check.check(sass_check.parse(text), ["offset"], ["plain"])
+    assert bad == [] and len(summary) == 3 * 2
+    bad, _ = sass_check.check(sass_check.parse(text), ["offset"])
+    assert len(bad) == 3 * 4 and all("not found in the SASS" in b for b in bad)
+    dump = tmp_path / "plain.sass"
+    dump.write_text(text)
+    assert sass_check.main(["--sass", str(dump), "--kernels", "offset", "--codes", "plain"]) == 0
+    assert sass_check.main(["--sass", str(dump), "--kernels", "offset", "--codes", "int4"]) == 2

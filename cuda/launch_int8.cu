@@ -1,0 +1,5 @@
+// Launches of every kernel for int8 anchors / deltas (codes with per-channel
+// scales, decoded in registers).
+#include "launch_defs.cuh"
+
+KVCOMM_INSTANTIATE_COMPACT_DTYPES(Codes::kInt8)
