@@ -58,6 +58,16 @@ else
   MAX_JOBS=${MAX_JOBS:-2} pip install -q --no-build-isolation --no-deps -e .
 fi
 python -c "import torch, transformers, vllm, kvcomm; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, 'kvcomm', kvcomm.__version__)"
+# The server's entry points must import: a package installed into this environment later (an
+# agent framework, say) can change vLLM's dependencies and break them while the version check
+# above still passes. Agent frameworks belong in an environment of their own (docs/serving.md).
+if ! out=$(python -c "import vllm.entrypoints.openai.api_server, kvcomm.vllm.frontend, kvcomm.vllm.connector, kvcomm.vllm.worker_side" 2>&1); then
+  echo "$out" | tail -n 5 >&2
+  pip check >&2 || true
+  echo "vllm.sh: the vLLM environment $VENV is broken (its server does not import; see above)." >&2
+  echo "vllm.sh: recreate it: rm -rf $VENV && bash .ci/vllm.sh --setup-only" >&2
+  exit 1
+fi
 
 if [ "${1:-}" = "--setup-only" ]; then stamp "setup done"; exit 0; fi
 

@@ -122,6 +122,11 @@ AnchorPool::AnchorPool(PoolConfig config) : config_(config) {
   dim_ = config_.head_dim;
 }
 
+at::ScalarType AnchorPool::dtype() const {
+  std::shared_lock<std::shared_mutex> lock(mutex_);
+  return dtype_;
+}
+
 void AnchorPool::check_layout_locked(const char* what, const at::Tensor& t) const {
   if (layers_ > 0) {
     TORCH_CHECK(t.size(0) == layers_ && t.size(1) == heads_ && t.size(3) == dim_,

@@ -18,6 +18,22 @@ using kvcomm::Storage;
 
 namespace {
 
+at::ScalarType dtype_from_name(const char* op, const std::string& name) {
+  if (name == "float32") return at::kFloat;
+  if (name == "bfloat16") return at::kBFloat16;
+  if (name == "float16") return at::kHalf;
+  TORCH_CHECK(false, op, ": dtype must be 'float32', 'bfloat16' or 'float16', got '", name, "'");
+}
+
+const char* dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "float32";
+    case at::kBFloat16: return "bfloat16";
+    case at::kHalf: return "float16";
+    default: return nullptr;
+  }
+}
+
 PoolConfig make_config(double gamma, double tau, double top_p, int64_t capacity,
                        int64_t window, int64_t byte_budget, const std::string& distance,
                        int64_t layers, int64_t kv_heads, int64_t head_dim,
@@ -121,6 +137,13 @@ PYBIND11_MODULE(_C, m) {
   py::class_<AnchorPool, std::shared_ptr<AnchorPool>>(m, "AnchorPool")
       .def(py::init<PoolConfig>(), py::arg("config") = PoolConfig())
       .def_property_readonly("config", &AnchorPool::config)
+      .def_property_readonly(
+          "dtype",
+          [](const AnchorPool& p) -> py::object {
+            const char* name = dtype_name(p.dtype());
+            return name ? py::object(py::str(name)) : py::object(py::none());
+          },
+          "The dtype the anchors stand for ('float32', 'bfloat16', 'float16'; None while empty).")
       .def("decide", &AnchorPool::decide, py::arg("slot"), py::arg("content_v"),
            py::arg("credit") = true, release(),
            "Share-or-anchor decision (docs/method.md section 4) for content values [L,H,n,D].")
@@ -222,5 +245,15 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("evictions", &AnchorPool::evictions)
       .def("clear", &AnchorPool::clear)
       .def("save", &AnchorPool::save, py::arg("path"), release())
-      .def("load", &AnchorPool::load, py::arg("path"), py::arg("device") = "", release());
+      .def(
+          "load",
+          [](AnchorPool& p, const std::string& path, const std::string& device,
+             const c10::optional<std::string>& dtype) {
+            p.load(path, device, dtype ? dtype_from_name("AnchorPool.load", *dtype)
+                                       : at::ScalarType::Undefined);
+          },
+          py::arg("path"), py::arg("device") = "", py::arg("dtype") = py::none(), release(),
+          "Replaces the pool's contents with a saved pool (validated first; on any error the\n"
+          "pool is unchanged). dtype: 'float32', 'bfloat16' or 'float16' converts the anchors\n"
+          "to the model's dtype (default: keep the file's).");
 }

@@ -87,4 +87,13 @@ CompactTensor restore(const char* op, const char* what, const CompactTensor& t, 
   return same ? t : compact(op, what, t.expand(), s);
 }
 
+CompactTensor restore_as(const char* op, const char* what, const CompactTensor& t, Storage s,
+                         at::ScalarType dtype) {
+  CompactTensor out = restore(op, what, t, s);
+  if (!out.defined() || dtype == at::ScalarType::Undefined || dtype == out.dtype) return out;
+  if (s == Storage::kModel) out.data = out.data.to(dtype).contiguous();
+  out.dtype = dtype;
+  return out;
+}
+
 }  // namespace kvcomm

@@ -38,4 +38,9 @@ CompactTensor compact(const char* op, const char* what, const at::Tensor& t, Sto
 // differs; shared, not copied, when it is already in `s`).
 CompactTensor restore(const char* op, const char* what, const CompactTensor& t, Storage s);
 
+// restore() to storage `s`, standing for `dtype` afterwards (Undefined: t's own):
+// model-dtype storage is cast; bf16, int8 and fp8 codes are kept as they are.
+CompactTensor restore_as(const char* op, const char* what, const CompactTensor& t, Storage s,
+                         at::ScalarType dtype);
+
 }  // namespace kvcomm

@@ -168,9 +168,10 @@ struct PoolFile {
     return std::move(w.buf);
   }
 
-  // Decodes into `fresh` (an empty pool with the live pool's config).
+  // Decodes into `fresh` (an empty pool with the live pool's config), its
+  // anchors standing for `as_dtype` (Undefined: the file's dtype).
   static void decode(const std::string& buf, const std::string& path,
-                     const at::Device& device, AnchorPool& fresh) {
+                     const at::Device& device, at::ScalarType as_dtype, AnchorPool& fresh) {
     const char* op = "AnchorPool.load";
     TORCH_CHECK(buf.size() >= sizeof(kMagic) + 8 + 8 &&
                     std::memcmp(buf.data(), kMagic, sizeof(kMagic)) == 0,
@@ -200,7 +201,7 @@ struct PoolFile {
     auto next = [&](const char* what, int64_t tokens) {
       const CompactTensor t = r.stored(device, version, dtype);
       check_stored(path, t, layers, heads, dim, dtype, storage, tokens);
-      return restore(op, what, t, target);
+      return restore_as(op, what, t, target, as_dtype);
     };
     if (fresh.layers_ > 0 && layers > 0) {
       TORCH_CHECK(layers == fresh.layers_ && heads == fresh.heads_ && dim == fresh.dim_,
@@ -209,15 +210,17 @@ struct PoolFile {
                   "] but this pool is for [layers=", fresh.layers_, ", kv_heads=",
                   fresh.heads_, ", head_dim=", fresh.dim_, "]");
     }
+    const at::ScalarType held = as_dtype == at::ScalarType::Undefined ? dtype : as_dtype;
     if (fresh.dtype_ != at::ScalarType::Undefined && layers > 0) {
-      TORCH_CHECK(dtype == fresh.dtype_, op, ": '", path, "' holds ", dtype,
-                  " anchors but this pool holds ", fresh.dtype_);
+      TORCH_CHECK(held == fresh.dtype_, op, ": '", path, "' holds ", dtype,
+                  " anchors but this pool holds ", fresh.dtype_,
+                  " (load it with dtype=... to convert)");
     }
     if (layers > 0) {
       fresh.layers_ = layers;
       fresh.heads_ = heads;
       fresh.dim_ = dim;
-      fresh.dtype_ = dtype;
+      fresh.dtype_ = held;
     }
     fresh.next_id_ = r.pod<int64_t>();
     fresh.next_seq_ = r.pod<int64_t>();
@@ -299,7 +302,11 @@ void AnchorPool::save(const std::string& path) const {
               "AnchorPool.save: cannot rename '", tmp, "' to '", path, "'");
 }
 
-void AnchorPool::load(const std::string& path, const std::string& device) {
+void AnchorPool::load(const std::string& path, const std::string& device,
+                      at::ScalarType dtype) {
+  TORCH_CHECK(dtype == at::ScalarType::Undefined || dtype == at::kFloat ||
+                  dtype == at::kBFloat16 || dtype == at::kHalf,
+              "AnchorPool.load: dtype must be float32, bfloat16 or float16, got ", dtype);
   std::ifstream in(path, std::ios::binary);
   TORCH_CHECK(in.good(), "AnchorPool.load: cannot open '", path, "'");
   std::stringstream ss;
@@ -314,7 +321,7 @@ void AnchorPool::load(const std::string& path, const std::string& device) {
     fresh.dim_ = dim_;
     fresh.dtype_ = dtype_;
   }
-  PoolFile::decode(buf, path, dev, fresh);
+  PoolFile::decode(buf, path, dev, dtype, fresh);
   std::unique_lock<std::shared_mutex> lock(mutex_);
   slots_ = std::move(fresh.slots_);
   layers_ = fresh.layers_;

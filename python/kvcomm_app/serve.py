@@ -15,6 +15,8 @@ import os
 import sys
 import time
 
+from kvcomm.plan.defaults import DEFAULT_MIN_ANCHORS
+
 
 def add_serve_parser(sub) -> None:
     from .cli_checks import STORAGES, byte_size_arg
@@ -25,37 +27,115 @@ def add_serve_parser(sub) -> None:
     s.add_argument("model", nargs="?", default=None, help="a local model folder (default: the embedded SmolLM2)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--dtype", default="auto", help="vLLM's --dtype (default auto; float32 for exactness checks)")
+    s.add_argument("--dtype", default=None, help="vLLM's --dtype (default: float32 without CUDA - the embedded "
+                   "model's own dtype, no conversion on load - and auto with CUDA)")
     s.add_argument("--max-model-len", type=int, default=None)
-    s.add_argument("--served-model-name", default=None)
-    s.add_argument("--pool-file", default=None, help="an AnchorPool file loaded at start (a warm pool; "
-                   "'{rank}' is replaced by the tensor-parallel rank)")
+    s.add_argument("--served-model-name", default=None, help="the model name clients send (default: the model "
+                   "folder's name; SmolLM2-135M-Instruct for the embedded model)")
+    s.add_argument("--kv-cache-gib", type=float, default=None, help="vLLM's KV cache in GiB (default without "
+                   "CUDA: sized from this machine's memory, and printed; with CUDA vLLM's own sizing)")
+    s.add_argument("--pool-file", default=None, help="the anchor pool: loaded at start (checked before the "
+                   "server starts; converted to the served dtype), saved while serving and on shutdown "
+                   "('{rank}' is replaced by the tensor-parallel rank)")
+    s.add_argument("--pool-new", action="store_true", help="with --pool-file: start with an empty pool when the "
+                   "file does not exist yet")
+    s.add_argument("--save-every", type=float, default=600.0, metavar="SECONDS",
+                   help="save a changing pool this often (default 600)")
+    s.add_argument("--save-every-anchors", type=int, default=50, metavar="N",
+                   help="... or after N new anchors (default 50)")
+    s.add_argument("--min-anchors", type=int, default=None,
+                   help=f"anchors a slot collects before it shares (default {DEFAULT_MIN_ANCHORS})")
+    s.add_argument("--recompute", default=None, help="prompt tokens the reuse path computes: 'none' (the last "
+                   "token) or 'tail=N' (what vLLM's connector can express; docs/serving.md)")
+    s.add_argument("--no-partial", action="store_true", help="run a call with any slot that cannot be estimated "
+                   "fully dense (default: estimate the slots before it)")
     s.add_argument("--gamma", type=float, default=None, help="entropy gate of the anchor pool (default 0.3)")
     s.add_argument("--capacity", type=int, default=None, help="anchors per slot (default 20)")
     s.add_argument("--anchor-storage", default=None, choices=STORAGES,
-                   help="how the server's pool holds anchors (default model; docs/method.md section 10)")
+                   help="how the server's pool holds anchors (default model; docs/method.md#compact-anchors)")
     s.add_argument("--pool-bytes", type=byte_size_arg, default=None, metavar="SIZE",
                    help="byte budget of the server's anchor pool, e.g. 2G (default unlimited)")
     s.add_argument("--print-command", action="store_true", help="print the vLLM command line and exit")
     s.add_argument("vllm_args", nargs="*", help="after --: more vLLM arguments")
 
 
-def serve_command(args) -> list[str]:
-    from kvcomm.vllm.launch import serve_argv
+def serve_command(args, *, cuda: bool | None = None) -> tuple[list[str], list[str]]:
+    """(argv of the vLLM server, what was chosen for the operator to read). SystemExit with a
+    message for settings that cannot work (a pool file that cannot be used, a recompute
+    policy vLLM cannot express), before anything starts."""
+    from kvcomm.vllm import launch
+    from kvcomm.vllm.pool_store import check_pool_file
     model = args.model
     if model is None:
         from kvcomm.models import embedded_model_dir
         model = embedded_model_dir()
-    pool = {k: v for k, v in (("gamma", args.gamma), ("capacity", args.capacity),
+    if cuda is None:
+        import torch
+        cuda = torch.cuda.is_available()
+    notes = []
+    dtype = args.dtype or ("auto" if cuda else "float32")
+    name = args.served_model_name or _model_name(model, args.model is None)
+    pool = {k: v for k, v in (("gamma", args.gamma), ("capacity", args.capacity), ("min_anchors", args.min_anchors),
                               ("storage", args.anchor_storage), ("byte_budget", args.pool_bytes))
             if v is not None}
-    return serve_argv(model, host=args.host, port=args.port, dtype=args.dtype, max_model_len=args.max_model_len,
-                      served_model_name=args.served_model_name, pool=pool or None, pool_file=args.pool_file,
-                      extra_args=list(args.vllm_args or []))
+    plan = {"partial": not args.no_partial}
+    if args.recompute is not None:
+        plan["recompute"] = args.recompute
+    if args.pool_file:
+        shape = _model_shape(model)
+        problem = check_pool_file(args.pool_file.format(rank=0), layers=shape[0],
+                                  kv_heads=None if "{rank}" in args.pool_file else shape[1], head_dim=shape[2],
+                                  new_ok=args.pool_new)
+        if problem:
+            raise SystemExit(f"kvcomm serve: {problem}")
+    kv_bytes = None
+    extra = list(args.vllm_args or [])
+    if args.kv_cache_gib is not None:
+        kv_bytes = int(args.kv_cache_gib * (1 << 30))
+        notes.append(f"vLLM KV cache {args.kv_cache_gib:g} GiB (--kv-cache-gib)")
+    elif cuda or "--kv-cache-memory-bytes" in extra or os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        notes.append("vLLM KV cache: vLLM's own setting")
+    else:
+        total, avail = launch.memory_info()
+        kv_bytes = launch.default_kv_cache_bytes(total, avail, _model_bytes(model), int(args.pool_bytes or 0))
+        notes.append(f"vLLM KV cache {kv_bytes / (1 << 30):.2f} GiB, sized from this machine ({total / (1 << 30):.1f} "
+                     f"GiB, {avail / (1 << 30):.1f} GiB available; --kv-cache-gib to set it)")
+    try:
+        argv = launch.serve_argv(model, host=args.host, port=args.port, dtype=dtype, max_model_len=args.max_model_len,
+                                 served_model_name=name, kv_cache_bytes=kv_bytes, pool=pool or None,
+                                 pool_file=args.pool_file, pool_new=args.pool_new, save_every_s=args.save_every,
+                                 save_every_anchors=args.save_every_anchors, plan=plan, extra_args=extra)
+    except ValueError as e:
+        raise SystemExit(f"kvcomm serve: {e}") from None
+    notes.append(f"serving {name!r} ({dtype}) on http://{args.host}:{args.port}/v1")
+    return argv, notes
+
+
+def _model_name(model: str, embedded: bool) -> str:
+    return "SmolLM2-135M-Instruct" if embedded else os.path.basename(os.path.normpath(model))
+
+
+def _model_shape(model: str) -> tuple[int, int, int]:
+    """(layers, kv_heads, head_dim) from the model folder's config.json."""
+    import json
+    with open(os.path.join(model, "config.json")) as f:
+        c = json.load(f)
+    heads = c["num_attention_heads"]
+    return (c["num_hidden_layers"], c.get("num_key_value_heads") or heads,
+            c.get("head_dim") or c["hidden_size"] // heads)
+
+
+def _model_bytes(model: str) -> int:
+    return sum(os.path.getsize(os.path.join(model, f)) for f in os.listdir(model)
+               if f.endswith((".safetensors", ".bin", ".gguf", ".pt")))
 
 
 def cmd_serve(args) -> int:
-    argv = serve_command(args)
+    try:
+        argv, notes = serve_command(args)
+    except SystemExit as e:
+        print(e, file=sys.stderr)
+        return 2
     if args.print_command:
         import shlex
         print(shlex.join(argv))
@@ -65,6 +145,8 @@ def cmd_serve(args) -> int:
         print("kvcomm serve: vLLM is not installed in this environment; set one up with "
               "`bash .ci/vllm.sh --setup-only` and run build/venv-vllm/bin/kvcomm serve", file=sys.stderr)
         return 1
+    for note in notes:
+        print(f"kvcomm serve: {note}", flush=True)
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     sys.stdout.flush()
     os.execv(argv[0], argv)   # the server becomes this process: signals and exit status are vLLM's

@@ -10,6 +10,7 @@ import random
 import threading
 import time
 
+import pytest
 import torch
 
 import kvcomm
@@ -101,3 +102,31 @@ def test_pool_under_load_stays_consistent():
                 d = pool.anchor_deltas(slot, a.id, agent_name)
                 assert torch.allclose(d["ph_v"], torch.full_like(bk, value / 10))
     assert pool.memory_bytes() == sum(a.bytes for s in pool.slots() for a in pool.anchors(s))
+
+
+@pytest.mark.parametrize("storage", ["model", "bf16", "int8", "fp8"])
+def test_load_converts_to_the_servers_dtype(tmp_path, storage):
+    """A pool saved under a float32 model loads into a bfloat16 one with dtype='bfloat16'
+    (refused without it): decisions and estimates then run on the new dtype at once."""
+    torch.manual_seed(0)
+    src = kvcomm.AnchorPool(kvcomm.PoolConfig(storage=storage))
+    k, v = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    a = src.add_anchor("q", k, v)
+    src.record_deltas("q", a, "x", torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8))
+    path = str(tmp_path / "pool.bin")
+    src.save(path)
+    busy = kvcomm.AnchorPool(kvcomm.PoolConfig(storage=storage))
+    busy.add_anchor("z", k.bfloat16(), v.bfloat16())
+    with pytest.raises(RuntimeError, match="holds Float anchors but this pool holds BFloat16"):
+        busy.load(path)
+    assert busy.size() == 1   # unchanged
+    dst = kvcomm.AnchorPool(kvcomm.PoolConfig(storage=storage))
+    dst.load(path, dtype="bfloat16")
+    assert src.dtype == "float32" and dst.dtype == "bfloat16"
+    base = dst.anchor_base("q", a)[1]
+    assert base.dtype == torch.bfloat16
+    torch.testing.assert_close(base.float(), src.anchor_base("q", a)[1].float(), atol=0.02, rtol=0.02)
+    assert dst.anchor_deltas("q", a, "x")["ph_v"].dtype == torch.bfloat16
+    assert dst.decide("q", v.bfloat16()).candidates == [a]
+    with pytest.raises(RuntimeError, match="dtype must be"):
+        dst.load(path, dtype="int8")

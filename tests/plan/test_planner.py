@@ -201,3 +201,33 @@ def test_sessions_forget_the_least_recent_and_age_replies_by_round():
     assert s.get("a", rnd=1) is a and a.history == {"x": "reply"} and a.current == {}
     s.get("c")                      # "b" is the least recently used
     assert "b" not in s and "a" in s and len(s) == 2
+
+
+def test_a_first_carrier_computes_in_context_and_still_teaches_the_pool():
+    """defer_first_encoding: the call carrying a content first does not encode it before its
+    first token; once the base exists (encode_deferred), settle decides the content and
+    records that call's deltas, so a content only one agent reads still grows the pool."""
+    pool = pool_with(set())
+    planner = Planner(pool, ROPE, PlanSettings(defer_first_encoding=True))
+    calls = []
+
+    def encode(kind, ids):
+        calls.append(kind)
+        return content("user_question" if kind == "question" else "agent_a_current", 0)
+    st = Session(index=1)
+    plan = planner.plan(agent(), layout(), st, max_new_tokens=4, encode=encode)
+    assert calls == [] and plan.path == "dense" and plan.first_carrier == set(SLOTS)
+    assert plan.reason.startswith("slot user_question: first carrier")
+    assert [k for k, _ in plan.deferred] == ["question", "reply"] and st.contents == {}
+    k, v = torch.randn(L, H, T, D), torch.randn(L, H, T, D)
+    assert planner.record(plan, k, v) == 0 and set(plan.late) == {0, 1}   # kept until the bases exist
+    assert planner.encode_deferred(plan, st, encode) == 9 and calls == ["question", "reply"]
+    assert planner.settle(plan, st) == 2 and plan.late == {}
+    for i, (slot, a, b) in enumerate(SPANS):
+        (anchor,) = pool.anchors(slot)
+        assert anchor.agents == ["b@x"]
+        got = pool.anchor_deltas(slot, anchor.id, "b@x")
+        torch.testing.assert_close(got["ph_v"], v[:, :, a:b] - st.contents[(slot, tuple(layout().ids[a:b]))].base_v)
+    # the next carrier of the same contents in this session finds them decided
+    again = planner.plan(agent(), layout(), st, max_new_tokens=4, encode=encode)
+    assert again.first_carrier == set() and calls == ["question", "reply"]

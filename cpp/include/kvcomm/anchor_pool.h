@@ -115,6 +115,8 @@ class AnchorPool {
   explicit AnchorPool(PoolConfig config = {});
 
   const PoolConfig& config() const { return config_; }
+  // The dtype anchors stand for (the model's); Undefined until the first anchor or load.
+  at::ScalarType dtype() const;
 
   // docs/method.md section 4 for new content values [L,H,n,D] against the slot's pool.
   // On share, credits one activation to the top-p anchors (unless credit is
@@ -184,8 +186,12 @@ class AnchorPool {
   // (magic, version, checksums, shapes) before replacing the live contents;
   // on any error the live pool is unchanged and a c10::Error says why.
   void save(const std::string& path) const;
-  // `device` empty: CPU.
-  void load(const std::string& path, const std::string& device = "");
+  // `device` empty: CPU. `dtype` Undefined: anchors keep the file's dtype;
+  // otherwise they are converted to it (a pool saved by a float32 server
+  // loaded into a bfloat16 one): model-dtype storage is cast, bf16 / int8 /
+  // fp8 codes are kept as they are and stand for the new dtype.
+  void load(const std::string& path, const std::string& device = "",
+            at::ScalarType dtype = at::ScalarType::Undefined);
 
   // The stored (possibly compact) tensors of one anchor, for inspection and
   // tests: (name, data, scale) with name "base_k", "base_v" or

@@ -108,7 +108,7 @@ class _Clock:
 
     def __init__(self):
         self.t = {k: 0.0 for k in ("encode", "decide", "estimate", "forward", "first_token",
-                                   "record", "decode", "capture", "probe")}
+                                   "record", "decode", "capture", "encode_after", "probe")}
         self._last = time.perf_counter()
 
     def lap(self, key: str) -> None:
@@ -136,6 +136,9 @@ class KVCommEngine:
       and computes only those in context (default); False runs such calls fully dense;
       "prefix" plans as a backend that takes estimated KV for a prompt prefix only (the
       vLLM connector): every slot after the first computed one is computed too.
+    defer_first_encoding: the first call of a request that carries a content computes it in
+      context and encodes it after its first token (what `kvcomm serve` does), instead of
+      encoding it before (kvcomm.plan.planner.PlanSettings).
     estimator: how estimated slots get their KV (kvcomm.plan.estimators): "anchors" (KVCOMM,
       default), "base" (moved bases, no offsets: CacheBlend / EPIC's start), "none" (prefix
       caching only), "fit" (anchor weights fitted to the content's base).
@@ -144,7 +147,8 @@ class KVCommEngine:
     def __init__(self, model, tokenizer, pool_config: PoolConfig | None = None, *,
                  pool: AnchorPool | None = None, lead_ins: dict | None = None,
                  recompute: RecomputePolicy | str | None = None, exact_tail: int | None = None,
-                 partial: bool | str = DEFAULT_PARTIAL, estimator: str | None = None):
+                 partial: bool | str = DEFAULT_PARTIAL, defer_first_encoding: bool = False,
+                 estimator: str | None = None):
         if recompute is not None and exact_tail is not None:
             raise ValueError("give recompute or exact_tail, not both (exact_tail=N is recompute='tail=N')")
         self.spec = hf.enable(model)
@@ -156,7 +160,7 @@ class KVCommEngine:
                               PoolConfig(layers=s.num_layers, kv_heads=s.kv_heads, head_dim=s.head_dim,
                                          min_anchors=DEFAULT_MIN_ANCHORS))
         self.planner = Planner(pool, self.spec, dataclasses.replace(
-            _settings(partial, RecomputePolicy.parse(recompute)),
+            _settings(partial, RecomputePolicy.parse(recompute)), defer_first_encoding=bool(defer_first_encoding),
             **({} if estimator is None else {"estimator": estimator})))
         if exact_tail is not None:
             self.exact_tail = exact_tail
@@ -224,6 +228,7 @@ class KVCommEngine:
                             lead_ins=self.encoder.lead_ins,
                             recompute=self.recompute if recompute is None else recompute,
                             partial=self.partial if partial is None else partial,
+                            defer_first_encoding=self.settings.defer_first_encoding,
                             estimator=self.settings.estimator if estimator is None else estimator)
 
     # ------------------------------------------------------------------ setup
@@ -360,6 +365,11 @@ class KVCommEngine:
                 and self.planner.captures):
             self._capture(st, cache, T, tokens, lo, hi, text)
             clock.lap("capture")
+        deferred_tokens = 0
+        if plan is not None and plan.deferred:
+            deferred_tokens = self.planner.encode_deferred(plan, self.request, self.encoder.encode)
+            self.planner.settle(plan, self.request)   # the first carrier's deltas, now that the base exists
+            clock.lap("encode_after")
 
         self._paths["baseline" if mode == "dense" else path] += 1
         timings = dict(clock.t)
@@ -371,7 +381,7 @@ class KVCommEngine:
                          slot_decisions=dict(plan.decisions) if plan else {},
                          token_ids=tokens, slot_gates=plan.gates if plan else {},
                          s0_tokens=s0_tokens, computed_tokens=computed,
-                         encoded_tokens=plan.encoded_tokens if plan else 0,
+                         encoded_tokens=(plan.encoded_tokens if plan else 0) + deferred_tokens,
                          recomputed=dict(plan.recomputed) if plan else {},
                          slot_anchors=dict(plan.anchors) if plan else {},
                          probed_tokens=plan.probed if plan else 0,

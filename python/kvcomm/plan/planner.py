@@ -44,6 +44,7 @@ from .template import CONTENT_KIND, CURRENT, HISTORY, PromptLayout, classify
 NO_BASE = "no base KV (content not encoded and no captured reply)"
 PREFIX_ONLY = "prefix caching only (estimator none): computed after the exact prefix"
 NO_DECISION = "not decided: the estimator uses no anchors"
+FIRST_CARRIER = "first carrier: computed in context, encoded after this call for the agents after it"
 AFTER_COMPUTED = "after a computed slot (the backend takes estimated KV for a prefix only)"
 
 
@@ -55,6 +56,11 @@ class PlanSettings:
     partial: bool = DEFAULT_PARTIAL
     recompute: RecomputePolicy = field(default_factory=RecomputePolicy)
     prefix_only: bool = False
+    # The first call that carries a content the session has not encoded computes it in
+    # context and encodes it after its own first token (plan.deferred), instead of encoding
+    # it first: an encoding costs about what computing the content in context costs, so it
+    # can only pay off for the agents after the first, and off their critical path.
+    defer_first_encoding: bool = False
     # How estimated slots get their KV (kvcomm.plan.estimators): "anchors" (KVCOMM),
     # "base" (no offsets: what CacheBlend / EPIC start from), "none" (prefix caching only),
     # "fit" (anchor weights fitted to the content's base).
@@ -71,7 +77,7 @@ class PlanSettings:
 
     def describe(self) -> str:
         return (f"partial={'prefix' if self.prefix_only and self.partial else self.partial}, "
-                f"recompute={self.recompute.describe()}"
+                f"recompute={self.recompute.describe()}, defer_first_encoding={self.defer_first_encoding}"
                 + ("" if self.estimator == DEFAULT_ESTIMATOR else f", estimator={self.estimator}"))
 
 
@@ -88,6 +94,9 @@ class CallPlan:
     decisions: dict = field(default_factory=dict)   # slot name -> what was decided (for call records)
     anchors: dict = field(default_factory=dict)     # estimated slot name -> anchor ids used
     encoded_tokens: int = 0                         # content tokens this call encoded behind a header
+    deferred: list = field(default_factory=list)    # (kind, ids) to encode after this call (first carrier)
+    first_carrier: set = field(default_factory=set)  # slots this call carries first (not decided)
+    late: dict = field(default_factory=dict)        # first-carried slot -> its neutral KV, until settle()
     refused: str | None = None                      # why the call could not reuse at all
     path: str = "dense"                             # "reuse", "partial" or "dense"
     reason: str = ""
@@ -169,17 +178,21 @@ class Planner:
         return agent.alignment_problem(lay)
 
     def plan(self, agent: AgentState, lay: PromptLayout, session: Session, *, max_new_tokens: int,
-             encode=None, learn: bool = True, refusal: str | None = None, laps=None) -> CallPlan:
+             encode=None, learn: bool = True, refusal: str | None = None, laps=None,
+             deferred: frozenset = frozenset()) -> CallPlan:
         """The call's plan. encode(kind, ids) -> neutral (k, v): the backend encodes a content
         behind its kind's header (None: contents the session lacks have no base and are
         computed). refusal: a reason the caller already has to run dense (nothing is decided).
         laps: an object whose lap(step) is called after each base ("encode") and decision
-        ("decide"), for the caller's timings."""
+        ("decide"), for the caller's timings. deferred: slots whose content the backend
+        encodes after this call, their first carrier (with defer_first_encoding the planner
+        picks them itself and lists them in plan.deferred)."""
         plan = CallPlan(agent=agent, layout=lay, learn=learn)
         plan.refused = refusal or self.refusal(agent, lay, max_new_tokens)
         if plan.refused is None:
             for i, (name, a, b) in enumerate(lay.spans):
-                content = self._content(plan, session, name, tuple(lay.ids[a:b]), encode, learn, laps)
+                content = self._content(plan, session, name, tuple(lay.ids[a:b]), encode, learn, laps,
+                                        name in deferred)
                 plan.contents.append(content)
                 plan.slots.append(SlotPlan(name=name, span=(a, b), segment=tuple(lay.segments[i]),
                                            estimated=self._estimable(plan, i, content)))
@@ -188,17 +201,21 @@ class Planner:
         return plan
 
     def _content(self, plan: CallPlan, session: Session, slot: str, ids: tuple, encode, learn: bool,
-                 laps) -> Content | None:
+                 laps, deferred: bool) -> Content | None:
         found = session.contents.get((slot, ids))
         if found is not None:
             return found
         est = self.estimator
         if not est.reuses:
             return None
-        base = self._base(plan, session, slot, ids, encode)
+        defer = deferred or (self.settings.defer_first_encoding and encode is not None)
+        base = self._base(plan, session, slot, ids, None if defer else encode)
         if laps is not None:
             laps.lap("encode")
         if base is None:
+            if defer:
+                plan.deferred.append((CONTENT_KIND[classify(slot).kind], ids))
+                plan.first_carrier.add(slot)
             return None
         if not est.uses_anchors:
             content = session.contents[(slot, ids)] = Content(slot, tuple(ids), base[0], base[1], base[2],
@@ -231,6 +248,10 @@ class Planner:
             plan.decisions[name] = PREFIX_ONLY
             plan.why[i] = "prefix caching only"
             return False
+        if c is None and name in plan.first_carrier:
+            plan.decisions[name] = FIRST_CARRIER
+            plan.why[i] = "first carrier"
+            return False
         if c is None:
             plan.decisions[name] = NO_BASE
             plan.why[i] = "no base KV"
@@ -243,7 +264,7 @@ class Planner:
         if not self.estimator.uses_anchors:
             plan.decisions[name] = f"estimated without anchors (estimator {self.estimator.name})"
             return True
-        if not any(a.length >= c.length and plan.agent.key in a.agents for a in self.pool.anchors(c.slot)):
+        if not self._has_deltas(plan.agent, c):
             plan.decisions[name] = "share, but no anchor has deltas for this agent"
             plan.missing.add(i)
             plan.why[i] = "no deltas for agent"
@@ -357,6 +378,16 @@ class Planner:
         self._finish(plan)
         return plan
 
+    def encode_deferred(self, plan: CallPlan, session: Session, encode) -> int:
+        """After the call: encodes the contents it carried first (plan.deferred) for the
+        agents after it. Returns the content tokens encoded."""
+        n = 0
+        for kind, ids in plan.deferred:
+            if (kind, ids) not in session.encoded:
+                session.encoded[(kind, ids)] = encode(kind, ids)
+                n += len(ids)
+        return n
+
     # ------------------------------------------------------------------ step 4: record
 
     def record(self, plan: CallPlan, k, v) -> int:
@@ -366,39 +397,79 @@ class Planner:
         if not plan.learn or plan.refused is not None or not self.estimator.uses_anchors:
             return 0
         which = range(len(plan.contents)) if plan.path == "dense" else sorted(plan.computed)
-        lay, agent, inv_freq = plan.layout, plan.agent, self.rope.inv_freq
         recorded = 0
         for i in which:
             c = plan.contents[i]
             if c is None:
+                if plan.slots[i].name in plan.first_carrier:   # its base comes after the call: settle()
+                    plan.late[i] = self._slot_kv(plan, i, k, v)
                 continue
-            name, a, b = lay.spans[i]
-            if c.anchor_id is None and i in plan.missing:
-                # Shared content, but no anchor holds this agent's deltas: the content
-                # becomes an anchor so the agent has something to record into.
-                c.anchor_id = self.pool.add_anchor(c.slot, c.base_k, c.base_v)
-                plan.decisions[name] += " (new anchor)"
-            if c.anchor_id is None:
-                continue
-            ph_k, ph_v = neutral_span(k, v, a, b, inv_freq)
-            ph_k.sub_(c.base_k)
-            ph_v.sub_(c.base_v)
-            seg_k = seg_v = None
-            sa, sb = lay.segments[i]
-            if sb > sa:
-                seg_k, seg_v = neutral_span(k, v, sa, sb, inv_freq)
-                seg_k.sub_(agent.seg_k[i])
-                seg_v.sub_(agent.seg_v[i])
-                for p in lay.merged:   # another token than the template's there: no offset to learn
-                    if sa <= p < sb:
-                        seg_k[:, :, p - sa].zero_()
-                        seg_v[:, :, p - sa].zero_()
-            try:
-                self.pool.record_deltas(c.slot, c.anchor_id, agent.key, ph_k, ph_v, seg_k, seg_v)
-                recorded += 1
-            except RuntimeError as e:  # the anchor was evicted since it was added
-                plan.decisions[name] += f"; deltas not recorded: {str(e).splitlines()[0]}"
+            recorded += self._record_slot(plan, i, c, k, v)
         return recorded
+
+    def settle(self, plan: CallPlan, session: Session) -> int:
+        """The slots this call carried first (computed in context, their KV kept by record)
+        whose base the session has now: decided as their first carrier would have decided
+        them, and their deltas recorded - so a content only one agent ever reads still
+        teaches the pool. Returns how many slots recorded."""
+        recorded = 0
+        lay = plan.layout
+        for i in sorted(plan.late):
+            name, a, b = lay.spans[i]
+            ids = tuple(lay.ids[a:b])
+            base = session.encoded.get((CONTENT_KIND[classify(name).kind], ids))
+            if base is None:
+                continue
+            kv = plan.late.pop(i)
+            c = session.contents.get((name, ids))
+            if c is None:
+                c = session.contents[(name, ids)] = decide_content(self.pool, name, ids, base[0], base[1], "header",
+                                                                   learn=plan.learn, group=self.group)
+            if c.share and c.anchor_id is None and not self._has_deltas(plan.agent, c):
+                plan.missing.add(i)
+            plan.contents[i] = c
+            recorded += self._record_slot(plan, i, c, *kv, neutral=True)
+        return recorded
+
+    def _has_deltas(self, agent: AgentState, c: Content) -> bool:
+        return any(a.length >= c.length and agent.key in a.agents for a in self.pool.anchors(c.slot))
+
+    def _slot_kv(self, plan: CallPlan, i: int, k, v) -> tuple:
+        """Neutral-frame copies of slot i's KV and of its segment's (None, None without one)."""
+        _, a, b = plan.layout.spans[i]
+        sa, sb = plan.layout.segments[i]
+        inv_freq = self.rope.inv_freq
+        seg = neutral_span(k, v, sa, sb, inv_freq) if sb > sa else (None, None)
+        return (*neutral_span(k, v, a, b, inv_freq), *seg)
+
+    def _record_slot(self, plan: CallPlan, i: int, c: Content, k, v, seg_k=None, seg_v=None, *,
+                     neutral: bool = False) -> int:
+        """Slot i's deltas into c's anchor (k, v: the prompt's buffers, or with neutral=True the
+        slot's and its segment's neutral KV). 1 when recorded."""
+        lay, agent = plan.layout, plan.agent
+        name = lay.spans[i][0]
+        if c.anchor_id is None and i in plan.missing:
+            # Shared content, but no anchor holds this agent's deltas: the content
+            # becomes an anchor so the agent has something to record into.
+            c.anchor_id = self.pool.add_anchor(c.slot, c.base_k, c.base_v)
+            plan.decisions[name] += " (new anchor)"
+        if c.anchor_id is None:
+            return 0
+        ph_k, ph_v, seg_k, seg_v = (k, v, seg_k, seg_v) if neutral else self._slot_kv(plan, i, k, v)
+        ph_k, ph_v = ph_k - c.base_k, ph_v - c.base_v
+        if seg_k is not None:
+            sa, _ = lay.segments[i]
+            seg_k, seg_v = seg_k - agent.seg_k[i], seg_v - agent.seg_v[i]
+            for p in lay.merged:   # another token than the template's there: no offset to learn
+                if sa <= p < sa + seg_k.shape[2]:
+                    seg_k[:, :, p - sa].zero_()
+                    seg_v[:, :, p - sa].zero_()
+        try:
+            self.pool.record_deltas(c.slot, c.anchor_id, agent.key, ph_k, ph_v, seg_k, seg_v)
+            return 1
+        except RuntimeError as e:  # the anchor was evicted since it was added
+            plan.decisions[name] += f"; deltas not recorded: {str(e).splitlines()[0]}"
+            return 0
 
     # ------------------------------------------------------------------ step 5: capture
 

@@ -67,6 +67,7 @@ class Session:
     encoded: dict = field(default_factory=dict)    # (kind, ids) -> (k, v) header encodings
     current: dict = field(default_factory=dict)    # agent -> Reply, this round
     history: dict = field(default_factory=dict)    # agent -> Reply, previous round
+    late_plans: list = field(default_factory=list)  # call plans whose first-carried slots wait for a base
 
     def next_round(self) -> None:
         self.round += 1

@@ -48,7 +48,7 @@ class RemoteCall:
     agent: str
     text: str
     mode: str
-    path: str                 # "reuse", "dense" (KVCOMM chose dense) or "baseline" (plain vLLM)
+    path: str                 # "reuse", "partial", "dense" (KVCOMM's path) or "baseline" (plain vLLM)
     reason: str
     ttft_ms: float            # request sent -> first generated token received (includes the
                               # server's template pass and content encodings)
@@ -61,6 +61,7 @@ class RemoteCall:
     token_ids: list = field(default_factory=list)
     finish_reason: str | None = None
     kv: dict = field(default_factory=dict)        # the response's kv_transfer_params["kvcomm"]
+    cached_tokens: int | None = None              # streamed: prompt tokens vLLM reports it did not compute
 
 
 class KVCommClient:
@@ -203,8 +204,9 @@ class KVCommClient:
                               ch.get("finish_reason"), kv)
         body["return_token_ids"] = True
         body["stream_options"] = {"include_usage": True}
-        text, ids, ttft, finish, usage = [], [], None, None, {}
+        text, ids, ttft, finish, usage, kv = [], [], None, None, {}, {}
         for t, chunk in self.stream("/v1/chat/completions", body):
+            kv = ((chunk.get("kv_transfer_params") or {}).get("kvcomm") or kv) if mode == KVCOMM else kv
             for ch in chunk.get("choices") or []:
                 tok = ch.get("token_ids") or []
                 if ttft is None and (tok or (ch.get("delta") or {}).get("content")):
@@ -218,14 +220,12 @@ class KVCommClient:
         cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
         path, reason = "baseline", "plain vLLM"
         if mode == KVCOMM:
-            # A streamed response carries no kv_transfer_params; the prompt tokens vLLM did not
-            # compute say the path: all but the last on the reuse path (needs the server's
-            # --enable-prompt-tokens-details, which `kvcomm serve` sets).
-            path = "?" if cached is None else ("reuse" if prompt and cached == prompt - 1 else "dense")
-            reason = "" if cached is None else f"{cached} of {prompt} prompt tokens supplied by KVCOMM"
+            # The server's front end sends the call's report in a last chunk (kvcomm.vllm.observe).
+            path, reason = kv.get("path", "?"), kv.get("reason", "")
         return RemoteCall(agent, "".join(text), mode, path, reason, float(ttft if ttft is not None else total),
                           {"total": total}, ids[0] if ids else None, prompt,
-                          int(usage.get("completion_tokens", len(ids))), {}, {}, ids, finish)
+                          int(usage.get("completion_tokens", len(ids))), kv.get("slots", {}), {}, ids, finish, kv,
+                          cached)
 
     def engine(self, *, stream: bool = False, learn: bool = True) -> "RemoteEngine":
         return RemoteEngine(self, stream=stream, learn=learn)

@@ -65,21 +65,38 @@ class KVCommConnector(KVConnectorBase_V1):
             self._worker = WorkerSide(vllm_config, extra, self._get_connector_metadata)
 
     # ------------------------------------------------------------------ scheduler side
+    # A failure of KVCOMM's own must cost one request its reuse, never the engine: each
+    # entry point logs it and answers as a connector with nothing to offer would.
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
-        return self._sched.get_num_new_matched_tokens(request, num_computed_tokens)
+        try:
+            return self._sched.get_num_new_matched_tokens(request, num_computed_tokens)
+        except Exception:
+            log.exception("kvcomm connector: matching %s failed; served as plain vLLM", request.request_id)
+            self._sched.forget(request.request_id)
+            return 0, False
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int):
-        return self._sched.update_state_after_alloc(request, blocks, num_external_tokens)
+        try:
+            return self._sched.update_state_after_alloc(request, blocks, num_external_tokens)
+        except Exception:
+            log.exception("kvcomm connector: allocating for %s failed", request.request_id)
 
     def build_connector_meta(self, scheduler_output):
         return self._sched.build_connector_meta(scheduler_output)
 
     def update_connector_output(self, connector_output) -> None:
-        return self._sched.update_connector_output(connector_output)
+        try:
+            return self._sched.update_connector_output(connector_output)
+        except Exception:
+            log.exception("kvcomm connector: reading the workers' answers failed")
 
     def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        return self._sched.request_finished(request, block_ids)
+        try:
+            return self._sched.request_finished(request, block_ids)
+        except Exception:
+            log.exception("kvcomm connector: finishing %s failed; its reply is not captured", request.request_id)
+            return False, None
 
     # ------------------------------------------------------------------ worker side
 
@@ -118,3 +135,7 @@ class KVCommConnector(KVConnectorBase_V1):
 
     def build_connector_worker_meta(self):
         return self._worker.build_connector_worker_meta()
+
+    def shutdown(self):
+        if self._worker is not None:
+            self._worker.shutdown()

@@ -31,12 +31,14 @@ import uuid
 from collections import OrderedDict
 
 from ..plan.replies import BlankTokens, reply_span
+from .observe import CallReports, final_chunk, setup_logging
 from .prepare import Internal, Preparer, kv_params
 from .protocol import KEY, SERVER, Call, ParamError, kvcomm_params, parse_call
 
 log = logging.getLogger("kvcomm.vllm")
 
 PATHS = ("/v1/chat/completions",)
+SAVE_PATH = "/kvcomm/save"
 _REMEMBER = 65536   # encodings / captured replies remembered (oldest forgotten first)
 
 
@@ -54,7 +56,7 @@ class _Engine:
     def __init__(self, app):
         from transformers import AutoTokenizer
 
-        from .settings import LEAD_INS, TOKEN
+        from .settings import LEAD_INS, TOKEN, plan_settings
         state = app.state
         self.client = state.engine_client
         cfg = state.vllm_config
@@ -66,10 +68,15 @@ class _Engine:
                                "server_token (start it with `kvcomm serve`)")
         tok = AutoTokenizer.from_pretrained(cfg.model_config.tokenizer, local_files_only=True)
         self.prep = Preparer(tok, extra.get(LEAD_INS))
+        self.defer = plan_settings(extra).defer_first_encoding
         self.stops = set()
         for t in (tok.eos_token_id, getattr(cfg.model_config.hf_config, "eos_token_id", None)):
             self.stops.update([t] if isinstance(t, int) else list(t or []))
         self.is_blank = BlankTokens(tok)
+        self.any_token = next(iter(sorted(self.stops)), 0)   # the one prompt token of a save request
+        setup_logging()
+        self.reports = CallReports()
+        self.reports.watch(self.client)
 
     async def one_token(self, job: Internal) -> None:
         """An internal request: prefill job.ids, generate one token."""
@@ -95,6 +102,8 @@ class KVCommFrontend:
     # ------------------------------------------------------------------ ASGI
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope.get("method") == "POST" and scope.get("path") == SAVE_PATH:
+            return await self._save(scope, send)
         if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in PATHS:
             return await self.app(scope, receive, send)
         chunks = []
@@ -127,7 +136,27 @@ class KVCommFrontend:
         headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
         headers.append((b"content-length", str(len(new_body)).encode()))
         scope = dict(scope, headers=headers)
-        return await self.app(scope, _replay(new_body, receive), self._watch(send, engine, track))
+        try:
+            return await self.app(scope, _replay(new_body, receive), self._watch(send, engine, track))
+        finally:   # a call that failed or never streamed still starts what it deferred
+            self._start_later(engine, track[-1])
+
+    async def _save(self, scope, send) -> None:
+        """POST /kvcomm/save with the server's token (header X-KVCOMM-Token): the workers save
+        their anchor pools now (kvcomm.vllm.supervise asks for it before stopping the server)."""
+        engine = self._get_engine(scope)
+        sent = dict(scope.get("headers", [])).get(b"x-kvcomm-token", b"").decode()
+        if not sent or sent != engine.token:
+            return await _error(send, 403, "kvcomm: /kvcomm/save needs the server's token", "PermissionError")
+        job = Internal([engine.any_token], {"op": "save"}, ("save",))
+        try:
+            await engine.one_token(job)
+        except Exception as e:
+            return await _error(send, 500, f"kvcomm: saving the pool failed: {e}", "InternalServerError")
+        body = json.dumps({"saved": True}).encode()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
 
     def _get_engine(self, scope) -> _Engine:
         if self._engine is None:
@@ -137,24 +166,80 @@ class KVCommFrontend:
     # ------------------------------------------------------------------ one call
 
     async def _prepare(self, engine: _Engine, call: Call, data: dict):
+        """(the call's new body, what _watch tracks). The internal requests the call needs are
+        waited for, except those this call is the first to need: with deferral on (the
+        default), a content's first carrier computes it in context, as plain vLLM does, and
+        its encoding starts once the call streams its first token, for the calls after it
+        (the agent's template pass too, when the call could not use it anyway)."""
         prep = engine.prep.prepare(call)
-        await self._once(self._agents, prep.template.key, engine, prep.template)
+        later: list = []
         skip = set()
         for name, owner, rnd, ids in prep.replies:
             if self._replies.get((call.session, owner, rnd)) == ids:
                 skip.add((call.session, "reply", ids))   # the engine captured it: its KV is the base
-        waits = [self._once(self._encoded, job.key, engine, job) for job in prep.encodes if job.key not in skip]
-        if waits:
-            await asyncio.gather(*waits)
+        waits, deferred, mine = [], [], set()
+        for job in prep.encodes:
+            if job.key in skip:
+                continue
+            if engine.defer and (job.key not in self._encoded or job.key in mine):
+                if job.key not in mine:   # two slots of one call may hold the same content
+                    later.append(self._pending(self._encoded, job.key, job))
+                    mine.add(job.key)
+                deferred.append(job.server["slot"])
+            else:
+                waits.append(self._once(self._encoded, job.key, engine, job))
+        # A call whose first slot it carries first is computed from its exact prefix on (the
+        # connector estimates a prefix only), so it reuses nothing the template pass would
+        # give but S0: the pass can wait until after its first token too.
+        first_deferred = bool(prep.lay.spans) and prep.lay.spans[0][0] in deferred
+        if first_deferred and prep.template.key not in self._agents:
+            later.append(self._pending(self._agents, prep.template.key, prep.template))
+        else:
+            waits.append(self._once(self._agents, prep.template.key, engine, prep.template))
+        log.debug("kvcomm front end: %s/%s waits for %d internal requests, defers %d (%s)", call.session,
+                  call.agent, len(waits), len(later), deferred)
+        try:
+            if waits:
+                await asyncio.gather(*waits)
+        except BaseException:   # what this call deferred still runs: later calls wait for it
+            self._start_later(engine, later)
+            raise
         params = dict(kvcomm_params(data))
-        params[SERVER] = dict(prep.server, token=engine.token)
+        params[SERVER] = dict(prep.server, token=engine.token, deferred=deferred)
         out = dict(data)
         out["kv_transfer_params"] = dict(data["kv_transfer_params"], **{KEY: params})
         out["cache_salt"] = f"kvcomm-{uuid.uuid4().hex}"
         stream = bool(data.get("stream"))
         if stream:
             out["return_token_ids"] = True   # the front end reads the reply's ids from the stream
-        return json.dumps(out).encode(), (call.session, call.agent, call.round, stream)
+        return json.dumps(out).encode(), (call.session, call.agent, call.round, stream, later)
+
+    def _pending(self, table, key, job: Internal):
+        """A place-holder future for `job` in `table` (later calls wait on it); returns the
+        (future, job) pair _start_later runs."""
+        fut = asyncio.get_running_loop().create_future()
+        if isinstance(table, _LRU):
+            table.put(key, fut)
+        else:
+            table[key] = fut
+        return table, key, fut, job
+
+    def _start_later(self, engine: _Engine, later: list) -> None:
+        """Runs deferred internal requests (once), resolving their place-holders."""
+        while later:
+            table, key, fut, job = later.pop()
+
+            async def run(table=table, key=key, fut=fut, job=job):
+                try:
+                    log.debug("kvcomm front end: deferred %s request starts", job.server["op"])
+                    await engine.one_token(job)
+                    fut.set_result(None)
+                except Exception as e:
+                    table.pop(key, None)   # a later call tries again
+                    log.error("kvcomm front end: a deferred %s request failed: %s", job.server["op"], e)
+                    fut.set_exception(e)
+                    fut.exception()   # retrieved: waiters log it themselves
+            asyncio.ensure_future(run())
 
     async def _once(self, table, key, engine: _Engine, job: Internal) -> None:
         """Runs the internal request `job` once per key (concurrent calls share it). An
@@ -179,9 +264,11 @@ class KVCommFrontend:
 
     def _watch(self, send, engine: _Engine, track):
         """Passes the response on; remembers the reply the engine captured, so the next
-        agent's call does not encode it again."""
-        session, agent, rnd, stream = track
-        state = {"status": 200, "buf": b"", "ids": [], "finish": None, "captured": None}
+        agent's call does not encode it again; gives a stream the call's report in one more
+        chunk before its end (kvcomm.vllm.observe)."""
+        session, agent, rnd, stream, later = track
+        state = {"status": 200, "buf": b"", "ids": [], "finish": None, "captured": None, "id": None,
+                 "model": None}
 
         def sse_lines(data: bytes):
             state["buf"] += data
@@ -194,16 +281,28 @@ class KVCommFrontend:
                     chunk = json.loads(line[5:])
                 except ValueError:
                     continue
+                state["id"] = state["id"] or chunk.get("id")
+                state["model"] = state["model"] or chunk.get("model")
                 for ch in chunk.get("choices") or []:
                     state["ids"].extend(ch.get("token_ids") or [])
                     state["finish"] = ch.get("finish_reason") or state["finish"]
+
+        def with_report(body: bytes) -> bytes:
+            at = body.find(b"data: [DONE]")
+            report = engine.reports.pop(state["id"]) if at >= 0 and state["id"] else None
+            if report is None:
+                return body
+            return body[:at] + final_chunk(state["id"], state["model"], report) + body[at:]
 
         async def wrapped(msg):
             if msg["type"] == "http.response.start":
                 state["status"] = msg.get("status", 200)
             elif msg["type"] == "http.response.body" and state["status"] == 200:
+                self._start_later(engine, later)   # the first token is out: the deferred work may run
                 if stream:
                     sse_lines(msg.get("body", b""))
+                    if b"data: [DONE]" in msg.get("body", b""):
+                        msg = dict(msg, body=with_report(msg["body"]))
                 else:
                     state["buf"] += msg.get("body", b"")
                 if not msg.get("more_body", False):

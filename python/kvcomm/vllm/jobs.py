@@ -23,6 +23,7 @@ class CallLayout:
     problem: str | None   # why the layout cannot reuse (a slot edge inside a token), else None
     max_tokens: int
     merged: list = field(default_factory=list)   # segment tokens that took in a content's whitespace
+    deferred: list = field(default_factory=list)  # slots this call carries first (encoded after it)
 
 
 @dataclass
@@ -34,6 +35,8 @@ class PlanResult:
     slots: dict = field(default_factory=dict)    # slot -> what was decided
     gates: dict = field(default_factory=dict)    # slot -> the decision's numbers
     record: bool = False       # after the prefill, read the computed KV back for deltas
+    pool_anchors: int = 0      # the pool after planning (reported with the call)
+    pool_bytes: int = 0
 
 
 @dataclass

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import sys
 
@@ -18,7 +19,8 @@ def new_token() -> str:
 
 def transfer_config(token: str | None = None, pool: dict | None = None, pool_file: str | None = None,
                     lead_ins: dict | None = None, max_sessions: int | None = None,
-                    keep_loads: bool = False, plan: dict | None = None) -> dict:
+                    keep_loads: bool = False, plan: dict | None = None, pool_new: bool = False,
+                    save_every_s: float | None = None, save_every_anchors: int | None = None) -> dict:
     """The --kv-transfer-config of a KVCOMM server (keys: kvcomm.vllm.settings).
     kv_load_failure_policy "recompute": a load that fails anyway is recomputed by vLLM
     instead of failing the request. plan: {"partial": bool, "recompute": "none" | "tail=N"},
@@ -38,16 +40,25 @@ def transfer_config(token: str | None = None, pool: dict | None = None, pool_fil
     if plan:
         extra[settings.PLAN_ARGS] = dict(plan)
         settings.plan_settings(extra)
+    if pool_new:
+        extra[settings.POOL_NEW] = True
+    if save_every_s is not None:
+        extra[settings.SAVE_EVERY_S] = float(save_every_s)
+    if save_every_anchors is not None:
+        extra[settings.SAVE_EVERY_ANCHORS] = int(save_every_anchors)
     return {"kv_connector": CONNECTOR, "kv_connector_module_path": MODULE, "kv_role": "kv_both",
             "kv_load_failure_policy": "recompute", "kv_connector_extra_config": extra}
 
 
 def serve_argv(model: str, *, host: str = "127.0.0.1", port: int = 8000, dtype: str = "auto",
                max_model_len: int | None = None, served_model_name: str | None = None,
-               extra_args: list[str] | None = None, **config) -> list[str]:
-    """argv of `python -m kvcomm.vllm.vllm_cli serve MODEL ...` with the connector and the
-    front end. config: transfer_config's keyword arguments."""
-    argv = [sys.executable, "-m", "kvcomm.vllm.vllm_cli", "serve", model, "--host", host, "--port", str(port),
+               kv_cache_bytes: int | None = None, extra_args: list[str] | None = None, **config) -> list[str]:
+    """argv of `python -m kvcomm.vllm.supervise -- python -m kvcomm.vllm.vllm_cli serve MODEL ...`
+    (the vLLM server with the connector and the front end, stopped so that its pool is saved).
+    config: transfer_config's keyword arguments. kv_cache_bytes: vLLM's KV cache
+    size (--kv-cache-memory-bytes; default_kv_cache_bytes sizes it from the machine)."""
+    argv = [sys.executable, "-m", "kvcomm.vllm.supervise", "--",   # saves the pool before the server stops
+            sys.executable, "-m", "kvcomm.vllm.vllm_cli", "serve", model, "--host", host, "--port", str(port),
             "--dtype", dtype, "--kv-transfer-config", json.dumps(transfer_config(**config)),
             "--middleware", MIDDLEWARE,
             # usage.prompt_tokens_details.cached_tokens: how many prompt tokens vLLM did not
@@ -57,7 +68,30 @@ def serve_argv(model: str, *, host: str = "127.0.0.1", port: int = 8000, dtype: 
         argv += ["--max-model-len", str(max_model_len)]
     if served_model_name:
         argv += ["--served-model-name", served_model_name]
+    if kv_cache_bytes:
+        argv += ["--kv-cache-memory-bytes", str(int(kv_cache_bytes))]
     return argv + list(extra_args or [])
+
+
+def memory_info() -> tuple[int, int]:
+    """(total, available) bytes of this machine's memory (/proc/meminfo)."""
+    vals = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, rest = line.split(":", 1)
+            vals[key] = int(rest.split()[0]) * 1024
+    return vals["MemTotal"], vals.get("MemAvailable", vals["MemFree"])
+
+
+def default_kv_cache_bytes(total: int, available: int, model_bytes: int, pool_bytes: int = 0) -> int:
+    """vLLM's KV cache on a CPU server, sized from the machine: a quarter of its memory, and
+    never more than what is available after the weights (twice: vLLM loads, then converts),
+    the anchor pool's budget and 2 GiB of headroom for the process and KVCOMM's buffers; at
+    least 1 GiB, in whole 256 MiB steps. (vLLM's own CPU default takes most of the memory.)"""
+    gib = 1 << 30
+    room = available - 2 * model_bytes - pool_bytes - 2 * gib
+    size = max(gib, min(total // 4, room))
+    return size - size % (256 << 20)
 
 
 def free_port() -> int:
@@ -104,7 +138,12 @@ class Server:
             if self.proc.poll() is not None or time.perf_counter() - t0 > self.timeout:
                 self.__exit__(None, None, None)
                 with open(self.log_path) as f:
-                    raise RuntimeError(f"the KVCOMM server did not start; its log ends:\n{f.read()[-4000:]}")
+                    text = f.read()
+                # KVCOMM's own reasons (an unusable pool file, a bad setting) first: the log's end
+                # is the shutdown's tracebacks
+                ours = re.findall(r"\w+Error: kvcomm[^\n]*", text)
+                raise RuntimeError("the KVCOMM server did not start" + (f": {ours[-1]}" if ours else "")
+                                   + f"; its log ends:\n{text[-4000:]}")
             time.sleep(1)
         self.startup_s = time.perf_counter() - t0
         return client
@@ -112,9 +151,9 @@ class Server:
     def __exit__(self, *exc):
         import subprocess
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+            self.proc.terminate()   # the supervisor saves the pool, then stops the server
             try:
-                self.proc.wait(60)
+                self.proc.wait(420)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(30)

@@ -32,18 +32,21 @@ class OfflineCall:
     request_id: str = ""
     reused_tokens: int = 0     # prompt tokens vLLM did not compute (the connector's prefix)
     s0: int = 0                # the agent's exact prefix (tokens before the first placeholder)
-    encoded_tokens: int = 0    # content tokens this call had encoded behind a header
+    encoded_tokens: int = 0    # content tokens this call had encoded behind a header (before or after it)
 
 
 class KVCommLLM:
     """vLLM's LLM with the KVCOMM connector. llm_kwargs go to vllm.LLM."""
 
     def __init__(self, model: str, *, token: str | None = None, pool: dict | None = None, keep_loads: bool = False,
-                 **llm_kwargs):
+                 plan: dict | None = None, **llm_kwargs):
         from transformers import AutoTokenizer
         from vllm import LLM
         from vllm.config import KVTransferConfig
-        cfg = transfer_config(token=token, pool=pool, keep_loads=keep_loads)
+
+        from .settings import plan_settings
+        cfg = transfer_config(token=token, pool=pool, keep_loads=keep_loads, plan=plan)
+        self.defer = plan_settings(cfg["kv_connector_extra_config"]).defer_first_encoding
         self.token = cfg["kv_connector_extra_config"]["server_token"]
         self.llm = LLM(model=model, kv_transfer_config=KVTransferConfig(**cfg), **llm_kwargs)
         self.prep = Preparer(AutoTokenizer.from_pretrained(model, local_files_only=True))
@@ -88,26 +91,41 @@ class KVCommLLM:
             o = out.outputs[0]
             return OfflineCall(o.text, list(o.token_ids), "plain", "no kvcomm parameters",
                                prompt_ids=list(prep.lay.ids))
-        if prep.template.key not in self._done:
-            self._one_token(prep.template)
-            self._done.add(prep.template.key)
-        # A reply the engine captured is its own base; anything else is encoded.
+        # A reply the engine captured is its own base; anything else is encoded - before the
+        # call, or (deferral, as the server does) after it when this call carries it first.
         skip = {(session, "reply", ids) for _, owner, r, ids in prep.replies
                 if self._replies.get((session, owner, r)) == ids}
-        encoded = 0
+        encoded, later, deferred = 0, [], []
         for job in prep.encodes:
-            if job.key not in self._done and job.key not in skip:
+            if any(job.key == j.key for j in later):   # the same content in two slots of this call
+                deferred.append(job.server["slot"])
+            if job.key in self._done or job.key in skip:
+                continue
+            if self.defer:
+                later.append(job)
+                deferred.append(job.server["slot"])
+            else:
                 self._one_token(job)
-                self._done.add(job.key)
                 encoded += len(job.server["content_ids"])
+            self._done.add(job.key)
+        if prep.template.key not in self._done:
+            if self.defer and prep.lay.spans and prep.lay.spans[0][0] in deferred:
+                later.insert(0, prep.template)   # the call could use nothing of it but S0
+            else:
+                self._one_token(prep.template)
+            self._done.add(prep.template.key)
+        server = dict(prep.server, token=self.token, deferred=deferred)
         sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, extra_args={"kv_transfer_params": {
-            KEY: dict(call_params(call), _server=dict(prep.server, token=self.token))}})
+            KEY: dict(call_params(call), _server=server)}})
         prompt = TokensPrompt(prompt_token_ids=list(prep.lay.ids), cache_salt=f"kvcomm-{uuid.uuid4().hex}")
         out = self.llm.generate([prompt], sp, use_tqdm=False)[0]
         o = out.outputs[0]
         info = (out.kv_transfer_params or {}).get(KEY, {})
         reply = info.get("reply_ids")
         self._replies[(session, agent, rnd)] = tuple(reply) if reply else None
+        for job in later:
+            self._one_token(job)
+            encoded += len(job.server.get("content_ids", ()))
         return OfflineCall(o.text, list(o.token_ids), info.get("path", "?"), info.get("reason", ""),
                            info.get("slots", {}), list(prep.lay.ids), reply, out.request_id,
                            int(info.get("reused_tokens", 0)), prep.lay.s0, encoded)

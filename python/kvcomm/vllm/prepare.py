@@ -63,7 +63,7 @@ class Preparer:
                     replies.append((name, ph.owner, rnd, ids))
                 header = self.headers[kind]
                 encodes.append(Internal(list(header) + list(ids), {
-                    "op": "encode", "session": call.session, "kind": kind, "header": len(header),
+                    "op": "encode", "session": call.session, "slot": name, "kind": kind, "header": len(header),
                     "content_ids": list(ids)}, (call.session, kind, ids)))
         server = {"op": "call", "agent": call.agent, "agent_key": key, "session": call.session,
                   "round": call.round, "learn": call.learn, "ids": ids_digest(lay.ids), "n": lay.length,

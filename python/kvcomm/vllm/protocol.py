@@ -34,7 +34,7 @@ from ..plan.template import AGENT_NAME_RE, Template, TemplateError, parse_templa
 
 KEY = "kvcomm"            # the key under kv_transfer_params
 SERVER = "_server"        # fields only the server's front end may set
-OPS = ("template", "encode")   # internal requests the front end sends to the engine
+OPS = ("template", "encode", "save")   # internal requests the front end sends to the engine
 SESSION_MAX = 256         # characters of a session id
 TEMPLATE_MAX = 65536      # characters of a template
 

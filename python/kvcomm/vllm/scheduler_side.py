@@ -13,7 +13,7 @@ from typing import Any
 
 from ..plan.replies import BlankTokens, reply_span
 from .jobs import CallLayout, CaptureJob, KVCommMeta, KVCommWorkerMeta, LoadJob, PlanJob, PlanResult, SaveJob
-from .protocol import KEY, SERVER, ids_digest
+from .protocol import KEY, OPS, SERVER, ids_digest
 from .settings import TOKEN
 
 log = logging.getLogger("kvcomm.vllm")
@@ -65,7 +65,7 @@ class SchedulerSide:
                             "end's fields is served as plain vLLM (send calls through `kvcomm serve`)")
             return None
         op = srv.get("op", "call")
-        if op in ("template", "encode"):
+        if op in OPS:
             info = _Req(op, request, srv)
         elif op == "call":
             ids = request.prompt_token_ids or []
@@ -82,11 +82,17 @@ class SchedulerSide:
                 agent_key=srv["agent_key"], agent_name=srv["agent"], session=srv["session"], round=srv["round"],
                 learn=bool(srv.get("learn", True)), spans=[tuple(s) for s in srv["spans"]],
                 segments=[tuple(s) for s in srv["segments"]], s0=srv["s0"], problem=srv.get("problem"),
-                max_tokens=int(sp.max_tokens or 0) if sp is not None else 0, merged=list(srv.get("merged", []))))
+                max_tokens=int(sp.max_tokens or 0) if sp is not None else 0, merged=list(srv.get("merged", [])),
+                deferred=list(srv.get("deferred", []))))
         else:
             return None
         self._reqs[request.request_id] = info
         return info
+
+    def forget(self, req_id: str) -> None:
+        """Serve this request as plain vLLM from now on (a failure of the connector's own)."""
+        if self._reqs.pop(req_id, None) is not None:
+            self._drops.append(req_id)   # whatever the workers hold for it is freed
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
         info = self._parse(request)
@@ -155,7 +161,9 @@ class SchedulerSide:
         plan = info.plan
         out = {"path": plan.path if plan else "none", "reason": plan.reason if plan else "finished before planning",
                "slots": plan.slots if plan else {}, "prompt_tokens": request.num_prompt_tokens,
-               "reused_tokens": plan.prefix if plan else 0}
+               "reused_tokens": plan.prefix if plan else 0, "s0_tokens": int(info.params.get("s0", 0)),
+               "agent": info.call.agent_name, "session": info.call.session,
+               "pool_anchors": plan.pool_anchors if plan else None, "pool_bytes": plan.pool_bytes if plan else None}
         delay = False
         from vllm.v1.request import RequestStatus
         ids = list(request.output_token_ids)

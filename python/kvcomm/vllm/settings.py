@@ -11,9 +11,13 @@ from ..plan.defaults import DEFAULT_MIN_ANCHORS, DEFAULT_PARTIAL
 from ..plan.planner import PlanSettings
 
 TOKEN = "server_token"        # shared with the front end; internal fields need it
-POOL_FILE = "pool_file"       # optional: an AnchorPool file loaded at start (warm pool)
+POOL_FILE = "pool_file"       # optional: the AnchorPool file loaded at start and saved to (kvcomm.vllm.pool_store)
+POOL_NEW = "pool_new"         # a missing pool file starts an empty pool (saved there) instead of an error
+SAVE_EVERY_S = "save_every_s"             # save the pool this often while it changes (default 600)
+SAVE_EVERY_ANCHORS = "save_every_anchors"  # ... or after this many new anchors (default 50)
 POOL_ARGS = "pool"            # optional: kvcomm.PoolConfig keyword arguments
-PLAN_ARGS = "plan"            # optional: {"partial": bool, "recompute": "none" | "tail=N"}
+PLAN_ARGS = "plan"            # optional: {"partial": bool, "recompute": "none" | "tail=N",
+                              #            "defer_first_encoding": bool}
 MAX_SESSIONS = "max_sessions"
 LEAD_INS = "lead_ins"
 KEEP_LOADS = "keep_loads"     # diagnostics: read back what each load wrote (WorkerSide.kept)
@@ -23,13 +27,17 @@ def plan_settings(extra: dict) -> PlanSettings:
     """The planner settings of a prefix-only backend from the extra config; ValueError names a
     bad value (a recompute policy vLLM cannot express, an unknown key)."""
     args = dict(extra.get(PLAN_ARGS) or {})
-    unknown = sorted(set(args) - {"partial", "recompute"})
+    unknown = sorted(set(args) - {"partial", "recompute", "defer_first_encoding"})
     if unknown:
-        raise ValueError(f"kvcomm connector: unknown plan setting(s) {', '.join(unknown)} (partial, recompute)")
-    partial = args.get("partial", DEFAULT_PARTIAL)
-    if not isinstance(partial, bool):
-        raise ValueError(f"kvcomm connector: plan.partial must be true or false, got {partial!r}")
-    return PlanSettings(partial=partial, recompute=args.get("recompute"), prefix_only=True)
+        raise ValueError(f"kvcomm connector: unknown plan setting(s) {', '.join(unknown)} "
+                         "(partial, recompute, defer_first_encoding)")
+    flags = {k: args.get(k, default) for k, default in (("partial", DEFAULT_PARTIAL), ("defer_first_encoding", True))}
+    for k, v in flags.items():
+        if not isinstance(v, bool):
+            raise ValueError(f"kvcomm connector: plan.{k} must be true or false, got {v!r}")
+    # The server defers a content's encoding past its first carrier's first token by default:
+    # with several calls in flight it then costs no call its time to first token.
+    return PlanSettings(recompute=args.get("recompute"), prefix_only=True, **flags)
 
 
 def pool_args(extra: dict) -> dict:

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from .jobs import CallLayout, KVCommMeta, KVCommWorkerMeta, PlanResult, SaveJob
-from .settings import KEEP_LOADS, MAX_SESSIONS, POOL_FILE, plan_settings, pool_args
+from .settings import (KEEP_LOADS, MAX_SESSIONS, POOL_FILE, POOL_NEW, SAVE_EVERY_ANCHORS, SAVE_EVERY_S,
+                       plan_settings, pool_args)
 
 log = logging.getLogger("kvcomm.vllm")
 
@@ -24,12 +25,15 @@ class WorkerSide:
     """get_metadata: the connector's _get_connector_metadata (this step's KVCommMeta)."""
 
     def __init__(self, vllm_config, extra: dict, get_metadata):
+        from .observe import setup_logging
+        setup_logging()
         self._vllm_config = vllm_config
         self._extra = extra
         self._meta = get_metadata
         self.settings = plan_settings(extra)   # a bad setting fails the worker at start
         self._paged = None
         self._state = None
+        self.store = None    # kvcomm.vllm.pool_store.PoolStore
         self._kv_caches: dict = {}
         self._load_errors: set[int] = set()
         self._sent: set[str] = set()
@@ -38,16 +42,16 @@ class WorkerSide:
         self.kept: dict[str, tuple] = {}   # req_id -> (K, V) read back after a load (KEEP_LOADS)
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
+        """The worker's caches are known: KVCOMM's state is built now, so a pool file that
+        cannot be used stops the server before it takes traffic."""
         self._kv_caches = kv_caches
+        self._build()
 
-    def _ready(self):
-        """PagedKV and WorkerState, built on first use (the attention layers get their
-        CPU instruction path after the caches are registered)."""
-        if self._state is not None:
-            return self._paged, self._state
+    def _build(self) -> None:
         from .. import AnchorPool, PoolConfig
         from .model_info import connector_spec
         from .paged import PagedKV
+        from .pool_store import PoolStore
         from .tp import vllm_rank_group
         from .worker_state import WorkerState
         cfg = self._vllm_config
@@ -58,16 +62,30 @@ class WorkerSide:
         pool = AnchorPool(PoolConfig(**pool_args(self._extra), layers=spec.num_layers, kv_heads=spec.kv_heads,
                                      head_dim=spec.head_dim))
         group = vllm_rank_group()
-        if self._extra.get(POOL_FILE):
-            path = self._extra[POOL_FILE]
-            if group.world_size > 1:
-                from vllm.distributed import get_tensor_model_parallel_rank
-                path = path.format(rank=get_tensor_model_parallel_rank())
-            pool.load(path, str(paged.device) if paged.device.type != "cpu" else "")
+        path = self._extra.get(POOL_FILE)
+        if path and group.world_size > 1:
+            from vllm.distributed import get_tensor_model_parallel_rank
+            path = path.format(rank=get_tensor_model_parallel_rank())
+        self.store = PoolStore(pool, path or None, str(spec.dtype).replace("torch.", ""),
+                               new_ok=bool(self._extra.get(POOL_NEW)),
+                               every_s=float(self._extra.get(SAVE_EVERY_S, 600)),
+                               every_anchors=int(self._extra.get(SAVE_EVERY_ANCHORS, 50)),
+                               device=str(paged.device) if paged.device.type != "cpu" else "")
         self._paged = paged
         self._state = WorkerState(spec, pool, group, max_sessions=int(self._extra.get(MAX_SESSIONS, 1024)),
                                   settings=self.settings)
+
+    def _ready(self):
+        if self._state is None:   # caches registered without _build (not reached through vLLM)
+            self._build()
         return self._paged, self._state
+
+    def shutdown(self) -> None:
+        """vLLM stops the worker: pending records, then the pool's final save."""
+        if self._state is not None:
+            self._state.flush()
+        if self.store is not None:
+            self.store.close()
 
     @property
     def worker_state(self):
@@ -81,7 +99,7 @@ class WorkerSide:
         if not isinstance(meta, KVCommMeta) or not meta.loads:
             return
         paged, state = self._ready()
-        for job in meta.loads:
+        for job in meta.loads:   # every failure below is reported, and vLLM recomputes
             try:
                 staged = state.staged.get(job.req_id)
                 if staged is not None:
@@ -107,7 +125,15 @@ class WorkerSide:
     # ------------------------------------------------------------------ after the forward
 
     def wait_for_save(self):
+        try:
+            self._after_step()
+        except Exception:   # KVCOMM's own failure: logged, and the engine goes on serving
+            log.exception("kvcomm connector: the end-of-step work failed")
+
+    def _after_step(self) -> None:
         meta = self._meta()
+        if self.store is not None:
+            self.store.maybe_save()
         if not isinstance(meta, KVCommMeta) or not (meta.saves or meta.captures or meta.plans or meta.drops):
             return
         paged, state = self._ready()
@@ -153,7 +179,11 @@ class WorkerSide:
             state.add_encoding(p["session"], p["kind"], tuple(p["content_ids"]), k, v, h)
         elif job.kind == "record":
             k, v = paged.read(job.block_ids, 0, T - 1)
-            state.record(job.req_id, k, v)
+            state.record_later(job.req_id, k, v)
+        elif job.kind == "save":   # the server is about to stop (kvcomm.vllm.supervise): save now
+            state.flush()
+            if self.store is not None and not self.store.save():
+                raise RuntimeError(f"saving the anchor pool failed: {self.store.last_error}")
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         sent, self._sent = self._sent, set()

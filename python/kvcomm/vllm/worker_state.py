@@ -16,6 +16,8 @@ The connector's worker side reads KV out of vLLM's paged cache and writes KV int
 """
 from __future__ import annotations
 
+import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +27,10 @@ from ..plan.planner import CallPlan, Planner, PlanSettings
 from ..plan.state import AgentState, Sessions, agent_from_template_kv
 from ..plan.template import PromptLayout, parse_template
 from .jobs import CallLayout, PlanResult
+
+log = logging.getLogger("kvcomm.vllm")
+
+_LATE_PLANS = 64   # per session: plans kept waiting for a first-carried content's base
 
 
 @dataclass
@@ -53,8 +59,9 @@ class WorkerState:
         self.agents: dict[str, AgentState] = {}
         self.sessions = Sessions(max_sessions)
         self.staged: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.pending: dict[str, CallPlan] = {}   # plans whose computed KV is recorded after the prefill
+        self.pending: dict[str, tuple] = {}   # req_id -> (plan, session): computed KV recorded after the prefill
         self.stats = WorkerStats()
+        self._recorder: ThreadPoolExecutor | None = None
 
     @property
     def pool(self):
@@ -80,6 +87,8 @@ class WorkerState:
         st = self.session(sid)
         st.encoded.setdefault((kind, tuple(ids)), (neutral_keys(k, start, self.spec.inv_freq), v.contiguous().clone()))
         self.stats.encodings += 1
+        if st.late_plans:
+            self._background(self._settle, st)
 
     def add_reply(self, call: CallLayout, ids: tuple, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
         """A call's reply tokens that carry KV (k, v [L,H,n,D], the first at `start`): the base
@@ -101,7 +110,8 @@ class WorkerState:
         if agent is None:
             return self._count(PlanResult("dense", "agent template not registered on this worker", 0))
         st = self.session(call.session, call.round)
-        plan = self.planner.plan(agent, lay, st, max_new_tokens=call.max_tokens, learn=call.learn)
+        plan = self.planner.plan(agent, lay, st, max_new_tokens=call.max_tokens, learn=call.learn,
+                                 deferred=frozenset(call.deferred))
         if plan.uses_estimates:
             T = lay.length
             k = torch.empty(self.spec.num_layers, self.spec.kv_heads, T - 1, self.spec.head_dim,
@@ -112,9 +122,10 @@ class WorkerState:
                 self.staged[req_id] = (k, v)
         record = plan.learn and plan.refused is None and plan.path != "reuse"
         if record:
-            self.pending[req_id] = plan
+            self.pending[req_id] = (plan, st)
         return self._count(PlanResult(plan.path, plan.reason, plan.prefix, dict(plan.decisions), plan.gates,
-                                      record=record))
+                                      record=record, pool_anchors=self.pool.size(),
+                                      pool_bytes=self.pool.memory_bytes()))
 
     def _count(self, res: PlanResult) -> PlanResult:
         setattr(self.stats, res.path, getattr(self.stats, res.path) + 1)
@@ -129,12 +140,52 @@ class WorkerState:
     def record(self, req_id: str, k: torch.Tensor, v: torch.Tensor) -> bool:
         """The call's KV k, v [L,H,>=T-1,D] (from position 0) after its prefill -> deltas of the
         slots vLLM computed."""
-        plan = self.pending.pop(req_id, None)
-        if plan is None:
+        item = self.pending.pop(req_id, None)
+        if item is None:
             return False
-        self.planner.record(plan, k, v)
-        self.stats.records += 1
+        self._record_plan(*item, k, v)
         return True
+
+    def record_later(self, req_id: str, k: torch.Tensor, v: torch.Tensor) -> None:
+        """record() on a background thread: the step that read the KV back (and the call's
+        first token with it) does not wait for the delta arithmetic. k, v are the worker's
+        own copies."""
+        item = self.pending.pop(req_id, None)
+        if item is not None:
+            self._background(self._record_plan, *item, k, v)
+
+    def _background(self, fn, *args) -> None:
+        """One background thread for the pool's writes after a step: in order, off the step."""
+        if self._recorder is None:
+            self._recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvcomm-record")
+        self._recorder.submit(fn, *args)
+
+    @torch.inference_mode()
+    def _record_plan(self, plan: CallPlan, st, k, v) -> None:
+        try:
+            self.planner.record(plan, k, v)
+            self.stats.records += 1
+            if plan.late:   # slots this call carried first: their deltas once their base is there
+                self.planner.settle(plan, st)
+                if plan.late:
+                    st.late_plans = (st.late_plans + [plan])[-_LATE_PLANS:]
+        except Exception:
+            log.exception("kvcomm connector: recording deltas failed")
+
+    @torch.inference_mode()
+    def _settle(self, st) -> None:
+        try:
+            for plan in list(st.late_plans):
+                self.planner.settle(plan, st)
+            st.late_plans = [p for p in st.late_plans if p.late]
+        except Exception:
+            log.exception("kvcomm connector: recording a first carrier's deltas failed")
+
+    def flush(self) -> None:
+        """Waits for the background records (before the pool is saved for good)."""
+        if self._recorder is not None:
+            self._recorder.shutdown(wait=True)
+            self._recorder = None
 
     def s0(self, agent_key: str):
         a = self.agents.get(agent_key)

@@ -18,3 +18,22 @@ def question(i: int) -> str:
             f"The shop is open from nine to five, and {n} keeps a notebook with every sale. "
             f"A supplier visits every Friday, but this week the delivery was late and arrived on Monday. "
             f"Question: how many {it} were left on the shelves at the end of the week?")
+
+
+def shop(i: int) -> str:
+    """One shop's paragraph of a market report (~90 tokens), numbers by i."""
+    n, it = NAMES[i % len(NAMES)], ITEMS[(i // len(NAMES)) % len(ITEMS)]
+    a, b, c = 10 + 7 * i % 40, 3 + 5 * i % 17, 2 + i % 6
+    return (f"{n}'s shop sells {it}. On Monday it had {a} {it} on the shelves; during the week {n} sold {b} "
+            f"{it} to regular customers and gave {c} {it} to a school. The shop is open from nine to five and "
+            f"a supplier visits on Fridays.")
+
+
+def report(i: int, shops: int) -> str:
+    """A market report of `shops` shops (~90 tokens each) and a question about one of them;
+    every i gives other shops and numbers."""
+    first = i * shops
+    paragraphs = [shop(first + j) for j in range(shops)]
+    asked = first + (i % shops)
+    return ("Market report.\n" + "\n".join(paragraphs) + f"\nQuestion: how many {ITEMS[(asked // len(NAMES)) % len(ITEMS)]} "
+            f"were left on the shelves of {NAMES[asked % len(NAMES)]}'s shop at the end of the week?")

@@ -42,12 +42,19 @@ class Comparison:
         return sum(c["first_equal"] for c in pairs) / len(pairs) if pairs else None
 
     @property
+    def comparable(self) -> list:
+        """Calls whose contents had the same kinds of bases in both (see _compare's note)."""
+        return [c for c in self.calls if "note" not in c]
+
+    @property
     def same_path(self) -> float | None:
-        return sum(c["vllm_path"] == c["hf_path"] for c in self.calls) / len(self.calls) if self.calls else None
+        calls = self.comparable
+        return sum(c["vllm_path"] == c["hf_path"] for c in calls) / len(calls) if calls else None
 
     def to_dict(self) -> dict:
         return {"kv_max_abs_diff_vs_hf": self.kv_max_abs_diff, "first_token_equal_hf": self.first_token_equal,
-                "same_path": self.same_path, "estimated_pairs": len(self.estimated_pairs), "calls": self.calls}
+                "same_path": self.same_path, "comparable_calls": len(self.comparable),
+                "estimated_pairs": len(self.estimated_pairs), "calls": self.calls}
 
 
 def graph_inputs(template: str, question: str, replies: dict) -> dict:
@@ -65,7 +72,7 @@ def compare_with_engine(offline, connector, hf_model, hf_tokenizer, graph, quest
     from kvcomm.engine import KVCommEngine
     out = Comparison()
     hf = KVCommEngine(hf_model, hf_tokenizer, pool=AnchorPool(connector.worker_state.pool.config),
-                      partial="prefix", recompute=recompute)
+                      partial="prefix", recompute=recompute, defer_first_encoding=offline.defer)
     for name, system, template in graph:
         hf.add_agent(name, system, template)
     with tempfile.TemporaryDirectory() as tmp:
@@ -200,15 +207,15 @@ def _summary(calls: list, backend: str) -> dict:
     return out
 
 
-def parity_run(offline, hf_model, hf_tokenizer, graph, questions: list[str], warmup: int, max_tokens: int,
+def parity_run(offline, prefix, default, graph, questions: list[str], warmup: int, max_tokens: int,
                tag: str) -> list[dict]:
-    """Every call of `graph` over `questions`, three ways (see above); one record per call."""
-    from kvcomm.engine import KVCommEngine
-    prefix = KVCommEngine(hf_model, hf_tokenizer, partial="prefix")
-    default = KVCommEngine(hf_model, hf_tokenizer)
+    """Every call of `graph` over `questions`, three ways (see above): the server (`offline`),
+    KVCommEngine `prefix` (partial="prefix") and `default`. The engines live as long as the
+    server, so all three pools see the same calls. One record per call."""
     for a in graph:
         for eng in (prefix, default):
-            eng.add_agent(*a)
+            if a[0] not in eng.agents:
+                eng.add_agent(*a)
         if a[0] not in offline.agents:
             offline.add_agent(*a)
     records = []
@@ -265,9 +272,14 @@ def main(argv=None) -> int:
            "questions": "kvcomm_app.bench.shop_questions.question(i): a shop report and a question, ~120 tokens",
            "measured_questions": args.questions, "max_tokens": args.max_tokens,
            "graphs": {}, **prov.fields()}
+    from kvcomm.engine import KVCommEngine
+    # The settings the connector runs at (it defers a content's encoding past its first
+    # carrier), and the engine's own defaults.
+    prefix = KVCommEngine(model, tok, partial="prefix", defer_first_encoding=True)
+    default = KVCommEngine(model, tok)
     for gi, (label, graph) in enumerate(GRAPHS.items()):
         qs = [question(1000 * gi + i) for i in range(n)]
-        recs = parity_run(offline, model, tok, graph, qs, args.warmup, args.max_tokens, f"{label}-")
+        recs = parity_run(offline, prefix, default, graph, qs, args.warmup, args.max_tokens, f"{label}-")
         measured = [r for r in recs if r["phase"] == "measure"]
         same = sum(r["server"]["path"] == r["engine_prefix"]["path"] for r in measured)
         cmp = compare_with_engine(offline, connector, model, tok, graph,
@@ -287,7 +299,7 @@ def main(argv=None) -> int:
               f"KV diff {cmp.kv_max_abs_diff}", flush=True)
     ws = connector.worker_state   # made on the connector's first step
     out["settings"] = {"server": f"{ws.planner.settings.describe()}, min_anchors {ws.pool.config.min_anchors}",
-                       "engine_prefix": "partial=prefix, recompute=none, min_anchors 4",
+                       "engine_prefix": "partial=prefix, recompute=none, defer_first_encoding, min_anchors 4",
                        "engine_default": "partial=True, recompute=none, min_anchors 4"}
     out["wall_s"] = round(time.perf_counter() - t0, 1)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
