@@ -11,15 +11,19 @@ import torch
 
 from ..hf.cache import KVBufferCache
 from ..plan.state import AgentState, agent_from_template_kv, agent_key
-from ..plan.template import chat_frame, fill, markers, parse_template, render_layout
+from ..plan.template import ChatFrame, chat_frame, fill, markers, parse_template, render_layout
 from .kv import forward
 
 
 @torch.inference_mode()
-def build_agent(model, tokenizer, spec, name: str, system_prompt: str, template_text: str) -> AgentState:
+def build_agent(model, tokenizer, spec, name: str, system_prompt: str, template_text: str, *,
+                frame: ChatFrame | None = None, key: str | None = None, template_key: str = "") -> AgentState:
+    """frame: the chat text around the template (default: the chat template's user turn after
+    `system_prompt`; RAW_FRAME for a template that is a whole rendered prompt). key: the pool
+    identity (default agent_key(name, system prompt, template))."""
     t0 = time.perf_counter()
     template = parse_template(template_text)
-    frame = chat_frame(tokenizer, system_prompt)
+    frame = frame or chat_frame(tokenizer, system_prompt)
     user_text, spans = fill(template, markers(template), name)
     lay = render_layout(tokenizer, frame, user_text, spans)
     k = v = None
@@ -27,7 +31,7 @@ def build_agent(model, tokenizer, spec, name: str, system_prompt: str, template_
         cache = KVBufferCache.for_spec(spec, lay.length)
         forward(model, cache, lay.ids, want_logits=False)
         k, v = cache.k, cache.v
-    state = agent_from_template_kv(name, agent_key(name, system_prompt, template_text), system_prompt, template,
-                                   lay, k, v, spec.inv_freq, frame=frame)
+    state = agent_from_template_kv(name, key or agent_key(name, system_prompt, template_text), system_prompt,
+                                   template, lay, k, v, spec.inv_freq, frame=frame, template_key=template_key)
     state.setup_ms = (time.perf_counter() - t0) * 1000.0
     return state

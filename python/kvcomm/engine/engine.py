@@ -80,6 +80,7 @@ class AgentCall:
     # reply's fed-back tokens) and its PromptLayout (token ids, slot spans, segments).
     cache: KVBufferCache | None = field(default=None, repr=False)
     layout: object = field(default=None, repr=False)
+    session: str = ""             # chat(): the conversation the call was placed in
 
 
 def _longest_input(lay, inputs: dict) -> str:
@@ -180,6 +181,7 @@ class KVCommEngine:
         self.static_step = None
         self._special_texts = special_texts(tokenizer)
         self._refusal: str | None = None
+        self._chat = None   # kvcomm.engine.chat.ChatAdapter, made by the first chat() call
 
     @property
     def pool(self) -> AnchorPool:
@@ -253,6 +255,38 @@ class KVCommEngine:
         if self.request is None:
             self.new_request()
         self.request.next_round()
+
+    # ------------------------------------------------------------------ plain chat messages
+
+    def chat(self, messages: list, *, tools=None, session: str | None = None, tenant: str = "",
+             mode: str = "kvcomm", **kw) -> AgentCall:
+        """One OpenAI-style chat call: `messages` as an agent framework sends them (system,
+        user, assistant and tool messages, other agents' replies inside them), nothing marked.
+        Contents this engine has met before (replies it generated, texts earlier calls carried)
+        are found and reused; the agent, slots and session are inferred (kvcomm.plan.chat;
+        `session` and `tenant` override / scope them). A call with nothing known in it runs
+        dense. Other keyword arguments as for call(); AgentCall.session says where it went."""
+        if self._chat is None:
+            from .chat import ChatAdapter
+            self._chat = ChatAdapter(self)
+        return self._chat.call(messages, tools=tools, session=session, tenant=tenant, mode=mode, **kw)
+
+    def run_in_session(self, session: Session, st: AgentState, inputs: dict, *, mode: str = "kvcomm",
+                       max_new_tokens: int = 128, do_sample: bool = False, temperature: float = 1.0,
+                       return_first_logits: bool = False, reply_ids: list[int] | None = None,
+                       capture: bool = True, keep_cache: bool = False, reply_logits: int = 0) -> AgentCall:
+        """call() for an agent state the caller made (an inferred chat template), in `session`."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if reply_ids is not None:
+            max_new_tokens = len(reply_ids)
+        saved, self.request = self.request, session
+        try:
+            with torch.inference_mode():
+                return self._call(st, dict(inputs), mode, max_new_tokens, do_sample, float(temperature),
+                                  return_first_logits, reply_ids, capture, keep_cache, reply_logits)
+        finally:
+            self.request = saved
 
     # ------------------------------------------------------------------ one call
 

@@ -102,7 +102,7 @@ def agent_key(name: str, system_prompt: str, template: str) -> str:
 @dataclass
 class AgentState:
     name: str
-    key: str                      # agent_key(name, system prompt, template)
+    key: str                      # the agent's identity in the pool (deltas are recorded under it)
     system_prompt: str
     template: Template
     layout: PromptLayout          # of the marker render
@@ -113,6 +113,13 @@ class AgentState:
     seg_k: list = field(default_factory=list)   # neutral [L,H,S,D] per placeholder, None if S == 0
     seg_v: list = field(default_factory=list)
     setup_ms: float = 0.0
+    # The template's identity, what a backend keeps the S0 and segment KV under. For a
+    # declared agent both are agent_key(name, system prompt, template); an agent inferred
+    # from chat messages has one pool identity and a template per request shape.
+    template_key: str = ""
+
+    def __post_init__(self):
+        self.template_key = self.template_key or self.key
 
     @property
     def s0(self) -> int:
@@ -151,12 +158,12 @@ class AgentState:
 
 def agent_from_template_kv(name: str, key: str, system_prompt: str, template: Template, layout: PromptLayout,
                            k: torch.Tensor | None, v: torch.Tensor | None, inv_freq: torch.Tensor,
-                           frame: ChatFrame | None = None) -> AgentState:
+                           frame: ChatFrame | None = None, template_key: str = "") -> AgentState:
     """The agent as the planner keeps it, from the KV k, v [L,H,>=T-1,D] (absolute positions)
     of one forward over its marker render `layout`. A layout with a problem (a placeholder
     edge inside a token) keeps no KV: no call of this agent can reuse, and says why."""
     state = AgentState(name=name, key=key, system_prompt=system_prompt, template=template, layout=layout,
-                       frame=frame)
+                       frame=frame, template_key=template_key)
     if layout.problem:
         state.problem = f"template: {layout.problem}"
         return state

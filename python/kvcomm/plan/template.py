@@ -210,6 +210,11 @@ class ChatFrame:
     add_special_tokens: bool   # whether tokenizing the prompt should add BOS etc.
 
 
+# The frame of a template that is a whole rendered prompt (chat markup included), as
+# templates inferred from chat messages are: nothing around it, no tokens added.
+RAW_FRAME = ChatFrame("", "", False)
+
+
 def chat_frame(tokenizer, system_prompt: str | None, generation_prompt: bool = True) -> ChatFrame:
     """Finds the prefix/suffix the chat template puts around a user message by
     rendering a sentinel, and checks the template inserts content verbatim."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -49,7 +50,6 @@ def request_save(host: str, port: int, token: str, timeout: float) -> str:
 
 def _detach_and_die_with_parent() -> None:
     import ctypes
-    import os
     os.setsid()
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
@@ -89,13 +89,17 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    deadline = None
     while True:
         try:
-            rc = child.wait(timeout=1.0 if not stopping else args.stop_timeout)
+            rc = child.wait(timeout=1.0)
             return rc if not stopping or rc >= 0 else 0
         except subprocess.TimeoutExpired:
-            if stopping:
-                child.kill()
+            if not stopping:
+                continue
+            deadline = deadline or time.monotonic() + args.stop_timeout
+            if time.monotonic() >= deadline:   # the whole server: API process, engine core, workers
+                os.killpg(child.pid, signal.SIGKILL)
                 return child.wait()
 
 
