@@ -256,3 +256,69 @@ def test_reported_token_counts_match_the_tokens_the_model_ran(tiny, estimator, p
         assert any(e for _, e, _ in seen), "some call encoded a content"
     if "deviation" in policy:
         assert any(p for path, _, p in seen if path != "dense"), "some call probed"
+
+
+# ------------------------------------------------------------------ fitted weights
+
+
+def test_simplex_fit_recovers_a_convex_combination():
+    from kvcomm.plan.fitted import fit_weights, project_simplex
+
+    w = project_simplex(torch.tensor([[0.5, 0.5, 0.5], [2.0, -1.0, 0.0], [0.2, 0.3, 0.5]], dtype=torch.float64))
+    assert torch.allclose(w, torch.tensor([[1 / 3] * 3, [1.0, 0.0, 0.0], [0.2, 0.3, 0.5]], dtype=torch.float64))
+    g = torch.Generator().manual_seed(1)
+    anchors = [torch.randn(4, 2, 10, 8, generator=g) for _ in range(4)]
+    content = 0.3 * anchors[0] + 0.7 * anchors[1]
+    got = fit_weights(content, anchors, "aligned", ridge=1e-8)
+    assert got.shape == (4, 4) and torch.allclose(got.sum(0), torch.ones(4))
+    assert torch.allclose(got[:2], torch.tensor([[0.3], [0.7]]).expand(2, 4), atol=1e-3)
+
+
+def test_fitted_estimate_is_exact_for_a_content_the_pool_recorded(tiny):
+    """A content that is an anchor's own: the fitted weights pick that anchor, whose deltas
+    were recorded for this agent on this prompt, so the estimate is the dense KV (the
+    softmax weights of section 5 spread over the other anchors too)."""
+    from kvcomm.plan.fitted import FittedEstimator
+
+    model, tok = tiny("llama")
+    fit = FittedEstimator("aligned", ridge=0.0)
+    est = {"fit": fit, "anchors": "anchors"}
+    err = {}
+    for name in est:
+        eng = make(model, tok, estimator=est[name])
+        for i in range(4):
+            one(eng, i)
+        c = one(eng, 0)   # the shortest question and context: every slot has 3-4 candidates
+        assert c.path == "reuse" and len(c.slot_anchors["user_question"]) >= 3, c.reason
+        d = one(eng, 0, mode="dense")
+        (k, v), (dk, dv) = kv(c), kv(d)
+        err[name] = max(maxdiff(k[:, :, :-1], dk[:, :, :-1]), maxdiff(v[:, :, :-1], dv[:, :, :-1]))
+    assert err["fit"] < ATOL < err["anchors"]
+
+
+def test_anchors_or_base_estimates_what_the_anchors_cannot_from_the_moved_base(tiny):
+    """Cold, `anchors-or-base` computes and learns as `anchors` does; once the slot's pool holds
+    min_anchors anchors with the agent's deltas, a slot longer than every anchor (a new
+    anchor) is computed by `anchors` (a partial call) and written as its moved base by
+    `anchors-or-base` (the call stays on the reuse path); a slot the anchors can estimate
+    gets the same KV from both."""
+    model, tok = tiny("llama")
+    got = {}
+    for name in ("anchors", "anchors-or-base"):
+        eng = make(model, tok, estimator=name)
+        warm = [one(eng, i) for i in (0, 3)]   # the shortest contents: a later, longer question has too few candidates
+        assert [w.path for w in warm] == ["dense", "dense"], "cold: computed, deltas recorded"
+        eng.new_request()
+        got[name] = eng.call("a", {"user_question": QUESTIONS[2], "condition_tool_current": CONTEXTS[0]},
+                             max_new_tokens=1, keep_cache=True)
+        got[name + "/engine"] = eng
+    a, b = got["anchors"], got["anchors-or-base"]
+    assert a.path == "partial" and "user_question" in a.reason and a.computed_tokens > 1
+    assert b.path == "reuse" and b.computed_tokens == 1 and "moved base" in b.slot_decisions["user_question"]
+    (ka, va), (kb, vb) = kv(a), kv(b)
+    _, q0, q1 = b.layout.spans[0]
+    content = got["anchors-or-base/engine"].request.contents[("user_question", tuple(b.layout.ids[q0:q1]))]
+    assert torch.equal(vb[:, :, q0:q1], content.base_v)
+    _, c0, c1 = b.layout.spans[1]
+    assert b.slot_anchors["condition_tool_current"] == a.slot_anchors["condition_tool_current"]
+    assert maxdiff(va[:, :, c0:c1], vb[:, :, c0:c1]) < 1e-6

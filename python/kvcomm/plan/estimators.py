@@ -13,6 +13,12 @@ backend, the command line and the results files say which one ran:
   segment moved to its position, with no offsets - what CacheBlend and EPIC start from
   (every chunk's KV computed apart, placed without correction). No decisions, no anchors:
   a slot is estimated whenever its content has a base.
+- `anchors-or-base`: `anchors` where the pool can estimate a slot; where it cannot (a new
+  anchor, or no anchor long enough with this agent's deltas) the slot is computed while the
+  slot's pool holds fewer than min_anchors anchors with this agent's deltas (it learns, as
+  `anchors` does), and gets its moved base (as `base`) once it holds them, instead of being
+  computed in context. The pool then stops learning for that agent and slot: a measurement
+  of what partial calls cost and buy once a pool is warm.
 - `none`: nothing after the agent's exact prefix is reused: every call prefills after S0,
   which is what plain prefix caching gives (the baseline a server without KVCOMM runs).
   Contents are not encoded, replies not captured.
@@ -34,6 +40,7 @@ class Estimator:
     name = ""
     reuses = True         # estimates anything at all (else: prefix caching only)
     uses_anchors = True   # contents are decided against the pool, computed slots record deltas
+    falls_back = False    # a slot the anchors cannot estimate gets its moved base (not computed)
 
     def write(self, planner, plan, i: int, k, v, *, want_spread: bool = False):
         raise NotImplementedError
@@ -77,6 +84,15 @@ class BaseEstimator(Estimator):
         return []
 
 
+class AnchorsOrBaseEstimator(AnchorEstimator):
+    name = "anchors-or-base"
+    falls_back = True
+
+    def write(self, planner, plan, i, k, v, *, want_spread=False):
+        used = super().write(planner, plan, i, k, v, want_spread=want_spread)
+        return BaseEstimator.write(self, planner, plan, i, k, v) if used is None else used
+
+
 class PrefixOnlyEstimator(Estimator):
     name = "none"
     reuses = False
@@ -96,6 +112,7 @@ def _fitted(stat: str):
 
 
 ESTIMATORS = {"anchors": AnchorEstimator, "base": BaseEstimator, "none": PrefixOnlyEstimator,
+              "anchors-or-base": AnchorsOrBaseEstimator,
               "fit": _fitted("moments"), "fit-aligned": _fitted("aligned")}
 DEFAULT_ESTIMATOR = "anchors"
 

@@ -23,7 +23,10 @@ kvcomm.plan.recompute) under the names the comparisons use.
 - `hybrid-deviation:R`, `hybrid-spread:R`: KVCOMM's anchor estimate plus the share R
   recomputed, chosen by the probe's deviation or by the anchors' disagreement (spread);
 - `fit`, `fit-deviation:R`: the fitted anchor weights (kvcomm.plan.fitted), alone or with
-  deviation-selected recompute.
+  deviation-selected recompute;
+- `anchors-or-base`, `anchors-or-base-deviation:R`: anchors where the pool can estimate a
+  slot, the moved base where it cannot (no partial calls), alone or with deviation-selected
+  recompute.
 """
 from __future__ import annotations
 
@@ -51,6 +54,9 @@ _METHODS = {
                                        "recompute": _budget("spread", _fraction("hybrid-spread", v))}),
     "fit-deviation": (True, lambda v: {"estimator": "fit",
                                        "recompute": _budget("deviation", _fraction("fit-deviation", v))}),
+    "anchors-or-base": (False, lambda v: {"estimator": "anchors-or-base", "recompute": "none"}),
+    "anchors-or-base-deviation": (True, lambda v: {
+        "estimator": "anchors-or-base", "recompute": _budget("deviation", _fraction("anchors-or-base-deviation", v))}),
 }
 METHODS = tuple(_METHODS)
 

@@ -256,6 +256,11 @@ class Planner:
             plan.decisions[name] = NO_BASE
             plan.why[i] = "no base KV"
             return False
+        if self.estimator.falls_back and self._learned(plan.agent, c) and not (c.share and any(
+                a.length >= c.length and plan.agent.key in a.agents for a in self.pool.anchors(c.slot))):
+            plan.decisions[name] = (f"{c.reason if not c.share else 'share, but no anchor has deltas for this agent'}"
+                                    f"; estimated from its moved base (estimator {self.estimator.name})")
+            return True
         if not c.share:
             plan.decisions[name] = f"{c.reason} (new anchor)" if c.anchor_id is not None else \
                 f"{c.reason} (not learning: no anchor added)"
@@ -271,6 +276,13 @@ class Planner:
             return False
         plan.decisions[name] = "share"
         return True
+
+    def _learned(self, agent: AgentState, c: Content) -> bool:
+        """Whether the slot's pool holds min_anchors anchors with this agent's deltas (any length):
+        an estimator that falls back to the moved base does so only then, and computes (and
+        teaches the pool) before."""
+        with_deltas = sum(1 for a in self.pool.anchors(c.slot) if agent.key in a.agents)
+        return with_deltas >= self.pool.config.min_anchors
 
     def _prefix_only(self, plan: CallPlan) -> None:
         """A prefix-only backend computes every slot after the first computed position (a

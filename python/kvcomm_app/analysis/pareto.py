@@ -24,9 +24,11 @@ import json
 import sys
 from collections import OrderedDict
 
-FAMILIES = ("kvcomm", "hybrid-deviation", "hybrid-spread", "fit", "fit-deviation", "cacheblend", "epic", "prefix")
+FAMILIES = ("kvcomm", "hybrid-deviation", "hybrid-spread", "fit", "fit-deviation", "anchors-or-base",
+            "anchors-or-base-deviation", "cacheblend", "epic", "prefix")
 COLORS = {"kvcomm": "#1f77b4", "hybrid-deviation": "#d62728", "hybrid-spread": "#ff7f0e", "fit": "#9467bd",
-          "fit-deviation": "#8c564b", "cacheblend": "#2ca02c", "epic": "#17becf", "prefix": "#7f7f7f"}
+          "fit-deviation": "#8c564b", "anchors-or-base": "#e377c2", "anchors-or-base-deviation": "#bcbd22",
+          "cacheblend": "#2ca02c", "epic": "#17becf", "prefix": "#7f7f7f"}
 TARGET_AGREEMENT, TARGET_KL, TARGET_REUSE = 0.98, 0.01, 0.80
 
 

@@ -184,8 +184,10 @@ def token_reuse(calls, draws: int = BOOTSTRAP) -> dict:
     return {
         "kvcomm_calls": n,
         "tokens_after_s0": after,
-        "token_reuse": _ratio_entry(max(after - computed - encoded - probe, 0), after, ci.get("token_reuse")),
-        "token_reuse_excluding_encodings": _ratio_entry(max(after - computed - probe, 0), after,
+        # not clamped at 0: a call that encodes a content and then computes it anyway runs
+        # more tokens than a prefill after S0 would, and the rate says so
+        "token_reuse": _ratio_entry(after - computed - encoded - probe, after, ci.get("token_reuse")),
+        "token_reuse_excluding_encodings": _ratio_entry(after - computed - probe, after,
                                                         ci.get("token_reuse_excluding_encodings")),
         "compute": {"prompt": computed, "encodings": encoded, "probe": round(probe, 2),
                     "share": None if after == 0 else (computed + encoded + probe) / after},
