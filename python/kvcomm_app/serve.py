@@ -49,7 +49,14 @@ def add_serve_parser(sub) -> None:
                    "token) or 'tail=N' (what vLLM's connector can express; docs/serving.md)")
     s.add_argument("--no-partial", action="store_true", help="run a call with any slot that cannot be estimated "
                    "fully dense (default: estimate the slots before it)")
-    s.add_argument("--gamma", type=float, default=None, help="entropy gate of the anchor pool (default 0.3)")
+    s.add_argument("--no-chat", action="store_true", help="serve chat requests without KVCOMM parameters as plain "
+                   "vLLM (default: find the texts the server met before in them and reuse those)")
+    s.add_argument("--chat-min-tokens", type=int, default=None,
+                   help="shortest shared text worth reusing in plain chat requests (default 16 tokens)")
+    s.add_argument("--tenant-header", default=None, help="the request header that separates tenants: texts are "
+                   "matched only within one (default: Authorization, i.e. the API key)")
+    s.add_argument("--gamma", type=float, default=None, help="entropy threshold of the pool's share decision "
+                   "(default 0.3)")
     s.add_argument("--capacity", type=int, default=None, help="anchors per slot (default 20)")
     s.add_argument("--anchor-storage", default=None, choices=STORAGES,
                    help="how the server's pool holds anchors (default model; docs/method.md#compact-anchors)")
@@ -79,6 +86,8 @@ def serve_command(args, *, cuda: bool | None = None) -> tuple[list[str], list[st
                               ("storage", args.anchor_storage), ("byte_budget", args.pool_bytes))
             if v is not None}
     plan = {"partial": not args.no_partial}
+    chat = {k: v for k, v in (("enabled", False if args.no_chat else None), ("min_tokens", args.chat_min_tokens),
+                              ("tenant_header", args.tenant_header)) if v is not None}
     if args.recompute is not None:
         plan["recompute"] = args.recompute
     if args.pool_file:
@@ -104,7 +113,8 @@ def serve_command(args, *, cuda: bool | None = None) -> tuple[list[str], list[st
         argv = launch.serve_argv(model, host=args.host, port=args.port, dtype=dtype, max_model_len=args.max_model_len,
                                  served_model_name=name, kv_cache_bytes=kv_bytes, pool=pool or None,
                                  pool_file=args.pool_file, pool_new=args.pool_new, save_every_s=args.save_every,
-                                 save_every_anchors=args.save_every_anchors, plan=plan, extra_args=extra)
+                                 save_every_anchors=args.save_every_anchors, plan=plan, chat=chat or None,
+                                 extra_args=extra)
     except ValueError as e:
         raise SystemExit(f"kvcomm serve: {e}") from None
     notes.append(f"serving {name!r} ({dtype}) on http://{args.host}:{args.port}/v1")

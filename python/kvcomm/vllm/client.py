@@ -94,11 +94,11 @@ class KVCommClient:
         finally:
             c.close()
 
-    def post(self, path: str, body: dict) -> dict:
+    def post(self, path: str, body: dict, headers: dict | None = None) -> dict:
         """POST a JSON body; the decoded answer, or ServerError with the server's message."""
         c = self._conn()
         try:
-            c.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+            c.request("POST", path, json.dumps(body), {"Content-Type": "application/json", **(headers or {})})
             r = c.getresponse()
             data = r.read()
             if r.status != 200:
@@ -111,12 +111,13 @@ class KVCommClient:
         finally:
             c.close()
 
-    def stream(self, path: str, body: dict):
+    def stream(self, path: str, body: dict, headers: dict | None = None):
         """POST with "stream": true; yields (seconds since sent, chunk) per SSE data line."""
         c = self._conn()
         t0 = time.perf_counter()
         try:
-            c.request("POST", path, json.dumps(dict(body, stream=True)), {"Content-Type": "application/json"})
+            c.request("POST", path, json.dumps(dict(body, stream=True)),
+                      {"Content-Type": "application/json", **(headers or {})})
             r = c.getresponse()
             if r.status != 200:
                 data = r.read()

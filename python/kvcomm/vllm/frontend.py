@@ -31,6 +31,7 @@ import uuid
 from collections import OrderedDict
 
 from ..plan.replies import BlankTokens, reply_span
+from .chat_front import CHAT_ARGS, ChatFront
 from .observe import CallReports, final_chunk, setup_logging
 from .prepare import Internal, Preparer, kv_params
 from .protocol import KEY, SERVER, Call, ParamError, kvcomm_params, parse_call
@@ -73,6 +74,7 @@ class _Engine:
         for t in (tok.eos_token_id, getattr(cfg.model_config.hf_config, "eos_token_id", None)):
             self.stops.update([t] if isinstance(t, int) else list(t or []))
         self.is_blank = BlankTokens(tok)
+        self.chat = ChatFront(tok, self.prep.specials, extra.get(CHAT_ARGS))
         self.any_token = next(iter(sorted(self.stops)), 0)   # the one prompt token of a save request
         setup_logging()
         self.reports = CallReports()
@@ -121,13 +123,23 @@ class KVCommFrontend:
             data = json.loads(body)
         except ValueError:
             data = None
+        chat = None
         try:
             params = kvcomm_params(data) if isinstance(data, dict) else None
             if params is None:
-                return await self.app(scope, _replay(body, receive), send)
-            engine = self._get_engine(scope)
-            call = parse_call(data, engine.prep.specials)
-            new_body, track = await self._prepare(engine, call, data)
+                engine = self._get_engine(scope) if isinstance(data, dict) else None
+                if engine is None or not engine.chat.applies(data):
+                    return await self.app(scope, _replay(body, receive), send)
+                # Plain chat traffic: KVCOMM where the server knows parts of it (chat_front.py)
+                call, chat, tenant = engine.chat.lay_out(data, scope)
+                if call is None:
+                    return await self.app(scope, _replay(body, receive), self._remember_plain(send, engine, chat,
+                                                                                             tenant, data))
+                params, chat = {}, (chat, tenant)
+            else:
+                engine = self._get_engine(scope)
+                call = parse_call(data, engine.prep.specials)
+            new_body, track = await self._prepare(engine, call, data, params, chat)
         except ParamError as e:
             return await _error(send, 400, str(e))
         except Exception as e:   # the server's own failure, not the client's
@@ -165,7 +177,7 @@ class KVCommFrontend:
 
     # ------------------------------------------------------------------ one call
 
-    async def _prepare(self, engine: _Engine, call: Call, data: dict):
+    async def _prepare(self, engine: _Engine, call: Call, data: dict, params: dict, chat=None):
         """(the call's new body, what _watch tracks). The internal requests the call needs are
         waited for, except those this call is the first to need: with deferral on (the
         default), a content's first carrier computes it in context, as plain vLLM does, and
@@ -204,15 +216,20 @@ class KVCommFrontend:
         except BaseException:   # what this call deferred still runs: later calls wait for it
             self._start_later(engine, later)
             raise
-        params = dict(kvcomm_params(data))
-        params[SERVER] = dict(prep.server, token=engine.token, deferred=deferred)
+        server = dict(prep.server, token=engine.token, deferred=deferred)
+        if first_deferred and _done(self._agents.get(prep.template.key)):
+            # Dense from its exact prefix on, known here: the scheduler need not wait a step
+            # for the worker's plan (kvcomm.vllm.scheduler_side).
+            server["dense_prefix"] = prep.exact_prefix
+        params = dict(params)
+        params[SERVER] = server
         out = dict(data)
-        out["kv_transfer_params"] = dict(data["kv_transfer_params"], **{KEY: params})
+        out["kv_transfer_params"] = dict(data.get("kv_transfer_params") or {}, **{KEY: params})
         out["cache_salt"] = f"kvcomm-{uuid.uuid4().hex}"
         stream = bool(data.get("stream"))
         if stream:
             out["return_token_ids"] = True   # the front end reads the reply's ids from the stream
-        return json.dumps(out).encode(), (call.session, call.agent, call.round, stream, later)
+        return json.dumps(out).encode(), (call.session, call.agent, call.round, stream, chat, later)
 
     def _pending(self, table, key, job: Internal):
         """A place-holder future for `job` in `table` (later calls wait on it); returns the
@@ -266,9 +283,9 @@ class KVCommFrontend:
         """Passes the response on; remembers the reply the engine captured, so the next
         agent's call does not encode it again; gives a stream the call's report in one more
         chunk before its end (kvcomm.vllm.observe)."""
-        session, agent, rnd, stream, later = track
+        session, agent, rnd, stream, chat, later = track
         state = {"status": 200, "buf": b"", "ids": [], "finish": None, "captured": None, "id": None,
-                 "model": None}
+                 "model": None, "text": []}
 
         def sse_lines(data: bytes):
             state["buf"] += data
@@ -285,6 +302,7 @@ class KVCommFrontend:
                 state["model"] = state["model"] or chunk.get("model")
                 for ch in chunk.get("choices") or []:
                     state["ids"].extend(ch.get("token_ids") or [])
+                    state["text"].append((ch.get("delta") or {}).get("content") or "")
                     state["finish"] = ch.get("finish_reason") or state["finish"]
 
         def with_report(body: bytes) -> bytes:
@@ -306,12 +324,12 @@ class KVCommFrontend:
                 else:
                     state["buf"] += msg.get("body", b"")
                 if not msg.get("more_body", False):
-                    self._remember(engine, session, agent, rnd, stream, state)
+                    self._remember(engine, session, agent, rnd, stream, state, chat)
             await send(msg)
         return wrapped
 
-    def _remember(self, engine: _Engine, session, agent, rnd, stream, state) -> None:
-        ids = None
+    def _remember(self, engine: _Engine, session, agent, rnd, stream, state, chat=None) -> None:
+        ids, text = None, "".join(state["text"])
         try:
             if stream:
                 if state["finish"] in ("stop", "length"):
@@ -320,10 +338,72 @@ class KVCommFrontend:
             else:
                 resp = json.loads(state["buf"])
                 ids = ((resp.get("kv_transfer_params") or {}).get(KEY) or {}).get("reply_ids")
+                text = ((resp.get("choices") or [{}])[0].get("message") or {}).get("content") or ""
         except Exception:   # nothing remembered: the next agent encodes the reply
             ids = None
         if ids:
             self._replies.put((session, agent, rnd), tuple(ids))
+        if chat is not None and state["status"] == 200:
+            engine.chat.remember(chat[0], chat[1], text, ids)
+            if not ids and text.strip():   # a reply the connector could not capture: encoded ahead
+                rids = engine.prep.tok(text.strip(), add_special_tokens=False)["input_ids"]
+                job = engine.prep.encode_job(session, "reply", rids)
+                if job.key not in self._encoded:
+                    asyncio.ensure_future(self._once(self._encoded, job.key, engine, job))
+
+    def _remember_plain(self, send, engine: _Engine, chat, tenant: str, data: dict):
+        """Passes a plain chat response on and remembers its texts and reply (chat_front.py)."""
+        stream = bool(data.get("stream"))
+        state = {"status": 200, "buf": b"", "text": []}
+
+        async def wrapped(msg):
+            if msg["type"] == "http.response.start":
+                state["status"] = msg.get("status", 200)
+            elif msg["type"] == "http.response.body" and state["status"] == 200:
+                state["buf"] += msg.get("body", b"")
+                if not msg.get("more_body", False):
+                    reply = _reply_text(state["buf"], stream)
+                    engine.chat.remember(chat, tenant, reply)
+                    self._encode_ahead(engine, chat, tenant, data, reply)
+            await send(msg)
+        return wrapped
+
+    def _encode_ahead(self, engine: _Engine, chat, tenant: str, data: dict, reply: str) -> None:
+        """After a plain chat request: its texts and its reply, encoded in its session now, off
+        every call's critical path - the agents that read them next then find their bases and
+        can reuse them instead of being their first carrier."""
+        if chat is None:
+            return
+        again, _, _ = engine.chat.lay_out(data, {"headers": []}, tenant=tenant)   # its texts are known now
+        jobs = engine.prep.prepare(again).encodes if again is not None else []
+        text = reply.strip()
+        if text:
+            ids = engine.prep.tok(text, add_special_tokens=False)["input_ids"]
+            jobs.append(engine.prep.encode_job(f"{tenant}:{chat.session}", "reply", ids))
+        for job in jobs:
+            if job.key not in self._encoded:
+                asyncio.ensure_future(self._once(self._encoded, job.key, engine, job))
+
+
+def _reply_text(body: bytes, stream: bool) -> str:
+    """The generated text of a chat completion response (JSON, or server-sent events)."""
+    try:
+        if not stream:
+            return ((json.loads(body).get("choices") or [{}])[0].get("message") or {}).get("content") or ""
+        out = []
+        for line in body.split(b"\n"):
+            line = line.strip()
+            if line.startswith(b"data:") and line != b"data: [DONE]":
+                for ch in json.loads(line[5:]).get("choices") or []:
+                    out.append((ch.get("delta") or {}).get("content") or "")
+        return "".join(out)
+    except (ValueError, AttributeError, IndexError):
+        return ""
+
+
+def _done(fut) -> bool:
+    """A finished, successful internal request."""
+    return fut is not None and fut.done() and not fut.cancelled() and fut.exception() is None
 
 
 def _replay(body: bytes, then):

@@ -49,11 +49,13 @@ class PlanJob:
 
 @dataclass
 class LoadJob:
-    """Write positions [start, stop) of a planned call into its blocks."""
+    """Write positions [start, stop) of a planned call into its blocks (its staged KV, or the
+    agent's exact S0 for a dense call)."""
     req_id: str
     block_ids: list
     start: int
     stop: int
+    agent_key: str = ""
 
 
 @dataclass

@@ -20,7 +20,8 @@ def new_token() -> str:
 def transfer_config(token: str | None = None, pool: dict | None = None, pool_file: str | None = None,
                     lead_ins: dict | None = None, max_sessions: int | None = None,
                     keep_loads: bool = False, plan: dict | None = None, pool_new: bool = False,
-                    save_every_s: float | None = None, save_every_anchors: int | None = None) -> dict:
+                    save_every_s: float | None = None, save_every_anchors: int | None = None,
+                    chat: dict | None = None) -> dict:
     """The --kv-transfer-config of a KVCOMM server (keys: kvcomm.vllm.settings).
     kv_load_failure_policy "recompute": a load that fails anyway is recomputed by vLLM
     instead of failing the request. plan: {"partial": bool, "recompute": "none" | "tail=N"},
@@ -46,6 +47,9 @@ def transfer_config(token: str | None = None, pool: dict | None = None, pool_fil
         extra[settings.SAVE_EVERY_S] = float(save_every_s)
     if save_every_anchors is not None:
         extra[settings.SAVE_EVERY_ANCHORS] = int(save_every_anchors)
+    if chat:
+        from .chat_front import CHAT_ARGS
+        extra[CHAT_ARGS] = dict(chat)
     return {"kv_connector": CONNECTOR, "kv_connector_module_path": MODULE, "kv_role": "kv_both",
             "kv_load_failure_policy": "recompute", "kv_connector_extra_config": extra}
 

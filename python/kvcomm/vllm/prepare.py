@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 from ..plan.headers import header_ids, lead_ins as merge_lead_ins
 from ..plan.state import agent_key
-from ..plan.template import CONTENT_KIND, PromptLayout, chat_frame, classify, fill, markers, render_layout, special_texts
+from ..plan.template import (CONTENT_KIND, RAW_FRAME, PromptLayout, chat_frame, classify, fill, markers, render_layout,
+                             special_texts)
 from .protocol import KEY, SERVER, Call, ids_digest
 
 
@@ -30,6 +31,7 @@ class Prepared:
     encodes: list            # Internal, one per content that needs a base encoding
     replies: list            # (slot, owner, round, ids): contents the engine may hold as captured replies
     server: dict             # the call's _server fields (without the token)
+    exact_prefix: int = 0    # leading prompt tokens equal to the agent's S0 (what a dense call loads)
 
 
 class Preparer:
@@ -41,15 +43,25 @@ class Preparer:
         self.lead_ins = merge_lead_ins(lead_ins)
         self.headers = header_ids(tokenizer, self.lead_ins)
 
+    def encode_job(self, session: str, kind: str, ids, slot: str = "") -> Internal:
+        """The internal request that encodes content `ids` of `kind` behind its header, once per
+        session and content."""
+        ids = tuple(int(t) for t in ids)
+        header = self.headers[kind]
+        return Internal(list(header) + list(ids), {
+            "op": "encode", "session": session, "slot": slot, "kind": kind, "header": len(header),
+            "content_ids": list(ids)}, (session, kind, ids))
+
     def prepare(self, call: Call) -> Prepared:
-        frame = chat_frame(self.tok, call.system or None)
+        frame = RAW_FRAME if call.raw else chat_frame(self.tok, call.system or None)
         lay = render_layout(self.tok, frame, call.user_text, list(call.spans))
-        key = agent_key(call.agent, call.system, call.template.text)
+        key = call.template_key or agent_key(call.agent, call.system, call.template.text)
         # The template pass: the prompt with the placeholder markers in place.
         m_user, m_spans = fill(call.template, markers(call.template), call.agent)
         m_lay = render_layout(self.tok, frame, m_user, m_spans)
         template = Internal(list(m_lay.ids), {
-            "op": "template", "agent": call.agent, "agent_key": key, "system": call.system,
+            "op": "template", "agent": call.agent, "agent_key": key, "pool_key": call.pool_key or key,
+            "system": call.system, "raw": call.raw,
             "template": call.template.text, "ids_list": list(m_lay.ids), "spans": [list(s) for s in m_lay.spans],
             "segments": [list(s) for s in m_lay.segments], "s0": m_lay.s0, "problem": m_lay.problem}, ("agent", key))
         encodes, replies = [], []
@@ -61,15 +73,17 @@ class Preparer:
                 if kind == "reply":
                     rnd = call.round if ph.kind == "current" else call.round - 1
                     replies.append((name, ph.owner, rnd, ids))
-                header = self.headers[kind]
-                encodes.append(Internal(list(header) + list(ids), {
-                    "op": "encode", "session": call.session, "slot": name, "kind": kind, "header": len(header),
-                    "content_ids": list(ids)}, (call.session, kind, ids)))
+                encodes.append(self.encode_job(call.session, kind, ids, name))
         server = {"op": "call", "agent": call.agent, "agent_key": key, "session": call.session,
                   "round": call.round, "learn": call.learn, "ids": ids_digest(lay.ids), "n": lay.length,
                   "spans": [list(s) for s in lay.spans], "segments": [list(s) for s in lay.segments],
                   "s0": lay.s0, "problem": lay.problem, "merged": list(lay.merged)}
-        return Prepared(lay, key, template, encodes, replies, server)
+        exact = 0
+        if not m_lay.problem:
+            limit = min(m_lay.s0, lay.length - 1)
+            while exact < limit and lay.ids[exact] == m_lay.ids[exact]:
+                exact += 1
+        return Prepared(lay, key, template, encodes, replies, server, exact)
 
 
 def kv_params(server: dict, token: str) -> dict:

@@ -54,6 +54,12 @@ class Call:
     session: str
     round: int
     learn: bool = True
+    # A call laid out from plain chat messages (kvcomm.plan.chat): the template is the whole
+    # rendered prompt (no chat frame around it), its pool identity is the agent's, and the
+    # template's own identity is its shape.
+    raw: bool = False
+    pool_key: str | None = None
+    template_key: str | None = None
 
     @property
     def inputs(self) -> dict[str, str]:

@@ -78,12 +78,20 @@ class SchedulerSide:
                 self._warn_once("salt", "kvcomm connector: a call without cache_salt is served as plain vLLM")
                 return None
             sp = request.sampling_params
+            early = srv.get("dense_prefix")
             info = _Req("call", request, srv, call=CallLayout(
                 agent_key=srv["agent_key"], agent_name=srv["agent"], session=srv["session"], round=srv["round"],
                 learn=bool(srv.get("learn", True)), spans=[tuple(s) for s in srv["spans"]],
                 segments=[tuple(s) for s in srv["segments"]], s0=srv["s0"], problem=srv.get("problem"),
                 max_tokens=int(sp.max_tokens or 0) if sp is not None else 0, merged=list(srv.get("merged", [])),
                 deferred=list(srv.get("deferred", []))))
+            if isinstance(early, int) and early >= 0:
+                # The front end knows the call is dense from its exact prefix on (it carries its
+                # first content first): loaded now; the worker still plans it, for its records.
+                info.plan = PlanResult("dense", "first slot carried first: computed in context", early,
+                                       record=info.call.learn)
+                self._plan_queue.append(request.request_id)
+                info.plan_sent = True
         else:
             return None
         self._reqs[request.request_id] = info
@@ -125,7 +133,7 @@ class SchedulerSide:
                 continue
             if info.load is not None:
                 a, b = info.load
-                meta.loads.append(LoadJob(req_id, list(state.get_block_ids(req_id)[0]), a, b))
+                meta.loads.append(LoadJob(req_id, list(state.get_block_ids(req_id)[0]), a, b, info.call.agent_key))
                 info.load = None
             wants_save = info.kind != "call" or (info.plan is not None and info.plan.record)
             prompt_len = info.request.num_prompt_tokens

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .jobs import CallLayout, KVCommMeta, KVCommWorkerMeta, PlanResult, SaveJob
+from .jobs import KVCommMeta, KVCommWorkerMeta, PlanResult, SaveJob
 from .settings import (KEEP_LOADS, MAX_SESSIONS, POOL_FILE, POOL_NEW, SAVE_EVERY_ANCHORS, SAVE_EVERY_S,
                        plan_settings, pool_args)
 
@@ -38,7 +38,6 @@ class WorkerSide:
         self._load_errors: set[int] = set()
         self._sent: set[str] = set()
         self._results: dict[str, PlanResult] = {}
-        self._calls: dict[str, CallLayout] = {}
         self.kept: dict[str, tuple] = {}   # req_id -> (K, V) read back after a load (KEEP_LOADS)
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
@@ -105,8 +104,7 @@ class WorkerSide:
                 if staged is not None:
                     k, v = staged
                 else:
-                    call = self._calls.get(job.req_id)
-                    s0 = state.s0(call.agent_key) if call is not None else None
+                    s0 = state.s0(job.agent_key)
                     if s0 is None or s0[0] is None:
                         raise RuntimeError("no staged KV and no exact S0 for this call")
                     k, v = s0
@@ -137,12 +135,13 @@ class WorkerSide:
         if not isinstance(meta, KVCommMeta) or not (meta.saves or meta.captures or meta.plans or meta.drops):
             return
         paged, state = self._ready()
+        # Records last: a call the scheduler decided without waiting for a plan (dense from its
+        # exact prefix) is planned in the step its prefill runs, before its KV is recorded.
+        saves = sorted(meta.saves, key=lambda j: j.kind == "record")
+        records = [j for j in saves if j.kind == "record"]
         with torch.inference_mode():
-            for job in meta.saves:
-                try:
-                    self._save(paged, state, job)
-                except Exception as e:
-                    log.error("kvcomm connector: saving %s (%s) failed: %s", job.req_id, job.kind, e)
+            for job in saves[:len(saves) - len(records)]:
+                self._save_logged(paged, state, job)
             for job in meta.captures:
                 try:
                     k, v = paged.read(job.block_ids, job.start, job.stop)
@@ -154,15 +153,21 @@ class WorkerSide:
             for job in meta.plans:
                 try:
                     res = state.plan(job.req_id, job.ids, job.call)
-                    self._calls[job.req_id] = job.call
                 except Exception as e:
                     log.exception("kvcomm connector: planning %s failed", job.req_id)
                     state.drop(job.req_id)
                     res = PlanResult("dense", f"planning failed: {e}", 0)
                 self._results[job.req_id] = res
+            for job in records:
+                self._save_logged(paged, state, job)
             for req_id in meta.drops:
                 state.drop(req_id)
-                self._calls.pop(req_id, None)
+
+    def _save_logged(self, paged, state, job: SaveJob) -> None:
+        try:
+            self._save(paged, state, job)
+        except Exception as e:
+            log.error("kvcomm connector: saving %s (%s) failed: %s", job.req_id, job.kind, e)
 
     def _save(self, paged, state, job: SaveJob) -> None:
         from ..plan.template import PromptLayout
@@ -172,7 +177,8 @@ class WorkerSide:
             k, v = paged.read(job.block_ids, 0, T - 1)
             lay = PromptLayout(ids=list(p["ids_list"]), spans=[tuple(s) for s in p["spans"]],
                                segments=[tuple(s) for s in p["segments"]], s0=p["s0"], problem=p.get("problem"))
-            state.add_template(p["agent_key"], p["agent"], p.get("system", ""), p["template"], lay, k, v)
+            state.add_template(p["agent_key"], p["agent"], p.get("system", ""), p["template"], lay, k, v,
+                               p.get("pool_key"))
         elif job.kind == "encode":
             h = int(p["header"])
             k, v = paged.read(job.block_ids, h, T)

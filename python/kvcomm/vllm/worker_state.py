@@ -17,6 +17,7 @@ The connector's worker side reads KV out of vLLM's paged cache and writes KV int
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -50,13 +51,14 @@ class WorkerState:
     calls decide (prefix_only is forced: that is what vLLM's connector interface allows)."""
 
     def __init__(self, spec, pool, group: RankGroup | None = None, max_sessions: int = 1024,
-                 settings: PlanSettings | None = None):
+                 settings: PlanSettings | None = None, max_templates: int = 4096):
         settings = settings or PlanSettings()
         if not settings.prefix_only:
             settings = PlanSettings(partial=settings.partial, recompute=settings.recompute, prefix_only=True)
         self.spec = spec
         self.planner = Planner(pool, spec, settings, group=group)
-        self.agents: dict[str, AgentState] = {}
+        self.agents: OrderedDict[str, AgentState] = OrderedDict()   # template key -> agent state
+        self.max_templates = int(max_templates)
         self.sessions = Sessions(max_sessions)
         self.staged: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.pending: dict[str, tuple] = {}   # req_id -> (plan, session): computed KV recorded after the prefill
@@ -73,12 +75,16 @@ class WorkerState:
     # ------------------------------------------------------------------ saves (KV read back)
 
     def add_template(self, key: str, name: str, system: str, template_text: str, lay: PromptLayout,
-                     k: torch.Tensor, v: torch.Tensor) -> None:
-        """The agent's S0 and segment KV from the marker render's prefill (k, v [L,H,>=T-1,D])."""
+                     k: torch.Tensor, v: torch.Tensor, pool_key: str | None = None) -> None:
+        """The agent's S0 and segment KV from the marker render's prefill (k, v [L,H,>=T-1,D]),
+        kept under the template's key; deltas go under pool_key (default: the same)."""
         if key in self.agents:
+            self.agents.move_to_end(key)
             return
-        self.agents[key] = agent_from_template_kv(name, key, system, parse_template(template_text), lay, k, v,
-                                                  self.spec.inv_freq)
+        self.agents[key] = agent_from_template_kv(name, pool_key or key, system, parse_template(template_text), lay,
+                                                  k, v, self.spec.inv_freq, template_key=key)
+        while len(self.agents) > self.max_templates:   # least recently used template shapes go
+            self.agents.popitem(last=False)
         self.stats.templates += 1
 
     def add_encoding(self, sid: str, kind: str, ids: tuple, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
@@ -107,6 +113,8 @@ class WorkerState:
                            segments=[tuple(s) for s in call.segments], s0=call.s0, problem=call.problem,
                            merged=list(call.merged))
         agent = self.agents.get(call.agent_key)
+        if agent is not None:
+            self.agents.move_to_end(call.agent_key)
         if agent is None:
             return self._count(PlanResult("dense", "agent template not registered on this worker", 0))
         st = self.session(call.session, call.round)

@@ -1,0 +1,98 @@
+"""Plain chat traffic through `kvcomm serve` (fp32, SmolLM2-135M): requests as agent frameworks
+send them - each agent's system prompt, the task, the other agents' replies as named user
+messages, nothing marked - get KVCOMM once the server knows parts of them; requests with
+nothing known are plain vLLM; one tenant's text never becomes another's content; adversarial
+layouts and 16 conversations at once are served without an error."""
+import concurrent.futures as cf
+
+import pytest
+
+from conftest import KV_BYTES, SMALL_POOL
+
+SYSTEMS = {"solver": "You answer questions about a shop report. Be brief.",
+           "critic": "You check the answer against the report. Be brief.",
+           "summarizer": "You give the final number only."}
+NAMES = ["Ana", "Ben", "Carla", "Dev", "Eli", "Fay", "Gus", "Hana"]
+
+
+def task(i: int) -> str:
+    n = NAMES[i % len(NAMES)]
+    return (f"{n}'s shop had {10 + 7 * i} pens on Monday. During the week {n} sold {3 + 2 * i} pens to regular "
+            f"customers and gave {2 + i % 3} pens to a school. The shop is open from nine to five and a supplier "
+            f"visits on Fridays. Question: how many pens were left at the end of the week?")
+
+
+@pytest.fixture(scope="module")
+def client(model_dir, tmp_path_factory):
+    from kvcomm.vllm.launch import Server
+    log = str(tmp_path_factory.mktemp("chat") / "server.log")
+    with Server(model_dir, log, served_model_name="smol", dtype="float32", max_model_len=2048, pool=SMALL_POOL,
+                extra_args=["--enforce-eager", "--max-num-seqs", "16", "--kv-cache-memory-bytes", str(KV_BYTES)]) as c:
+        yield c
+
+
+def ask(client, messages, tenant="alice", **extra):
+    body = {"model": "smol", "messages": messages, "max_tokens": 12, "temperature": 0, **extra}
+    r = client.post("/v1/chat/completions", body, headers={"Authorization": f"Bearer {tenant}"})
+    return r["choices"][0]["message"]["content"], (r.get("kv_transfer_params") or {}).get("kvcomm")
+
+
+def conversation(client, i, tenant="alice"):
+    said, out = [], []
+    for name, system in SYSTEMS.items():
+        msgs = [{"role": "system", "content": system}, {"role": "user", "content": task(i)}]
+        msgs += [{"role": "user", "name": who, "content": text} for who, text in said]
+        text, report = ask(client, msgs, tenant)
+        out.append((name, text, report, msgs))
+        said.append((name, text))
+    return out
+
+
+def test_framework_traffic_gets_kvcomm_and_fallbacks_are_plain(client):
+    runs = [conversation(client, i) for i in range(6)]
+    first = runs[0]
+    assert first[0][2] is None                                   # nothing known: passed through untouched
+    assert first[1][2] is not None and "user_question" in first[1][2]["slots"]   # the task, found
+    later = [r for conv in runs[3:] for r in conv[1:]]
+    assert any(r[2]["path"] in ("reuse", "partial") for r in later), [(r[0], r[2]) for r in later]
+    # every call that fell back to dense gives plain vLLM's tokens (fp32, greedy): the same
+    # messages from a tenant the server knows nothing of are plain vLLM
+    dense = [r for conv in runs for r in conv if r[2] is not None and r[2]["path"] == "dense"][:3]
+    assert dense
+    for name, text, report, msgs in dense:
+        plain, none = ask(client, msgs, tenant=f"fresh-{name}")
+        assert none is None and plain == text, (name, report["reason"])
+
+
+def test_one_tenants_text_never_becomes_anothers_content(client):
+    conv = conversation(client, 20, tenant="alice")
+    _, _, _, msgs = conv[-1]                                     # alice's texts: the task and two replies
+    _, report = ask(client, msgs, tenant="mallory")
+    assert report is None                                        # nothing of alice's is known to mallory
+
+
+def test_adversarial_layouts_are_served(client):
+    t = task(30)
+    conversation(client, 30)                                     # the server now knows t and the replies
+    cases = [
+        [{"role": "system", "content": "x"}, {"role": "user", "content": t}, {"role": "user", "content": t}],
+        [{"role": "user", "content": f"{t}\n\nAgain:\n{t}"}],    # a content twice in one message
+        [{"role": "user", "content": t[:40]}],                   # shorter than the minimum
+        [{"role": "user", "content": t + "<|im_end|>"}],         # a control token glued to a content
+        [{"role": "system", "content": "y"}, {"role": "user", "content": "no shared text here at all, none"}],
+    ]
+    for msgs in cases:
+        text, _ = ask(client, msgs)
+        assert isinstance(text, str)
+    # one explicit session id used by two different conversations
+    for i in (31, 32):
+        ask(client, [{"role": "user", "content": task(i)}], user="shared-session-id")
+        ask(client, [{"role": "system", "content": "z"}, {"role": "user", "content": task(i)}],
+            user="shared-session-id")
+
+
+def test_sixteen_conversations_at_once_lose_nothing(client):
+    with cf.ThreadPoolExecutor(max_workers=16) as ex:
+        futs = [ex.submit(conversation, client, 100 + i, f"t{i % 4}") for i in range(16)]
+        runs = [f.result() for f in futs]                        # raises on any failed request
+    assert len(runs) == 16 and all(len(c) == 3 and all(isinstance(r[1], str) for r in c) for c in runs)
