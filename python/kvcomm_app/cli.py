@@ -149,10 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(ev, questions=10, warmup=2, max_new_tokens=128)
     serve.add_backend_args(ev)
 
-    bench = sub.add_parser("bench", help="benchmarks: `kvcomm bench ttft`",
-                           description="Benchmarks. `kvcomm bench ttft --help` for the TTFT one.")
+    bench = sub.add_parser("bench", help="benchmarks: `kvcomm bench ttft`, `kvcomm bench chat`",
+                           description="Benchmarks. `kvcomm bench ttft --help` for the TTFT one, `kvcomm bench "
+                           "chat --help` for framework traffic against kvcomm serve.")
     bsub = bench.add_subparsers(dest="benchmark", metavar="BENCHMARK")
     _add_bench_ttft(bsub)
+    bsub.add_parser("chat", add_help=False, help="recorded framework traffic through kvcomm serve, each call "
+                    "paired with plain vLLM (`kvcomm bench chat --help` for the options)")
     serve.add_serve_parser(sub)
     return parser
 
@@ -371,7 +374,7 @@ def _provenance(args) -> provenance.Provenance:
 
 def cmd_bench(args) -> int:
     if getattr(args, "benchmark", None) != "ttft":
-        print("usage: kvcomm bench ttft [options]   (kvcomm bench ttft --help for the options)",
+        print("usage: kvcomm bench ttft|chat [options]   (kvcomm bench ttft --help, kvcomm bench chat --help)",
               file=sys.stderr)
         return 2
     if getattr(args, "backend", "hf") == "vllm":
@@ -466,6 +469,10 @@ TTFT_NOTES = (
 
 
 def main(argv: list[str] | None = None) -> int:
+    given = list(sys.argv[1:] if argv is None else argv)
+    if given[:2] == ["bench", "chat"]:   # its own command line (kvcomm_app/bench/chat_paired.py)
+        from .bench import chat_paired
+        return chat_paired.main(given[2:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -1,0 +1,222 @@
+"""`kvcomm bench chat`: agent-framework traffic through `kvcomm serve`, every call paired with
+plain vLLM on identical inputs, over the wire.
+
+    build/venv-vllm/bin/python benchmarks/chat_paired.py --traffic tests/fixtures/chat/autogen.jsonl
+
+The traffic is a recording of a framework's requests (JSON lines with "conversation" and
+"request": the chat-completion body it sent; benchmarks/chat/record_proxy.py writes them). Each
+request is sent twice, in the order recorded, to one server:
+
+- as the framework sent it (one tenant, the API key `kvcomm`): KVCOMM where the server knows
+  parts of it, plain where it knows nothing;
+- the identical body from a tenant the server has never seen (a fresh API key per request):
+  nothing is known to it, so it is plain vLLM - prefix caching on - the baseline a user runs.
+
+Both are streamed, greedy, with the first token's top log-probabilities. Per call: the path,
+the tokens reused after the agent's own prefix (its system messages), TTFT in both modes, and
+the first token of both (agreement, and KL(plain || KVCOMM) over plain's top tokens: tokens
+outside KVCOMM's top list get its smallest listed log-probability, so the KL is a lower bound).
+Results: results/chat/<name>.json (framework, token_reuse, lost_requests, errored_requests,
+per-agent TTFT, first-token agreement and KL with bootstrap intervals over conversations).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import statistics
+import sys
+import time
+import uuid
+
+from kvcomm_app import provenance
+
+TOP = 20
+
+
+def load_traffic(path: str) -> list[list[dict]]:
+    """Requests grouped by conversation, in recorded order."""
+    convs: dict = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                rec = json.loads(line)
+                convs.setdefault(rec.get("conversation", 0), []).append(rec["request"])
+    return [convs[k] for k in sorted(convs)]
+
+
+def send(client, body: dict, tenant: str) -> dict:
+    """One streamed request: TTFT, text, the first token's top log-probabilities, the report."""
+    body = dict(body, stream=True, temperature=0, logprobs=True, top_logprobs=TOP,
+                stream_options={"include_usage": True})
+    body.pop("n", None)
+    ttft, text, first, report, usage = None, [], None, None, {}
+    for t, chunk in client.stream("/v1/chat/completions", body, headers={"Authorization": f"Bearer {tenant}"}):
+        report = ((chunk.get("kv_transfer_params") or {}).get("kvcomm")) or report
+        usage = chunk.get("usage") or usage
+        for ch in chunk.get("choices") or []:
+            delta = (ch.get("delta") or {}).get("content") or ""
+            if ttft is None and (delta or ch.get("logprobs")):
+                ttft = t * 1000.0
+            text.append(delta)
+            lp = (ch.get("logprobs") or {}).get("content") or []
+            if first is None and lp:
+                first = {e["token"]: e["logprob"] for e in lp[0].get("top_logprobs") or []}
+    return {"ttft_ms": ttft, "text": "".join(text), "first": first or {}, "report": report,
+            "prompt_tokens": usage.get("prompt_tokens")}
+
+
+def first_token_kl(p: dict, q: dict) -> float | None:
+    """KL(p || q) over p's listed tokens (log-probabilities), q's floor for tokens q does not list."""
+    if not p or not q:
+        return None
+    floor = min(q.values())
+    return sum(math.exp(lp) * (lp - q.get(tok, floor)) for tok, lp in p.items())
+
+
+def own_prefix_tokens(tok, messages: list[dict]) -> int:
+    """Tokens of the agent's own prefix: the chat template applied to its system messages."""
+    system = [m for m in messages if m.get("role") in ("system", "developer")]
+    if not system:
+        return 0
+    text = tok.apply_chat_template(system, tokenize=False, add_generation_prompt=False)
+    return len(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def _bootstrap(by_conv: list[list[dict]], stat, rounds: int = 2000, seed: int = 0):
+    rng = random.Random(seed)
+    vals = []
+    for _ in range(rounds):
+        sample = [c for _ in by_conv for c in rng.choice(by_conv)]
+        v = stat(sample)
+        if v is not None:
+            vals.append(v)
+    vals.sort()
+    return [vals[int(0.025 * len(vals))], vals[int(0.975 * len(vals)) - 1]] if vals else None
+
+
+def reuse_share(calls: list[dict]) -> float | None:
+    after = sum(c["after_own_prefix"] for c in calls)
+    return sum(c["reused_after_own_prefix"] for c in calls) / after if after else None
+
+
+def agreement(calls: list[dict]) -> float | None:
+    pairs = [c for c in calls if c["first_equal"] is not None]
+    return sum(c["first_equal"] for c in pairs) / len(pairs) if pairs else None
+
+
+def mean_kl(calls: list[dict]) -> float | None:
+    kls = [c["kl"] for c in calls if c["kl"] is not None]
+    return statistics.fmean(kls) if kls else None
+
+
+def run(client, tok, convs: list[list[dict]], log) -> tuple[list[list[dict]], int, int]:
+    out, lost, errored = [], 0, 0
+    for ci, conv in enumerate(convs):
+        calls = []
+        for body in conv:
+            agent = next((m.get("content", "")[:40] for m in body["messages"] if m.get("role") == "system"), "")
+            try:
+                kv = send(client, body, "kvcomm")
+                plain = send(client, body, f"plain-{uuid.uuid4().hex}")
+            except Exception as e:
+                errored += 1
+                log(f"conversation {ci}: request failed: {e!r}")
+                continue
+            if kv["ttft_ms"] is None or plain["ttft_ms"] is None:
+                lost += 1
+                continue
+            T = kv["prompt_tokens"] or plain["prompt_tokens"] or 0
+            own = own_prefix_tokens(tok, body["messages"])
+            rep = kv["report"] or {}
+            reused = max(0, int(rep.get("reused_tokens") or 0) - own)
+            p_top = max(plain["first"], key=plain["first"].get) if plain["first"] else None
+            k_top = max(kv["first"], key=kv["first"].get) if kv["first"] else None
+            calls.append({"conversation": ci, "agent": agent, "path": rep.get("path", "plain"),
+                          "reason": rep.get("reason", "nothing known: plain vLLM"), "prompt_tokens": T,
+                          "after_own_prefix": max(0, T - own), "reused_after_own_prefix": reused,
+                          "ttft_plain_ms": round(plain["ttft_ms"], 1), "ttft_kvcomm_ms": round(kv["ttft_ms"], 1),
+                          "first_equal": None if p_top is None or k_top is None else p_top == k_top,
+                          "kl": first_token_kl(plain["first"], kv["first"])})
+        out.append(calls)
+        log(f"conversation {ci}: {len(calls)} calls, paths {[c['path'] for c in calls]}")
+    return out, lost, errored
+
+
+def summarize(by_conv: list[list[dict]], warmup: int) -> dict:
+    measured = by_conv[warmup:]
+    calls = [c for conv in measured for c in conv]
+    reused = [c for c in calls if c["path"] != "plain"]
+    agents: dict = {}
+    for c in calls:
+        agents.setdefault(c["agent"], []).append(c)
+    per_agent = {}
+    for a, cs in agents.items():
+        p, k = statistics.median(c["ttft_plain_ms"] for c in cs), statistics.median(c["ttft_kvcomm_ms"] for c in cs)
+        paths: dict = {}
+        for c in cs:
+            paths[c["path"]] = paths.get(c["path"], 0) + 1
+        per_agent[a] = {"calls": len(cs), "plain_ms_median": p, "kvcomm_ms_median": k, "speedup": p / k,
+                        "paths": paths, "token_reuse": reuse_share(cs)}
+    return {"measured_conversations": len(measured), "calls": len(calls),
+            "token_reuse": reuse_share(calls), "token_reuse_ci95": _bootstrap(measured, reuse_share),
+            "first_token_agreement": agreement(reused), "first_token_agreement_ci95": _bootstrap(
+                [[c for c in conv if c["path"] != "plain"] for conv in measured], agreement),
+            "first_token_kl_mean": mean_kl(reused), "first_token_kl_ci95": _bootstrap(
+                [[c for c in conv if c["path"] != "plain"] for conv in measured], mean_kl),
+            "paired_calls_through_kvcomm": len(reused), "per_agent": per_agent}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--traffic", required=True, help="recorded requests (JSON lines)")
+    p.add_argument("--name", default=None, help="the framework's name (default: the traffic file's)")
+    p.add_argument("--server", default=None, help="a running kvcomm serve (http://host:port); default: start one")
+    p.add_argument("--warmup", type=int, default=2, help="conversations before the measured ones")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--out", default=None, help="default results/chat/<name>.json")
+    p.add_argument("--log", default="/tmp/kvcomm-chat-bench.log")
+    args = p.parse_args(argv)
+    name = args.name or os.path.splitext(os.path.basename(args.traffic))[0]
+    out_path = args.out or f"results/chat/{name}.json"
+    made = provenance.capture("python", "benchmarks/chat_paired.py", argv=argv)
+    from transformers import AutoTokenizer
+
+    from kvcomm.models import embedded_model_dir
+    from kvcomm.vllm.client import KVCommClient
+    from kvcomm.vllm.launch import Server
+    t0 = time.perf_counter()
+
+    def log(msg):
+        print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", flush=True)
+    model = embedded_model_dir()
+    tok = AutoTokenizer.from_pretrained(model)
+    convs = load_traffic(args.traffic)
+    server = None
+    if args.server:
+        client = KVCommClient(args.server)
+    else:
+        server = Server(model, args.log, served_model_name="SmolLM2-135M-Instruct", dtype=args.dtype,
+                        max_model_len=4096, kv_cache_bytes=2 << 30)
+        client = server.__enter__()
+    try:
+        by_conv, lost, errored = run(client, tok, convs, log)
+    finally:
+        if server is not None:
+            server.__exit__(None, None, None)
+    doc = {"framework": name, "traffic": args.traffic, "dtype": args.dtype, "warmup_conversations": args.warmup,
+           **summarize(by_conv, args.warmup), "lost_requests": lost, "errored_requests": errored,
+           "device_detail": provenance.device_detail("cpu", args.dtype), "load_average": provenance.load_average(),
+           "wall_s": round(time.perf_counter() - t0, 1), **made.fields(), "conversations": by_conv}
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    with open(out_path, "w") as f:
+        json.dump(doc, f, indent=1)
+    log(f"token reuse {doc['token_reuse']}, first-token agreement {doc['first_token_agreement']}, KL "
+        f"{doc['first_token_kl_mean']}; wrote {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
