@@ -62,6 +62,9 @@ def add_serve_parser(sub) -> None:
                    help="how the server's pool holds anchors (default model; docs/method.md#compact-anchors)")
     s.add_argument("--pool-bytes", type=byte_size_arg, default=None, metavar="SIZE",
                    help="byte budget of the server's anchor pool, e.g. 2G (default unlimited)")
+    s.add_argument("--session-bytes", type=byte_size_arg, default=None, metavar="SIZE",
+                   help="KV the server keeps per conversation state (content bases, encodings, replies), least "
+                   "recently used dropped first (default 1G)")
     s.add_argument("--print-command", action="store_true", help="print the vLLM command line and exit")
     s.add_argument("vllm_args", nargs="*", help="after --: more vLLM arguments")
 
@@ -106,7 +109,8 @@ def serve_command(args, *, cuda: bool | None = None) -> tuple[list[str], list[st
         notes.append("vLLM KV cache: vLLM's own setting")
     else:
         total, avail = launch.memory_info()
-        kv_bytes = launch.default_kv_cache_bytes(total, avail, _model_bytes(model), int(args.pool_bytes or 0))
+        state = int(args.session_bytes or (1 << 30)) + (256 << 20)   # sessions and template shapes
+        kv_bytes = launch.default_kv_cache_bytes(total, avail, _model_bytes(model), int(args.pool_bytes or 0), state)
         notes.append(f"vLLM KV cache {kv_bytes / (1 << 30):.2f} GiB, sized from this machine ({total / (1 << 30):.1f} "
                      f"GiB, {avail / (1 << 30):.1f} GiB available; --kv-cache-gib to set it)")
     try:
@@ -114,7 +118,7 @@ def serve_command(args, *, cuda: bool | None = None) -> tuple[list[str], list[st
                                  served_model_name=name, kv_cache_bytes=kv_bytes, pool=pool or None,
                                  pool_file=args.pool_file, pool_new=args.pool_new, save_every_s=args.save_every,
                                  save_every_anchors=args.save_every_anchors, plan=plan, chat=chat or None,
-                                 extra_args=extra)
+                                 session_bytes=args.session_bytes, extra_args=extra)
     except ValueError as e:
         raise SystemExit(f"kvcomm serve: {e}") from None
     notes.append(f"serving {name!r} ({dtype}) on http://{args.host}:{args.port}/v1")

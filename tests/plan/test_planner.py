@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kvcomm import AnchorPool, PoolConfig
-from kvcomm.plan import PlanSettings, Planner, Session, Sessions, agent_from_template_kv, parse_template
+from kvcomm.plan import PlanSettings, Planner, Reply, Session, Sessions, agent_from_template_kv, parse_template
 from kvcomm.plan.template import PromptLayout
 
 L, H, D = 2, 2, 8
@@ -231,3 +231,15 @@ def test_a_first_carrier_computes_in_context_and_still_teaches_the_pool():
     # the next carrier of the same contents in this session finds them decided
     again = planner.plan(agent(), layout(), st, max_new_tokens=4, encode=encode)
     assert again.first_carrier == set() and calls == ["question", "reply"]
+
+
+def test_sessions_are_bounded_by_the_kv_they_hold():
+    s = Sessions(limit=100, max_bytes=10 * 1024)
+    for i in range(5):
+        st = s.get(f"s{i}")
+        st.encoded[("question", (i,))] = (torch.zeros(256), torch.zeros(256))   # 2 KiB
+        shared = torch.zeros(256)
+        st.current["a"] = Reply("a", "", (1,), shared, shared)                   # 1 KiB: shared storage counts once
+    s.get("s4")                                  # 3 KiB a session: 3 fit in 10 KiB
+    assert s.bytes == 9 * 1024 and len(s) == 3 and "s4" in s and "s1" not in s
+    assert s.dropped == 2

@@ -69,14 +69,16 @@ def connector(offline):
     return get_kv_transfer_group()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server(model_dir, tmp_path_factory):
     """A KVCOMM server (`python -m kvcomm.vllm.vllm_cli serve` with the connector and the
-    front end) on a free loopback port, fp32; stopped by its process id at the end."""
+    front end) on a free loopback port, fp32; stopped by its process id at the end. One for
+    the whole run (a start costs a minute here): tests keep to their own agents, texts and
+    tenants."""
     from kvcomm.vllm.launch import Server
     log_path = str(tmp_path_factory.mktemp("server") / "server.log")
     with Server(model_dir, log_path, served_model_name="smol", dtype="float32", max_model_len=1024, pool=SMALL_POOL,
                 extra_args=["--enforce-eager", "--block-size", "32", "--uvicorn-log-level", "warning",
-                            "--max-num-seqs", "8", "--kv-cache-memory-bytes", str(KV_BYTES)]) as client:
+                            "--max-num-seqs", "16", "--kv-cache-memory-bytes", str(KV_BYTES)]) as client:
         client.log_path = log_path
         yield client

@@ -7,7 +7,6 @@ import concurrent.futures as cf
 
 import pytest
 
-from conftest import KV_BYTES, SMALL_POOL
 
 SYSTEMS = {"solver": "You answer questions about a shop report. Be brief.",
            "critic": "You check the answer against the report. Be brief.",
@@ -23,12 +22,8 @@ def task(i: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def client(model_dir, tmp_path_factory):
-    from kvcomm.vllm.launch import Server
-    log = str(tmp_path_factory.mktemp("chat") / "server.log")
-    with Server(model_dir, log, served_model_name="smol", dtype="float32", max_model_len=2048, pool=SMALL_POOL,
-                extra_args=["--enforce-eager", "--max-num-seqs", "16", "--kv-cache-memory-bytes", str(KV_BYTES)]) as c:
-        yield c
+def client(server):
+    return server
 
 
 def ask(client, messages, tenant="alice", **extra):

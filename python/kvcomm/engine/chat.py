@@ -24,11 +24,11 @@ class ChatAdapter:
     kept (least recently used dropped); index_bytes: remembered text (kvcomm.plan.contents)."""
 
     def __init__(self, engine, *, min_tokens: int = DEFAULT_MIN_TOKENS, sessions: int = 1024, templates: int = 256,
-                 index_bytes: int = 64 << 20):
+                 index_bytes: int = 64 << 20, session_bytes: int = 1 << 30):
         self.engine = engine
         self.min_tokens = int(min_tokens)
         self.index = ContentIndex(index_bytes)
-        self.sessions = Sessions(sessions)
+        self.sessions = Sessions(sessions, session_bytes)
         self.templates = int(templates)
         self._agents: OrderedDict[str, AgentState] = OrderedDict()
 

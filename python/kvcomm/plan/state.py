@@ -176,16 +176,43 @@ def agent_from_template_kv(name: str, key: str, system_prompt: str, template: Te
     return state
 
 
-class Sessions:
-    """Sessions by id, the least recently used forgotten past `limit` (a server sees
-    conversations start and never sees them end)."""
+def tensor_bytes(*objs) -> int:
+    """Bytes of the distinct tensors inside `objs` (tensors, and lists, tuples, dicts and
+    dataclass objects holding them); a tensor shared by two places counts once."""
+    seen: set = set()
+    total = 0
+    stack = list(objs)
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            key = (x.untyped_storage().data_ptr(), x.device)
+            if key not in seen:
+                seen.add(key)
+                total += x.untyped_storage().nbytes()
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple, set)):
+            stack.extend(x)
+        elif hasattr(x, "__dataclass_fields__"):
+            stack.extend(getattr(x, f) for f in x.__dataclass_fields__)
+    return total
 
-    def __init__(self, limit: int = 1024):
+
+class Sessions:
+    """Sessions by id (a server sees conversations start and never sees them end): the least
+    recently used forgotten past `limit` sessions or `max_bytes` of KV they hold (content
+    bases, encodings, replies; the one in use is never dropped)."""
+
+    def __init__(self, limit: int = 1024, max_bytes: int | None = None):
         if limit < 1:
             raise ValueError(f"Sessions: limit must be >= 1, got {limit}")
         self.limit = int(limit)
+        self.max_bytes = max_bytes
         self._by_id: OrderedDict[str, Session] = OrderedDict()
+        self._bytes: dict[str, int] = {}
+        self._last: str | None = None
         self._made = 0
+        self.dropped = 0
 
     def get(self, sid: str, rnd: int = 0) -> Session:
         """The session `sid` (made on first use), moved to round `rnd` if it is behind."""
@@ -193,11 +220,30 @@ class Sessions:
         if st is None:
             self._made += 1
             st = self._by_id[sid] = Session(index=self._made)
-            while len(self._by_id) > self.limit:
-                self._by_id.popitem(last=False)
         self._by_id.move_to_end(sid)
         st.advance_to(rnd)
+        if self.max_bytes is not None:
+            # A session grows while it is in use (its call's bases, its replies): it is counted
+            # again when the next session is asked for, and the others as last counted.
+            for counted in {sid, self._last}:
+                if counted in self._by_id:
+                    self._bytes[counted] = self._count(self._by_id[counted])
+        self._last = sid
+        while len(self._by_id) > self.limit or (self.max_bytes is not None and len(self._by_id) > 1
+                                                and sum(self._bytes.values()) > self.max_bytes):
+            old, _ = self._by_id.popitem(last=False)
+            self._bytes.pop(old, None)
+            self.dropped += 1
         return st
+
+    @staticmethod
+    def _count(st: Session) -> int:
+        return tensor_bytes(st.contents, st.encoded, st.current, st.history, [p.late for p in st.late_plans])
+
+    @property
+    def bytes(self) -> int:
+        """KV held by the sessions, as counted when each was last in use."""
+        return sum(self._bytes.values())
 
     def __contains__(self, sid: str) -> bool:
         return sid in self._by_id

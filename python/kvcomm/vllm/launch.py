@@ -21,7 +21,7 @@ def transfer_config(token: str | None = None, pool: dict | None = None, pool_fil
                     lead_ins: dict | None = None, max_sessions: int | None = None,
                     keep_loads: bool = False, plan: dict | None = None, pool_new: bool = False,
                     save_every_s: float | None = None, save_every_anchors: int | None = None,
-                    chat: dict | None = None) -> dict:
+                    chat: dict | None = None, session_bytes: int | None = None) -> dict:
     """The --kv-transfer-config of a KVCOMM server (keys: kvcomm.vllm.settings).
     kv_load_failure_policy "recompute": a load that fails anyway is recomputed by vLLM
     instead of failing the request. plan: {"partial": bool, "recompute": "none" | "tail=N"},
@@ -50,6 +50,8 @@ def transfer_config(token: str | None = None, pool: dict | None = None, pool_fil
     if chat:
         from .chat_front import CHAT_ARGS
         extra[CHAT_ARGS] = dict(chat)
+    if session_bytes is not None:
+        extra[settings.SESSION_BYTES] = int(session_bytes)
     return {"kv_connector": CONNECTOR, "kv_connector_module_path": MODULE, "kv_role": "kv_both",
             "kv_load_failure_policy": "recompute", "kv_connector_extra_config": extra}
 
@@ -87,13 +89,15 @@ def memory_info() -> tuple[int, int]:
     return vals["MemTotal"], vals.get("MemAvailable", vals["MemFree"])
 
 
-def default_kv_cache_bytes(total: int, available: int, model_bytes: int, pool_bytes: int = 0) -> int:
+def default_kv_cache_bytes(total: int, available: int, model_bytes: int, pool_bytes: int = 0,
+                           state_bytes: int = 0) -> int:
     """vLLM's KV cache on a CPU server, sized from the machine: a quarter of its memory, and
     never more than what is available after the weights (twice: vLLM loads, then converts),
-    the anchor pool's budget and 2 GiB of headroom for the process and KVCOMM's buffers; at
-    least 1 GiB, in whole 256 MiB steps. (vLLM's own CPU default takes most of the memory.)"""
+    the anchor pool's budget, KVCOMM's session and template state (state_bytes) and 2 GiB of
+    headroom for the processes; at least 1 GiB, in whole 256 MiB steps. (vLLM's own CPU
+    default takes most of the memory.)"""
     gib = 1 << 30
-    room = available - 2 * model_bytes - pool_bytes - 2 * gib
+    room = available - 2 * model_bytes - pool_bytes - state_bytes - 2 * gib
     size = max(gib, min(total // 4, room))
     return size - size % (256 << 20)
 

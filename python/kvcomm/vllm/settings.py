@@ -19,6 +19,8 @@ POOL_ARGS = "pool"            # optional: kvcomm.PoolConfig keyword arguments
 PLAN_ARGS = "plan"            # optional: {"partial": bool, "recompute": "none" | "tail=N",
                               #            "defer_first_encoding": bool}
 MAX_SESSIONS = "max_sessions"
+SESSION_BYTES = "session_bytes"    # KV the sessions may hold (content bases, encodings, replies); default 1 GiB
+TEMPLATE_BYTES = "template_bytes"  # KV of the template shapes kept (exact prefixes, segments); default 256 MiB
 LEAD_INS = "lead_ins"
 KEEP_LOADS = "keep_loads"     # diagnostics: read back what each load wrote (WorkerSide.kept)
 

@@ -16,7 +16,7 @@ import torch
 
 from .jobs import KVCommMeta, KVCommWorkerMeta, PlanResult, SaveJob
 from .settings import (KEEP_LOADS, MAX_SESSIONS, POOL_FILE, POOL_NEW, SAVE_EVERY_ANCHORS, SAVE_EVERY_S,
-                       plan_settings, pool_args)
+                       SESSION_BYTES, TEMPLATE_BYTES, plan_settings, pool_args)
 
 log = logging.getLogger("kvcomm.vllm")
 
@@ -72,7 +72,9 @@ class WorkerSide:
                                device=str(paged.device) if paged.device.type != "cpu" else "")
         self._paged = paged
         self._state = WorkerState(spec, pool, group, max_sessions=int(self._extra.get(MAX_SESSIONS, 1024)),
-                                  settings=self.settings)
+                                  settings=self.settings,
+                                  session_bytes=int(self._extra.get(SESSION_BYTES, 1 << 30)),
+                                  template_bytes=int(self._extra.get(TEMPLATE_BYTES, 256 << 20)))
 
     def _ready(self):
         if self._state is None:   # caches registered without _build (not reached through vLLM)

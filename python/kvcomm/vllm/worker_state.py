@@ -25,7 +25,7 @@ import torch
 
 from ..plan.decide import RankGroup
 from ..plan.planner import CallPlan, Planner, PlanSettings
-from ..plan.state import AgentState, Sessions, agent_from_template_kv
+from ..plan.state import AgentState, Sessions, agent_from_template_kv, tensor_bytes
 from ..plan.template import PromptLayout, parse_template
 from .jobs import CallLayout, PlanResult
 
@@ -51,7 +51,8 @@ class WorkerState:
     calls decide (prefix_only is forced: that is what vLLM's connector interface allows)."""
 
     def __init__(self, spec, pool, group: RankGroup | None = None, max_sessions: int = 1024,
-                 settings: PlanSettings | None = None, max_templates: int = 4096):
+                 settings: PlanSettings | None = None, max_templates: int = 4096,
+                 session_bytes: int = 1 << 30, template_bytes: int = 256 << 20):
         settings = settings or PlanSettings()
         if not settings.prefix_only:
             settings = PlanSettings(partial=settings.partial, recompute=settings.recompute, prefix_only=True)
@@ -59,7 +60,9 @@ class WorkerState:
         self.planner = Planner(pool, spec, settings, group=group)
         self.agents: OrderedDict[str, AgentState] = OrderedDict()   # template key -> agent state
         self.max_templates = int(max_templates)
-        self.sessions = Sessions(max_sessions)
+        self.template_bytes = int(template_bytes)
+        self._agent_bytes: dict[str, int] = {}
+        self.sessions = Sessions(max_sessions, session_bytes)
         self.staged: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.pending: dict[str, tuple] = {}   # req_id -> (plan, session): computed KV recorded after the prefill
         self.stats = WorkerStats()
@@ -81,10 +84,14 @@ class WorkerState:
         if key in self.agents:
             self.agents.move_to_end(key)
             return
-        self.agents[key] = agent_from_template_kv(name, pool_key or key, system, parse_template(template_text), lay,
-                                                  k, v, self.spec.inv_freq, template_key=key)
-        while len(self.agents) > self.max_templates:   # least recently used template shapes go
-            self.agents.popitem(last=False)
+        state = agent_from_template_kv(name, pool_key or key, system, parse_template(template_text), lay, k, v,
+                                       self.spec.inv_freq, template_key=key)
+        self.agents[key] = state
+        self._agent_bytes[key] = tensor_bytes(state.s0_k, state.s0_v, state.seg_k, state.seg_v)
+        while len(self.agents) > 1 and (len(self.agents) > self.max_templates
+                                        or sum(self._agent_bytes.values()) > self.template_bytes):
+            old, _ = self.agents.popitem(last=False)   # least recently used template shapes go
+            self._agent_bytes.pop(old, None)
         self.stats.templates += 1
 
     def add_encoding(self, sid: str, kind: str, ids: tuple, k: torch.Tensor, v: torch.Tensor, start: int) -> None:

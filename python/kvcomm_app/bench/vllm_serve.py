@@ -7,8 +7,8 @@ agent, throughput with several conversations in flight, memory, lost and failed 
 One server (`kvcomm.vllm.launch.Server`: the supervisor, the connector and the front end,
 its KV cache and pool sized by the flags) serves both modes: plain requests (no KVCOMM
 parameters: vLLM with its prefix cache, the baseline a user would run) and KVCOMM calls, on
-the same prompts, interleaved question by question. Prompts are market reports of 7 shops
-(3-agent graph, ~800 tokens) or 14 shops (5-agent graph, ~1500 tokens) with a question about
+the same prompts, interleaved question by question. Prompts are market reports of 13 shops
+(3-agent graph, ~850 tokens) or 26 shops (5-agent graph, ~1650 tokens) with a question about
 one shop (kvcomm_app.bench.shop_questions); every conversation has new reports. The pool
 learns throughout (as a running service does), after `--warmup` conversations per graph.
 Results go to results/vllm/serve.json under the dtype (the other dtype's entry is kept).
@@ -28,7 +28,7 @@ from kvcomm_app import provenance
 from kvcomm_app.bench.shop_questions import report
 
 GRAPHS = {
-    "3-agents": (7, [
+    "3-agents": (13, [
         ("analyst", "You are a careful analyst. Answer briefly.",
          "Read the report and answer the question.\nReport and question:\n{user_question}\nAnswer with one number."),
         ("checker", "You double-check facts in reports.",
@@ -36,7 +36,7 @@ GRAPHS = {
         ("judge", "You pick the right answer.",
          "Report and question:\n{user_question}\nFirst answer:\n{agent_analyst_current}\nSecond answer:\n"
          "{agent_checker_current}\n\nWhich answer is right? Reply with the number.")]),
-    "5-agents": (14, [
+    "5-agents": (26, [
         ("reader", "You read reports closely.",
          "Read the report and answer the question.\nReport and question:\n{user_question}\nAnswer with one number."),
         ("auditor", "You audit shop numbers.",
@@ -68,11 +68,14 @@ def run_graph(client, agents, q: str, mode: str, tokens: int):
     return out
 
 
-class _RSS:
-    """Peak resident memory of a process tree, sampled twice a second."""
+class _Memory:
+    """Memory of a process tree (the supervisor, vLLM's API server, engine core and workers),
+    sampled twice a second as PSS: shared pages (the torch libraries every process maps) are
+    split between the processes instead of counted once per process as RSS counts them."""
 
     def __init__(self, pid: int):
         self.pid, self.peak, self._stop = pid, 0, threading.Event()
+        self.start = self.sample()
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
 
@@ -86,21 +89,24 @@ class _RSS:
             pass
         return out
 
+    def sample(self) -> int:
+        total = 0
+        for p in self._tree(self.pid):
+            try:
+                with open(f"/proc/{p}/smaps_rollup") as f:
+                    total += next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("Pss:"))
+            except (OSError, StopIteration):
+                pass
+        return total
+
     def _run(self):
         while not self._stop.wait(0.5):
-            total = 0
-            for p in self._tree(self.pid):
-                try:
-                    with open(f"/proc/{p}/status") as f:
-                        total += next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmRSS:"))
-                except (OSError, StopIteration):
-                    pass
-            self.peak = max(self.peak, total)
+            self.peak = max(self.peak, self.sample())
 
     def stop(self) -> int:
         self._stop.set()
         self._t.join()
-        return self.peak
+        return max(self.peak, self.start)
 
 
 def measure_graph(client, agents, shops: int, args, seed: int, log) -> dict:
@@ -202,20 +208,26 @@ def main(argv=None) -> int:
                         extra_args=["--max-num-seqs", "16"])
         with server as client:
             log(f"server up in {server.startup_s:.0f} s")
-            rss = _RSS(server.proc.pid)
+            mem = _Memory(server.proc.pid)
             for gi, name in enumerate(args.graphs):
                 shops, agents = GRAPHS[name]
                 log(f"{name}: {args.warmup} warm-up + {args.questions} measured conversations per mode")
                 run["graphs"][name] = measure_graph(client, agents, shops, args, 10_000 * (gi + 1), log)
             shops, agents = GRAPHS[args.graphs[0]]
             run["throughput_" + args.graphs[0]] = throughput(client, agents, shops, args, 50_000, log)
-            peak = rss.stop()
-    # the budget kvcomm serve sizes memory by: the weights twice (loading), KV cache, pool, 2 GiB
-    budget = 2 * model_bytes + kv + pool_bytes + 2 * gib
-    run["rss"] = {"peak_bytes": peak, "budget_bytes": budget, "within_budget": peak <= budget}
+            peak = mem.stop()
+    # What the configuration allows: the server as it started (weights, the preallocated KV
+    # cache, the processes themselves), plus the pool's byte budget, the conversation state's
+    # (1 GiB sessions, 256 MiB template shapes: the defaults) and 512 MiB for transient buffers
+    # (staged KV, read-backs); and the reserve kvcomm serve sizes the KV cache with.
+    budget = mem.start + pool_bytes + (1 << 30) + (256 << 20) + gib // 2   # + sessions, template shapes
+    run["memory"] = {"measure": "PSS of the server's process tree", "at_start_bytes": mem.start,
+                     "peak_bytes": peak, "budget_bytes": budget, "within_budget": peak <= budget,
+                     "serve_sizing_reserve_bytes": 2 * model_bytes + kv + pool_bytes + 2 * gib}
     run["load_average_end"] = provenance.load_average()
     run["wall_s"] = round(time.perf_counter() - t0, 1)
-    log(f"peak RSS {peak / gib:.2f} GiB of a {budget / gib:.2f} GiB budget; {run['wall_s']} s")
+    log(f"memory (PSS) {mem.start / gib:.2f} GiB at start, peak {peak / gib:.2f} GiB of a {budget / gib:.2f} GiB "
+        f"budget; {run['wall_s']} s")
     doc = {}
     if os.path.exists(args.out):
         with open(args.out) as f:
@@ -223,7 +235,7 @@ def main(argv=None) -> int:
     doc.setdefault("runs", {})[args.dtype] = run
     doc["what"] = ("kvcomm serve vs plain vLLM (prefix caching on) in the same server and run: streamed TTFT "
                    "per agent (median over measured conversations), throughput with N conversations in flight, "
-                   "peak RSS of the server's processes; SmolLM2-135M-Instruct on this machine's CPU")
+                   "peak memory (PSS) of the server's processes; SmolLM2-135M-Instruct on this machine's CPU")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(doc, f, indent=1)
