@@ -164,7 +164,7 @@ def parse_variant(spec: str) -> dict:
     """'min_anchors=4 recompute=segments,budget=0.1 partial=off' -> overrides; UsageError
     naming the part that is wrong. 'method=cacheblend:0.15' sets estimator and recompute
     (kvcomm.plan.methods); 'estimator=base' the estimator alone."""
-    from kvcomm.plan.estimators import ESTIMATORS
+    from kvcomm.plan.estimator_names import ESTIMATORS
     from kvcomm.plan.methods import method_settings
     from kvcomm.plan.recompute import RecomputePolicy
 

@@ -75,7 +75,11 @@ def serve_command(args, *, cuda: bool | None = None) -> tuple[list[str], list[st
     policy vLLM cannot express), before anything starts."""
     from kvcomm.vllm import launch
     from kvcomm.vllm.pool_store import check_pool_file
-    model = args.model
+    model, vllm_args = args.model, list(args.vllm_args or [])
+    if model is not None and model.startswith("-"):
+        # `kvcomm serve -- --flag ...` without a model: argparse hands the first of vLLM's
+        # arguments to the optional model positional
+        model, vllm_args = None, [model, *vllm_args]
     if model is None:
         from kvcomm.models import embedded_model_dir
         model = embedded_model_dir()
@@ -101,7 +105,7 @@ def serve_command(args, *, cuda: bool | None = None) -> tuple[list[str], list[st
         if problem:
             raise SystemExit(f"kvcomm serve: {problem}")
     kv_bytes = None
-    extra = list(args.vllm_args or [])
+    extra = vllm_args
     if args.kv_cache_gib is not None:
         kv_bytes = int(args.kv_cache_gib * (1 << 30))
         notes.append(f"vLLM KV cache {args.kv_cache_gib:g} GiB (--kv-cache-gib)")

@@ -23,7 +23,8 @@ def extra_config(argv) -> dict:
     return json.loads(argv[argv.index("--kv-transfer-config") + 1])["kv_connector_extra_config"]
 
 
-def test_defaults_name_the_model_size_the_cache_and_use_the_planners_defaults():
+def test_defaults_name_the_model_size_the_cache_and_use_the_planners_defaults(monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)   # an operator's own setting wins (below)
     argv, notes = command()
     assert argv[argv.index("--dtype") + 1] == "float32"            # no CUDA: the embedded model's dtype
     assert argv[argv.index("--served-model-name") + 1] == "SmolLM2-135M-Instruct"
@@ -35,6 +36,15 @@ def test_defaults_name_the_model_size_the_cache_and_use_the_planners_defaults():
     assert extra["plan"] == {"partial": True} and "pool" not in extra   # the worker's defaults apply
     assert command(cuda=True)[0][argv.index("--dtype") + 1] == "auto"
     assert "--kv-cache-memory-bytes" not in command(cuda=True)[0]     # vLLM sizes GPU memory itself
+
+
+def test_an_operators_vllm_setting_is_left_alone(monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")
+    argv, notes = command()
+    assert "--kv-cache-memory-bytes" not in argv and any("vLLM's own setting" in n for n in notes)
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE")
+    argv, notes = command("--", "--kv-cache-memory-bytes", str(3 * GIB))
+    assert argv.count("--kv-cache-memory-bytes") == 1 and argv[argv.index("--kv-cache-memory-bytes") + 1] == str(3 * GIB)
 
 
 def test_flags_reach_the_connector():

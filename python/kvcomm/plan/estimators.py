@@ -100,28 +100,3 @@ class PrefixOnlyEstimator(Estimator):
 
     def write(self, planner, plan, i, k, v, *, want_spread=False):
         return None
-
-
-def _fitted(stat: str):
-    def make():
-        from .fitted import FittedEstimator   # (a module of its own: the fit is plain torch)
-        est = FittedEstimator(stat)
-        est.name = "fit" if stat == "moments" else f"fit-{stat}"
-        return est
-    return make
-
-
-ESTIMATORS = {"anchors": AnchorEstimator, "base": BaseEstimator, "none": PrefixOnlyEstimator,
-              "anchors-or-base": AnchorsOrBaseEstimator,
-              "fit": _fitted("moments"), "fit-aligned": _fitted("aligned")}
-DEFAULT_ESTIMATOR = "anchors"
-
-
-def make_estimator(name: "str | Estimator | None") -> Estimator:
-    if name is None:
-        name = DEFAULT_ESTIMATOR
-    if isinstance(name, Estimator):
-        return name
-    if name not in ESTIMATORS:
-        raise ValueError(f"unknown estimator {name!r}; use one of {', '.join(ESTIMATORS)}")
-    return ESTIMATORS[name]()

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 from .decide import RankGroup, decide_content
 from .defaults import DEFAULT_PARTIAL
-from .estimators import DEFAULT_ESTIMATOR, make_estimator
+from .estimator_names import DEFAULT_ESTIMATOR, make_estimator
 from .neutral import neutral_keys, neutral_span
 from .recompute import RecomputePolicy, SlotPlan, select_positions
 from .state import AgentState, Content, Reply, Session
