@@ -1,4 +1,4 @@
-"""How the pool's share-or-anchor decision (docs/method.md section 4) goes on the TTFT
+"""How the pool's share-or-anchor decision (docs/method.md, "Deciding") goes on the TTFT
 benchmark's inputs with the GPU benchmark's model: fresh filler texts through the
 Llama-3.1-8B-shaped random model, cut to a few layers so it runs on a CPU.
 

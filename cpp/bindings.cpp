@@ -146,7 +146,7 @@ PYBIND11_MODULE(_C, m) {
           "The dtype the anchors stand for ('float32', 'bfloat16', 'float16'; None while empty).")
       .def("decide", &AnchorPool::decide, py::arg("slot"), py::arg("content_v"),
            py::arg("credit") = true, release(),
-           "Share-or-anchor decision (docs/method.md section 4) for content values [L,H,n,D].")
+           "Share-or-anchor decision (docs/method.md, 'Deciding') for content values [L,H,n,D].")
       .def(
           "candidate_distances",
           [](const AnchorPool& p, const std::string& slot, const at::Tensor& content_v, bool rms) {
@@ -205,7 +205,7 @@ PYBIND11_MODULE(_C, m) {
           py::arg("seg_template_k") = py::none(), py::arg("seg_template_v") = py::none(),
           py::arg("seg_position") = 0, py::arg("seg_dst_k") = py::none(),
           py::arg("seg_dst_v") = py::none(), py::arg("want_spread") = false, release(),
-          "Estimate (docs/method.md section 5) the placeholder (and following segment) KV for an "
+          "Estimate (docs/method.md, 'Estimating the offset') the placeholder (and following segment) KV for an "
           "agent into dst tensors; returns the anchors used (empty: nothing written, run dense) "
           "and, with want_spread, the per-token spread of the anchors' deltas.")
       .def("has_slot", &AnchorPool::has_slot)

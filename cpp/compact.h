@@ -1,6 +1,6 @@
 // How an anchor tensor is held in the pool: the model's dtype, bf16, or int8 /
 // fp8 e4m3 with per-(layer, head, channel) float32 scales (Storage in
-// kvcomm/anchor_pool.h; docs/method.md section 10).
+// kvcomm/anchor_pool.h; docs/method.md, "Compact anchors").
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -15,7 +15,7 @@ namespace cpu {
 // The usable anchors of a slot for one agent, as AnchorPool::estimate
 // collects them: bases (K, V), the agent's placeholder deltas and, when the
 // request has a segment, its segment deltas. Compact anchors (form int8 or
-// fp8, docs/method.md section 10) are read as stored, each tensor with its
+// fp8, docs/method.md, "Compact anchors") are read as stored, each tensor with its
 // float32 scales [L, H, 1, D] in the matching *_scale list, and decoded in
 // the kernels' registers.
 struct SlotAnchors {

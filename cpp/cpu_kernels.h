@@ -24,7 +24,7 @@ enum class KVType : int { kFloat, kHalf, kBFloat16 };
 // How the anchor (or delta) rows of a plan are stored: in the content's type,
 // in bfloat16 under content of another type, or as int8 / fp8 e4m3 values
 // times a float32 scale per (layer, head, channel); all are converted in
-// registers as they are loaded (compact anchors, docs/method.md section 10).
+// registers as they are loaded (compact anchors, docs/method.md, "Compact anchors").
 enum class StoreForm : int { kDense, kInt8, kFp8, kBf16 };
 
 inline bool form_has_scale(StoreForm f) { return f == StoreForm::kInt8 || f == StoreForm::kFp8; }
@@ -78,7 +78,7 @@ struct DistancePlan {
 };
 
 // Both weightings of the offset estimate from one pass over the anchors'
-// bases (docs/method.md section 5). Task = row chunk.
+// bases (docs/method.md, "Estimating the offset"). Task = row chunk.
 //  - token sums (when token_partial is set): token_partial[(c * N + u) * T + t]
 //    = chunk c's sum over its rows and channels of |base[t] - anchor_u[t]|
 //    (anchor's first T tokens);
@@ -101,8 +101,8 @@ struct WeightsPlan {
   StoreForm anchor_form = StoreForm::kDense;
 };
 
-// out = rotate(base + (layer > 0) * sum_u w_u * delta_u) (docs/method.md
-// sections 3 and 5); rotation only when cos/sin are given. Task = (row, block
+// out = rotate(base + (layer > 0) * sum_u w_u * delta_u) (docs/method.md,
+// "Keys move exactly" and "Estimating the offset"); rotation only when cos/sin are given. Task = (row, block
 // of kTokenBlock tokens); tasks of several plans can be concatenated.
 struct OffsetPlan {
   KVType type;

@@ -1,5 +1,5 @@
 // CPU matching: distances from new content to every candidate anchor, and the
-// share-or-anchor decision (docs/method.md section 4).
+// share-or-anchor decision (docs/method.md, "Deciding").
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>

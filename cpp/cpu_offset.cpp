@@ -1,4 +1,4 @@
-// CPU fused offset and RoPE move (docs/method.md sections 3 and 5). A RoPE
+// CPU fused offset and RoPE move (docs/method.md, "Keys move exactly" and "Estimating the offset"). A RoPE
 // move is the fused offset with no deltas, so both ops share one kernel.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>

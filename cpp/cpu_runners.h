@@ -41,7 +41,7 @@ struct OffsetJob {
   StoreForm delta_form = StoreForm::kDense;
 };
 
-// Distances (docs/method.md section 4) of `content` to already checked
+// Distances (docs/method.md, "Deciding") of `content` to already checked
 // anchors, dense or compact: float32 [N].
 at::Tensor distances(const at::Tensor& content, at::TensorList anchors, at::TensorList scales,
                      StoreForm form, bool rms);

@@ -1,4 +1,4 @@
-// CPU offset weights (docs/method.md section 5): per-token weights for the
+// CPU offset weights (docs/method.md, "Estimating the offset"): per-token weights for the
 // placeholder's tokens and per-(layer, head, channel) weights for the segment
 // after it. Both come out of one kernel pass (cpu_kernels_impl.h).
 #include <ATen/Parallel.h>

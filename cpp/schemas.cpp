@@ -3,7 +3,7 @@
 // dispatcher picks CPU or CUDA by the device of the tensors.
 #include <torch/library.h>
 
-// Anchors and deltas may be compact (docs/method.md section 10): int8 or
+// Anchors and deltas may be compact (docs/method.md, "Compact anchors"): int8 or
 // float8_e4m3fn codes with one float32 scale tensor [L, H, 1, D] each in
 // anchor_scales / delta_scales (value = code * scale), decoded in registers.
 TORCH_LIBRARY(kvcomm, m) {

@@ -1,5 +1,5 @@
 // Matching on the device: distances from one content to all N anchors in one
-// pass, and the share-or-anchor decision (docs/method.md section 4).
+// pass, and the share-or-anchor decision (docs/method.md, "Deciding").
 //
 // Distances. The content is read once, not N times: a thread loads one vector
 // of it and the matching vector of every anchor of the launch (up to 32,

@@ -170,7 +170,7 @@ KVCOMM_HD void offset_thread(const OffsetArgs& a, const RefTable& small,
     float lo[V], hi[V];
     load_span<T, V, kVec>(base + a.bs.at(l, h, t, c), lo);
     if constexpr (kRotate) load_span<T, V, kVec>(base + a.bs.at(l, h, t, c + a.half), hi);
-    // Layer 0 is exact by construction (docs/method.md section 5): it never
+    // Layer 0 is exact by construction (docs/method.md, "Estimating the offset"): it never
     // gets deltas.
     if (l > 0) {
       if (a.delta_table != nullptr)

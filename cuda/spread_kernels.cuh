@@ -1,5 +1,5 @@
-// Per-token spread on the device (kvcomm::token_spread, docs/method.md
-// section 9): how much the N anchors' deltas of a slot disagree at each
+// Per-token spread on the device (kvcomm::token_spread, docs/method.md,
+// "Beyond the paper"): how much the N anchors' deltas of a slot disagree at each
 // token, the root mean over layers >= 1, heads and channels of their weighted
 // variance across anchors. The math per element is the CPU's
 // (kvcomm/spread_math.h).

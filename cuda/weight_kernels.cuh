@@ -1,4 +1,4 @@
-// Offset weights on the device (docs/method.md section 5), each a one-pass
+// Offset weights on the device (docs/method.md, "Estimating the offset"), each a one-pass
 // score kernel over all anchors of a launch plus a finalize kernel that
 // applies the softmax with the CPU's math.h code.
 //

@@ -4,7 +4,7 @@ Content KV layout everywhere: [layers, kv_heads, tokens, head_dim] (L, H, T, D),
 dtype float32, bfloat16 or float16. Keys in a pool are stored in the
 position-neutral frame (the content's first token at position 0).
 
-Compact anchors and deltas (docs/method.md section 10): value_distances,
+Compact anchors and deltas (docs/method.md, "Compact anchors"): value_distances,
 token_weights, segment_weights and the fused offsets also take int8 or
 float8_e4m3fn codes with `anchor_scales` / `delta_scales`, one float32 tensor
 [L, H, 1, D] per code tensor; the value read is code * scale, decoded in the
@@ -71,7 +71,7 @@ def value_distances(content: Tensor, anchors: Sequence[Tensor], rms: bool = Fals
 
 
 def match_decide(distances: Tensor, tau: float = 1.0, gamma: float = 0.3, top_p: float = 0.9):
-    """docs/method.md section 4 decision from distances [N] (float32).
+    """docs/method.md, "Deciding" decision from distances [N] (float32).
 
     Returns (probs [N] float32, entropy [] float32 bits, share [] bool,
     credit [N] bool): share iff N >= 2 and entropy <= gamma*log2(N); credit

@@ -62,7 +62,7 @@ def value_distances(content: Tensor, anchors: Sequence[Tensor], rms: bool = Fals
 
 
 def match_decide(distances: Tensor, tau: float, gamma: float, top_p: float):
-    """(probs, entropy bits, share, credit) of docs/method.md section 4."""
+    """(probs, entropy bits, share, credit) of docs/method.md, "Deciding"."""
     d = distances.to(torch.float32)
     n = d.numel()
     # Shift by the minimum before dividing (as the kernels do) so huge finite
@@ -164,7 +164,7 @@ def estimate(pool_anchors, base_k: Tensor, base_v: Tensor, inv_freq: Tensor, pos
     return k, v, seg_k, seg_v
 
 
-# Anchor storage (docs/method.md section 10): the largest magnitude each scaled format holds.
+# Anchor storage (docs/method.md, "Compact anchors"): the largest magnitude each scaled format holds.
 _STORAGE_TOP = {"int8": 127.0, "fp8": 448.0}
 
 

@@ -34,7 +34,7 @@ def _add_reuse_options(p: argparse.ArgumentParser) -> None:
                    help="prompt tokens a KVCOMM call runs through the model besides the slots it cannot "
                         f"estimate (default '{DEFAULT_POLICY}'): 'none' (the last token only, as the paper) "
                         "or parts 'segments', 'first=K', 'spread', 'budget=F', 'tail=N', e.g. "
-                        "'segments,first=4,spread,budget=0.1' (docs/method.md section 9)")
+                        "'segments,first=4,spread,budget=0.1' (docs/method.md, 'Beyond the paper')")
     p.add_argument("--exact-tail", type=int, default=None, metavar="N",
                    help="the last N prompt tokens recomputed: the same as adding 'tail=N' to --recompute")
     p.add_argument("--min-anchors", type=int, default=DEFAULT_MIN_ANCHORS, metavar="M",

@@ -120,7 +120,7 @@ def check_vllm_backend(args) -> None:
                          "`kvcomm serve --pool-file PATH` and pass --server")
 
 
-# How the pool may hold anchors (PoolConfig.storage; docs/method.md section 10).
+# How the pool may hold anchors (PoolConfig.storage; docs/method.md, "Compact anchors").
 STORAGES = ("model", "bf16", "int8", "fp8")
 
 _BYTE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}

@@ -1,4 +1,4 @@
-"""Compact anchor storage (PoolConfig.storage; docs/method.md section 10): what the pool holds
+"""Compact anchor storage (PoolConfig.storage; docs/method.md, "Compact anchors"): what the pool holds
 against the pure-torch reference, what decisions and estimates read, bytes, the byte budget,
 save/load (exact for the compact form, conversion between storages, version-1 files) and
 bad configurations."""

@@ -32,7 +32,7 @@ TWO_SLOTS = "Context:\n{condition_tool_current}\nQuestion:\n{user_question}\nAns
 SYSTEM = "You are a careful assistant."
 
 # Warm-up questions are longer than the ones asked later: an anchor is a candidate
-# only for content no longer than itself (docs/method.md section 4).
+# only for content no longer than itself (docs/method.md, "Deciding").
 LONG_QUESTIONS = ["How many legs do three cats and two birds have together, in total?",
                   "Which of the planets in our solar system has the most moons right now?"]
 SHORT_QUESTION = "What is five plus nine, exactly?"
@@ -246,7 +246,7 @@ class MovedSlot:
 
     def unrotated_keys(self, position):
         """The reference implementation's slot keys: base moved, key deltas left at the
-        anchor's absolute positions (docs/method.md section 3)."""
+        anchor's absolute positions (docs/method.md, "Keys move exactly")."""
         inv = self.spec.inv_freq
         k = ops.rope_move(self.content.base_k, inv, position)
         k[1:] += ops.rope_move(self.deltas["ph_k"], inv, self.a0)[1:]

@@ -120,7 +120,7 @@ def test_base_estimator_writes_the_moved_base_and_template(tiny):
             st = eng.agents["a"]
             assert torch.equal(v[:, :, sa:sb], st.seg_v[i])
             assert maxdiff(k[:, :, sa:sb], kvcomm.ops.rope_move(st.seg_k[i], inv, sa)) < 1e-6
-    # layer 0 of a moved base is the real KV (docs/method.md section 3); deeper layers are not
+    # layer 0 of a moved base is the real KV (docs/method.md, "Keys move exactly"); deeper layers are not
     d = one(eng, 0, mode="dense")
     dk, dv = kv(d)
     _, a, b = c.layout.spans[0]

@@ -1,4 +1,4 @@
-// AnchorPool: per-slot anchors of the KVCOMM method (docs/method.md sections 4-6).
+// AnchorPool: per-slot anchors of the KVCOMM method (docs/method.md, "Deciding" to "The two paths").
 //
 // An anchor is one content that was computed densely: its base K/V in the
 // position-neutral frame (content starts at position 0) and, for each agent
@@ -29,7 +29,7 @@ namespace kvcomm {
 
 enum class DistanceMode { kFrobenius = 0, kRms = 1 };
 
-// How anchors (bases and deltas) are held in memory (docs/method.md section 10).
+// How anchors (bases and deltas) are held in memory (docs/method.md, "Compact anchors").
 //   kModel: the model's dtype, as recorded.
 //   kBf16:  bfloat16 (no scales).
 //   kInt8:  int8 with a float32 scale per layer, head and channel (amax over
@@ -118,7 +118,7 @@ class AnchorPool {
   // The dtype anchors stand for (the model's); Undefined until the first anchor or load.
   at::ScalarType dtype() const;
 
-  // docs/method.md section 4 for new content values [L,H,n,D] against the slot's pool.
+  // docs/method.md, "Deciding" for new content values [L,H,n,D] against the slot's pool.
   // On share, credits one activation to the top-p anchors (unless credit is
   // false). An unknown slot has no candidates and so decides "anchor".
   Decision decide(const std::string& slot, const at::Tensor& content_v,
@@ -156,7 +156,7 @@ class AnchorPool {
   void record_deltas(const std::string& slot, int64_t id,
                      const std::string& agent, const AgentDeltas& deltas);
 
-  // docs/method.md section 5: writes the estimated placeholder (and segment) KV for
+  // docs/method.md, "Estimating the offset": writes the estimated placeholder (and segment) KV for
   // `agent` into the request's destinations. Uses every anchor of the slot
   // with length >= n and deltas recorded for `agent` (and, for the segment,
   // of the same segment length). Returns the ids used; when none qualifies

@@ -1,6 +1,6 @@
 // Compact anchor codes, torch-free: how the ops read anchors (or deltas) held
 // as int8 or fp8 e4m3 codes with one float32 scale per (layer, head, channel)
-// (docs/method.md section 10). A value is code * scale[l, h, 0, d]. Shared by
+// (docs/method.md, "Compact anchors"). A value is code * scale[l, h, 0, d]. Shared by
 // the argument checks and the CUDA kernels, which decode in registers.
 #pragma once
 

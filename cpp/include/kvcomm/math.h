@@ -89,7 +89,7 @@ KVCOMM_HD void sin_cos(float angle, float* s, float* c) {
 #endif
 }
 
-// The share-or-anchor gate of docs/method.md section 4 for probabilities p (already a
+// The share-or-anchor gate of docs/method.md, "Deciding" for probabilities p (already a
 // softmax over n candidates): share when n >= 2 and the entropy is at most
 // gamma * log2(n). On share, credit marks the smallest set of most probable
 // anchors whose probability sums to top_p (ties broken by lower index).
@@ -119,7 +119,7 @@ KVCOMM_HD bool decide_share(const float* p, int64_t n, float gamma, float top_p,
   return true;
 }
 
-// The whole decision of docs/method.md section 4 from distances: x holds the N
+// The whole decision of docs/method.md, "Deciding" from distances: x holds the N
 // distances on entry and the probabilities on exit. A non-finite distance
 // (NaN/Inf in the values) must never look like a confident match: then no
 // share, no credit, and the entropy is NaN.

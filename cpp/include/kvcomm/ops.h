@@ -4,7 +4,7 @@
 //
 // Content KV layout everywhere: [layers, kv_heads, tokens, head_dim].
 //
-// Compact anchors / deltas (docs/method.md section 10): pass int8 or
+// Compact anchors / deltas (docs/method.md, "Compact anchors"): pass int8 or
 // float8_e4m3fn codes with `anchor_scales` / `delta_scales`, one float32
 // [layers, kv_heads, 1, head_dim] tensor per code tensor; the value read is
 // code * scale, decoded in the kernels' registers (no decoded copy).

@@ -61,7 +61,7 @@ class AgentCall:
     slot_decisions: dict          # slot -> decision reason
     token_ids: list = field(default_factory=list)   # generated ids (first token included)
     slot_gates: dict = field(default_factory=dict)  # slot -> the decision's numbers (decision_numbers)
-    # Token accounting (docs/method.md section 6): the exact prefix copied from the agent's
+    # Token accounting (docs/method.md, "The two paths"): the exact prefix copied from the agent's
     # S0 cache, prompt tokens run through the model in this call, and content tokens this
     # call encoded behind a header (a content's first consumer pays for its base).
     s0_tokens: int = 0

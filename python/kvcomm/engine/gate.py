@@ -1,6 +1,6 @@
 """Correctness gate: does reuse work for this model? Measured once per model, before use.
 
-KVCOMM's offsets are estimates (docs/method.md section 5). For most models they are close enough
+KVCOMM's offsets are estimates (docs/method.md, "Estimating the offset"). For most models they are close enough
 that the reuse path picks the same tokens as dense prefill; for some (an unusual
 architecture, a quantisation, a bug) they are not, and every reused call would then be
 silently wrong. The gate measures this before the engine reuses anything. It sits

@@ -1,7 +1,7 @@
 """The reuse path's last-token forward over a fixed KV buffer, CUDA-graph captured on GPU.
 
-On the reuse path only the prompt's last token runs through the model (docs/method.md
-section 6), so its time to first token is one token's forward plus the offset work. Run
+On the reuse path only the prompt's last token runs through the model (docs/method.md,
+"The two paths"), so its time to first token is one token's forward plus the offset work. Run
 eagerly through transformers, that forward is dominated by Python and kernel-launch
 overhead on a GPU (for an 8B model on an H100, about 35 ms eager against about 10 ms
 captured, where a dense prefill of 3.5K tokens takes about 110 ms). This module runs it

@@ -1,6 +1,6 @@
 """Which transformers models KVCOMM can run on, and their RoPE as the core needs it.
 
-The method moves cached keys between positions by rotating them (docs/method.md section 3).
+The method moves cached keys between positions by rotating them (docs/method.md, "Keys move exactly").
 That is exact only for rotate-half RoPE over the whole head dimension with
 frequencies that do not depend on the sequence length, in a decoder whose every
 layer attends to the full prefix. `inspect_model` checks all of that and returns

@@ -5,7 +5,7 @@ The planner decides which slots are estimated and which prompt tokens the model 
 tokens and the agent's segment after it) into the backend's buffers. Each is named, so a
 backend, the command line and the results files say which one ran:
 
-- `anchors` (the default): KVCOMM's estimate, docs/method.md section 5: the content's base
+- `anchors` (the default): KVCOMM's estimate, docs/method.md, "Estimating the offset": the content's base
   moved to its position plus the anchors' recorded deltas for this agent, weighted by
   distance (AnchorPool.estimate, C++/CUDA). Needs the pool: contents are decided, new
   anchors record deltas.

@@ -1,7 +1,7 @@
 """Fitted anchor weights: the `fit` estimator (kvcomm.plan.estimators).
 
 KVCOMM weights each anchor's recorded deltas by a softmax of its distance to the new
-content (docs/method.md section 5). Here the weights are fitted instead, per layer and
+content (docs/method.md, "Estimating the offset"). Here the weights are fitted instead, per layer and
 separately for keys and values: the convex combination of the anchors' bases that best
 reconstructs the new content's base,
 
@@ -17,7 +17,7 @@ placeholder weights of section 5 do). The simplex keeps the combination an inter
 (no extrapolated offsets); the ridge, scaled by the problem's size, keeps it from
 collapsing on one anchor when two explain the content equally well.
 
-Layer 0 gets no offset (it is exact after the move, docs/method.md section 3), as in the
+Layer 0 gets no offset (it is exact after the move, docs/method.md, "Keys move exactly"), as in the
 core. The same anchors as the core are used: long enough, with this agent's deltas.
 """
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 On the reuse path the prompt's KV is assembled without the model: the exact prefix S0,
 and for every slot an estimate of its tokens and of the agent's own segment after it
-(docs/method.md sections 5-6). The paper then runs only the last prompt token. Running a
+(docs/method.md, "Estimating the offset" to "The two paths"). The paper then runs only the last prompt token. Running a
 small budget of further tokens against that assembled KV buys fidelity cheaply
-(docs/method.md section 9): their KV becomes what the model computes given the estimated
+(docs/method.md, "Beyond the paper"): their KV becomes what the model computes given the estimated
 rest, and every later token reads it. Always recomputed:
 
 - `tail`: the last prompt tokens (1 = the last token only, the method as published);

@@ -3,7 +3,7 @@
 vLLM owns the weights; the connector never loads a second copy. It needs the same facts
 KVCOMM's transformers glue checks (kvcomm.hf.support): a supported rotate-half RoPE
 decoder with full attention in every layer, and the RoPE frequencies that move cached
-keys exactly (docs/method.md §3). They come from the model's Hugging Face configuration,
+keys exactly (docs/method.md, "Keys move exactly"). They come from the model's Hugging Face configuration,
 through the transformers rotary-embedding class of that architecture (built without
 weights), and go through the same checks as kvcomm.hf.inspect_model.
 """

@@ -2,7 +2,7 @@
 which contents the entropy threshold sent to new anchors, and why.
 
 Each KVCOMM call record carries `slot_gates` (the records' name for it): per slot, the
-numbers behind the pool's share-or-anchor decision (docs/method.md section 4). A content is
+numbers behind the pool's share-or-anchor decision (docs/method.md, "Deciding"). A content is
 decided once per request and every agent that reads it sees the same decision, so
 decisions are counted once per (question, slot). Among those with at least two
 candidates, it compares the ones whose entropy was above the threshold (new anchors) with

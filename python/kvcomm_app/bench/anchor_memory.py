@@ -1,4 +1,4 @@
-"""What compact anchor storage (PoolConfig.storage, docs/method.md section 10) saves and costs.
+"""What compact anchor storage (PoolConfig.storage, docs/method.md, "Compact anchors") saves and costs.
 
 Measured with the pool itself (kvcomm.AnchorPool), each part in the same run:
 

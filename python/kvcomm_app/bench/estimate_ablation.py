@@ -6,7 +6,7 @@ SmolLM2. After `--warm` requests fill the pools, every KVCOMM call of the next
 identical prompt, and then re-run (same request, same decisions, same anchors, nothing
 captured) once per variant of the estimate:
 
-    spec          the method as written (docs/method.md section 5) in plain torch
+    spec          the method as written (docs/method.md, "Estimating the offset") in plain torch
                   (kvcomm.reference): must equal the core
     tau=<t>       the same with weight temperature t (the decision keeps tau=1)
     nearest       only the anchor whose values are nearest the content (one-hot weights)
@@ -67,7 +67,7 @@ class _Used:
 class VariantPool:
     """Stands in for the engine's AnchorPool: every method but estimate goes to the
     real pool; estimate reads the same anchors the core would use and computes a
-    variant of docs/method.md section 5 with the pure-torch reference."""
+    variant of docs/method.md, "Estimating the offset" with the pure-torch reference."""
 
     def __init__(self, pool, variant: Variant):
         self._pool, self._variant = pool, variant

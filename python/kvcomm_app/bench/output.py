@@ -8,7 +8,7 @@ import torch
 from .._fmt import ms as _ms, pct as _pct, x as _x
 from ..runtime.report import fit_title
 
-# docs/method.md section 7 / the paper (arXiv 2510.12872): 5 fully connected agents, 512 prefix, 1K input,
+# docs/method.md, "What the paper reports" / the paper (arXiv 2510.12872): 5 fully connected agents, 512 prefix, 1K input,
 # 512 output tokens, one H100, Llama-3.1-8B-Instruct. Read off the paper's figure: approximate.
 PAPER = {
     "agents": 5, "prefix": 512, "input": 1024, "output": 512, "device": "H100",

@@ -1,4 +1,4 @@
-"""The paper's TTFT setting (docs/method.md section 7): N fully connected agents in a chain of calls.
+"""The paper's TTFT setting (docs/method.md, "What the paper reports"): N fully connected agents in a chain of calls.
 
 Agent i (1-based) reads the shared input and the replies of agents 1..i-1, behind its
 own prefix:
@@ -10,7 +10,7 @@ so its nominal length is P + I + O*(i-1); the paper uses P=512, I=1024, O=512, N
 - prefix = everything before the input in the rendered prompt: the chat template's
   system header, a system prompt padded with filler words, the user header and the
   template's "Task:" line. The padding is fitted so it is exactly P tokens (S0 of
-  docs/method.md section 2);
+  docs/method.md, "Terms");
 - input = a fresh synthetic text of exactly I tokens per request;
 - output_j = a fresh synthetic reply of exactly O tokens per request and agent.
 Between the slots sit a few separator tokens ("Agent j said:") and the chat template's

@@ -28,7 +28,7 @@ from .._fmt import pct as _pct
 
 GAMMAS = (0.0, 0.1, 0.3, 0.5, 0.9)
 CAPACITIES = (5, 10, 20)
-DEFAULT_POINT = (0.3, 20)     # docs/method.md section 4 defaults
+DEFAULT_POINT = (0.3, 20)     # docs/method.md, "Deciding" defaults
 
 
 def grid(gammas=GAMMAS, capacities=CAPACITIES) -> list[tuple[float, int]]:

@@ -87,7 +87,7 @@ def select_problems(cfg: ExperimentConfig):
     if cfg.task == "mmlu":
         random.Random(cfg.seed).shuffle(problems)
     measured = problems[cfg.offset:cfg.offset + cfg.questions]
-    # A slot can share only with anchors at least as long as the new content (docs/method.md section 4), so
+    # A slot can share only with anchors at least as long as the new content (docs/method.md, "Deciding"), so
     # the warm-up takes the longest questions of a held-out tail slice: anchors that
     # cover the lengths of the measured questions, like a pool that has seen traffic.
     held_out = problems[max(cfg.offset + cfg.questions, len(problems) - WARMUP_POOL):]
