@@ -474,7 +474,13 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import chat_paired
         return chat_paired.main(given[2:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    if given[:1] == ["serve"] and "--" in given:
+        # everything after `--` is vLLM's, wherever the model folder and kvcomm's flags are
+        cut = given.index("--")
+        args = parser.parse_args(given[:cut])
+        args.vllm_args = [*(args.vllm_args or []), *given[cut + 1:]]
+    else:
+        args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2

