@@ -243,3 +243,38 @@ def test_sessions_are_bounded_by_the_kv_they_hold():
     s.get("s4")                                  # 3 KiB a session: 3 fit in 10 KiB
     assert s.bytes == 9 * 1024 and len(s) == 3 and "s4" in s and "s1" not in s
     assert s.dropped == 2
+
+
+def test_slots_in_the_backends_prefix_cache_are_used_as_cached():
+    """cached=N: a slot that lies with its segment before N (vLLM's prefix cache holds it, from
+    the tenant's earlier request) is neither decided, estimated nor recorded - its cached KV may
+    itself be an earlier call's estimate - and does not make the call dense or partial."""
+    # user_question (4..9, segment to 11) is cached; its pool is cold (it would be a new anchor)
+    pool = pool_with({"agent_a_current"})
+    planner, plan, _ = plan_of(pool, PlanSettings(prefix_only=True), cached=12)
+    assert plan.slots[0].cached and plan.contents[0] is None
+    assert "prefix cache" in plan.decisions["user_question"] and pool.anchors("user_question") == []
+    assert plan.path == "reuse" and plan.prefix == T - 1 and plan.computed == set()
+    k, v = torch.zeros(L, H, T, D), torch.zeros(L, H, T, D)
+    planner.assemble(plan, k, v)
+    assert k[:, :, 4:11].abs().sum() == 0 and k[:, :, 11:18].abs().sum() > 0   # the cached slot is not written
+    assert planner.record(plan, k, v) == 0
+    # A cached slot whose segment runs past the cached tokens: the rest of the segment is
+    # computed, and (prefix-only) everything after it; the slot itself is still not decided.
+    pool = pool_with({"agent_a_current"})
+    _, plan, _ = plan_of(pool, PlanSettings(prefix_only=True), cached=10)
+    assert plan.slots[0].cached and plan.path == "dense" and plan.computed == {1}
+    assert pool.anchors("user_question") == []
+    _, plan, _ = plan_of(pool_with({"agent_a_current"}), PlanSettings(), cached=10)   # not prefix-only
+    assert plan.path == "reuse" and plan.positions == [10, T - 1]
+    # A slot that runs past the cached tokens is planned as usual.
+    _, plan, _ = plan_of(pool_with({"agent_a_current"}), PlanSettings(prefix_only=True), cached=8)
+    assert not plan.slots[0].cached and plan.path == "dense"
+    # Every content cached: nothing to estimate; a dense plan that says why.
+    _, plan, _ = plan_of(pool_with(set()), PlanSettings(prefix_only=True), cached=18)
+    assert plan.path == "dense" and "every content in the backend's prefix cache" in plan.reason
+    # A dense plan records only what it did not find cached.
+    pool = pool_with(set())
+    planner, plan, _ = plan_of(pool, PlanSettings(prefix_only=True), cached=12)
+    assert plan.path == "dense" and planner.record(plan, k, v) == 1
+    assert pool.anchors("user_question") == [] and len(pool.anchors("agent_a_current")) == 1

@@ -91,3 +91,23 @@ def test_sixteen_conversations_at_once_lose_nothing(client):
         futs = [ex.submit(conversation, client, 100 + i, f"t{i % 4}") for i in range(16)]
         runs = [f.result() for f in futs]                        # raises on any failed request
     assert len(runs) == 16 and all(len(c) == 3 and all(isinstance(r[1], str) for r in c) for c in runs)
+
+
+def test_an_agents_next_turn_starts_from_vllms_prefix_cache(client):
+    """A tenant's chat requests share one prefix cache: the solver's second turn (its own reply
+    as an assistant message, as AutoGen sends it) finds its first turn there, and KVCOMM plans
+    only what follows - never fewer reused tokens than plain vLLM's prefix caching gives."""
+    conv = conversation(client, 40)
+    (_, solved, _, first), (_, checked, _, _), (_, summed, _, _) = conv
+    msgs = first + [{"role": "assistant", "content": solved}, {"role": "user", "name": "critic", "content": checked},
+                    {"role": "user", "name": "summarizer", "content": summed}]
+    _, report = ask(client, msgs)
+    assert report is not None, "the task and the replies are known: a KVCOMM call"
+    # the first turn's prompt (system message and task, about 80 tokens) is cached in 32-token blocks
+    assert report["cached_tokens"] >= 64, report
+    assert report["reused_tokens"] >= report["cached_tokens"]
+    assert "user_question" in report["slots"] and "prefix cache" in report["slots"]["user_question"]
+    # another tenant's identical request computes it all: the caches are apart
+    r = client.post("/v1/chat/completions", {"model": "smol", "messages": msgs, "max_tokens": 4, "temperature": 0},
+                    headers={"Authorization": "Bearer someone-else"})
+    assert (r.get("kv_transfer_params") or {}).get("kvcomm") is None

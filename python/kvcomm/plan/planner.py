@@ -46,6 +46,8 @@ PREFIX_ONLY = "prefix caching only (estimator none): computed after the exact pr
 NO_DECISION = "not decided: the estimator uses no anchors"
 FIRST_CARRIER = "first carrier: computed in context, encoded after this call for the agents after it"
 AFTER_COMPUTED = "after a computed slot (the backend takes estimated KV for a prefix only)"
+IN_PREFIX_CACHE = "in the backend's prefix cache (used as cached)"
+ALL_CACHED = "every content in the backend's prefix cache: nothing to estimate"
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,7 @@ class CallPlan:
     recomputed: dict = field(default_factory=dict)  # reuse / partial: group -> positions it added
     deviation: object = None                        # per position after s0: the probe's deviation
     probed: int = 0                                 # tokens the probe ran (through its layers only)
+    cached_edge: tuple | None = None                # a cached slot's segment positions after the cache
 
     @property
     def computed(self) -> set[int]:
@@ -112,7 +115,7 @@ class CallPlan:
 
     @property
     def any_estimated(self) -> bool:
-        return any(s.estimated for s in self.slots)
+        return any(s.estimated and not s.cached for s in self.slots)
 
     @property
     def uses_estimates(self) -> bool:
@@ -179,18 +182,31 @@ class Planner:
 
     def plan(self, agent: AgentState, lay: PromptLayout, session: Session, *, max_new_tokens: int,
              encode=None, learn: bool = True, refusal: str | None = None, laps=None,
-             deferred: frozenset = frozenset()) -> CallPlan:
+             deferred: frozenset = frozenset(), cached: int = 0) -> CallPlan:
         """The call's plan. encode(kind, ids) -> neutral (k, v): the backend encodes a content
         behind its kind's header (None: contents the session lacks have no base and are
         computed). refusal: a reason the caller already has to run dense (nothing is decided).
         laps: an object whose lap(step) is called after each base ("encode") and decision
         ("decide"), for the caller's timings. deferred: slots whose content the backend
         encodes after this call, their first carrier (with defer_first_encoding the planner
-        picks them itself and lists them in plan.deferred)."""
+        picks them itself and lists them in plan.deferred). cached: prompt tokens the backend
+        already holds from its own prefix cache (vLLM: an earlier request of the same tenant
+        with the same tokens, e.g. the agent's previous turn); a slot that lies before it with
+        is used as cached - not decided, estimated or recorded - since its KV there may itself
+        be an earlier call's estimate; the part of its segment after `cached` is computed (so,
+        for a prefix-only backend, everything after it)."""
         plan = CallPlan(agent=agent, layout=lay, learn=learn)
         plan.refused = refusal or self.refusal(agent, lay, max_new_tokens)
         if plan.refused is None:
             for i, (name, a, b) in enumerate(lay.spans):
+                if b <= cached:
+                    if lay.segments[i][1] > cached:   # the rest of its segment is computed
+                        plan.cached_edge = (cached, lay.segments[i][1])
+                    plan.contents.append(None)
+                    plan.slots.append(SlotPlan(name=name, span=(a, b), segment=tuple(lay.segments[i]),
+                                               estimated=True, cached=True))
+                    plan.decisions[name] = IN_PREFIX_CACHE
+                    continue
                 content = self._content(plan, session, name, tuple(lay.ids[a:b]), encode, learn, laps,
                                         name in deferred)
                 plan.contents.append(content)
@@ -289,7 +305,8 @@ class Planner:
         computed slot, or a segment token that took in a content's trailing whitespace)."""
         if not self.settings.prefix_only:
             return
-        first = min([s.span[0] for s in plan.slots if not s.estimated] + list(plan.layout.merged),
+        edge = [] if plan.cached_edge is None else [plan.cached_edge[0]]
+        first = min([s.span[0] for s in plan.slots if not s.estimated] + list(plan.layout.merged) + edge,
                     default=plan.layout.length)
         for i, s in enumerate(plan.slots):
             if s.estimated and s.span[0] >= first:
@@ -305,7 +322,8 @@ class Planner:
                  or (computed and not self.settings.partial))
         if dense:
             plan.path = "dense"
-            plan.reason = plan.refused or plan.slot_reasons()
+            plan.reason = plan.refused or plan.slot_reasons() or (
+                ALL_CACHED if plan.slots and all(s.cached for s in plan.slots) else "")
             plan.s0 = plan.agent.exact_prefix(lay.ids)
             plan.positions = list(range(plan.s0, T))
             plan.recomputed = {}
@@ -314,6 +332,8 @@ class Planner:
         sel = select_positions(self.settings.recompute, plan.slots, s0, T, deviation=plan.deviation)
         positions, counts = set(sel.positions), dict(sel.counts)
         _add(positions, counts, "merged", (p for p in lay.merged if p >= s0))
+        if plan.cached_edge is not None:
+            _add(positions, counts, "slots", range(*plan.cached_edge))
         if self.settings.prefix_only:   # everything after the first computed position
             _add(positions, counts, "suffix", range(min(positions), T))
         plan.path = "partial" if computed else "reuse"
@@ -342,7 +362,7 @@ class Planner:
         agent, spread = plan.agent, self.settings.recompute.spread
         lost = False
         for i, slot in enumerate(plan.slots):
-            if not slot.estimated:
+            if not slot.estimated or slot.cached:
                 continue
             if lost:   # prefix-only: a slot before this one became computed
                 slot.estimated = False

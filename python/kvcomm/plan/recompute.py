@@ -134,6 +134,7 @@ class SlotPlan:
     segment: tuple[int, int]
     estimated: bool
     spread: "object | None" = None   # float32 [n] tensor when the policy asked for it
+    cached: bool = False             # in the backend's prefix cache with its segment: given, not estimated
 
 
 @dataclass
@@ -171,7 +172,7 @@ def select_positions(policy: RecomputePolicy, slots: list[SlotPlan], s0: int, to
     def room() -> float:
         return cap - used
 
-    estimated = [s for s in slots if s.estimated]
+    estimated = [s for s in slots if s.estimated and not s.cached]
     if policy.segments:
         for s in reversed(estimated):
             new = [p for p in range(*s.segment) if p not in chosen]

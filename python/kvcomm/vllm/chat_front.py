@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import uuid
 
 from ..plan.chat import DEFAULT_MIN_TOKENS, ChatCall, ChatError, infer
 from ..plan.contents import ContentIndex
@@ -39,14 +40,24 @@ class ChatFront:
         self.index = ContentIndex(int(s.get("index_bytes", 64 << 20)))
         self.tok = tokenizer
         self.specials = specials
+        self._secret = uuid.uuid4().hex   # salts no client can compute
+
+    def salt(self, tenant: str) -> str:
+        """vLLM's cache_salt of a tenant's chat traffic: its requests share one prefix cache,
+        which no other tenant's request can hit (a client cannot name the salt: it holds a
+        secret of this server process)."""
+        return "kvcomm-tenant-" + hashlib.sha1(f"{self._secret}:{tenant}".encode()).hexdigest()[:16]
 
     def tenant(self, scope) -> str:
         value = dict(scope.get("headers", [])).get(self.tenant_header, b"")
         return hashlib.sha1(value).hexdigest()[:12]
 
     def applies(self, data) -> bool:
+        # A request that names its own cache_salt has chosen its prefix-cache scope itself:
+        # it is served as plain vLLM, in that scope, and nothing of it is remembered.
         return (self.enabled and isinstance(data, dict) and isinstance(data.get("messages"), list)
-                and data.get("n", 1) in (1, None) and not data.get("kv_transfer_params"))
+                and data.get("n", 1) in (1, None) and not data.get("kv_transfer_params")
+                and not data.get("cache_salt"))
 
     def lay_out(self, data: dict, scope, tenant: str | None = None) -> tuple[Call | None, ChatCall | None, str]:
         """(the KVCOMM call, or None to serve it plainly; the inferred layout, None when the

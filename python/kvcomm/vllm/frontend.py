@@ -18,9 +18,10 @@ each POST /v1/chat/completions whose kv_transfer_params carry "kvcomm" it
    these are waited for, so they count in the call's time to first token, as the
    engine's encodings do;
 4. passes the call on with the layout under kv_transfer_params.kvcomm._server (with the
-   connector's shared token) and a cache_salt unique to the call, so KV the connector
-   estimates for it can never become another request's prefix-cache hit.
-Requests without KVCOMM parameters pass through untouched.
+   connector's shared token) and a cache_salt: unique to an explicit call, so KV the
+   connector estimates for it can never become another request's prefix-cache hit; the
+   tenant's for plain chat traffic, whose requests share one prefix cache (ChatFront.salt).
+Requests without KVCOMM parameters and not taken as chat traffic pass through untouched.
 """
 from __future__ import annotations
 
@@ -133,8 +134,10 @@ class KVCommFrontend:
                 # Plain chat traffic: KVCOMM where the server knows parts of it (chat_front.py)
                 call, chat, tenant = engine.chat.lay_out(data, scope)
                 if call is None:
-                    return await self.app(scope, _replay(body, receive), self._remember_plain(send, engine, chat,
-                                                                                             tenant, data))
+                    # plain vLLM, in the tenant's own prefix cache (which its KVCOMM calls share)
+                    body = json.dumps(dict(data, cache_salt=engine.chat.salt(tenant))).encode()
+                    return await self.app(_with_length(scope, body), _replay(body, receive),
+                                          self._remember_plain(send, engine, chat, tenant, data))
                 params, chat = {}, (chat, tenant)
             else:
                 engine = self._get_engine(scope)
@@ -145,11 +148,9 @@ class KVCommFrontend:
         except Exception as e:   # the server's own failure, not the client's
             log.exception("kvcomm front end: preparing a call failed")
             return await _error(send, 500, f"kvcomm front end: {e}", "InternalServerError")
-        headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
-        headers.append((b"content-length", str(len(new_body)).encode()))
-        scope = dict(scope, headers=headers)
         try:
-            return await self.app(scope, _replay(new_body, receive), self._watch(send, engine, track))
+            return await self.app(_with_length(scope, new_body), _replay(new_body, receive),
+                                  self._watch(send, engine, track))
         finally:   # a call that failed or never streamed still starts what it deferred
             self._start_later(engine, track[-1])
 
@@ -225,7 +226,12 @@ class KVCommFrontend:
         params[SERVER] = server
         out = dict(data)
         out["kv_transfer_params"] = dict(data.get("kv_transfer_params") or {}, **{KEY: params})
-        out["cache_salt"] = f"kvcomm-{uuid.uuid4().hex}"
+        # Estimated KV must not become another request's prefix-cache hit. An explicit call's
+        # salt is its own; an inferred chat call shares its tenant's prefix cache: vLLM serves
+        # what the tenant's earlier requests computed (the agent's previous turn) and KVCOMM
+        # estimates what follows, so a later request of the tenant that starts with this prompt
+        # reuses its KV as any cached prefix (docs/serving.md, "Prefix caching").
+        out["cache_salt"] = engine.chat.salt(chat[1]) if chat else f"kvcomm-{uuid.uuid4().hex}"
         stream = bool(data.get("stream"))
         if stream:
             out["return_token_ids"] = True   # the front end reads the reply's ids from the stream
@@ -404,6 +410,12 @@ def _reply_text(body: bytes, stream: bool) -> str:
 def _done(fut) -> bool:
     """A finished, successful internal request."""
     return fut is not None and fut.done() and not fut.cancelled() and fut.exception() is None
+
+
+def _with_length(scope, body: bytes):
+    """The scope with its content-length header set for a rewritten body."""
+    headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-length"]
+    return dict(scope, headers=headers + [(b"content-length", str(len(body)).encode())])
 
 
 def _replay(body: bytes, then):

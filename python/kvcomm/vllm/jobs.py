@@ -45,6 +45,7 @@ class PlanJob:
     req_id: str
     ids: list
     call: CallLayout
+    cached: int = 0    # prompt tokens vLLM's prefix cache held when the scheduler first asked
 
 
 @dataclass

@@ -28,6 +28,8 @@ class _Req:
     plan: PlanResult | None = None
     plan_sent: bool = False
     local: int = 0            # locally cached tokens when the load was decided
+    cached: int | None = None  # locally cached tokens when the scheduler first asked (the plan's)
+    evicted: bool = False     # fewer cached tokens by the load than the plan counted on
     load: tuple | None = None
     saved: bool = False
 
@@ -106,12 +108,21 @@ class SchedulerSide:
         info = self._parse(request)
         if info is None or info.kind != "call":
             return 0, False
+        if info.cached is None:
+            # vLLM's own prefix-cache hits (the same tenant's earlier requests: the agent's
+            # previous turn) are used as they are; the plan works on what follows
+            info.cached = num_computed_tokens
         if info.plan is None:
             if not info.plan_sent:
                 self._plan_queue.append(request.request_id)
                 info.plan_sent = True
             return None, False   # asked again once the worker has planned
         info.local = num_computed_tokens
+        if num_computed_tokens < info.cached:
+            # blocks the plan took as cached were evicted meanwhile: its staged KV has no
+            # estimate there, so vLLM computes everything after what it still holds
+            info.evicted = True
+            return 0, False
         return max(0, info.plan.prefix - num_computed_tokens), False
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int):
@@ -124,7 +135,7 @@ class SchedulerSide:
         for req_id in self._plan_queue:
             info = self._reqs.get(req_id)
             if info is not None:
-                meta.plans.append(PlanJob(req_id, list(info.request.prompt_token_ids), info.call))
+                meta.plans.append(PlanJob(req_id, list(info.request.prompt_token_ids), info.call, info.cached or 0))
         self._plan_queue = []
         state = scheduler_output.kv_connector_block_state
         for req_id, n_sched in scheduler_output.num_scheduled_tokens.items():
@@ -167,9 +178,13 @@ class SchedulerSide:
         if info.kind != "call":
             return False, {KEY: {"op": info.kind, "saved": info.saved}}
         plan = info.plan
-        out = {"path": plan.path if plan else "none", "reason": plan.reason if plan else "finished before planning",
+        reason = plan.reason if plan else "finished before planning"
+        if info.evicted:
+            reason += "; computed after vLLM's prefix cache: blocks the plan counted on were evicted"
+        out = {"path": "dense" if info.evicted else plan.path if plan else "none", "reason": reason,
                "slots": plan.slots if plan else {}, "prompt_tokens": request.num_prompt_tokens,
-               "reused_tokens": plan.prefix if plan else 0, "s0_tokens": int(info.params.get("s0", 0)),
+               "reused_tokens": max(plan.prefix if plan and not info.evicted else 0, info.local),
+               "cached_tokens": info.local, "s0_tokens": int(info.params.get("s0", 0)),
                "agent": info.call.agent_name, "session": info.call.session,
                "pool_anchors": plan.pool_anchors if plan else None, "pool_bytes": plan.pool_bytes if plan else None}
         delay = False

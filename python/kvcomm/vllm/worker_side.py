@@ -154,7 +154,7 @@ class WorkerSide:
                     self._sent.add(job.req_id)   # the blocks may be freed now, captured or not
             for job in meta.plans:
                 try:
-                    res = state.plan(job.req_id, job.ids, job.call)
+                    res = state.plan(job.req_id, job.ids, job.call, cached=job.cached)
                 except Exception as e:
                     log.exception("kvcomm connector: planning %s failed", job.req_id)
                     state.drop(job.req_id)

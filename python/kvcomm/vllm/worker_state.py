@@ -113,9 +113,10 @@ class WorkerState:
     # ------------------------------------------------------------------ planning
 
     @torch.inference_mode()
-    def plan(self, req_id: str, ids: list, call: CallLayout) -> PlanResult:
+    def plan(self, req_id: str, ids: list, call: CallLayout, cached: int = 0) -> PlanResult:
         """The call's path. Reuse / partial: its KV [0, prefix) is staged for the load step.
-        Dense: the exact S0 is loaded. Either way what record() needs after the prefill is kept."""
+        Dense: the exact S0 is loaded. Either way what record() needs after the prefill is kept.
+        cached: tokens vLLM's prefix cache holds (slots before it are used as cached)."""
         lay = PromptLayout(ids=list(ids), spans=[tuple(s) for s in call.spans],
                            segments=[tuple(s) for s in call.segments], s0=call.s0, problem=call.problem,
                            merged=list(call.merged))
@@ -126,7 +127,7 @@ class WorkerState:
             return self._count(PlanResult("dense", "agent template not registered on this worker", 0))
         st = self.session(call.session, call.round)
         plan = self.planner.plan(agent, lay, st, max_new_tokens=call.max_tokens, learn=call.learn,
-                                 deferred=frozenset(call.deferred))
+                                 deferred=frozenset(call.deferred), cached=cached)
         if plan.uses_estimates:
             T = lay.length
             k = torch.empty(self.spec.num_layers, self.spec.kv_heads, T - 1, self.spec.head_dim,

@@ -11,6 +11,9 @@ request is sent twice, in the order recorded, to one server:
   parts of it, plain where it knows nothing;
 - the identical body from a tenant the server has never seen (a fresh API key per request):
   nothing is known to it, so it is plain vLLM - prefix caching on - the baseline a user runs.
+  These requests carry one cache_salt of their own: they share vLLM's prefix cache among
+  themselves (the same agent's earlier turns are cached, as for a plain server) but never hit
+  blocks the KVCOMM tenant's requests computed (a request's identical twin, sent just before).
 
 Both are streamed, greedy, with the first token's top log-probabilities. Per call: the path,
 the tokens reused after the agent's own prefix (its system messages), TTFT in both modes, and
@@ -34,6 +37,7 @@ import uuid
 from kvcomm_app import provenance
 
 TOP = 20
+PLAIN_SALT = "kvcomm-bench-plain-baseline"   # the plain twins' own prefix cache
 
 
 def load_traffic(path: str) -> list[list[dict]]:
@@ -120,7 +124,7 @@ def run(client, tok, convs: list[list[dict]], log) -> tuple[list[list[dict]], in
             agent = next((m.get("content", "")[:40] for m in body["messages"] if m.get("role") == "system"), "")
             try:
                 kv = send(client, body, "kvcomm")
-                plain = send(client, body, f"plain-{uuid.uuid4().hex}")
+                plain = send(client, dict(body, cache_salt=PLAIN_SALT), f"plain-{uuid.uuid4().hex}")
             except Exception as e:
                 errored += 1
                 log(f"conversation {ci}: request failed: {e!r}")
@@ -198,8 +202,11 @@ def main(argv=None) -> int:
     if args.server:
         client = KVCommClient(args.server)
     else:
+        # requests with tools need a tool call parser (docs/chat-frameworks.md)
+        tools = any(body.get("tools") for conv in convs for body in conv)
         server = Server(model, args.log, served_model_name="SmolLM2-135M-Instruct", dtype=args.dtype,
-                        max_model_len=4096, kv_cache_bytes=2 << 30)
+                        max_model_len=4096, kv_cache_bytes=2 << 30,
+                        extra_args=["--enable-auto-tool-choice", "--tool-call-parser", "pythonic"] if tools else [])
         client = server.__enter__()
     try:
         by_conv, lost, errored = run(client, tok, convs, log)
