@@ -210,9 +210,15 @@ class KVCommFrontend:
         # connector estimates a prefix only), so it reuses nothing the template pass would
         # give but S0: the pass can wait until after its first token too.
         first_deferred = bool(prep.lay.spans) and prep.lay.spans[0][0] in deferred
-        if first_deferred and prep.template.key not in self._agents:
+        # Plain chat traffic waits for no template pass either: a template seen for the first
+        # time (or whose pass still runs) serves its call from vLLM's prefix cache, as plain
+        # vLLM would, and the pass runs after the call's first token - for the template's later
+        # calls (the same agent at the same point of other conversations).
+        template_later = prep.template.key not in self._agents and (first_deferred or chat is not None)
+        template_running = chat is not None and not _done(self._agents.get(prep.template.key))
+        if template_later:
             later.append(self._pending(self._agents, prep.template.key, prep.template))
-        else:
+        elif not template_running:
             waits.append(self._once(self._agents, prep.template.key, engine, prep.template))
         log.debug("kvcomm front end: %s/%s waits for %d internal requests, defers %d (%s)", call.session,
                   call.agent, len(waits), len(later), deferred)
@@ -223,11 +229,13 @@ class KVCommFrontend:
             self._start_later(engine, later)
             raise
         server = dict(prep.server, token=engine.token, deferred=deferred)
-        if first_deferred:
+        if first_deferred or template_later or template_running:
             # Dense from its exact prefix on, known here: the scheduler need not wait a step
             # for the worker's plan (kvcomm.vllm.scheduler_side). Without the template pass
             # yet, nothing is loaded: vLLM computes what its prefix cache does not hold.
             server["dense_prefix"] = prep.exact_prefix if _done(self._agents.get(prep.template.key)) else 0
+            if not first_deferred:
+                server["dense_reason"] = "a new chat template: served from vLLM's prefix cache, its pass after the call"
         params = dict(params)
         params[SERVER] = server
         out = dict(data)

@@ -90,8 +90,8 @@ class SchedulerSide:
             if isinstance(early, int) and early >= 0:
                 # The front end knows the call is dense from its exact prefix on (it carries its
                 # first content first): loaded now; the worker still plans it, for its records.
-                info.plan = PlanResult("dense", "first slot carried first: computed in context", early,
-                                       record=info.call.learn)
+                info.plan = PlanResult("dense", srv.get("dense_reason") or "first slot carried first: computed in "
+                                       "context", early, record=info.call.learn)
                 self._plan_queue.append(request.request_id)
                 info.plan_sent = True
         else:

@@ -13,16 +13,18 @@ request is sent twice, in the order recorded, to one server:
   nothing is known to it, so it is plain vLLM - prefix caching on - the baseline a user runs.
   These requests carry one cache_salt of their own: they share vLLM's prefix cache among
   themselves (the same agent's earlier turns are cached, as for a plain server) but never hit
-  blocks the KVCOMM tenant's requests computed (a request's identical twin, sent just before).
+  blocks the KVCOMM tenant's requests computed (a request's identical twin).
 
-Both are streamed, greedy, with the first token's top log-probabilities. Per call: the path,
-the tokens reused after the agent's own prefix (its system messages) in both modes (KVCOMM's
-include what vLLM's prefix cache gave it; plain's are its prefix-cache hits, reported by vLLM
-with --enable-prompt-tokens-details), TTFT in both modes, and
-the first token of both (agreement, and KL(plain || KVCOMM) over plain's top tokens: tokens
-outside KVCOMM's top list get its smallest listed log-probability, so the KL is a lower bound).
-Results: results/chat/<name>.json (framework, token_reuse, plain_token_reuse, lost_requests, errored_requests,
-per-agent TTFT, first-token agreement and KL with bootstrap intervals over conversations).
+Both are streamed (which twin goes first alternates call by call), greedy, with the first
+token's top log-probabilities. Per call: the path; the tokens reused after the agent's own
+prefix (its system messages) in both modes (KVCOMM's include what vLLM's prefix cache gave
+it; plain's are its prefix-cache hits, which vLLM reports with --enable-prompt-tokens-details);
+TTFT in both modes; and the first token of both (agreement, and KL(plain || KVCOMM) over
+plain's top tokens: tokens outside KVCOMM's top list get its smallest listed log-probability,
+so the KL is a lower bound). A cache_salt set by the client makes the server serve a chat
+request plainly, which is how the plain twins stay plain. Results: results/chat/<name>.json
+(framework, token_reuse, plain_token_reuse, lost_requests, errored_requests, per-agent TTFT,
+first-token agreement and KL with bootstrap intervals over conversations).
 """
 from __future__ import annotations
 
@@ -127,14 +129,20 @@ def mean_kl(calls: list[dict]) -> float | None:
 
 
 def run(client, tok, convs: list[list[dict]], log) -> tuple[list[list[dict]], int, int]:
-    out, lost, errored = [], 0, 0
+    out, lost, errored, n_sent = [], 0, 0, 0
     for ci, conv in enumerate(convs):
         calls = []
         for body in conv:
             agent = next((m.get("content", "")[:40] for m in body["messages"] if m.get("role") == "system"), "")
             try:
-                kv = send(client, body, "kvcomm")
-                plain = send(client, dict(body, cache_salt=PLAIN_SALT), f"plain-{uuid.uuid4().hex}")
+                # alternate which twin goes first: the server's work after a KVCOMM call (encodings,
+                # template passes, records) runs beside whichever request follows it
+                twins = [lambda: send(client, body, "kvcomm"),
+                         lambda: send(client, dict(body, cache_salt=PLAIN_SALT), f"plain-{uuid.uuid4().hex}")]
+                order = (0, 1) if n_sent % 2 == 0 else (1, 0)
+                n_sent += 1
+                got = {i: twins[i]() for i in order}
+                kv, plain = got[0], got[1]
             except Exception as e:
                 errored += 1
                 log(f"conversation {ci}: request failed: {e!r}")
