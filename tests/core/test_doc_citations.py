@@ -1,5 +1,5 @@
 """Citations of the docs resolve: code, tests and docs cite docs/method.md by the start of a
-section's heading (`docs/method.md, "Deciding"`) and docs by anchor (`docs/x.md#anchor`); a
+section's heading (`docs/method.md, "Deciding"`) and docs by anchor (a page, `#`, the anchor); a
 renamed heading or a moved page fails here instead of leaving readers a dead reference."""
 import re
 import subprocess
