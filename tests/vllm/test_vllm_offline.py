@@ -82,8 +82,8 @@ def test_failed_load_is_recomputed(offline, connector, warm_run, monkeypatch):
     plan = ws.plan
     lost = []
 
-    def plan_then_lose(req_id, ids, call):   # the staged KV disappears before the load step
-        res = plan(req_id, ids, call)
+    def plan_then_lose(req_id, ids, call, **kw):   # the staged KV disappears before the load step
+        res = plan(req_id, ids, call, **kw)
         if ws.staged.pop(req_id, None) is not None:
             lost.append(req_id)
         return res
