@@ -214,11 +214,10 @@ class KVCommFrontend:
         # time (or whose pass still runs) serves its call from vLLM's prefix cache, as plain
         # vLLM would, and the pass runs after the call's first token - for the template's later
         # calls (the same agent at the same point of other conversations).
-        template_later = prep.template.key not in self._agents and (first_deferred or chat is not None)
-        template_running = chat is not None and not _done(self._agents.get(prep.template.key))
-        if template_later:
+        chat_dense = chat is not None and not _done(self._agents.get(prep.template.key))
+        if prep.template.key not in self._agents and (first_deferred or chat is not None):
             later.append(self._pending(self._agents, prep.template.key, prep.template))
-        elif not template_running:
+        elif not chat_dense:
             waits.append(self._once(self._agents, prep.template.key, engine, prep.template))
         log.debug("kvcomm front end: %s/%s waits for %d internal requests, defers %d (%s)", call.session,
                   call.agent, len(waits), len(later), deferred)
@@ -229,7 +228,7 @@ class KVCommFrontend:
             self._start_later(engine, later)
             raise
         server = dict(prep.server, token=engine.token, deferred=deferred)
-        if first_deferred or template_later or template_running:
+        if first_deferred or chat_dense:
             # Dense from its exact prefix on, known here: the scheduler need not wait a step
             # for the worker's plan (kvcomm.vllm.scheduler_side). Without the template pass
             # yet, nothing is loaded: vLLM computes what its prefix cache does not hold.
