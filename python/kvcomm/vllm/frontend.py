@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import uuid
 from collections import OrderedDict
 
@@ -184,6 +185,7 @@ class KVCommFrontend:
         default), a content's first carrier computes it in context, as plain vLLM does, and
         its encoding starts once the call streams its first token, for the calls after it
         (the agent's template pass too, when the call could not use it anyway)."""
+        t0 = time.perf_counter()
         prep = engine.prep.prepare(call)
         later: list = []
         skip = set()
@@ -219,8 +221,8 @@ class KVCommFrontend:
             later.append(self._pending(self._agents, prep.template.key, prep.template))
         elif not chat_dense:
             waits.append(self._once(self._agents, prep.template.key, engine, prep.template))
-        log.debug("kvcomm front end: %s/%s waits for %d internal requests, defers %d (%s)", call.session,
-                  call.agent, len(waits), len(later), deferred)
+        log.debug("kvcomm front end: %s/%s waits for %d internal requests, defers %d (%s); laid out in %.1f ms",
+                  call.session, call.agent, len(waits), len(later), deferred, (time.perf_counter() - t0) * 1000.0)
         try:
             if waits:
                 await asyncio.gather(*waits)

@@ -69,6 +69,7 @@ class SaveJob:
     block_ids: list
     prompt_len: int
     params: dict = field(default_factory=dict)
+    release: bool = False   # the request has finished: its blocks are freed once this is read
 
 
 @dataclass

@@ -32,6 +32,8 @@ class _Req:
     evicted: bool = False     # fewer cached tokens by the load than the plan counted on
     load: tuple | None = None
     saved: bool = False
+    early: bool = False       # the front end decided the path: the worker plans it with the record
+    due: tuple | None = None  # (block ids, preemptions) of a completed prefill whose record waits a step
 
 
 class SchedulerSide:
@@ -40,6 +42,8 @@ class SchedulerSide:
         self._reqs: dict[str, _Req] = {}
         self._plan_queue: list[str] = []
         self._captures: list[CaptureJob] = []
+        self._due: list[str] = []          # calls whose prefill completed in the last step
+        self._late: KVCommMeta = KVCommMeta()   # due work of calls that finished in that step
         self._drops: list[str] = []
         self._prefix_caching = bool(vllm_config.cache_config.enable_prefix_caching)
         self._tokenizer_path = vllm_config.model_config.tokenizer
@@ -92,8 +96,7 @@ class SchedulerSide:
                 # first content first): loaded now; the worker still plans it, for its records.
                 info.plan = PlanResult("dense", srv.get("dense_reason") or "first slot carried first: computed in "
                                        "context", early, record=info.call.learn)
-                self._plan_queue.append(request.request_id)
-                info.plan_sent = True
+                info.plan_sent = info.early = True
         else:
             return None
         self._reqs[request.request_id] = info
@@ -132,6 +135,7 @@ class SchedulerSide:
 
     def build_connector_meta(self, scheduler_output) -> KVCommMeta:
         meta = KVCommMeta()
+        self._send_due(meta)
         for req_id in self._plan_queue:
             info = self._reqs.get(req_id)
             if info is not None:
@@ -148,13 +152,47 @@ class SchedulerSide:
                 info.load = None
             wants_save = info.kind != "call" or (info.plan is not None and info.plan.record)
             prompt_len = info.request.num_prompt_tokens
-            if wants_save and not info.saved and info.request.num_computed_tokens + n_sched >= prompt_len:
-                meta.saves.append(SaveJob(req_id, "record" if info.kind == "call" else info.kind,
-                                          list(state.get_block_ids(req_id)[0]), prompt_len, info.params))
+            if (wants_save or info.early) and not info.saved and info.request.num_computed_tokens + n_sched >= prompt_len:
+                blocks = list(state.get_block_ids(req_id)[0])
+                if info.kind == "call":
+                    # A call's record (and the plan the front end made for it) waits one step:
+                    # the read-back of every prompt token would otherwise delay its first token.
+                    info.due = (blocks, getattr(info.request, "num_preemptions", 0))
+                    self._due.append(req_id)
+                else:
+                    meta.saves.append(SaveJob(req_id, info.kind, blocks, prompt_len, info.params))
                 info.saved = True
         meta.captures, self._captures = self._captures, []
         meta.drops, self._drops = self._drops, []
         return meta
+
+    def _due_jobs(self, meta: KVCommMeta, req_id: str, info: _Req, blocks: list, release: bool) -> None:
+        """The deferred work of a call whose prefill is complete: the worker's plan of a call the
+        front end decided (its records and report), then the read-back of its computed KV.
+        release: the call has finished; the worker frees its blocks once they are read."""
+        info.due = None
+        if info.early:
+            info.early = False
+            meta.plans.append(PlanJob(req_id, list(info.request.prompt_token_ids), info.call, info.cached or 0))
+        if info.plan is not None and info.plan.record:
+            meta.saves.append(SaveJob(req_id, "record", blocks, info.request.num_prompt_tokens, info.params,
+                                      release=release))
+
+    def _send_due(self, meta: KVCommMeta) -> None:
+        for req_id in self._due:
+            info = self._reqs.get(req_id)
+            if info is None or info.due is None:   # finished meanwhile: request_finished queued it
+                continue
+            blocks, preemptions = info.due
+            if (getattr(info.request, "num_preemptions", 0) != preemptions
+                    or info.request.num_computed_tokens < info.request.num_prompt_tokens):
+                info.due, info.saved = None, False   # preempted: recorded once its prefill runs again
+                continue
+            self._due_jobs(meta, req_id, info, blocks, release=False)
+        self._due = []
+        late, self._late = self._late, KVCommMeta()
+        meta.plans.extend(late.plans)
+        meta.saves.extend(late.saves)
 
     def update_connector_output(self, connector_output) -> None:
         wm = connector_output.kv_connector_worker_meta
@@ -192,6 +230,10 @@ class SchedulerSide:
                "agent": info.call.agent_name, "session": info.call.session,
                "pool_anchors": plan.pool_anchors if plan else None, "pool_bytes": plan.pool_bytes if plan else None}
         delay = False
+        if info.due is not None:   # its first token was its last: its record still needs its blocks
+            n_saves = len(self._late.saves)
+            self._due_jobs(self._late, request.request_id, info, list(block_ids), release=True)
+            delay = len(self._late.saves) > n_saves
         from vllm.v1.request import RequestStatus
         ids = list(request.output_token_ids)
         stops = set(request.sampling_params.all_stop_token_ids) if request.sampling_params else set()

@@ -1,8 +1,9 @@
 """The worker half of KVCommConnector (runs in every vLLM worker, one per tensor-parallel rank).
 
 At the end of each engine step (wait_for_save) it reads back the KV the step's forward wrote
-for template passes, header encodings, recorded calls and captured replies, then plans the
-calls the scheduler asked about (kvcomm.vllm.worker_state: the planner on this rank's
+for template passes and header encodings, the KV of calls whose prefill completed in the step
+before (a call's record waits a step so that its first token does not) and captured replies,
+then plans the calls the scheduler asked about (kvcomm.vllm.worker_state: the planner on this rank's
 heads). Before a step's forward (start_load_kv) it writes the planned KV into the calls'
 blocks with vLLM's own cache-write op (kvcomm.vllm.paged). A load that fails reports its
 blocks, and vLLM recomputes them: a failure costs time, never correctness.
@@ -10,6 +11,7 @@ blocks, and vLLM recomputes them: a failure costs time, never correctness.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import torch
@@ -100,6 +102,7 @@ class WorkerSide:
         if not isinstance(meta, KVCommMeta) or not meta.loads:
             return
         paged, state = self._ready()
+        t0 = time.perf_counter()
         for job in meta.loads:   # every failure below is reported, and vLLM recomputes
             try:
                 staged = state.staged.get(job.req_id)
@@ -121,6 +124,8 @@ class WorkerSide:
                 log.error("kvcomm connector: load of %s failed (%s); its blocks are recomputed", job.req_id, e)
                 bs = paged.block_size
                 self._load_errors.update(job.block_ids[job.start // bs:-(-job.stop // bs)])
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("kvcomm connector: %d loads %.1f ms", len(meta.loads), (time.perf_counter() - t0) * 1000.0)
 
     # ------------------------------------------------------------------ after the forward
 
@@ -137,8 +142,9 @@ class WorkerSide:
         if not isinstance(meta, KVCommMeta) or not (meta.saves or meta.captures or meta.plans or meta.drops):
             return
         paged, state = self._ready()
+        t0 = time.perf_counter()
         # Records last: a call the scheduler decided without waiting for a plan (dense from its
-        # exact prefix) is planned in the step its prefill runs, before its KV is recorded.
+        # exact prefix) is planned in the step after its prefill, before its KV is recorded.
         saves = sorted(meta.saves, key=lambda j: j.kind == "record")
         records = [j for j in saves if j.kind == "record"]
         with torch.inference_mode():
@@ -164,12 +170,18 @@ class WorkerSide:
                 self._save_logged(paged, state, job)
             for req_id in meta.drops:
                 state.drop(req_id)
+        if log.isEnabledFor(logging.DEBUG):   # what the step's first tokens waited for
+            log.debug("kvcomm connector: end-of-step work %.1f ms (%d saves, %d captures, %d plans)",
+                      (time.perf_counter() - t0) * 1000.0, len(saves), len(meta.captures), len(meta.plans))
 
     def _save_logged(self, paged, state, job: SaveJob) -> None:
         try:
             self._save(paged, state, job)
         except Exception as e:
             log.error("kvcomm connector: saving %s (%s) failed: %s", job.req_id, job.kind, e)
+        finally:
+            if job.release:
+                self._sent.add(job.req_id)   # read (or not): the finished request's blocks may go
 
     def _save(self, paged, state, job: SaveJob) -> None:
         from ..plan.template import PromptLayout
