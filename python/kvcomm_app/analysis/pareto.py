@@ -150,6 +150,38 @@ def targets(points: list[dict]) -> dict:
     return out
 
 
+def head_to_head(points: list[dict], ours: str = "hybrid-deviation", theirs: str = "cacheblend") -> list[dict]:
+    """Per recompute budget both families were run at: the differences ours - theirs in
+    first-token agreement, first-token KL, 32-token KL and computed share, and which wins
+    (lower first-token KL; agreement decides a tie). The anchors at budget 0 ('kvcomm') face
+    the lowest CacheBlend budget run."""
+    by = {}
+    for p in points:
+        fam = "hybrid-deviation" if p["method"] == "kvcomm" and ours == "hybrid-deviation" else p["family"]
+        budget = 0.0 if p["method"] == "kvcomm" else p["budget"]
+        if fam in (ours, theirs) and budget is not None:
+            by.setdefault(budget, {})[fam] = p
+    rows = []
+    low = min((b for b, v in by.items() if theirs in v), default=None)
+    for budget in sorted(by):
+        pair = by[budget]
+        a, b = pair.get(ours), pair.get(theirs) or (by[low].get(theirs) if budget == 0 and low is not None else None)
+        if a is None or b is None or a["first_token_kl"] is None or b["first_token_kl"] is None:
+            continue
+        agree_a, agree_b = _rate(a["first_token_agreement"]), _rate(b["first_token_agreement"])
+        d_agree = None if agree_a is None or agree_b is None else agree_a - agree_b
+        d_kl = a["first_token_kl"] - b["first_token_kl"]
+        wins = a["method"] if d_kl < 0 or (d_kl == 0 and (d_agree or 0) > 0) else b["method"]
+        rows.append({"budget": budget, "ours": a["method"], "theirs": b["method"], "winner": wins,
+                     "first_token_agreement_diff": d_agree, "first_token_kl_diff": d_kl,
+                     "first_token_kl_ratio": (a["first_token_kl"] / b["first_token_kl"]) if b["first_token_kl"] else None,
+                     "tf32_kl_diff": (None if a["tf32_kl"] is None or b["tf32_kl"] is None
+                                      else a["tf32_kl"] - b["tf32_kl"]),
+                     "compute_share_diff": (None if a["compute_share"] is None or b["compute_share"] is None
+                                            else a["compute_share"] - b["compute_share"])})
+    return rows
+
+
 def build(entries: list[dict]) -> dict:
     configs = []
     for (task, agents), es in group(entries).items():
@@ -166,6 +198,7 @@ def build(entries: list[dict]) -> dict:
             "frontier_first_token_agreement": [p["method"] for p in frontier(points, "first_token_agreement",
                                                                              higher=True)],
             "targets": targets(points),
+            "head_to_head": head_to_head(points),
         })
     return {"configs": configs,
             "x": "share of the prompt tokens after the exact prefix S0 the model computed, every forward counted "
@@ -201,6 +234,17 @@ def table(doc: dict) -> str:
             rows.append(f"| {c['task']} | {c['agents']} | {p['method']} | {share} | {pct(p['token_reuse'])} | "
                         f"{pct(p['first_token_agreement'])} | {kl} | {pct(p['tf32_agreement'])} | {tkl} | "
                         f"{paths} | {ttft} |")
+    rows += ["", "| task | agents | budget | KVCOMM side | CacheBlend side | winner (first-token KL) | "
+             "agreement diff | KL ours / theirs | 32-token KL diff | computed share diff |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in doc["configs"]:
+        for h in c.get("head_to_head") or []:
+            agree = "-" if h["first_token_agreement_diff"] is None else f"{100 * h['first_token_agreement_diff']:+.1f}"
+            ratio = "-" if h["first_token_kl_ratio"] is None else f"{h['first_token_kl_ratio']:.2f}x"
+            tkl = "-" if h["tf32_kl_diff"] is None else f"{h['tf32_kl_diff']:+.4f}"
+            share = "-" if h["compute_share_diff"] is None else f"{100 * h['compute_share_diff']:+.1f}"
+            rows.append(f"| {c['task']} | {c['agents']} | {h['budget']:g} | {h['ours']} | {h['theirs']} | "
+                        f"{h['winner']} | {agree} | {ratio} | {tkl} | {share} |")
     return "\n".join(rows)
 
 
