@@ -293,9 +293,9 @@ def test_method_variants_replay_identical_calls_and_build_the_pareto_table(tiny,
         pareto.build([entries[0], other])
 
 
-def test_pareto_head_to_head_pairs_budgets_and_names_the_winner():
-    """Per budget: the anchors plus recompute against CacheBlend at the same budget, the
-    anchors alone against CacheBlend's lowest budget; lower first-token KL wins."""
+def test_pareto_head_to_head_compares_at_equal_computed_share():
+    """Each anchor-based point against CacheBlend interpolated at the same computed share;
+    a point outside CacheBlend's measured range is left out; lower first-token KL wins."""
     from kvcomm_app.analysis import pareto
 
     def pt(method, kl, agree, share):
@@ -303,13 +303,16 @@ def test_pareto_head_to_head_pairs_budgets_and_names_the_winner():
         return {"method": method, "family": fam, "budget": budget, "first_token_kl": kl, "tf32_kl": kl / 2,
                 "first_token_agreement": {"rate": agree}, "compute_share": share}
 
-    points = [pt("kvcomm", 0.04, 0.90, 0.30), pt("hybrid-deviation:0.1", 0.02, 0.93, 0.45),
-              pt("cacheblend:0.05", 0.05, 0.88, 0.20), pt("cacheblend:0.1", 0.01, 0.95, 0.25),
+    points = [pt("kvcomm", 0.04, 0.90, 0.30), pt("hybrid-deviation:0.1", 0.005, 0.99, 0.45),
+              pt("anchors-or-base-deviation:0.1", 0.02, 0.93, 0.10),
+              pt("cacheblend:0.05", 0.05, 0.88, 0.20), pt("cacheblend:0.25", 0.01, 0.98, 0.40),
               pt("epic:4", 0.09, 0.80, 0.22)]
     rows = pareto.head_to_head(points)
-    assert [(r["budget"], r["ours"], r["theirs"]) for r in rows] == [
-        (0.0, "kvcomm", "cacheblend:0.05"), (0.1, "hybrid-deviation:0.1", "cacheblend:0.1")]
-    assert rows[0]["winner"] == "kvcomm" and rows[1]["winner"] == "cacheblend:0.1"
-    assert rows[1]["first_token_kl_ratio"] == pytest.approx(2.0)
-    assert rows[1]["first_token_agreement_diff"] == pytest.approx(-0.02)
-    assert rows[1]["compute_share_diff"] == pytest.approx(0.20)
+    assert [r["method"] for r in rows] == ["kvcomm"]   # the others lie outside CacheBlend's 20-40%
+    (r,) = rows
+    assert r["theirs_first_token_kl"] == pytest.approx(0.03)     # halfway between 0.05 and 0.01
+    assert r["theirs_first_token_agreement"] == pytest.approx(0.93)
+    assert r["winner"] == "cacheblend" and r["first_token_kl_ratio"] == pytest.approx(0.04 / 0.03)
+    assert r["first_token_agreement_diff"] == pytest.approx(-0.03)
+    points[0]["first_token_kl"] = 0.02
+    assert pareto.head_to_head(points)[0]["winner"] == "kvcomm"

@@ -150,35 +150,49 @@ def targets(points: list[dict]) -> dict:
     return out
 
 
-def head_to_head(points: list[dict], ours: str = "hybrid-deviation", theirs: str = "cacheblend") -> list[dict]:
-    """Per recompute budget both families were run at: the differences ours - theirs in
-    first-token agreement, first-token KL, 32-token KL and computed share, and which wins
-    (lower first-token KL; agreement decides a tie). The anchors at budget 0 ('kvcomm') face
-    the lowest CacheBlend budget run."""
-    by = {}
-    for p in points:
-        fam = "hybrid-deviation" if p["method"] == "kvcomm" and ours == "hybrid-deviation" else p["family"]
-        budget = 0.0 if p["method"] == "kvcomm" else p["budget"]
-        if fam in (ours, theirs) and budget is not None:
-            by.setdefault(budget, {})[fam] = p
+OURS = ("kvcomm", "hybrid-deviation", "anchors-or-base", "anchors-or-base-deviation", "fit", "fit-deviation",
+        "hybrid-spread")
+
+
+def _interpolate(points: list[dict], share: float, value) -> float | None:
+    """value(p) of the family's points, linear in compute share between the two points that
+    bracket `share`; None outside their range."""
+    pts = sorted((p for p in points if p["compute_share"] is not None and value(p) is not None),
+                 key=lambda p: p["compute_share"])
+    for lo, hi in zip(pts, pts[1:]):
+        if lo["compute_share"] <= share <= hi["compute_share"]:
+            span = hi["compute_share"] - lo["compute_share"]
+            t = 0.0 if span == 0 else (share - lo["compute_share"]) / span
+            return value(lo) + t * (value(hi) - value(lo))
+    if pts and abs(pts[0]["compute_share"] - share) < 1e-9:
+        return value(pts[0])
+    return None
+
+
+def head_to_head(points: list[dict], theirs: str = "cacheblend") -> list[dict]:
+    """Each anchor-based point against CacheBlend at the same share of computed tokens (its
+    measured points interpolated linearly; a point outside CacheBlend's measured range is
+    left out): the differences ours - theirs in first-token agreement, first-token KL and
+    32-token KL, and which wins (lower first-token KL)."""
+    ref = [p for p in points if p["family"] == theirs]
     rows = []
-    low = min((b for b, v in by.items() if theirs in v), default=None)
-    for budget in sorted(by):
-        pair = by[budget]
-        a, b = pair.get(ours), pair.get(theirs) or (by[low].get(theirs) if budget == 0 and low is not None else None)
-        if a is None or b is None or a["first_token_kl"] is None or b["first_token_kl"] is None:
+    for p in points:
+        if p["family"] not in OURS or p["compute_share"] is None or p["first_token_kl"] is None:
             continue
-        agree_a, agree_b = _rate(a["first_token_agreement"]), _rate(b["first_token_agreement"])
-        d_agree = None if agree_a is None or agree_b is None else agree_a - agree_b
-        d_kl = a["first_token_kl"] - b["first_token_kl"]
-        wins = a["method"] if d_kl < 0 or (d_kl == 0 and (d_agree or 0) > 0) else b["method"]
-        rows.append({"budget": budget, "ours": a["method"], "theirs": b["method"], "winner": wins,
-                     "first_token_agreement_diff": d_agree, "first_token_kl_diff": d_kl,
-                     "first_token_kl_ratio": (a["first_token_kl"] / b["first_token_kl"]) if b["first_token_kl"] else None,
-                     "tf32_kl_diff": (None if a["tf32_kl"] is None or b["tf32_kl"] is None
-                                      else a["tf32_kl"] - b["tf32_kl"]),
-                     "compute_share_diff": (None if a["compute_share"] is None or b["compute_share"] is None
-                                            else a["compute_share"] - b["compute_share"])})
+        share = p["compute_share"]
+        kl = _interpolate(ref, share, lambda q: q["first_token_kl"])
+        if kl is None:
+            continue
+        agree = _interpolate(ref, share, lambda q: _rate(q["first_token_agreement"]))
+        tkl = _interpolate(ref, share, lambda q: q["tf32_kl"])
+        mine = _rate(p["first_token_agreement"])
+        rows.append({"method": p["method"], "compute_share": share, "theirs": theirs,
+                     "theirs_first_token_kl": kl, "theirs_first_token_agreement": agree,
+                     "winner": p["method"] if p["first_token_kl"] < kl else theirs,
+                     "first_token_agreement_diff": None if mine is None or agree is None else mine - agree,
+                     "first_token_kl_diff": p["first_token_kl"] - kl,
+                     "first_token_kl_ratio": p["first_token_kl"] / kl if kl else None,
+                     "tf32_kl_diff": None if p["tf32_kl"] is None or tkl is None else p["tf32_kl"] - tkl})
     return rows
 
 
@@ -234,17 +248,16 @@ def table(doc: dict) -> str:
             rows.append(f"| {c['task']} | {c['agents']} | {p['method']} | {share} | {pct(p['token_reuse'])} | "
                         f"{pct(p['first_token_agreement'])} | {kl} | {pct(p['tf32_agreement'])} | {tkl} | "
                         f"{paths} | {ttft} |")
-    rows += ["", "| task | agents | budget | KVCOMM side | CacheBlend side | winner (first-token KL) | "
-             "agreement diff | KL ours / theirs | 32-token KL diff | computed share diff |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    rows += ["", "Against CacheBlend at the same computed share (its points interpolated):", "",
+             "| task | agents | method | computed | winner (first-token KL) | KL ours / CacheBlend's | "
+             "agreement diff (points) | 32-token KL diff |", "|---|---|---|---|---|---|---|---|"]
     for c in doc["configs"]:
         for h in c.get("head_to_head") or []:
             agree = "-" if h["first_token_agreement_diff"] is None else f"{100 * h['first_token_agreement_diff']:+.1f}"
             ratio = "-" if h["first_token_kl_ratio"] is None else f"{h['first_token_kl_ratio']:.2f}x"
             tkl = "-" if h["tf32_kl_diff"] is None else f"{h['tf32_kl_diff']:+.4f}"
-            share = "-" if h["compute_share_diff"] is None else f"{100 * h['compute_share_diff']:+.1f}"
-            rows.append(f"| {c['task']} | {c['agents']} | {h['budget']:g} | {h['ours']} | {h['theirs']} | "
-                        f"{h['winner']} | {agree} | {ratio} | {tkl} | {share} |")
+            rows.append(f"| {c['task']} | {c['agents']} | {h['method']} | {100 * h['compute_share']:.1f}% | "
+                        f"{h['winner']} | {ratio} | {agree} | {tkl} |")
     return "\n".join(rows)
 
 
