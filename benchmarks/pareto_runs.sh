@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/pareto_runs.sh LANE [TASK...]   # LANE: 3a (GSM8K, MMLU, SQuAD with 3 agents)
 #                                                   #       5a (the same with 5 agents)
-#   python -m kvcomm_app.analysis.pareto results/quality/pareto-runs/*.json \
+#   python -m kvcomm_app.analysis.pareto results/quality/pareto-runs/*-[35]a.json \
 #       --json results/quality/pareto.json --plot results/quality/pareto.png
 #
 # Each task runs once per lane: its dense run leads and every method replays the dense run's

@@ -14,7 +14,7 @@ first-token agreement with its bootstrap interval, first-token KL, 32-token agre
 KL, reuse-only and partial-call agreement, and the median TTFT per agent on the paired
 (identical-input) calls beside dense prefill and dense prefill after the cached exact S0.
 
-    python -m kvcomm_app.analysis.pareto results/quality/pareto-runs/*.json \\
+    python -m kvcomm_app.analysis.pareto results/quality/pareto-runs/*-[35]a.json \\
         --json results/quality/pareto.json --plot results/quality/pareto.png
 """
 from __future__ import annotations
