@@ -334,19 +334,26 @@ class KVCommFrontend:
             return body[:at] + final_chunk(state["id"], state["model"], report) + body[at:]
 
         async def wrapped(msg):
+            out = False
             if msg["type"] == "http.response.start":
                 state["status"] = msg.get("status", 200)
             elif msg["type"] == "http.response.body" and state["status"] == 200:
-                self._start_later(engine, later)   # the first token is out: the deferred work may run
                 if stream:
                     sse_lines(msg.get("body", b""))
                     if b"data: [DONE]" in msg.get("body", b""):
                         msg = dict(msg, body=with_report(msg["body"]))
                 else:
                     state["buf"] += msg.get("body", b"")
+                # a generated token is in this message (a stream's role-only chunk comes first)
+                out = not stream or bool(state["ids"]) or any(state["text"]) or not msg.get("more_body", False)
                 if not msg.get("more_body", False):
                     self._remember(engine, session, agent, rnd, stream, state, chat)
             await send(msg)
+            if out or msg["type"] == "http.response.body" and not msg.get("more_body", False):
+                # The first token is on its way to the client: only now the deferred work (a
+                # content's encoding, a template pass: a whole prefill) may take the engine,
+                # which would otherwise hold the first token's delivery on a busy machine.
+                self._start_later(engine, later)
         return wrapped
 
     def _remember(self, engine: _Engine, session, agent, rnd, stream, state, chat=None) -> None:
