@@ -166,11 +166,6 @@ def cmd_serve(args) -> int:
     for note in notes:
         print(f"kvcomm serve: {note}", flush=True)
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-    # glibc raises its mmap threshold after large frees, and the tensors KVCOMM reads back,
-    # stages and records per call (up to tens of MiB) then come from heaps whose freed holes
-    # stay resident: with many calls in flight the server's memory grows past what it holds
-    # (docs/benchmarks.md, the soak). A fixed threshold returns them to the system on free.
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
     sys.stdout.flush()
     os.execv(argv[0], argv)   # the server becomes this process: signals and exit status are vLLM's
     return 0   # not reached
