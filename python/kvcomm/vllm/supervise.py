@@ -72,13 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     token = server_token(cmd)
     # Its own session: a terminal's Ctrl-C reaches it only through here. If this process is
     # killed outright, the kernel stops the server too (no orphaned server holding the port).
-    # glibc raises its mmap threshold after large frees, and the tensors KVCOMM reads back,
-    # stages and records per call (up to tens of MiB) then come from heaps whose freed holes
-    # stay resident: with many calls in flight the server's memory grows past what it holds
-    # (docs/benchmarks.md, the soak). A fixed threshold returns them to the system on free.
-    env = dict(os.environ)
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
-    child = subprocess.Popen(cmd, preexec_fn=_detach_and_die_with_parent, env=env)
+    child = subprocess.Popen(cmd, preexec_fn=_detach_and_die_with_parent)
     stopping = []
 
     def stop(signum, frame):
