@@ -52,7 +52,7 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--no-chat", action="store_true", help="serve chat requests without KVCOMM parameters as plain "
                    "vLLM (default: find the texts the server met before in them and reuse those)")
     s.add_argument("--chat-min-tokens", type=int, default=None,
-                   help="shortest shared text worth reusing in plain chat requests (default 16 tokens)")
+                   help="shortest shared text taken as a content in plain chat requests (default 1 token: any)")
     s.add_argument("--tenant-header", default=None, help="the request header that separates tenants: texts are "
                    "matched only within one (default: Authorization, i.e. the API key)")
     s.add_argument("--gamma", type=float, default=None, help="entropy threshold of the pool's share decision "

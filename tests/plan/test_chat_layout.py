@@ -91,3 +91,44 @@ def test_short_contents_special_tokens_and_bad_messages(tok):
         infer([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], tok, idx, "t")
     with pytest.raises(ChatError, match="non-empty list"):
         infer([], tok, idx, "t")
+
+
+def test_a_short_reply_is_a_content_only_as_a_whole_message():
+    idx = ContentIndex()
+    assert idx.add("t", "Yes.", "user", "user", "s") is None               # a short user text: never a content
+    assert idx.add("t", "The answer is: 2", "reply", "asolver", "s") is not None
+    found = idx.find("t", "  The answer is: 2\n")                           # the whole message, edge whitespace aside
+    assert [(m.start, m.end, m.known.producer) for m in found] == [(2, 18, "asolver")]
+    assert idx.find("t", "I think The answer is: 2 is wrong, says the critic.") == []   # not inside a longer text
+    assert idx.find("t", "The answer is: 3") == [] and idx.find("u", "The answer is: 2") == []
+
+
+def test_a_text_said_by_several_agents_is_named_after_who_said_it_in_this_conversation(tok):
+    idx = ContentIndex()
+    idx.add("t", TASK, "user", "user", "s1")
+    idx.add("t", "The answer is 1967.", "reply", "asolver", "s1")          # another conversation said it first
+    idx.add("t", TASK.replace("library", "museum"), "user", "user", "s2")
+    idx.add("t", "The answer is 1967.", "reply", "acritic", "s2")           # here the critic said it first...
+    idx.add("t", "The answer is 1967.", "reply", "asolver", "s2")           # ...then the solver repeated it
+    body = [{"role": "user", "content": TASK.replace("library", "museum")},
+            {"role": "user", "name": "critic", "content": "The answer is 1967."},
+            {"role": "user", "name": "solver", "content": "The answer is 1967."}]
+    call = infer([{"role": "system", "content": "You sum up."}, *body], tok, idx, "t")
+    assert call.session == "s2"                                             # the short reply does not outvote the task
+    assert [n for n, _, _ in call.spans] == ["user_question", "agent_acritic_current", "agent_asolver_current"]
+    again = infer([{"role": "system", "content": "You sum up."}, *body], tok, idx, "t", min_tokens=16)
+    assert [n for n, _, _ in again.spans] == ["user_question"]              # a minimum leaves short ones literal
+
+
+def test_short_replies_keep_the_template_of_the_next_conversation_the_same(tok):
+    """Two conversations whose short replies differ get one template: the replies are slots."""
+    idx, keys = ContentIndex(), []
+    for sid, (task, reply) in enumerate([(TASK, "The answer is 1967."),
+                                         (TASK.replace("1967", "1971"), "It moved in 1971.")]):
+        idx.add("t", task, "user", "user", str(sid))
+        idx.add("t", reply, "reply", "asolver", str(sid))
+        call = infer([{"role": "system", "content": "You check."}, {"role": "user", "content": task},
+                      {"role": "user", "name": "solver", "content": reply}], tok, idx, "t")
+        keys.append(call.template_key)
+        assert [n for n, _, _ in call.spans] == ["user_question", "agent_asolver_current"]
+    assert keys[0] == keys[1]

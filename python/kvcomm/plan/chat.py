@@ -7,10 +7,13 @@ shared. The method applies once the layout is found (docs/method.md, "Plain chat
   exactly as the server renders it;
 - **contents** are spans of it that equal text the server has met before (kvcomm.plan.contents:
   replies it generated, user and tool messages earlier requests carried), at least
-  `min_tokens` long, also inside longer messages;
+  `min_tokens` long (default: any length), also inside longer messages; a reply shorter
+  than the index's key is found as a whole message;
 - **slots** name each content by its role, stable across requests so anchors accumulate:
   the first user text is `{user_question}`; a reply of agent P is `{agent_P_current}` (its
-  latest in this prompt; the one before `{agent_P_history}`, older ones `{agent_P-<k>_current}`);
+  latest in this prompt; the one before `{agent_P_history}`, older ones `{agent_P-<k>_current}`),
+  P being the agent that said it in this conversation (agents repeat each other word for
+  word: the k-th saying of a text in the prompt is its k-th producer's);
   other user texts `{condition_user-<k>_current}`, tool results `{condition_tool-<k>_current}`;
 - the **agent** is what stays the same across one role's requests and differs between roles:
   its system messages and tool definitions. Its pool identity is stable; the template - the
@@ -29,10 +32,13 @@ import json
 import uuid
 from dataclasses import dataclass, field
 
-from .contents import ContentIndex, Match
+from .contents import KEY, ContentIndex, Match
 from .template import RAW_FRAME, Template, TemplateError, parse_template, render_layout
 
-DEFAULT_MIN_TOKENS = 16   # shorter matches are left to the model: estimating them saves too little
+# Every content found is a slot by default: a short one left in the prompt as literal text
+# ("The answer is: 2") would make the template of each conversation a new one, and a template
+# seen for the first time is served plainly while its pass runs; estimating it costs little.
+DEFAULT_MIN_TOKENS = 1
 
 
 class ChatError(ValueError):
@@ -81,15 +87,18 @@ def agent_identity(messages: list[dict], tools) -> tuple[str, str]:
     return f"a{digest}", system
 
 
-def _slot_names(found: list[tuple[int, Match]], roles: list[str], agent: str) -> list[str]:
-    """A placeholder name per content, by role, in prompt order."""
+def _slot_names(found: list[tuple[int, Match]], roles: list[str], session: str) -> list[str]:
+    """A placeholder name per content, by role (a reply: by who produced it in `session`), in
+    prompt order."""
     names: list[str] = []
     replies: dict[str, list[int]] = {}
+    sayings: dict[str, int] = {}   # occurrences of each reply text so far in this prompt
     users = tools = 0
     for i, (mi, m) in enumerate(found):
         k = m.known
         if k.kind == "reply":
-            replies.setdefault(k.producer, []).append(i)
+            nth = sayings[k.text] = sayings.get(k.text, -1) + 1
+            replies.setdefault(k.producer_in(session, nth), []).append(i)
             names.append("")
         elif roles[mi] == "tool" or k.kind == "tool":
             tools += 1
@@ -144,7 +153,7 @@ def infer(messages: list[dict], tokenizer, index: ContentIndex, tenant: str, *, 
     sid = session or _session_of([m for _, m in found]) or uuid.uuid4().hex
     call = ChatCall(agent=agent, pool_key=f"{agent}@chat", system=system, text=text, template=None,
                     session=sid, remember=remember)
-    spans, kept = _spans(text, found, roles, agent, tokenizer, min_tokens)
+    spans, kept = _spans(text, found, roles, sid, tokenizer, min_tokens)
     if spans:
         pieces, last = [], 0
         for name, a, b in spans:
@@ -160,18 +169,21 @@ def infer(messages: list[dict], tokenizer, index: ContentIndex, tenant: str, *, 
 
 
 def _session_of(matches: list[Match]) -> str | None:
-    """The conversation most contents first appeared in (ties: the first content's)."""
+    """The conversation most contents first appeared in (ties: the first content's). Short
+    replies vote only when nothing longer was found: two conversations may share one."""
+    long = [m for m in matches if len(m.known.text) >= KEY]
+    matches = long or matches
     counts: dict[str, int] = {}
     for m in matches:
         counts[m.known.session] = counts.get(m.known.session, 0) + 1
     return max(counts, key=lambda s: (counts[s], -[m.known.session for m in matches].index(s))) if counts else None
 
 
-def _spans(text: str, found, roles, agent, tokenizer, min_tokens: int):
+def _spans(text: str, found, roles, session: str, tokenizer, min_tokens: int):
     """Slot spans of the contents that are at least min_tokens long in the rendered prompt."""
     found = sorted(found, key=lambda x: x[1].start)
     while True:
-        names = _slot_names(found, roles, agent)
+        names = _slot_names(found, roles, session)
         # A content glued to the text before it by a space ("Agent A said: <reply>") takes the
         # space in: byte-pair tokenizers merge a space with the word after it.
         spans = [(n, m.start - 1 if m.start > 0 and text[m.start - 1] == " " else m.start, m.end)

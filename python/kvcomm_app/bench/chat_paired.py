@@ -5,7 +5,9 @@ plain vLLM on identical inputs, over the wire.
 
 The traffic is a recording of a framework's requests (JSON lines with "conversation" and
 "request": the chat-completion body it sent; benchmarks/chat/record_proxy.py writes them). Each
-request is sent twice, in the order recorded, to one server:
+request is sent twice, in the order recorded, to one server, carrying the replies this server
+gave earlier in the conversation where they differ from the recorded ones (as the framework
+would have passed them on; `--recorded-replies` sends the recording unchanged):
 
 - as the framework sent it (one tenant, the API key `kvcomm`): KVCOMM where the server knows
   parts of it, plain where it knows nothing;
@@ -42,18 +44,47 @@ from kvcomm_app import provenance
 
 TOP = 20
 PLAIN_SALT = "kvcomm-bench-plain-baseline"   # the plain twins' own prefix cache
+SHORT = 24   # recorded replies shorter than this are replaced only where they are a whole message
 
 
 def load_traffic(path: str) -> list[list[dict]]:
-    """Requests grouped by conversation, in recorded order."""
+    """Requests grouped by conversation, in recorded order, each with the reply recorded for
+    it under "_recorded_reply" (removed before sending)."""
     convs: dict = {}
     import gzip
     with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
         for line in f:
             if line.strip():
                 rec = json.loads(line)
-                convs.setdefault(rec.get("conversation", 0), []).append(rec["request"])
+                reply = ((rec.get("response") or {}).get("text") or "").strip()
+                convs.setdefault(rec.get("conversation", 0), []).append(dict(rec["request"], _recorded_reply=reply))
     return [convs[k] for k in sorted(convs)]
+
+
+def with_live_replies(body: dict, live: dict[str, str]) -> dict:
+    """The request as the framework would have sent it to this server: every reply recorded
+    earlier in the conversation replaced, wherever a message carries it, by the reply this
+    server gave in its place (a framework passes on what it received; a replayed recording
+    would otherwise carry replies this server never produced, and no reuse of them is
+    possible). A message that is a recorded reply (edge whitespace aside) is replaced whole;
+    recorded replies of at least SHORT characters also inside longer messages, longest first.
+    System messages are the agents' own and stay."""
+    if not live:
+        return body
+    order = sorted((r for r in live if len(r) >= SHORT), key=len, reverse=True)
+    msgs = []
+    for m in body["messages"]:
+        c = m.get("content")
+        if isinstance(c, str) and c and m.get("role") not in ("system", "developer"):
+            if c.strip() in live:
+                c = c.replace(c.strip(), live[c.strip()])
+            else:
+                for old in order:
+                    if old in c:
+                        c = c.replace(old, live[old])
+            m = dict(m, content=c)
+        msgs.append(m)
+    return dict(body, messages=msgs)
 
 
 def send(client, body: dict, tenant: str) -> dict:
@@ -128,11 +159,14 @@ def mean_kl(calls: list[dict]) -> float | None:
     return statistics.fmean(kls) if kls else None
 
 
-def run(client, tok, convs: list[list[dict]], log) -> tuple[list[list[dict]], int, int]:
+def run(client, tok, convs: list[list[dict]], log, live_replies: bool = True) -> tuple[list[list[dict]], int, int]:
     out, lost, errored, n_sent = [], 0, 0, 0
     for ci, conv in enumerate(convs):
-        calls = []
-        for body in conv:
+        calls, live = [], {}
+        for recorded in conv:
+            body = {k: v for k, v in recorded.items() if k != "_recorded_reply"}
+            if live_replies:
+                body = with_live_replies(body, live)
             agent = next((m.get("content", "")[:40] for m in body["messages"] if m.get("role") == "system"), "")
             try:
                 # alternate which twin goes first: the server's work after a KVCOMM call (encodings,
@@ -150,6 +184,9 @@ def run(client, tok, convs: list[list[dict]], log) -> tuple[list[list[dict]], in
             if kv["ttft_ms"] is None or plain["ttft_ms"] is None:
                 lost += 1
                 continue
+            was = recorded.get("_recorded_reply") or ""
+            if was and kv["text"].strip() and kv["text"].strip() != was:
+                live[was] = kv["text"].strip()
             T = kv["prompt_tokens"] or plain["prompt_tokens"] or 0
             own = own_prefix_tokens(tok, body["messages"])
             rep = kv["report"] or {}
@@ -164,6 +201,7 @@ def run(client, tok, convs: list[list[dict]], log) -> tuple[list[list[dict]], in
                           "cached_tokens": rep.get("cached_tokens", kv["cached_tokens"]),
                           "plain_reused_after_own_prefix": plain_reused,
                           "ttft_plain_ms": round(plain["ttft_ms"], 1), "ttft_kvcomm_ms": round(kv["ttft_ms"], 1),
+                          "reply_as_recorded": kv["text"].strip() == was if was else None,
                           "first_equal": None if p_top is None or k_top is None else p_top == k_top,
                           "kl": first_token_kl(plain["first"], kv["first"])})
         out.append(calls)
@@ -194,7 +232,13 @@ def summarize(by_conv: list[list[dict]], warmup: int) -> dict:
                 [[c for c in conv if c["path"] != "plain"] for conv in measured], agreement),
             "first_token_kl_mean": mean_kl(reused), "first_token_kl_ci95": _bootstrap(
                 [[c for c in conv if c["path"] != "plain"] for conv in measured], mean_kl),
-            "paired_calls_through_kvcomm": len(reused), "per_agent": per_agent}
+            "paired_calls_through_kvcomm": len(reused), "per_agent": per_agent,
+            "replies_as_recorded": _share([c.get("reply_as_recorded") for c in calls])}
+
+
+def _share(flags: list) -> float | None:
+    known = [f for f in flags if f is not None]
+    return sum(known) / len(known) if known else None
 
 
 def main(argv=None) -> int:
@@ -206,6 +250,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--out", default=None, help="default results/chat/<name>.json")
     p.add_argument("--log", default="/tmp/kvcomm-chat-bench.log")
+    p.add_argument("--recorded-replies", action="store_true",
+                   help="send the requests as recorded; by default a reply this server gave differently "
+                        "replaces the recorded one in the conversation's later requests (both twins)")
     args = p.parse_args(argv)
     name = args.name or os.path.splitext(os.path.basename(args.traffic))[0]
     out_path = args.out or f"results/chat/{name}.json"
@@ -234,11 +281,12 @@ def main(argv=None) -> int:
                         + (["--enable-auto-tool-choice", "--tool-call-parser", "pythonic"] if tools else []))
         client = server.__enter__()
     try:
-        by_conv, lost, errored = run(client, tok, convs, log)
+        by_conv, lost, errored = run(client, tok, convs, log, live_replies=not args.recorded_replies)
     finally:
         if server is not None:
             server.__exit__(None, None, None)
     doc = {"framework": name, "traffic": args.traffic, "dtype": args.dtype, "warmup_conversations": args.warmup,
+           "replies": "as recorded" if args.recorded_replies else "this server's, in later requests",
            **summarize(by_conv, args.warmup), "lost_requests": lost, "errored_requests": errored,
            "device_detail": provenance.device_detail("cpu", args.dtype), "load_average": provenance.load_average(),
            "wall_s": round(time.perf_counter() - t0, 1), **made.fields(), "conversations": by_conv}

@@ -75,7 +75,10 @@ class _Memory:
 
     def __init__(self, pid: int):
         self.pid, self.peak, self._stop = pid, 0, threading.Event()
+        self.by_process: dict[str, dict] = {}   # process name -> PSS at start and at its peak
         self.start = self.sample()
+        for v in self.by_process.values():
+            v["at_start_bytes"] = v["peak_bytes"]
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
 
@@ -94,9 +97,14 @@ class _Memory:
         for p in self._tree(self.pid):
             try:
                 with open(f"/proc/{p}/smaps_rollup") as f:
-                    total += next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("Pss:"))
+                    pss = next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("Pss:"))
+                with open(f"/proc/{p}/comm") as f:
+                    name = f"{f.read().strip()} ({p})"
             except (OSError, StopIteration):
-                pass
+                continue
+            total += pss
+            d = self.by_process.setdefault(name, {"at_start_bytes": 0, "peak_bytes": 0})
+            d["peak_bytes"] = max(d["peak_bytes"], pss)
         return total
 
     def _run(self):
@@ -223,11 +231,14 @@ def main(argv=None) -> int:
     budget = mem.start + pool_bytes + (1 << 30) + (256 << 20) + gib // 2   # + sessions, template shapes
     run["memory"] = {"measure": "PSS of the server's process tree", "at_start_bytes": mem.start,
                      "peak_bytes": peak, "budget_bytes": budget, "within_budget": peak <= budget,
+                     "by_process": mem.by_process,
                      "serve_sizing_reserve_bytes": 2 * model_bytes + kv + pool_bytes + 2 * gib}
     run["load_average_end"] = provenance.load_average()
     run["wall_s"] = round(time.perf_counter() - t0, 1)
     log(f"memory (PSS) {mem.start / gib:.2f} GiB at start, peak {peak / gib:.2f} GiB of a {budget / gib:.2f} GiB "
         f"budget; {run['wall_s']} s")
+    for name, d in sorted(mem.by_process.items(), key=lambda x: -x[1]["peak_bytes"]):
+        log(f"  {name}: {d['at_start_bytes'] / gib:.2f} GiB at start, peak {d['peak_bytes'] / gib:.2f} GiB")
     doc = {}
     if os.path.exists(args.out):
         with open(args.out) as f:

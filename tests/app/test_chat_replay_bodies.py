@@ -1,0 +1,38 @@
+"""What the chat benchmark sends (kvcomm_app.bench.chat_paired): a recorded conversation
+carries the replies this server gave, not the recorded ones, in its later requests."""
+import json
+
+from kvcomm_app.bench.chat_paired import load_traffic, with_live_replies
+
+LONG_OLD = "The library moved to the river bank in 1967, as the passage says."
+LONG_NEW = "It moved in 1967."
+
+
+def body(*messages):
+    return {"model": "m", "messages": [{"role": "system", "content": "You check. The answer is: 2"}, *messages]}
+
+
+def test_a_reply_given_differently_replaces_the_recorded_one_wherever_it_is_carried():
+    live = {LONG_OLD: LONG_NEW, "The answer is: 2": "The answer is: 3"}
+    got = with_live_replies(body({"role": "user", "content": "Task"},
+                                 {"role": "assistant", "content": f"{LONG_OLD}\n"},
+                                 {"role": "user", "content": f"solver said: {LONG_OLD} Check it."},
+                                 {"role": "user", "content": " The answer is: 2"},
+                                 {"role": "user", "content": "Is The answer is: 2 right?"}), live)
+    contents = [m["content"] for m in got["messages"]]
+    assert contents == ["You check. The answer is: 2",        # the agent's own system text stays
+                        "Task", f"{LONG_NEW}\n", f"solver said: {LONG_NEW} Check it.",
+                        " The answer is: 3",                   # a short reply: as a whole message
+                        "Is The answer is: 2 right?"]          # ...and never inside a longer one
+    assert with_live_replies(body({"role": "user", "content": "Task"}), {}) == body({"role": "user", "content": "Task"})
+
+
+def test_the_traffic_keeps_each_requests_recorded_reply(tmp_path):
+    path = tmp_path / "t.jsonl"
+    recs = [{"conversation": 1, "request": body({"role": "user", "content": "B"}), "response": {"text": " b "}},
+            {"conversation": 0, "request": body({"role": "user", "content": "A"}), "response": {"text": "a"}},
+            {"conversation": 0, "request": body({"role": "user", "content": "A2"}), "response": {}}]
+    path.write_text("\n".join(json.dumps(r) for r in recs))
+    convs = load_traffic(str(path))
+    assert [[b["messages"][-1]["content"] for b in c] for c in convs] == [["A", "A2"], ["B"]]
+    assert [[b["_recorded_reply"] for b in c] for c in convs] == [["a", ""], ["b"]]
