@@ -12,7 +12,11 @@
 them) into the chat-completion body with the KVCOMM parameters; any OpenAI client can
 send it (the parameters go in the body's "kv_transfer_params"; with the openai package:
 extra_body={"kv_transfer_params": ...}). A call in mode "dense" sends the same messages
-without them: plain vLLM, the baseline.
+without them and with a cache_salt of the baseline's own (BASELINE_SALT): plain vLLM, the
+baseline - its prefix cache holds the baseline's earlier requests (the agents' system
+prompts) and nothing KVCOMM computed, and the server takes it for no chat traffic (a request
+that names its own cache_salt is served plainly and nothing of it is remembered or encoded
+ahead, which would otherwise run beside the requests after it).
 
 `RemoteEngine` has the interface the agent runtime drives (add_agent, new_request,
 next_round, call -> a record with text, path, reason, ttft_ms, ...), so the runtime's
@@ -31,6 +35,7 @@ from dataclasses import dataclass, field
 from ..plan.template import AGENT_NAME_RE, fill, parse_template
 
 KVCOMM, DENSE = "kvcomm", "dense"
+BASELINE_SALT = "kvcomm-baseline"   # dense-mode calls: plain vLLM in a prefix cache of their own
 
 
 class ServerError(RuntimeError):
@@ -181,6 +186,8 @@ class KVCommClient:
             body["kv_transfer_params"] = {"kvcomm": {
                 "agent": agent, "template": template, "slots": {n: [a, b] for n, a, b in spans},
                 "session": session or uuid.uuid4().hex, "round": int(round), "learn": bool(learn)}}
+        else:
+            body.setdefault("cache_salt", BASELINE_SALT)
         return body
 
     def call(self, agent: str, inputs: dict, *, session: str | None = None, round: int = 0, mode: str = KVCOMM,
