@@ -51,6 +51,9 @@ def add_serve_parser(sub) -> None:
                    "fully dense (default: estimate the slots before it)")
     s.add_argument("--no-chat", action="store_true", help="serve chat requests without KVCOMM parameters as plain "
                    "vLLM (default: find the texts the server met before in them and reuse those)")
+    s.add_argument("--no-chat-encode-ahead", action="store_true", help="do not encode the texts of a chat request "
+                   "served plainly right after it (default: encode them, so the next agent reuses them; on traffic "
+                   "that is mostly not multi-agent that is a second prefill of every user text)")
     s.add_argument("--chat-min-tokens", type=int, default=None,
                    help="shortest shared text taken as a content in plain chat requests (default 1 token: any)")
     s.add_argument("--tenant-header", default=None, help="the request header that separates tenants: texts are "
@@ -94,7 +97,8 @@ def serve_command(args, *, cuda: bool | None = None) -> tuple[list[str], list[st
             if v is not None}
     plan = {"partial": not args.no_partial}
     chat = {k: v for k, v in (("enabled", False if args.no_chat else None), ("min_tokens", args.chat_min_tokens),
-                              ("tenant_header", args.tenant_header)) if v is not None}
+                              ("tenant_header", args.tenant_header),
+                              ("encode_ahead", False if args.no_chat_encode_ahead else None)) if v is not None}
     if args.recompute is not None:
         plan["recompute"] = args.recompute
     if args.pool_file:

@@ -105,3 +105,17 @@ def test_the_kv_cache_default_leaves_room_for_the_rest():
     assert launch.default_kv_cache_bytes(total, 5 * GIB, model) == 2 * GIB           # what is left after the rest
     assert launch.default_kv_cache_bytes(total, 2 * GIB, model) == GIB               # never below 1 GiB
     assert launch.default_kv_cache_bytes(total, 20 * GIB, model, pool_bytes=16 * GIB) == GIB
+
+
+def test_chat_flags_reach_the_front_end(monkeypatch):
+    from kvcomm.vllm.chat_front import CHAT_ARGS, ChatFront
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    assert CHAT_ARGS not in extra_config(command()[0])                 # the front end's defaults
+    front = ChatFront(None, (), None)
+    assert front.enabled and front.encode_ahead and front.min_tokens == 1
+    chat = extra_config(command("--no-chat-encode-ahead", "--chat-min-tokens", "8", "--tenant-header", "X-Team")[0])
+    front = ChatFront(None, (), chat[CHAT_ARGS])
+    assert not front.encode_ahead and front.min_tokens == 8 and front.tenant_header == b"x-team"
+    assert not ChatFront(None, (), extra_config(command("--no-chat")[0])[CHAT_ARGS]).enabled
+    with pytest.raises(ValueError, match="unknown chat setting"):
+        ChatFront(None, (), {"encode_later": False})

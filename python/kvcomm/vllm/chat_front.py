@@ -24,18 +24,25 @@ from .protocol import Call
 
 log = logging.getLogger("kvcomm.vllm")
 
-CHAT_ARGS = "chat"   # kv_connector_extra_config: {"enabled", "min_tokens", "tenant_header", "index_bytes"}
+CHAT_ARGS = "chat"   # kv_connector_extra_config: {"enabled", "min_tokens", "tenant_header", "index_bytes",
+#                                                   "encode_ahead"}
+SETTINGS = ("enabled", "min_tokens", "tenant_header", "index_bytes", "encode_ahead")
 SESSION_HEADER = b"x-kvcomm-session"
 
 
 class ChatFront:
     def __init__(self, tokenizer, specials: tuple[str, ...], settings: dict | None = None):
         s = dict(settings or {})
-        unknown = sorted(set(s) - {"enabled", "min_tokens", "tenant_header", "index_bytes"})
+        unknown = sorted(set(s) - set(SETTINGS))
         if unknown:
             raise ValueError(f"kvcomm: unknown chat setting(s) {', '.join(unknown)}")
         self.enabled = bool(s.get("enabled", True))
         self.min_tokens = int(s.get("min_tokens", DEFAULT_MIN_TOKENS))
+        # After a request served plainly, its texts are encoded at once (off its critical path)
+        # so that the agents reading them next reuse them; on traffic that is mostly not
+        # multi-agent that is one more prefill of every user text, which runs beside the
+        # requests after it. Off: a text's first reader computes it, its encoding runs then.
+        self.encode_ahead = bool(s.get("encode_ahead", True))
         self.tenant_header = str(s.get("tenant_header", "authorization")).lower().encode()
         self.index = ContentIndex(int(s.get("index_bytes", 64 << 20)))
         self.tok = tokenizer

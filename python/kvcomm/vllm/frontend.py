@@ -392,7 +392,8 @@ class KVCommFrontend:
                 if not msg.get("more_body", False):
                     reply = _reply_text(state["buf"], stream)
                     engine.chat.remember(chat, tenant, reply)
-                    self._encode_ahead(engine, chat, tenant, data, reply)
+                    if engine.chat.encode_ahead:
+                        self._encode_ahead(engine, chat, tenant, data, reply)
             await send(msg)
         return wrapped
 
