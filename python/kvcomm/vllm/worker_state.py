@@ -27,6 +27,7 @@ from ..plan.decide import RankGroup
 from ..plan.planner import CallPlan, Planner, PlanSettings
 from ..plan.state import AgentState, Sessions, agent_from_template_kv, tensor_bytes
 from ..plan.template import PromptLayout, parse_template
+from .heap import HeapTrimmer
 from .jobs import CallLayout, PlanResult
 
 log = logging.getLogger("kvcomm.vllm")
@@ -67,6 +68,7 @@ class WorkerState:
         self.pending: dict[str, tuple] = {}   # req_id -> (plan, session): computed KV recorded after the prefill
         self.stats = WorkerStats()
         self._recorder: ThreadPoolExecutor | None = None
+        self.heap = HeapTrimmer()   # transient buffers' pages go back to the system after the work
 
     @property
     def pool(self):
@@ -187,6 +189,8 @@ class WorkerState:
                     st.late_plans = (st.late_plans + [plan])[-_LATE_PLANS:]
         except Exception:
             log.exception("kvcomm connector: recording deltas failed")
+        finally:
+            self.heap.maybe_trim()   # what earlier work freed (these copies go once this returns)
 
     @torch.inference_mode()
     def _settle(self, st) -> None:
