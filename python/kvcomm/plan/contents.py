@@ -129,12 +129,11 @@ class ContentIndex:
         t = self._tenants.get(tenant)
         if t is None:
             return []
-        if len(text) < KEY or t.short:
-            bare = text.strip()
-            if bare in t.short:
-                at = text.index(bare)
-                self._touch(tenant, bare)
-                return [Match(at, at + len(bare), t.texts[bare])]
+        bare = text.strip()
+        if bare in t.short:
+            at = text.index(bare)
+            self._touch(tenant, bare)
+            return [Match(at, at + len(bare), t.texts[bare])]
         if len(text) < KEY:
             return []
         found: list[Match] = []

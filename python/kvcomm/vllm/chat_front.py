@@ -24,8 +24,7 @@ from .protocol import Call
 
 log = logging.getLogger("kvcomm.vllm")
 
-CHAT_ARGS = "chat"   # kv_connector_extra_config: {"enabled", "min_tokens", "tenant_header", "index_bytes",
-#                                                   "encode_ahead"}
+CHAT_ARGS = "chat"   # the kv_connector_extra_config entry holding the chat SETTINGS
 SETTINGS = ("enabled", "min_tokens", "tenant_header", "index_bytes", "encode_ahead")
 SESSION_HEADER = b"x-kvcomm-session"
 

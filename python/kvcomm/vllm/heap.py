@@ -39,9 +39,12 @@ class HeapTrimmer:
     def available(self) -> bool:
         return self._trim is not None
 
+    def due(self) -> bool:
+        return self._trim is not None and time.monotonic() - self._last >= self.every_s
+
     def maybe_trim(self) -> bool:
         """Trims when the last trim is at least every_s seconds old; True when it did."""
-        if self._trim is None or time.monotonic() - self._last < self.every_s:
+        if not self.due():
             return False
         if not self._lock.acquire(blocking=False):   # another thread is trimming
             return False

@@ -170,7 +170,7 @@ class WorkerSide:
                 self._save_logged(paged, state, job)
             for req_id in meta.drops:
                 state.drop(req_id)
-        state.heap.maybe_trim()
+        state.trim_heap_later()
         if log.isEnabledFor(logging.DEBUG):   # what the step's first tokens waited for
             log.debug("kvcomm connector: end-of-step work %.1f ms (%d saves, %d captures, %d plans)",
                       (time.perf_counter() - t0) * 1000.0, len(saves), len(meta.captures), len(meta.plans))

@@ -172,6 +172,12 @@ class WorkerState:
         if item is not None:
             self._background(self._record_plan, *item, k, v)
 
+    def trim_heap_later(self) -> None:
+        """A heap trim on the background thread when one is due: a trim walks every heap,
+        which the engine's step need not wait for."""
+        if self.heap.due():
+            self._background(self.heap.maybe_trim)
+
     def _background(self, fn, *args) -> None:
         """One background thread for the pool's writes after a step: in order, off the step."""
         if self._recorder is None:

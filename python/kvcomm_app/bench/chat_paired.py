@@ -44,7 +44,6 @@ from kvcomm_app import provenance
 
 TOP = 20
 PLAIN_SALT = "kvcomm-bench-plain-baseline"   # the plain twins' own prefix cache
-SHORT = 24   # recorded replies shorter than this are replaced only where they are a whole message
 
 
 def load_traffic(path: str) -> list[list[dict]]:
@@ -67,11 +66,13 @@ def with_live_replies(body: dict, live: dict[str, str]) -> dict:
     server gave in its place (a framework passes on what it received; a replayed recording
     would otherwise carry replies this server never produced, and no reuse of them is
     possible). A message that is a recorded reply (edge whitespace aside) is replaced whole;
-    recorded replies of at least SHORT characters also inside longer messages, longest first.
+    recorded replies the server's index finds inside longer text (at least its KEY characters)
+    also inside longer messages, longest first.
     System messages are the agents' own and stay."""
     if not live:
         return body
-    order = sorted((r for r in live if len(r) >= SHORT), key=len, reverse=True)
+    from kvcomm.plan.contents import KEY
+    order = sorted((r for r in live if len(r) >= KEY), key=len, reverse=True)
     msgs = []
     for m in body["messages"]:
         c = m.get("content")
