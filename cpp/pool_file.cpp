@@ -20,7 +20,10 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
-#include <sstream>
+#include <memory>
+#include <ostream>
+#include <utility>
+#include <vector>
 
 #include "anchor.h"
 
@@ -33,31 +36,41 @@ constexpr uint32_t kVersion = 2;
 constexpr uint32_t kOldestVersion = 1;
 constexpr int64_t kMaxRank = 8;
 
-uint64_t fnv1a(const std::string& bytes) {
-  uint64_t h = 1469598103934665603ULL;
-  for (unsigned char c : bytes) {
-    h ^= c;
+constexpr uint64_t kFnvOffset = 1469598103934665603ULL;
+
+uint64_t fnv1a(const char* data, size_t n, uint64_t h = kFnvOffset) {
+  const auto* p = reinterpret_cast<const unsigned char*>(data);
+  for (size_t i = 0; i < n; ++i) {
+    h ^= p[i];
     h *= 1099511628211ULL;
   }
   return h;
 }
 
+// Streams the file: bytes go straight to the output and into the running
+// checksum, so saving a pool never holds a second copy of it in memory (a
+// server's pool is gigabytes; an in-memory image doubled its peak).
 struct Writer {
-  std::string buf;
+  std::ostream& out;
+  uint64_t hash = kFnvOffset;
+  void bytes(const char* data, size_t n) {
+    hash = fnv1a(data, n, hash);
+    out.write(data, static_cast<std::streamsize>(n));
+  }
   template <typename T>
   void pod(T v) {
-    buf.append(reinterpret_cast<const char*>(&v), sizeof(T));
+    bytes(reinterpret_cast<const char*>(&v), sizeof(T));
   }
   void str(const std::string& s) {
     pod<uint64_t>(s.size());
-    buf.append(s);
+    bytes(s.data(), s.size());
   }
   void tensor(const at::Tensor& t) {
     const at::Tensor c = t.to(at::kCPU).contiguous();
     pod<int8_t>(static_cast<int8_t>(c.scalar_type()));
     pod<int64_t>(c.dim());
     for (int64_t s : c.sizes()) pod<int64_t>(s);
-    buf.append(static_cast<const char*>(c.data_ptr()), c.nbytes());
+    bytes(static_cast<const char*>(c.data_ptr()), c.nbytes());
   }
   void stored(const CompactTensor& t) {
     tensor(t.data);
@@ -68,11 +81,12 @@ struct Writer {
 
 struct Reader {
   const std::string& buf;
+  size_t end;  // the body's end (the checksum after it is not read as data)
   size_t pos = 0;
   const std::string& path;
 
   void need(size_t n) {
-    TORCH_CHECK(pos + n <= buf.size(), "AnchorPool.load: '", path,
+    TORCH_CHECK(pos + n <= end, "AnchorPool.load: '", path,
                 "' is truncated (needed ", n, " more bytes at offset ", pos, ")");
   }
   template <typename T>
@@ -127,31 +141,57 @@ struct Reader {
 
 // Friend of AnchorPool: reads and writes its private state.
 struct PoolFile {
-  static std::string encode(const AnchorPool& p) {
-    Writer w;
-    w.buf.append(kMagic, sizeof(kMagic));
+  // What a save writes, taken under the pool's shared lock: anchors' tensors
+  // are immutable and their delta maps copy-on-write, so holding the pointers
+  // is a consistent view while the bytes are written without the lock.
+  struct AnchorView {
+    std::shared_ptr<const AnchorPool::Anchor> anchor;
+    std::shared_ptr<const DeltaMap> deltas;
+    int64_t activations;
+  };
+  struct Snapshot {
+    int64_t layers, heads, dim, next_id, next_seq;
+    at::ScalarType dtype;
+    Storage storage;
+    std::vector<std::pair<std::string, std::vector<AnchorView>>> slots;
+  };
+
+  static Snapshot snapshot(const AnchorPool& p) {
+    Snapshot s{p.layers_, p.heads_, p.dim_, p.next_id_, p.next_seq_, p.dtype_, p.config_.storage, {}};
+    for (const auto& kv : p.slots_) {
+      std::vector<AnchorView> anchors;
+      for (const auto& a : kv.second.anchors) anchors.push_back({a, a->deltas, a->activations.load()});
+      s.slots.emplace_back(kv.first, std::move(anchors));
+    }
+    return s;
+  }
+
+  static void write(const Snapshot& p, std::ostream& out) {
+    Writer w{out};
+    w.bytes(kMagic, sizeof(kMagic));
     w.pod<uint32_t>(kVersion);
     w.pod<uint32_t>(0);
-    w.pod<int64_t>(p.layers_);
-    w.pod<int64_t>(p.heads_);
-    w.pod<int64_t>(p.dim_);
-    w.pod<int8_t>(static_cast<int8_t>(p.dtype_));
-    w.pod<int8_t>(static_cast<int8_t>(p.config_.storage));
-    w.pod<int64_t>(p.next_id_);
-    w.pod<int64_t>(p.next_seq_);
-    w.pod<uint64_t>(p.slots_.size());
-    for (const auto& kv : p.slots_) {
+    w.pod<int64_t>(p.layers);
+    w.pod<int64_t>(p.heads);
+    w.pod<int64_t>(p.dim);
+    w.pod<int8_t>(static_cast<int8_t>(p.dtype));
+    w.pod<int8_t>(static_cast<int8_t>(p.storage));
+    w.pod<int64_t>(p.next_id);
+    w.pod<int64_t>(p.next_seq);
+    w.pod<uint64_t>(p.slots.size());
+    for (const auto& kv : p.slots) {
       w.str(kv.first);
-      w.pod<uint64_t>(kv.second.anchors.size());
-      for (const auto& a : kv.second.anchors) {
+      w.pod<uint64_t>(kv.second.size());
+      for (const auto& view : kv.second) {
+        const auto& a = view.anchor;
         w.pod<int64_t>(a->id);
         w.pod<int64_t>(a->seq);
         w.pod<int64_t>(a->length);
-        w.pod<int64_t>(a->activations.load());
+        w.pod<int64_t>(view.activations);
         w.stored(a->base_k);
         w.stored(a->base_v);
-        w.pod<uint64_t>(a->deltas->size());
-        for (const auto& d : *a->deltas) {
+        w.pod<uint64_t>(view.deltas->size());
+        for (const auto& d : *view.deltas) {
           w.str(d.first);
           const bool seg = d.second.seg_k.defined();
           w.pod<uint8_t>(seg ? 1 : 0);
@@ -164,8 +204,8 @@ struct PoolFile {
         }
       }
     }
-    w.pod<uint64_t>(fnv1a(w.buf));
-    return std::move(w.buf);
+    const uint64_t checksum = w.hash;
+    out.write(reinterpret_cast<const char*>(&checksum), sizeof(checksum));
   }
 
   // Decodes into `fresh` (an empty pool with the live pool's config), its
@@ -176,15 +216,15 @@ struct PoolFile {
     TORCH_CHECK(buf.size() >= sizeof(kMagic) + 8 + 8 &&
                     std::memcmp(buf.data(), kMagic, sizeof(kMagic)) == 0,
                 op, ": '", path, "' is not a kvcomm anchor-pool file");
-    const std::string body = buf.substr(0, buf.size() - 8);
+    const size_t body = buf.size() - 8;
     uint64_t stored;
-    std::memcpy(&stored, buf.data() + buf.size() - 8, 8);
-    Reader r{body, sizeof(kMagic), path};
+    std::memcpy(&stored, buf.data() + body, 8);
+    Reader r{buf, body, sizeof(kMagic), path};
     const uint32_t version = r.pod<uint32_t>();
     TORCH_CHECK(version >= kOldestVersion && version <= kVersion, op, ": '", path,
                 "' is format version ", version, " but this build reads versions ",
                 kOldestVersion, " to ", kVersion);
-    TORCH_CHECK(fnv1a(body) == stored, op, ": '", path,
+    TORCH_CHECK(fnv1a(buf.data(), body) == stored, op, ": '", path,
                 "' is corrupted (checksum mismatch)");
     r.pod<uint32_t>();
     const int64_t layers = r.pod<int64_t>(), heads = r.pod<int64_t>(),
@@ -255,8 +295,8 @@ struct PoolFile {
         slot.anchors.push_back(std::move(a));
       }
     }
-    TORCH_CHECK(r.pos == body.size(), op, ": '", path,
-                "' is corrupted (", body.size() - r.pos, " trailing bytes)");
+    TORCH_CHECK(r.pos == body, op, ": '", path,
+                "' is corrupted (", body - r.pos, " trailing bytes)");
   }
 
   static void check_stored(const std::string& path, const CompactTensor& t, int64_t layers,
@@ -285,16 +325,16 @@ struct PoolFile {
 };
 
 void AnchorPool::save(const std::string& path) const {
-  std::string bytes;
+  PoolFile::Snapshot snap;
   {
     std::shared_lock<std::shared_mutex> lock(mutex_);
-    bytes = PoolFile::encode(*this);
+    snap = PoolFile::snapshot(*this);
   }
   const std::string tmp = path + ".tmp";
   {
     std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
     TORCH_CHECK(out.good(), "AnchorPool.save: cannot write '", tmp, "'");
-    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    PoolFile::write(snap, out);
     out.flush();
     TORCH_CHECK(out.good(), "AnchorPool.save: writing '", tmp, "' failed");
   }
@@ -307,11 +347,15 @@ void AnchorPool::load(const std::string& path, const std::string& device,
   TORCH_CHECK(dtype == at::ScalarType::Undefined || dtype == at::kFloat ||
                   dtype == at::kBFloat16 || dtype == at::kHalf,
               "AnchorPool.load: dtype must be float32, bfloat16 or float16, got ", dtype);
-  std::ifstream in(path, std::ios::binary);
+  // One copy of the file in memory (read in place; the pool's tensors are made from it).
+  std::ifstream in(path, std::ios::binary | std::ios::ate);
   TORCH_CHECK(in.good(), "AnchorPool.load: cannot open '", path, "'");
-  std::stringstream ss;
-  ss << in.rdbuf();
-  const std::string buf = ss.str();
+  const std::streamoff size = in.tellg();
+  TORCH_CHECK(size >= 0, "AnchorPool.load: cannot read '", path, "'");
+  std::string buf(static_cast<size_t>(size), '\0');
+  in.seekg(0);
+  in.read(buf.data(), size);
+  TORCH_CHECK(in.good() || in.gcount() == size, "AnchorPool.load: reading '", path, "' failed");
   const at::Device dev = device.empty() ? at::Device(at::kCPU) : at::Device(device);
   AnchorPool fresh(config_);
   {

@@ -43,6 +43,9 @@ def _add_reuse_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-partial", action="store_true",
                    help="a call with a slot that cannot be estimated runs fully dense, as the paper "
                         "(default: estimate the other slots, compute that one in context)")
+    p.add_argument("--head-share", type=float, default=None, metavar="F",
+                   help="a content longer than its slot's anchors shares the first tokens they cover when "
+                        "those are at least this fraction of it (default 0.5; 0: off, the published rule)")
     p.add_argument("--method", default=None, metavar="NAME[:VALUE]",
                    help="a named method instead of --recompute: kvcomm, prefix (prefix caching only), "
                         "cacheblend:R, epic:K, hybrid-deviation:R, hybrid-spread:R, fit, fit-deviation:R "
@@ -239,6 +242,7 @@ def _config(args, task: str, n_agents: int, topology: str, rounds: int = 2, laye
         judge_shadow=not args.no_judge_shadow, model=args.model, device=args.device,
         dtype=args.dtype, pool=pool, progress=not args.no_progress, mmlu_split=mmlu_split,
         gate=not args.no_gate, **({} if method else {"recompute": args.recompute}), partial=not args.no_partial,
+        head_share=args.head_share,
         **({"warmup_rule": args.warmup_rule} if getattr(args, "warmup_rule", None) else {}),
         paired=args.paired, free=not args.paired_only, pool_path=args.pool,
         variants=[(spec, parse_variant(spec)) for spec in getattr(args, "paired_variant", [])])
@@ -422,7 +426,7 @@ def cmd_bench_ttft(args) -> int:
     kw = dict(requests=args.requests, warmup=args.warmup, seed=args.seed, gamma=args.gamma,
               capacity=args.capacity, step=args.step, min_anchors=args.min_anchors, **method,
               partial=not args.no_partial, share=args.share, pool_path=args.pool, log=log,
-              pool_settings=_storage_settings(args))
+              pool_settings=_storage_settings(args), head_share=args.head_share)
     tag = output.device_tag(args.device)
     head = {"benchmark": "ttft", "device": tag, "device_detail": provenance.device_detail(args.device, dtype_name),
             "model": model_name, "dtype": dtype_name, **_provenance(args).fields()}

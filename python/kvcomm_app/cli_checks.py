@@ -68,6 +68,9 @@ def check_args(args, named_models: tuple[str, ...] = ()) -> None:
         if value is not None and value < least:
             flag = "--" + name.replace("_", "-")
             raise UsageError(f"{flag} must be at least {least}{_WHY.get(name, '')}, got {value}")
+    share = getattr(args, "head_share", None)
+    if share is not None and not 0 <= share <= 1:
+        raise UsageError(f"--head-share must be a fraction in [0, 1] (0: off), got {share:g}")
     if getattr(args, "exact_tail", None) is not None:
         if args.exact_tail < 1:
             raise UsageError(f"--exact-tail must be at least 1 (the last prompt token), got {args.exact_tail}")
@@ -190,6 +193,13 @@ def parse_variant(spec: str) -> dict:
             except ValueError as e:
                 raise UsageError(f"--paired-variant {spec!r}: {e}") from None
             out[key] = value
+        elif key == "head_share":
+            try:
+                out[key] = float(value)
+            except ValueError:
+                out[key] = -1.0
+            if not 0 <= out[key] <= 1:
+                raise UsageError(f"--paired-variant {spec!r}: head_share must be a fraction in [0, 1], got {value!r}")
         elif key == "partial":
             if value not in ("on", "off"):
                 raise UsageError(f"--paired-variant {spec!r}: partial must be on or off, got {value!r}")
@@ -204,7 +214,7 @@ def parse_variant(spec: str) -> dict:
                 raise UsageError(f"--paired-variant {spec!r}: min_anchors must be at least 2, got {out[key]}")
         else:
             raise UsageError(f"--paired-variant {spec!r}: unknown setting {key!r}; use method, estimator, "
-                             f"recompute, partial or a PoolConfig field ({', '.join(sorted(_VARIANT_POOL))})")
+                             f"recompute, partial, head_share or a PoolConfig field ({', '.join(sorted(_VARIANT_POOL))})")
     if not out:
         raise UsageError(f"--paired-variant {spec!r}: no settings")
     return out

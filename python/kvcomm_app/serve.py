@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-from kvcomm.plan.defaults import DEFAULT_MIN_ANCHORS
+from kvcomm.plan.defaults import DEFAULT_HEAD_SHARE, DEFAULT_MIN_ANCHORS
 
 
 def add_serve_parser(sub) -> None:
@@ -49,6 +49,10 @@ def add_serve_parser(sub) -> None:
                    "token) or 'tail=N' (what vLLM's connector can express; docs/serving.md)")
     s.add_argument("--no-partial", action="store_true", help="run a call with any slot that cannot be estimated "
                    "fully dense (default: estimate the slots before it)")
+    s.add_argument("--head-share", type=float, default=None, metavar="F",
+                   help="a text longer than its slot's anchors cover shares the covered first tokens when they are "
+                   f"at least this fraction of it, and the rest is computed (default {DEFAULT_HEAD_SHARE:g}; 0: off, "
+                   "the text becomes an anchor and every agent computes it)")
     s.add_argument("--no-chat", action="store_true", help="serve chat requests without KVCOMM parameters as plain "
                    "vLLM (default: find the texts the server met before in them and reuse those)")
     s.add_argument("--no-chat-encode-ahead", action="store_true", help="do not encode the texts of a chat request "
@@ -101,6 +105,10 @@ def serve_command(args, *, cuda: bool | None = None) -> tuple[list[str], list[st
                               ("encode_ahead", False if args.no_chat_encode_ahead else None)) if v is not None}
     if args.recompute is not None:
         plan["recompute"] = args.recompute
+    if args.head_share is not None:
+        if not 0 <= args.head_share <= 1:
+            raise SystemExit(f"kvcomm serve: --head-share must be a fraction in [0, 1], got {args.head_share:g}")
+        plan["head_share"] = args.head_share
     if args.pool_file:
         shape = _model_shape(model)
         problem = check_pool_file(args.pool_file.format(rank=0), layers=shape[0],

@@ -16,6 +16,7 @@ others, and (b) would only be approximate by design).
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -114,7 +115,9 @@ def check_layer0_and_prefix(model, tok):
     # The reuse path copied the agent's stored S0 (it did not recompute it) ...
     assert torch.equal(rk[:, :, :s0], st.s0_k) and torch.equal(rv[:, :, :s0], st.s0_v)
     # ... and so does the kvcomm dense path (a new question becomes an anchor).
-    # (longer than every anchor, so no candidate: a new anchor, dense path)
+    # (longer than every anchor, so no candidate: a new anchor, dense path; head sharing off,
+    # or the anchors' length would be shared as the question's head)
+    eng.planner.settings = dataclasses.replace(eng.planner.settings, head_share=0.0)
     call, ck, cv = run(eng, {"user_question": "Why is the sea salty, and why are the rivers that flow into "
                                               "it not salty at all?"})
     assert call.path == "dense" and "new anchor" in call.slot_decisions["user_question"]

@@ -71,7 +71,8 @@ def test_connector_plans_and_injects_what_the_engine_does(offline, connector, sm
     assert len(cmp.comparable) >= len(cmp.calls) // 2
     assert cmp.same_path == 1.0, [(c["agent"], c["vllm_path"], c["vllm_reason"], c["hf_path"], c["hf_reason"])
                                   for c in cmp.comparable if c["vllm_path"] != c["hf_path"]]
-    assert all(c["vllm_prefix"] == c["hf_prefix"] for c in cmp.comparable)
+    assert all(c["vllm_prefix"] == c["hf_prefix"] for c in cmp.comparable), [
+        (c["agent"], c["vllm_prefix"], c["hf_prefix"], c["vllm_reason"], c["hf_reason"]) for c in cmp.comparable]
     assert len(cmp.estimated_pairs) >= 2, cmp.calls
     assert cmp.kv_max_abs_diff <= 1e-4
     assert cmp.first_token_equal == 1.0, [(c["vllm_first"], c["hf_first"]) for c in cmp.estimated_pairs]

@@ -12,3 +12,9 @@ DEFAULT_MIN_ANCHORS = 4
 # Whether a call with some slots that cannot be estimated still estimates the others
 # (a partial call) instead of running fully dense.
 DEFAULT_PARTIAL = True
+
+# A content longer than its slot's pool covers shares the first tokens the pool covers when
+# they are at least this fraction of it, and the rest is computed in context
+# (kvcomm.plan.decide.decide_content); 0 keeps the published rule (such a content becomes an
+# anchor and every agent that reads it computes all of it).
+DEFAULT_HEAD_SHARE = 0.5

@@ -41,6 +41,7 @@ class Estimator:
     reuses = True         # estimates anything at all (else: prefix caching only)
     uses_anchors = True   # contents are decided against the pool, computed slots record deltas
     falls_back = False    # a slot the anchors cannot estimate gets its moved base (not computed)
+    estimates_heads = False   # can estimate the first tokens of a slot only (SlotPlan.head)
 
     def write(self, planner, plan, i: int, k, v, *, want_spread: bool = False):
         raise NotImplementedError
@@ -48,15 +49,19 @@ class Estimator:
 
 class AnchorEstimator(Estimator):
     name = "anchors"
+    estimates_heads = True
 
     def write(self, planner, plan, i, k, v, *, want_spread=False):
         slot, c, agent = plan.slots[i], plan.contents[i], plan.agent
         (a, b), (sa, sb) = slot.span, slot.segment
-        seg = {}
-        if sb > sa:
+        base_k, base_v, seg = c.base_k, c.base_v, {}
+        if slot.head is not None:   # the first tokens only: a content of that length; the segment is computed
+            b = a + slot.head
+            base_k, base_v = base_k[:, :, :slot.head].contiguous(), base_v[:, :, :slot.head].contiguous()
+        elif sb > sa:
             seg = dict(seg_template_k=agent.seg_k[i], seg_template_v=agent.seg_v[i], seg_position=sa,
                        seg_dst_k=k[:, :, sa:sb], seg_dst_v=v[:, :, sa:sb])
-        res = planner.pool.estimate(c.slot, agent.key, c.base_k, c.base_v, planner.rope.inv_freq, a,
+        res = planner.pool.estimate(c.slot, agent.key, base_k, base_v, planner.rope.inv_freq, a,
                                     k[:, :, a:b], v[:, :, a:b], **seg, want_spread=want_spread)
         if not res.anchors:
             return None

@@ -79,6 +79,7 @@ def fit_weights(content: torch.Tensor, anchors: list, stat: str = "moments", rid
 
 
 class FittedEstimator(AnchorEstimator):
+    estimates_heads = False   # fits weights to a whole content's base
     name = "fit"
 
     def __init__(self, stat: str = "moments", ridge: float = 1e-2):

@@ -33,8 +33,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .decide import RankGroup, decide_content
-from .defaults import DEFAULT_PARTIAL
+from .decide import HeadShare, RankGroup, decide_content
+from .defaults import DEFAULT_HEAD_SHARE, DEFAULT_PARTIAL
 from .estimator_names import DEFAULT_ESTIMATOR, make_estimator
 from .neutral import neutral_keys, neutral_span
 from .recompute import RecomputePolicy, SlotPlan, select_positions
@@ -67,8 +67,15 @@ class PlanSettings:
     # "base" (no offsets: what CacheBlend / EPIC start from), "none" (prefix caching only),
     # "fit" (anchor weights fitted to the content's base).
     estimator: str = DEFAULT_ESTIMATOR
+    # A content with too few anchors as long as itself shares its first tokens when the pool
+    # covers at least this fraction of it (kvcomm.plan.decide.decide_content); 0: the
+    # published rule (it becomes an anchor and every consumer computes it).
+    head_share: float = DEFAULT_HEAD_SHARE
 
     def __post_init__(self):
+        if isinstance(self.head_share, bool) or not isinstance(self.head_share, (int, float)) \
+                or not 0 <= self.head_share <= 1:
+            raise ValueError(f"head_share must be a fraction in [0, 1] (0: off), got {self.head_share!r}")
         object.__setattr__(self, "recompute", RecomputePolicy.parse(self.recompute))
         make_estimator(self.estimator)   # an unknown name fails here, not at the first call
         p = self.recompute
@@ -80,6 +87,7 @@ class PlanSettings:
     def describe(self) -> str:
         return (f"partial={'prefix' if self.prefix_only and self.partial else self.partial}, "
                 f"recompute={self.recompute.describe()}, defer_first_encoding={self.defer_first_encoding}"
+                + ("" if self.head_share == DEFAULT_HEAD_SHARE else f", head_share={self.head_share:g}")
                 + ("" if self.estimator == DEFAULT_ESTIMATOR else f", estimator={self.estimator}"))
 
 
@@ -93,6 +101,7 @@ class CallPlan:
     slots: list = field(default_factory=list)       # SlotPlan per slot
     why: dict = field(default_factory=dict)         # slot index -> why it is computed
     missing: set = field(default_factory=set)       # slots that share, but no anchor has this agent's deltas
+    heads: dict = field(default_factory=dict)       # slot index -> tokens estimated, where only a head is
     decisions: dict = field(default_factory=dict)   # slot name -> what was decided (for call records)
     anchors: dict = field(default_factory=dict)     # estimated slot name -> anchor ids used
     encoded_tokens: int = 0                         # content tokens this call encoded behind a header
@@ -111,7 +120,8 @@ class CallPlan:
 
     @property
     def computed(self) -> set[int]:
-        return {i for i, s in enumerate(self.slots) if not s.estimated}
+        """Slots the model computes, all of them or after an estimated head."""
+        return {i for i, s in enumerate(self.slots) if s.computed_from is not None}
 
     @property
     def any_estimated(self) -> bool:
@@ -154,6 +164,7 @@ class Planner:
         self.settings = settings or PlanSettings()
         self.group = group
         self._estimator = None
+        self._head: HeadShare | None = None
 
     @property
     def estimator(self):
@@ -162,6 +173,16 @@ class Planner:
         if self._estimator is None or self._estimator.name != name:
             self._estimator = make_estimator(name)
         return self._estimator
+
+    @property
+    def head_share(self) -> HeadShare | None:
+        """The settings' head sharing, where the estimator can estimate a head (None: off)."""
+        f = self.settings.head_share if self.estimator.estimates_heads else 0.0
+        if not f:
+            return None
+        if self._head is None or self._head.fraction != f:
+            self._head = HeadShare(f)
+        return self._head
 
     @property
     def captures(self) -> bool:
@@ -210,8 +231,9 @@ class Planner:
                 content = self._content(plan, session, name, tuple(lay.ids[a:b]), encode, learn, laps,
                                         name in deferred)
                 plan.contents.append(content)
+                estimated = self._estimable(plan, i, content)
                 plan.slots.append(SlotPlan(name=name, span=(a, b), segment=tuple(lay.segments[i]),
-                                           estimated=self._estimable(plan, i, content)))
+                                           estimated=estimated, head=plan.heads.get(i) if estimated else None))
             self._prefix_only(plan)
         self._finish(plan)
         return plan
@@ -237,7 +259,8 @@ class Planner:
             content = session.contents[(slot, ids)] = Content(slot, tuple(ids), base[0], base[1], base[2],
                                                               share=True, reason=NO_DECISION)
             return content
-        content = decide_content(self.pool, slot, ids, base[0], base[1], base[2], learn=learn, group=self.group)
+        content = decide_content(self.pool, slot, ids, base[0], base[1], base[2], learn=learn, group=self.group,
+                                 head=self.head_share)
         session.contents[(slot, ids)] = content
         if laps is not None:
             laps.lap("decide")
@@ -290,6 +313,11 @@ class Planner:
             plan.missing.add(i)
             plan.why[i] = "no deltas for agent"
             return False
+        if c.head is not None:
+            plan.heads[i] = c.head
+            plan.decisions[name] = f"share first {c.head} of {c.length} tokens"
+            plan.why[i] = f"tokens {c.head}-{c.length} computed (too few candidates that long)"
+            return True
         plan.decisions[name] = "share"
         return True
 
@@ -306,8 +334,8 @@ class Planner:
         if not self.settings.prefix_only:
             return
         edge = [] if plan.cached_edge is None else [plan.cached_edge[0]]
-        first = min([s.span[0] for s in plan.slots if not s.estimated] + list(plan.layout.merged) + edge,
-                    default=plan.layout.length)
+        first = min([s.computed_from for s in plan.slots if s.computed_from is not None]
+                    + list(plan.layout.merged) + edge, default=plan.layout.length)
         for i, s in enumerate(plan.slots):
             if s.estimated and s.span[0] >= first:
                 s.estimated = False
@@ -379,7 +407,8 @@ class Planner:
                 continue
             if used:
                 plan.anchors[slot.name] = used
-                plan.decisions[slot.name] = f"share (estimated from anchors {used})"
+                head = "" if slot.head is None else f" first {slot.head} of {slot.span[1] - slot.span[0]} tokens"
+                plan.decisions[slot.name] = f"share{head} (estimated from anchors {used})"
         self._finish(plan)
         return plan
 
@@ -456,7 +485,8 @@ class Planner:
             c = session.contents.get((name, ids))
             if c is None:
                 c = session.contents[(name, ids)] = decide_content(self.pool, name, ids, base[0], base[1], "header",
-                                                                   learn=plan.learn, group=self.group)
+                                                                   learn=plan.learn, group=self.group,
+                                                                   head=self.head_share)
             if c.share and c.anchor_id is None and not self._has_deltas(plan.agent, c):
                 plan.missing.add(i)
             plan.contents[i] = c
@@ -464,7 +494,7 @@ class Planner:
         return recorded
 
     def _has_deltas(self, agent: AgentState, c: Content) -> bool:
-        return any(a.length >= c.length and agent.key in a.agents for a in self.pool.anchors(c.slot))
+        return any(a.length >= c.shared_length and agent.key in a.agents for a in self.pool.anchors(c.slot))
 
     def _slot_kv(self, plan: CallPlan, i: int, k, v) -> tuple:
         """Neutral-frame copies of slot i's KV and of its segment's (None, None without one)."""
@@ -480,9 +510,12 @@ class Planner:
         slot's and its segment's neutral KV). 1 when recorded."""
         lay, agent = plan.layout, plan.agent
         name = lay.spans[i][0]
-        if c.anchor_id is None and i in plan.missing:
-            # Shared content, but no anchor holds this agent's deltas: the content
-            # becomes an anchor so the agent has something to record into.
+        whole = c.head is not None and (plan.path == "dense" or plan.slots[i].head is None)
+        if c.anchor_id is None and (i in plan.missing or whole):
+            # Shared content, but no anchor holds this agent's deltas: the content becomes an
+            # anchor so the agent has something to record into. A content that shares only its
+            # head, computed whole by this call anyway, becomes one too: the pool learns its
+            # length at no extra cost.
             c.anchor_id = self.pool.add_anchor(c.slot, c.base_k, c.base_v)
             plan.decisions[name] += " (new anchor)"
         if c.anchor_id is None:
@@ -522,5 +555,6 @@ class Planner:
                                                               reason=NO_DECISION)
         if content is None:
             content = session.contents[(slot, ids)] = decide_content(self.pool, slot, ids, nk, nv, "reply",
-                                                                     learn=learn, group=self.group)
+                                                                     learn=learn, group=self.group,
+                                                                     head=self.head_share)
         return content

@@ -135,6 +135,14 @@ class SlotPlan:
     estimated: bool
     spread: "object | None" = None   # float32 [n] tensor when the policy asked for it
     cached: bool = False             # in the backend's prefix cache with its segment: given, not estimated
+    head: int | None = None          # estimated: only the first `head` tokens (the rest and the segment computed)
+
+    @property
+    def computed_from(self) -> int | None:
+        """The first position of the slot (or its segment) the model computes; None when none is."""
+        if not self.estimated:
+            return self.span[0]
+        return None if self.head is None else self.span[0] + self.head
 
 
 @dataclass
@@ -162,8 +170,8 @@ def select_positions(policy: RecomputePolicy, slots: list[SlotPlan], s0: int, to
     if not chosen:   # the whole prompt is S0: the last token still has to run
         add("tail", [total - 1])
     for s in slots:
-        if not s.estimated:
-            add("slots", range(*s.span))
+        if s.computed_from is not None:   # computed, or estimated for its head only
+            add("slots", range(s.computed_from, s.span[1]))
             add("slots", range(*s.segment))
     # (+1e-9: a budget written as k/n of the tokens must give k, not k - 1 after rounding)
     cap = math.inf if policy.budget is None else math.floor(policy.budget * max(total - s0, 0) + 1e-9)

@@ -42,10 +42,16 @@ class Content:
     reason: str                   # the pool's decision reason
     anchor_id: int | None = None  # set when this content is an anchor of its slot
     gate: dict = field(default_factory=dict)   # the decision's numbers (decision_numbers)
+    head: int | None = None       # shares only its first `head` tokens (kvcomm.plan.decide.decide_content)
 
     @property
     def length(self) -> int:
         return len(self.ids)
+
+    @property
+    def shared_length(self) -> int:
+        """The tokens the decision covers: the head, or all of them."""
+        return self.length if self.head is None else self.head
 
 
 @dataclass

@@ -16,6 +16,7 @@ The connector's worker side reads KV out of vLLM's paged cache and writes KV int
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,7 @@ from ..plan.state import AgentState, Sessions, agent_from_template_kv, tensor_by
 from ..plan.template import PromptLayout, parse_template
 from .heap import HeapTrimmer
 from .jobs import CallLayout, PlanResult
+from .memory_report import MemoryLog
 
 log = logging.getLogger("kvcomm.vllm")
 
@@ -56,7 +58,7 @@ class WorkerState:
                  session_bytes: int = 1 << 30, template_bytes: int = 256 << 20):
         settings = settings or PlanSettings()
         if not settings.prefix_only:
-            settings = PlanSettings(partial=settings.partial, recompute=settings.recompute, prefix_only=True)
+            settings = dataclasses.replace(settings, prefix_only=True)
         self.spec = spec
         self.planner = Planner(pool, spec, settings, group=group)
         self.agents: OrderedDict[str, AgentState] = OrderedDict()   # template key -> agent state
@@ -69,6 +71,7 @@ class WorkerState:
         self.stats = WorkerStats()
         self._recorder: ThreadPoolExecutor | None = None
         self.heap = HeapTrimmer()   # transient buffers' pages go back to the system after the work
+        self.memory_log = MemoryLog()   # $KVCOMM_MEMORY_LOG: what is held, by part, after each trim
 
     @property
     def pool(self):
@@ -176,7 +179,11 @@ class WorkerState:
         """A heap trim on the background thread when one is due: a trim walks every heap,
         which the engine's step need not wait for."""
         if self.heap.due():
-            self._background(self.heap.maybe_trim)
+            self._background(self._trim)
+
+    def _trim(self) -> None:
+        if self.heap.maybe_trim():
+            self.memory_log.write(self)
 
     def _background(self, fn, *args) -> None:
         """One background thread for the pool's writes after a step: in order, off the step."""
@@ -196,7 +203,7 @@ class WorkerState:
         except Exception:
             log.exception("kvcomm connector: recording deltas failed")
         finally:
-            self.heap.maybe_trim()   # what earlier work freed (these copies go once this returns)
+            self._trim()   # what earlier work freed (these copies go once this returns)
 
     @torch.inference_mode()
     def _settle(self, st) -> None:

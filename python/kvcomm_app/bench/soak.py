@@ -92,11 +92,12 @@ def run_soak(runner, problems: list, requests: int, *, window: int = 25, warm: i
     for i in range(requests):
         problem = problems[i % len(problems)]
         t0 = time.perf_counter()
-        calls = reused = 0
+        calls = reused = partial = 0
         try:
             rec = runner.run(problem, KVCOMM, MEASURE)
             own = [c for c in rec.calls if not c.shadow]
             calls, reused = len(own), sum(1 for c in own if c.path == "reuse")
+            partial = sum(1 for c in own if c.path == "partial")
             del rec, own
         except Exception as e:  # counted and reported; the soak goes on
             errors.append({"request": i + 1, "error": repr(e), "traceback": traceback.format_exc()[-4000:]})
@@ -106,7 +107,7 @@ def run_soak(runner, problems: list, requests: int, *, window: int = 25, warm: i
             "rss_mib": rss_bytes() / MIB, "py_objects": len(gc.get_objects()),
             "pool_bytes": int(pool.memory_bytes()),
             "anchors": int(pool.size()), "evictions": int(pool.evictions),
-            "calls": calls, "reuse_calls": reused})
+            "calls": calls, "reuse_calls": reused, "partial_calls": partial})
         if log and ((i + 1) % max(1, window) == 0 or i + 1 == requests):
             s = samples[-1]
             last = samples[-window:]
@@ -124,8 +125,11 @@ def summarize(samples: list[dict], errors: list[dict], *, budget: int, window: i
         chunk = samples[a:a + window]
         calls = sum(s["calls"] for s in chunk)
         reused = sum(s["reuse_calls"] for s in chunk)
+        partial = sum(s.get("partial_calls", 0) for s in chunk)
         windows.append({"first": chunk[0]["request"], "last": chunk[-1]["request"], "calls": calls,
                         "reuse_calls": reused, "reuse_rate": reused / calls if calls else None,
+                        "partial_calls": partial,
+                        "reuse_or_partial_rate": (reused + partial) / calls if calls else None,
                         "rss_mib_end": chunk[-1]["rss_mib"]})
     rss = [s["rss_mib"] for s in samples]
     after = samples[min(warm, len(samples)) - 1:] if samples else []

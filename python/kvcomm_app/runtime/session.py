@@ -53,6 +53,7 @@ class ExperimentConfig:
     warmup_rule: str = "longest"        # which held-out questions warm up: "longest", or "cover" (the
                                         # shortest that are at least as long as every measured one)
     partial: bool = True                # KVCommEngine(partial=...): estimate what can be, compute the rest
+    head_share: float | None = None     # KVCommEngine(head_share=...); None: the engine's default
     paired: bool = False                # also replay each dense run teacher-forced (runtime/paired.py)
     paired_positions: int = 32          # reply positions compared per paired call
     free: bool = True                   # run KVCOMM free-running too (accuracy, end answers, TTFT)
@@ -123,7 +124,7 @@ def load_engine(cfg: ExperimentConfig):
     model, tokenizer = load_model(cfg.model, dtype=dtype, device=cfg.device)
     pool_config = kvcomm.PoolConfig(**cfg.pool) if cfg.pool else None
     engine = KVCommEngine(model, tokenizer, pool_config=pool_config, recompute=cfg.recompute,
-                          partial=cfg.partial, estimator=cfg.estimator)
+                          partial=cfg.partial, estimator=cfg.estimator, head_share=cfg.head_share)
     load_s = time.perf_counter() - t0
     name = EMBEDDED_MODEL if cfg.model is None else os.path.basename(os.path.normpath(cfg.model))
     return engine, name, provenance.device_detail(cfg.device, cfg.dtype), load_s
@@ -220,7 +221,7 @@ def run_experiment(cfg: ExperimentConfig, engine_factory: Callable | None = None
     return result
 
 
-VARIANT_KEYS = ("recompute", "partial", "estimator", "method")
+VARIANT_KEYS = ("recompute", "partial", "estimator", "method", "head_share")
 
 
 def variant_config(cfg: ExperimentConfig, overrides: dict) -> ExperimentConfig:
@@ -241,7 +242,8 @@ def variant_sibling(engine, cfg: ExperimentConfig, overrides: dict):
         s = engine.spec   # the model's shape, which the pool checks every KV against
         pool = kvcomm.AnchorPool(kvcomm.PoolConfig(**vcfg.pool, layers=s.num_layers, kv_heads=s.kv_heads,
                                                    head_dim=s.head_dim))
-    return engine.sibling(pool, recompute=vcfg.recompute, partial=vcfg.partial, estimator=vcfg.estimator)
+    return engine.sibling(pool, recompute=vcfg.recompute, partial=vcfg.partial, estimator=vcfg.estimator,
+                          head_share=vcfg.head_share)
 
 
 def load_pool(path: str | None, pools: list, log: Callable[[str], None]) -> bool:
