@@ -153,11 +153,13 @@ def test_parse_variant_names_what_is_wrong():
     assert parse_variant("min_anchors=6 recompute=segments,budget=0.1 partial=off") == {
         "min_anchors": 6, "recompute": "segments,budget=0.1", "partial": False}
     assert parse_variant("storage=int8 byte_budget=128M") == {"storage": "int8", "byte_budget": 128 << 20}
+    assert parse_variant("head_share=0") == {"head_share": 0.0}
     for bad, needle in [("min_anchors=1", "at least 2"), ("colour=red", "unknown setting 'colour'"),
                         ("recompute=everything", "unknown part"), ("partial=maybe", "on or off"),
                         ("gamma", "not KEY=VALUE"), ("", "no settings"),
                         ("storage=int4", "storage 'int4' is not an anchor storage"),
-                        ("byte_budget=big", "byte_budget 'big' is not a size in bytes")]:
+                        ("byte_budget=big", "byte_budget 'big' is not a size in bytes"),
+                        ("head_share=2", "head_share must be a fraction"), ("head_share=x", "head_share must be")]:
         with pytest.raises(UsageError, match=needle):
             parse_variant(bad)
 

@@ -72,6 +72,14 @@ def test_flags_reach_the_connector():
     assert argv[argv.index("--served-model-name") + 1] == "smol"
 
 
+def test_head_sharing_reaches_the_connector_and_is_checked():
+    argv, _ = command("--head-share", "0")
+    assert extra_config(argv)["plan"] == {"partial": True, "head_share": 0.0}
+    assert "head_share" not in extra_config(command()[0])["plan"]   # the planner's default
+    with pytest.raises(SystemExit, match="--head-share must be a fraction"):
+        command("--head-share", "1.5")
+
+
 def test_a_recompute_policy_vllm_cannot_express_is_refused():
     with pytest.raises(SystemExit, match="prefix of the prompt only"):
         command("--recompute", "segments")
