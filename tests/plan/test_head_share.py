@@ -167,3 +167,20 @@ def test_one_in_two_such_contents_becomes_an_anchor_by_a_hash_of_its_tokens():
         c = decide_content(pool, "user_question", tuple(range(10 * i, 10 * i + 5)), k, v, "header", learn=False,
                            head=head)
         assert (c.head is not None) == got[i] and c.anchor_id is None and len(pool.anchors("user_question")) == 2
+
+
+def test_a_head_content_computed_whole_after_a_computed_slot_becomes_an_anchor(head_taken):
+    # prefix-only: {user_question} has no anchors (computed), so {agent_a_current} after it is
+    # computed whole although its head (3 of 4 tokens) is covered: it is learned for free.
+    pool = AnchorPool(PoolConfig(min_anchors=2))
+    k, v = content("agent_a_current", 0)
+    for j in range(2):
+        aid = pool.add_anchor("agent_a_current", k[:, :, :3] + 3 * j, v[:, :, :3] + 3 * j)
+        pool.record_deltas("agent_a_current", aid, AGENT, torch.randn(2, 2, 3, 8), torch.randn(2, 2, 3, 8))
+    planner, plan, _ = plan_with(pool, prefix_only=True)
+    assert plan.contents[1].head == 3 and plan.slots[1].computed_from == SPANS[1][1]
+    assert "after a computed slot" in plan.decisions["agent_a_current"]
+    planner.record(plan, torch.randn(2, 2, T - 1, 8), torch.randn(2, 2, T - 1, 8))
+    c = plan.contents[1]
+    assert c.anchor_id is not None
+    assert {a.id: a.length for a in pool.anchors("agent_a_current")}[c.anchor_id] == 4

@@ -510,7 +510,8 @@ class Planner:
         slot's and its segment's neutral KV). 1 when recorded."""
         lay, agent = plan.layout, plan.agent
         name = lay.spans[i][0]
-        whole = c.head is not None and (plan.path == "dense" or plan.slots[i].head is None)
+        slot = plan.slots[i]
+        whole = c.head is not None and (plan.path == "dense" or slot.computed_from == slot.span[0])
         if c.anchor_id is None and (i in plan.missing or whole):
             # Shared content, but no anchor holds this agent's deltas: the content becomes an
             # anchor so the agent has something to record into. A content that shares only its
