@@ -151,7 +151,7 @@ def test_selection_follows_the_policy_and_its_budget():
 
 def test_partial_call_is_exact_before_its_first_estimated_slot(smollm2):
     model, tok = smollm2
-    eng = engine(model, tok)
+    eng = engine(model, tok, head_share=0.0)   # the long question is computed whole, not its tail
     warm(eng)
     # A question longer than every anchor (no candidate: a new anchor, computed) and a
     # short condition (shared, estimated): a partial call.
