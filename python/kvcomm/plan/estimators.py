@@ -57,7 +57,7 @@ class AnchorEstimator(Estimator):
         base_k, base_v, seg = c.base_k, c.base_v, {}
         if slot.head is not None:   # the first tokens only: a content of that length; the segment is computed
             b = a + slot.head
-            base_k, base_v = base_k[:, :, :slot.head].contiguous(), base_v[:, :, :slot.head].contiguous()
+            base_k, base_v = base_k[:, :, :slot.head], base_v[:, :, :slot.head]   # views: the pool takes strides
         elif sb > sa:
             seg = dict(seg_template_k=agent.seg_k[i], seg_template_v=agent.seg_v[i], seg_position=sa,
                        seg_dst_k=k[:, :, sa:sb], seg_dst_v=v[:, :, sa:sb])

@@ -164,7 +164,6 @@ class Planner:
         self.settings = settings or PlanSettings()
         self.group = group
         self._estimator = None
-        self._head: HeadShare | None = None
 
     @property
     def estimator(self):
@@ -178,11 +177,7 @@ class Planner:
     def head_share(self) -> HeadShare | None:
         """The settings' head sharing, where the estimator can estimate a head (None: off)."""
         f = self.settings.head_share if self.estimator.estimates_heads else 0.0
-        if not f:
-            return None
-        if self._head is None or self._head.fraction != f:
-            self._head = HeadShare(f)
-        return self._head
+        return HeadShare(f) if f else None   # stateless: a hash of each content decides
 
     @property
     def captures(self) -> bool:

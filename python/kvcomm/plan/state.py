@@ -254,5 +254,9 @@ class Sessions:
     def __contains__(self, sid: str) -> bool:
         return sid in self._by_id
 
+    def all(self) -> list[Session]:
+        """The sessions held, least recently used first (a copy: safe to walk while they change)."""
+        return list(self._by_id.values())
+
     def __len__(self) -> int:
         return len(self._by_id)

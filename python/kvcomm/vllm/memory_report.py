@@ -5,12 +5,11 @@ benchmark use it to tell what KVCOMM holds from what the allocator keeps."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import json
 import os
 import time
 
-from .heap import rss_bytes
+from .heap import libc_function, rss_bytes
 
 ENV = "KVCOMM_MEMORY_LOG"
 
@@ -22,12 +21,9 @@ class _MallInfo2(ctypes.Structure):
 
 
 def _mallinfo2():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        fn = libc.mallinfo2
-    except (OSError, AttributeError):
-        return None
-    fn.restype = _MallInfo2
+    fn = libc_function("mallinfo2")
+    if fn is not None:
+        fn.restype = _MallInfo2
     return fn
 
 
@@ -47,7 +43,7 @@ def heap_numbers() -> dict:
 def memory_report(state) -> dict:
     """kvcomm.vllm.worker_state.WorkerState's parts (bytes) and the process's numbers."""
     from ..plan.state import tensor_bytes
-    sessions = list(state.sessions._by_id.values())
+    sessions = state.sessions.all()
     return {"t": round(time.time(), 3), "rss": rss_bytes(), **heap_numbers(),
             "pool": state.pool.memory_bytes(), "pool_anchors": state.pool.size(),
             "sessions": len(sessions), "sessions_counted": state.sessions.bytes,
