@@ -349,6 +349,8 @@ EstimateResult AnchorPool::estimate(const std::string& slot,
                 " but seg_template_k has shape ", req.seg_template_k.sizes());
     seg_len = req.seg_template_k.size(2);
   }
+  TORCH_CHECK(req.limit >= 0, op, ": limit (the most anchors an estimate uses; 0 = all) must be >= 0, got ",
+              req.limit);
   std::vector<CompactTensor> cbk, cbv, cdk, cdv, csk, csv;
   EstimateResult result;
   {
@@ -358,21 +360,43 @@ EstimateResult AnchorPool::estimate(const std::string& slot,
     // the caller runs dense, as for any other empty result.
     auto it = slots_.find(slot);
     if (it == slots_.end()) return result;
+    std::vector<std::pair<const Anchor*, const StoredDeltas*>> usable;
     for (const auto& a : it->second.anchors) {
       if (a->length < n) continue;
-      const std::shared_ptr<const DeltaMap> map = a->deltas;
-      auto d = map->find(agent);
-      if (d == map->end()) continue;
+      auto d = a->deltas->find(agent);
+      if (d == a->deltas->end()) continue;
       if (seg && (!d->second.seg_k.defined() || d->second.seg_k.size(2) != seg_len))
         continue;
+      usable.emplace_back(a.get(), &d->second);
+    }
+    if (req.limit > 0 && static_cast<int64_t>(usable.size()) > req.limit) {
+      // Rank by the caller's order (unknown ids last, in pool order), keep the
+      // first `limit`, then restore pool order for the sums.
+      auto rank = [&](int64_t id) {
+        auto at = std::find(req.nearest.begin(), req.nearest.end(), id);
+        return static_cast<int64_t>(at - req.nearest.begin());
+      };
+      std::vector<size_t> order(usable.size());
+      for (size_t u = 0; u < order.size(); ++u) order[u] = u;
+      std::stable_sort(order.begin(), order.end(), [&](size_t x, size_t y) {
+        return rank(usable[x].first->id) < rank(usable[y].first->id);
+      });
+      order.resize(static_cast<size_t>(req.limit));
+      std::sort(order.begin(), order.end());
+      std::vector<std::pair<const Anchor*, const StoredDeltas*>> kept;
+      for (size_t u : order) kept.push_back(usable[u]);
+      usable.swap(kept);
+    }
+    for (const auto& [a, deltas] : usable) {
+      const StoredDeltas& d = *deltas;
       result.anchors.push_back(a->id);
       cbk.push_back(a->base_k);
       cbv.push_back(a->base_v);
-      cdk.push_back(d->second.ph_k);
-      cdv.push_back(d->second.ph_v);
+      cdk.push_back(d.ph_k);
+      cdv.push_back(d.ph_v);
       if (seg) {
-        csk.push_back(d->second.seg_k);
-        csv.push_back(d->second.seg_v);
+        csk.push_back(d.seg_k);
+        csv.push_back(d.seg_v);
       }
     }
   }

@@ -184,7 +184,8 @@ PYBIND11_MODULE(_C, m) {
              const c10::optional<at::Tensor>& seg_template_k,
              const c10::optional<at::Tensor>& seg_template_v, int64_t seg_position,
              const c10::optional<at::Tensor>& seg_dst_k,
-             const c10::optional<at::Tensor>& seg_dst_v, bool want_spread) {
+             const c10::optional<at::Tensor>& seg_dst_v, bool want_spread,
+             const std::vector<int64_t>& nearest, int64_t limit) {
             kvcomm::EstimateRequest r;
             r.base_k = base_k;
             r.base_v = base_v;
@@ -198,16 +199,20 @@ PYBIND11_MODULE(_C, m) {
             r.seg_dst_k = seg_dst_k.value_or(at::Tensor());
             r.seg_dst_v = seg_dst_v.value_or(at::Tensor());
             r.want_spread = want_spread;
+            r.nearest = nearest;
+            r.limit = limit;
             return p.estimate(slot, agent, r);
           },
           py::arg("slot"), py::arg("agent"), py::arg("base_k"), py::arg("base_v"),
           py::arg("inv_freq"), py::arg("position"), py::arg("dst_k"), py::arg("dst_v"),
           py::arg("seg_template_k") = py::none(), py::arg("seg_template_v") = py::none(),
           py::arg("seg_position") = 0, py::arg("seg_dst_k") = py::none(),
-          py::arg("seg_dst_v") = py::none(), py::arg("want_spread") = false, release(),
+          py::arg("seg_dst_v") = py::none(), py::arg("want_spread") = false,
+          py::arg("nearest") = std::vector<int64_t>{}, py::arg("limit") = 0, release(),
           "Estimate (docs/method.md, 'Estimating the offset') the placeholder (and following segment) KV for an "
           "agent into dst tensors; returns the anchors used (empty: nothing written, run dense) "
-          "and, with want_spread, the per-token spread of the anchors' deltas.")
+          "and, with want_spread, the per-token spread of the anchors' deltas. limit > 0: at most that\n"
+          "many anchors, the first of `nearest` (anchor ids, nearest first) that are usable.")
       .def("has_slot", &AnchorPool::has_slot)
       .def("slots", &AnchorPool::slots)
       .def("anchors", &AnchorPool::anchors, py::arg("slot"))

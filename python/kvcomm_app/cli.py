@@ -27,7 +27,7 @@ from .cli_checks import STORAGES, UsageError, byte_size_arg, check_args, parse_v
 
 def _add_reuse_options(p: argparse.ArgumentParser) -> None:
     """How a KVCOMM call reuses: shared by demo, eval and bench ttft."""
-    from kvcomm.plan.defaults import DEFAULT_MIN_ANCHORS
+    from kvcomm.plan.defaults import DEFAULT_ESTIMATE_ANCHORS, DEFAULT_MIN_ANCHORS
     from kvcomm.plan.recompute import DEFAULT_POLICY
 
     p.add_argument("--recompute", default=DEFAULT_POLICY, metavar="POLICY",
@@ -46,6 +46,9 @@ def _add_reuse_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-share", type=float, default=None, metavar="F",
                    help="a content longer than its slot's anchors shares the first tokens they cover when "
                         "those are at least this fraction of it (default 0.5; 0: off, the published rule)")
+    p.add_argument("--estimate-anchors", type=int, default=None, metavar="K",
+                   help="an estimate uses at most the K candidates nearest to the content "
+                        f"(default {DEFAULT_ESTIMATE_ANCHORS}; 0: all of them, the published rule)")
     p.add_argument("--method", default=None, metavar="NAME[:VALUE]",
                    help="a named method instead of --recompute: kvcomm, prefix (prefix caching only), "
                         "cacheblend:R, epic:K, hybrid-deviation:R, hybrid-spread:R, fit, fit-deviation:R "
@@ -92,7 +95,8 @@ def _add_common(p: argparse.ArgumentParser, *, questions: int, warmup: int, max_
     p.add_argument("--paired-variant", action="append", default=[], metavar="SETTINGS",
                    help="with --paired: replay the same dense run again with other settings, on an engine "
                         "and pool of their own, e.g. 'min_anchors=6' or 'recompute=segments,budget=0.1' or "
-                        "'min_anchors=4 recompute=none partial=off' (PoolConfig fields, recompute, partial; "
+                        "'min_anchors=4 recompute=none partial=off' (PoolConfig fields, recompute, partial, head_share, "
+                        "estimate_anchors; "
                         "repeatable; each gets its own fidelity table and --fidelity-json entry)")
     p.add_argument("--pool", metavar="PATH", default=None,
                    help="start from the anchor pool saved at PATH if it exists, save the pool there at the end")
@@ -242,7 +246,7 @@ def _config(args, task: str, n_agents: int, topology: str, rounds: int = 2, laye
         judge_shadow=not args.no_judge_shadow, model=args.model, device=args.device,
         dtype=args.dtype, pool=pool, progress=not args.no_progress, mmlu_split=mmlu_split,
         gate=not args.no_gate, **({} if method else {"recompute": args.recompute}), partial=not args.no_partial,
-        head_share=args.head_share,
+        head_share=args.head_share, estimate_anchors=args.estimate_anchors,
         **({"warmup_rule": args.warmup_rule} if getattr(args, "warmup_rule", None) else {}),
         paired=args.paired, free=not args.paired_only, pool_path=args.pool,
         variants=[(spec, parse_variant(spec)) for spec in getattr(args, "paired_variant", [])])
@@ -426,7 +430,8 @@ def cmd_bench_ttft(args) -> int:
     kw = dict(requests=args.requests, warmup=args.warmup, seed=args.seed, gamma=args.gamma,
               capacity=args.capacity, step=args.step, min_anchors=args.min_anchors, **method,
               partial=not args.no_partial, share=args.share, pool_path=args.pool, log=log,
-              pool_settings=_storage_settings(args), head_share=args.head_share)
+              pool_settings=_storage_settings(args), head_share=args.head_share,
+              estimate_anchors=args.estimate_anchors)
     tag = output.device_tag(args.device)
     head = {"benchmark": "ttft", "device": tag, "device_detail": provenance.device_detail(args.device, dtype_name),
             "model": model_name, "dtype": dtype_name, **_provenance(args).fields()}

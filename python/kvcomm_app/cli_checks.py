@@ -68,6 +68,9 @@ def check_args(args, named_models: tuple[str, ...] = ()) -> None:
         if value is not None and value < least:
             flag = "--" + name.replace("_", "-")
             raise UsageError(f"{flag} must be at least {least}{_WHY.get(name, '')}, got {value}")
+    cap = getattr(args, "estimate_anchors", None)
+    if cap is not None and cap < 0:
+        raise UsageError(f"--estimate-anchors must be at least 0 (0: every candidate), got {cap}")
     share = getattr(args, "head_share", None)
     if share is not None and not 0 <= share <= 1:
         raise UsageError(f"--head-share must be a fraction in [0, 1] (0: off), got {share:g}")
@@ -200,6 +203,11 @@ def parse_variant(spec: str) -> dict:
                 out[key] = -1.0
             if not 0 <= out[key] <= 1:
                 raise UsageError(f"--paired-variant {spec!r}: head_share must be a fraction in [0, 1], got {value!r}")
+        elif key == "estimate_anchors":
+            if not value.isdigit():
+                raise UsageError(f"--paired-variant {spec!r}: estimate_anchors must be an int >= 0 (0: all), "
+                                 f"got {value!r}")
+            out[key] = int(value)
         elif key == "partial":
             if value not in ("on", "off"):
                 raise UsageError(f"--paired-variant {spec!r}: partial must be on or off, got {value!r}")
@@ -214,7 +222,7 @@ def parse_variant(spec: str) -> dict:
                 raise UsageError(f"--paired-variant {spec!r}: min_anchors must be at least 2, got {out[key]}")
         else:
             raise UsageError(f"--paired-variant {spec!r}: unknown setting {key!r}; use method, estimator, "
-                             f"recompute, partial, head_share or a PoolConfig field ({', '.join(sorted(_VARIANT_POOL))})")
+                             f"recompute, partial, head_share, estimate_anchors or a PoolConfig field ({', '.join(sorted(_VARIANT_POOL))})")
     if not out:
         raise UsageError(f"--paired-variant {spec!r}: no settings")
     return out

@@ -99,6 +99,15 @@ struct EstimateRequest {
   int64_t seg_position = 0;
   at::Tensor seg_dst_k, seg_dst_v;  // [L, H, S, D]
   bool want_spread = false;         // also return the per-token spread
+  // At most `limit` anchors (0: every usable one), taken in the order of
+  // `nearest` (anchor ids, nearest to the content first: the decision's
+  // distances); usable anchors missing from it come after, in pool order. The
+  // chosen ones are summed in pool order, so a limit of at least the number of
+  // usable anchors writes exactly what no limit writes. Why a limit: the
+  // estimate reads every anchor it uses (base and deltas), so without one its
+  // cost grows with the pool.
+  std::vector<int64_t> nearest;
+  int64_t limit = 0;
 };
 
 struct EstimateResult {

@@ -146,13 +146,16 @@ class KVCommEngine:
     head_share: a content longer than its slot's pool covers shares the first tokens the
       pool covers when they are at least this fraction of it, and the rest is computed
       (kvcomm.plan.planner.PlanSettings; None: the default, 0: off - the published rule).
+    estimate_anchors: an estimate uses at most this many of its slot's candidates, the
+      nearest to the content (None: the default, 0: all of them - the published rule).
     """
 
     def __init__(self, model, tokenizer, pool_config: PoolConfig | None = None, *,
                  pool: AnchorPool | None = None, lead_ins: dict | None = None,
                  recompute: RecomputePolicy | str | None = None, exact_tail: int | None = None,
                  partial: bool | str = DEFAULT_PARTIAL, defer_first_encoding: bool = False,
-                 estimator: str | None = None, head_share: float | None = None):
+                 estimator: str | None = None, head_share: float | None = None,
+                 estimate_anchors: int | None = None):
         if recompute is not None and exact_tail is not None:
             raise ValueError("give recompute or exact_tail, not both (exact_tail=N is recompute='tail=N')")
         self.spec = hf.enable(model)
@@ -166,7 +169,8 @@ class KVCommEngine:
         self.planner = Planner(pool, self.spec, dataclasses.replace(
             _settings(partial, RecomputePolicy.parse(recompute)), defer_first_encoding=bool(defer_first_encoding),
             **({} if estimator is None else {"estimator": estimator}),
-            **({} if head_share is None else {"head_share": head_share})))
+            **({} if head_share is None else {"head_share": head_share}),
+            **({} if estimate_anchors is None else {"estimate_anchors": estimate_anchors})))
         if exact_tail is not None:
             self.exact_tail = exact_tail
         self.encoder = HeaderEncoder(model, tokenizer, self.spec, lead_ins)
@@ -225,7 +229,7 @@ class KVCommEngine:
 
     def sibling(self, pool: AnchorPool | None = None, *, recompute=None,
                 partial: bool | str | None = None, estimator: str | None = None,
-                head_share: float | None = None) -> "KVCommEngine":
+                head_share: float | None = None, estimate_anchors: int | None = None) -> "KVCommEngine":
         """A new engine on the same model and tokenizer, with this engine's pool settings,
         lead-ins, recompute policy and partial setting unless given, but its own pool (a
         fresh one with the same config unless `pool` is given), agents, requests and reuse
@@ -237,7 +241,9 @@ class KVCommEngine:
                             partial=self.partial if partial is None else partial,
                             defer_first_encoding=self.settings.defer_first_encoding,
                             estimator=self.settings.estimator if estimator is None else estimator,
-                            head_share=self.settings.head_share if head_share is None else head_share)
+                            head_share=self.settings.head_share if head_share is None else head_share,
+                            estimate_anchors=(self.settings.estimate_anchors if estimate_anchors is None
+                                              else estimate_anchors))
 
     # ------------------------------------------------------------------ setup
 

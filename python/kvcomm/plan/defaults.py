@@ -18,3 +18,9 @@ DEFAULT_PARTIAL = True
 # (kvcomm.plan.decide.decide_content); 0 keeps the published rule (such a content becomes an
 # anchor and every agent that reads it computes all of it).
 DEFAULT_HEAD_SHARE = 0.5
+
+# The most anchors one estimate reads, nearest to the content first (0: all of a slot's
+# candidates, as published). An estimate reads the base and the deltas of every anchor it
+# uses, so without a limit a reuse call slows as its slot's pool grows (20 anchors per slot
+# by default); docs/method.md, "Beyond the paper", has the measurements behind the value.
+DEFAULT_ESTIMATE_ANCHORS = 8

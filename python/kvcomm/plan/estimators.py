@@ -62,7 +62,8 @@ class AnchorEstimator(Estimator):
             seg = dict(seg_template_k=agent.seg_k[i], seg_template_v=agent.seg_v[i], seg_position=sa,
                        seg_dst_k=k[:, :, sa:sb], seg_dst_v=v[:, :, sa:sb])
         res = planner.pool.estimate(c.slot, agent.key, base_k, base_v, planner.rope.inv_freq, a,
-                                    k[:, :, a:b], v[:, :, a:b], **seg, want_spread=want_spread)
+                                    k[:, :, a:b], v[:, :, a:b], **seg, want_spread=want_spread,
+                                    nearest=list(c.nearest), limit=planner.settings.estimate_anchors)
         if not res.anchors:
             return None
         slot.spread = res.spread

@@ -34,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .decide import HeadShare, RankGroup, decide_content
-from .defaults import DEFAULT_HEAD_SHARE, DEFAULT_PARTIAL
+from .defaults import DEFAULT_ESTIMATE_ANCHORS, DEFAULT_HEAD_SHARE, DEFAULT_PARTIAL
 from .estimator_names import DEFAULT_ESTIMATOR, make_estimator
 from .neutral import neutral_keys, neutral_span
 from .recompute import RecomputePolicy, SlotPlan, select_positions
@@ -71,8 +71,14 @@ class PlanSettings:
     # covers at least this fraction of it (kvcomm.plan.decide.decide_content); 0: the
     # published rule (it becomes an anchor and every consumer computes it).
     head_share: float = DEFAULT_HEAD_SHARE
+    # An estimate uses at most this many of its slot's candidates, the nearest to the content
+    # (0: all of them, as published).
+    estimate_anchors: int = DEFAULT_ESTIMATE_ANCHORS
 
     def __post_init__(self):
+        if isinstance(self.estimate_anchors, bool) or not isinstance(self.estimate_anchors, int) \
+                or self.estimate_anchors < 0:
+            raise ValueError(f"estimate_anchors must be an int >= 0 (0: every candidate), got {self.estimate_anchors!r}")
         if isinstance(self.head_share, bool) or not isinstance(self.head_share, (int, float)) \
                 or not 0 <= self.head_share <= 1:
             raise ValueError(f"head_share must be a fraction in [0, 1] (0: off), got {self.head_share!r}")
@@ -88,6 +94,8 @@ class PlanSettings:
         return (f"partial={'prefix' if self.prefix_only and self.partial else self.partial}, "
                 f"recompute={self.recompute.describe()}, defer_first_encoding={self.defer_first_encoding}"
                 + ("" if self.head_share == DEFAULT_HEAD_SHARE else f", head_share={self.head_share:g}")
+                + ("" if self.estimate_anchors == DEFAULT_ESTIMATE_ANCHORS
+                   else f", estimate_anchors={self.estimate_anchors}")
                 + ("" if self.estimator == DEFAULT_ESTIMATOR else f", estimator={self.estimator}"))
 
 

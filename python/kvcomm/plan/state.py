@@ -43,6 +43,7 @@ class Content:
     anchor_id: int | None = None  # set when this content is an anchor of its slot
     gate: dict = field(default_factory=dict)   # the decision's numbers (decision_numbers)
     head: int | None = None       # shares only its first `head` tokens (kvcomm.plan.decide.decide_content)
+    nearest: tuple = ()           # the decision's candidate anchor ids, nearest first
 
     @property
     def length(self) -> int:

@@ -64,7 +64,7 @@ def build_engine(model, tokenizer, builder: SettingBuilder, *, gamma: float | No
                  capacity: int | None = None, step: str = "auto", step_capacity: int | None = None,
                  recompute: str = "none", min_anchors: int | None = None, partial: bool = True,
                  pool_path: str | None = None, pool_settings: dict | None = None, estimator: str = "anchors",
-                 head_share: float | None = None):
+                 head_share: float | None = None, estimate_anchors: int | None = None):
     """(KVCommEngine with the setting's agents, step used). The reuse path's last-token
     step: auto = CUDA graph on CUDA, eager otherwise; static = the static buffer without
     capture (CPU-testable); graph = static + CUDA graph (CUDA only). The static step
@@ -86,7 +86,8 @@ def build_engine(model, tokenizer, builder: SettingBuilder, *, gamma: float | No
         pool["min_anchors"] = min_anchors
     pool.update(pool_settings or {})
     engine = KVCommEngine(model, tokenizer, pool_config=kvcomm.PoolConfig(**pool), recompute=recompute,
-                          partial=partial, estimator=estimator, head_share=head_share)
+                          partial=partial, estimator=estimator, head_share=head_share,
+                          estimate_anchors=estimate_anchors)
     if pool_path and os.path.exists(pool_path):
         engine.pool.load(pool_path)
     for a in builder.agents:
@@ -255,7 +256,7 @@ def run_setting(model, tokenizer, setting: TTFTSetting, *, requests: int, warmup
                 recompute: str = "none", min_anchors: int | None = None, partial: bool = True,
                 share: str = "entropy", pool_path: str | None = None, log=None,
                 pool_settings: dict | None = None, prefix_baseline: bool = True, estimator: str = "anchors",
-                head_share: float | None = None) -> dict:
+                head_share: float | None = None, estimate_anchors: int | None = None) -> dict:
     """Builds the prompts and the engine, measures, summarises. The engine is fresh
     (empty pool) for every call of this function. `share`: see pool_gamma. prefix_baseline:
     also time dense prefill after the cached exact S0 (the headline's baseline)."""
@@ -270,7 +271,8 @@ def run_setting(model, tokenizer, setting: TTFTSetting, *, requests: int, warmup
     engine, step = build_engine(model, tokenizer, builder, gamma=gamma, capacity=capacity, step=step,
                                 step_capacity=max_tokens + setting.output + 2, recompute=recompute,
                                 min_anchors=min_anchors, partial=partial, pool_path=pool_path,
-                                pool_settings=pool_settings, estimator=estimator, head_share=head_share)
+                                pool_settings=pool_settings, estimator=estimator, head_share=head_share,
+                                estimate_anchors=estimate_anchors)
     t0 = time.perf_counter()
     samples = measure(engine, builder, requests=requests, warmup=warmup, log=log,
                       prefix=prefix_engine(engine, builder) if prefix_baseline else None)

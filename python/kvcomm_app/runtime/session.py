@@ -54,6 +54,7 @@ class ExperimentConfig:
                                         # shortest that are at least as long as every measured one)
     partial: bool = True                # KVCommEngine(partial=...): estimate what can be, compute the rest
     head_share: float | None = None     # KVCommEngine(head_share=...); None: the engine's default
+    estimate_anchors: int | None = None  # KVCommEngine(estimate_anchors=...); None: the engine's default
     paired: bool = False                # also replay each dense run teacher-forced (runtime/paired.py)
     paired_positions: int = 32          # reply positions compared per paired call
     free: bool = True                   # run KVCOMM free-running too (accuracy, end answers, TTFT)
@@ -124,7 +125,8 @@ def load_engine(cfg: ExperimentConfig):
     model, tokenizer = load_model(cfg.model, dtype=dtype, device=cfg.device)
     pool_config = kvcomm.PoolConfig(**cfg.pool) if cfg.pool else None
     engine = KVCommEngine(model, tokenizer, pool_config=pool_config, recompute=cfg.recompute,
-                          partial=cfg.partial, estimator=cfg.estimator, head_share=cfg.head_share)
+                          partial=cfg.partial, estimator=cfg.estimator, head_share=cfg.head_share,
+                          estimate_anchors=cfg.estimate_anchors)
     load_s = time.perf_counter() - t0
     name = EMBEDDED_MODEL if cfg.model is None else os.path.basename(os.path.normpath(cfg.model))
     return engine, name, provenance.device_detail(cfg.device, cfg.dtype), load_s
@@ -221,7 +223,7 @@ def run_experiment(cfg: ExperimentConfig, engine_factory: Callable | None = None
     return result
 
 
-VARIANT_KEYS = ("recompute", "partial", "estimator", "method", "head_share")
+VARIANT_KEYS = ("recompute", "partial", "estimator", "method", "head_share", "estimate_anchors")
 
 
 def variant_config(cfg: ExperimentConfig, overrides: dict) -> ExperimentConfig:
@@ -243,7 +245,7 @@ def variant_sibling(engine, cfg: ExperimentConfig, overrides: dict):
         pool = kvcomm.AnchorPool(kvcomm.PoolConfig(**vcfg.pool, layers=s.num_layers, kv_heads=s.kv_heads,
                                                    head_dim=s.head_dim))
     return engine.sibling(pool, recompute=vcfg.recompute, partial=vcfg.partial, estimator=vcfg.estimator,
-                          head_share=vcfg.head_share)
+                          head_share=vcfg.head_share, estimate_anchors=vcfg.estimate_anchors)
 
 
 def load_pool(path: str | None, pools: list, log: Callable[[str], None]) -> bool:
