@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-from kvcomm.plan.defaults import DEFAULT_HEAD_SHARE, DEFAULT_MIN_ANCHORS
+from kvcomm.plan.defaults import DEFAULT_ESTIMATE_ANCHORS, DEFAULT_HEAD_SHARE, DEFAULT_MIN_ANCHORS
 
 
 def add_serve_parser(sub) -> None:
@@ -53,6 +53,9 @@ def add_serve_parser(sub) -> None:
                    help="a text longer than its slot's anchors cover shares the covered first tokens when they are "
                    f"at least this fraction of it, and the rest is computed (default {DEFAULT_HEAD_SHARE:g}; 0: off, "
                    "the text becomes an anchor and every agent computes it)")
+    s.add_argument("--estimate-anchors", type=int, default=None, metavar="K",
+                   help="an estimate uses at most the K anchors nearest to the text (default "
+                   f"{DEFAULT_ESTIMATE_ANCHORS}; 0: every candidate, as published - slower as the pool grows)")
     s.add_argument("--no-chat", action="store_true", help="serve chat requests without KVCOMM parameters as plain "
                    "vLLM (default: find the texts the server met before in them and reuse those)")
     s.add_argument("--no-chat-encode-ahead", action="store_true", help="do not encode the texts of a chat request "
@@ -109,6 +112,10 @@ def serve_command(args, *, cuda: bool | None = None) -> tuple[list[str], list[st
         if not 0 <= args.head_share <= 1:
             raise SystemExit(f"kvcomm serve: --head-share must be a fraction in [0, 1], got {args.head_share:g}")
         plan["head_share"] = args.head_share
+    if args.estimate_anchors is not None:
+        if args.estimate_anchors < 0:
+            raise SystemExit(f"kvcomm serve: --estimate-anchors must be at least 0 (0: all), got {args.estimate_anchors}")
+        plan["estimate_anchors"] = args.estimate_anchors
     if args.pool_file:
         shape = _model_shape(model)
         problem = check_pool_file(args.pool_file.format(rank=0), layers=shape[0],

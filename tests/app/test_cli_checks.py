@@ -19,6 +19,7 @@ from kvcomm_app.cli_checks import UsageError, check_args, check_device, check_mo
     (["demo", "--threads", "0"], "--threads must be at least 1"),
     (["demo", "--head-share", "1.5"], "--head-share must be a fraction in [0, 1] (0: off), got 1.5"),
     (["bench", "ttft", "--head-share", "-0.1"], "--head-share must be a fraction in [0, 1]"),
+    (["eval", "--task", "gsm8k", "--estimate-anchors", "-1"], "--estimate-anchors must be at least 0"),
     (["eval", "--task", "gsm8k", "--gamma", "-1"], "--gamma must be at least 0.0 (the entropy threshold"),
     (["eval", "--task", "gsm8k", "--capacity", "0"], "--capacity must be at least 1 (anchors per slot), got 0"),
     (["eval", "--task", "gsm8k", "--agents", "0"], "--agents must be at least 1"),

@@ -154,12 +154,14 @@ def test_parse_variant_names_what_is_wrong():
         "min_anchors": 6, "recompute": "segments,budget=0.1", "partial": False}
     assert parse_variant("storage=int8 byte_budget=128M") == {"storage": "int8", "byte_budget": 128 << 20}
     assert parse_variant("head_share=0") == {"head_share": 0.0}
+    assert parse_variant("estimate_anchors=4") == {"estimate_anchors": 4}
     for bad, needle in [("min_anchors=1", "at least 2"), ("colour=red", "unknown setting 'colour'"),
                         ("recompute=everything", "unknown part"), ("partial=maybe", "on or off"),
                         ("gamma", "not KEY=VALUE"), ("", "no settings"),
                         ("storage=int4", "storage 'int4' is not an anchor storage"),
                         ("byte_budget=big", "byte_budget 'big' is not a size in bytes"),
-                        ("head_share=2", "head_share must be a fraction"), ("head_share=x", "head_share must be")]:
+                        ("head_share=2", "head_share must be a fraction"), ("head_share=x", "head_share must be"),
+                        ("estimate_anchors=-1", "estimate_anchors must be an int")]:
         with pytest.raises(UsageError, match=needle):
             parse_variant(bad)
 

@@ -80,6 +80,18 @@ def test_head_sharing_reaches_the_connector_and_is_checked():
         command("--head-share", "1.5")
 
 
+def test_the_estimate_limit_reaches_the_connector_and_is_checked():
+    from kvcomm.vllm.settings import plan_settings
+    argv, _ = command("--estimate-anchors", "0")
+    assert extra_config(argv)["plan"] == {"partial": True, "estimate_anchors": 0}
+    assert plan_settings(extra_config(argv)).estimate_anchors == 0
+    assert plan_settings(extra_config(command()[0])).estimate_anchors == 8   # the planner's default
+    with pytest.raises(SystemExit, match="--estimate-anchors must be at least 0"):
+        command("--estimate-anchors", "-2")
+    with pytest.raises(ValueError, match="estimate_anchors must be an int"):
+        plan_settings({"plan": {"estimate_anchors": "all"}})
+
+
 def test_a_recompute_policy_vllm_cannot_express_is_refused():
     with pytest.raises(SystemExit, match="prefix of the prompt only"):
         command("--recompute", "segments")

@@ -24,7 +24,8 @@ def transfer_config(token: str | None = None, pool: dict | None = None, pool_fil
                     chat: dict | None = None, session_bytes: int | None = None) -> dict:
     """The --kv-transfer-config of a KVCOMM server (keys: kvcomm.vllm.settings).
     kv_load_failure_policy "recompute": a load that fails anyway is recomputed by vLLM
-    instead of failing the request. plan: {"partial": bool, "recompute": "none" | "tail=N", "head_share": float},
+    instead of failing the request. plan: {"partial": bool, "recompute": "none" | "tail=N", "head_share": float,
+    "estimate_anchors": int},
     checked here so a bad value fails before the server starts."""
     from . import settings
     extra = {settings.TOKEN: token or new_token()}

@@ -17,7 +17,8 @@ SAVE_EVERY_S = "save_every_s"             # save the pool this often while it ch
 SAVE_EVERY_ANCHORS = "save_every_anchors"  # ... or after this many new anchors (default 50)
 POOL_ARGS = "pool"            # optional: kvcomm.PoolConfig keyword arguments
 PLAN_ARGS = "plan"            # optional: {"partial": bool, "recompute": "none" | "tail=N",
-                              #            "defer_first_encoding": bool, "head_share": float}
+                              #            "defer_first_encoding": bool, "head_share": float,
+                              #            "estimate_anchors": int}
 MAX_SESSIONS = "max_sessions"
 SESSION_BYTES = "session_bytes"    # KV the sessions may hold (content bases, encodings, replies); default 1 GiB
 TEMPLATE_BYTES = "template_bytes"  # KV of the template shapes kept (exact prefixes, segments); default 256 MiB
@@ -29,18 +30,18 @@ def plan_settings(extra: dict) -> PlanSettings:
     """The planner settings of a prefix-only backend from the extra config; ValueError names a
     bad value (a recompute policy vLLM cannot express, an unknown key)."""
     args = dict(extra.get(PLAN_ARGS) or {})
-    unknown = sorted(set(args) - {"partial", "recompute", "defer_first_encoding", "head_share"})
+    known = ("partial", "recompute", "defer_first_encoding", "head_share", "estimate_anchors")
+    unknown = sorted(set(args) - set(known))
     if unknown:
-        raise ValueError(f"kvcomm connector: unknown plan setting(s) {', '.join(unknown)} "
-                         "(partial, recompute, defer_first_encoding, head_share)")
+        raise ValueError(f"kvcomm connector: unknown plan setting(s) {', '.join(unknown)} ({', '.join(known)})")
     flags = {k: args.get(k, default) for k, default in (("partial", DEFAULT_PARTIAL), ("defer_first_encoding", True))}
     for k, v in flags.items():
         if not isinstance(v, bool):
             raise ValueError(f"kvcomm connector: plan.{k} must be true or false, got {v!r}")
     # The server defers a content's encoding past its first carrier's first token by default:
     # with several calls in flight it then costs no call its time to first token.
-    head = {} if args.get("head_share") is None else {"head_share": args["head_share"]}
-    return PlanSettings(recompute=args.get("recompute"), prefix_only=True, **flags, **head)
+    given = {k: args[k] for k in ("head_share", "estimate_anchors") if args.get(k) is not None}
+    return PlanSettings(recompute=args.get("recompute"), prefix_only=True, **flags, **given)
 
 
 def pool_args(extra: dict) -> dict:
