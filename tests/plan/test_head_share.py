@@ -38,7 +38,7 @@ def pool_covering(head: int, anchors: int = 2, min_anchors: int = 2) -> AnchorPo
 def head_taken(monkeypatch):
     """The content of the test layout shares its head (which contents do is a hash of their
     tokens, tested on its own below)."""
-    monkeypatch.setattr(HeadShare, "take", lambda self, slot, ids: True)
+    monkeypatch.setattr(HeadShare, "take", lambda self, slot, ids, covered=None: True)
 
 
 def plan_with(pool, **settings):
@@ -167,6 +167,18 @@ def test_one_in_two_such_contents_becomes_an_anchor_by_a_hash_of_its_tokens():
         c = decide_content(pool, "user_question", tuple(range(10 * i, 10 * i + 5)), k, v, "header", learn=False,
                            head=head)
         assert (c.head is not None) == got[i] and c.anchor_id is None and len(pool.anchors("user_question")) == 2
+
+
+def test_a_short_uncovered_tail_always_shares_its_head():
+    # 9 of 10 tokens covered: the tail (10%) is short, so no content of this kind becomes an
+    # anchor; with 8 of 10 covered the hash decides again (about one in two)
+    head = HeadShare(0.5)
+    contents = [tuple(range(10 * i, 10 * i + 10)) for i in range(40)]
+    assert all(head.take("user_question", ids, 9) for ids in contents)
+    assert 10 <= sum(head.take("user_question", ids, 8) for ids in contents) <= 30
+    assert not all(HeadShare(0.5, short_tail=0.0).take("user_question", ids, 9) for ids in contents)
+    with pytest.raises(ValueError, match="short_tail"):
+        HeadShare(0.5, short_tail=1.0)
 
 
 def test_a_head_content_computed_whole_after_a_computed_slot_becomes_an_anchor(head_taken):

@@ -86,20 +86,31 @@ class HeadShare:
     contents keeps their calls partial for good (a 30-request soak kept 6-12% of its calls on
     the reuse path, against 42-100% under the published rule). Which ones is a hash of the
     slot and the content's tokens: no state, so every planner deciding the same content (the
-    server's and the in-process engine's, tensor-parallel ranks) decides it alike."""
+    server's and the in-process engine's, tensor-parallel ranks) decides it alike.
 
-    def __init__(self, fraction: float, learn_every: int = 2):
+    short_tail: a content whose uncovered tail is at most this fraction of it always shares
+    its head. Making it an anchor costs every agent that reads it a prefill of all of it, to
+    spare later contents of about its length a tail that short (a few tokens more to compute
+    in a partial call); on texts of similar lengths (reports, documents from one source) the
+    hash would otherwise run every other one dense for that."""
+
+    def __init__(self, fraction: float, learn_every: int = 2, short_tail: float = 0.1):
         if not 0 < fraction <= 1:
             raise ValueError(f"HeadShare: fraction must be in (0, 1], got {fraction!r}")
         if learn_every < 1:
             raise ValueError(f"HeadShare: learn_every must be >= 1, got {learn_every!r}")
+        if not 0 <= short_tail < 1:
+            raise ValueError(f"HeadShare: short_tail must be in [0, 1), got {short_tail!r}")
         self.fraction = float(fraction)
         self.learn_every = int(learn_every)
+        self.short_tail = float(short_tail)
 
-    def take(self, slot: str, ids: tuple) -> bool:
-        """Whether this content (too long for the pool, its head covered) shares its head;
-        else it becomes an anchor (computed, without learning). The same with learning or
-        without, so a call that does not learn decides as one that does."""
+    def take(self, slot: str, ids: tuple, covered: int | None = None) -> bool:
+        """Whether this content (too long for the pool, its first `covered` tokens covered)
+        shares its head; else it becomes an anchor (computed, without learning). The same with
+        learning or without, so a call that does not learn decides as one that does."""
+        if covered is not None and len(ids) - covered <= self.short_tail * len(ids):
+            return True
         key = slot.encode() + b"\0" + b",".join(str(int(t)).encode() for t in ids)
         return zlib.crc32(key) % self.learn_every != 0
 
@@ -122,7 +133,7 @@ def decide_content(pool, slot: str, ids: tuple, k: torch.Tensor, v: torch.Tensor
     shared_head = None
     if not d.share and d.reason == "too_few_candidates" and head is not None:
         n, m = len(ids), covered_length(pool, slot)
-        if 0 < m < n and m >= head.fraction * n and head.take(slot, ids):
+        if 0 < m < n and m >= head.fraction * n and head.take(slot, ids, m):
             dh = decide(pool, slot, v[:, :, :m], group, credit=learn)
             if dh.share:
                 d, shared_head = dh, m
