@@ -270,7 +270,10 @@ def _run_and_report(cfg, args, title: str, engine_factory=None) -> int:
     for v in res.variants:
         from .runtime.fidelity_report import format_fidelity
         if v.summary.get("fidelity"):
-            print(f"\nvariant {v.config.pool} recompute={v.config.recompute!r} partial={v.config.partial}:")
+            c = v.config
+            more = "".join(f" {k}={getattr(c, k)!r}" for k in ("estimator", "head_share", "estimate_anchors")
+                           if getattr(c, k, None) is not None)
+            print(f"\nvariant {c.pool} recompute={c.recompute!r} partial={c.partial}{more}:")
             print(format_fidelity(v.summary["fidelity"]))
     print(f"wall time: {total_s:.0f} s in all ({res.load_s:.0f} s loading, {res.run_s:.0f} s running "
           f"{cfg.warmup} warm-up + {cfg.questions} measured questions in both modes)")

@@ -1,6 +1,7 @@
 """Teacher-forced paired evaluation (kvcomm_app.runtime.paired) and its metrics."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -320,3 +321,16 @@ def test_pareto_head_to_head_compares_at_equal_computed_share():
     assert r["first_token_agreement_diff"] == pytest.approx(-0.03)
     points[0]["first_token_kl"] = 0.02
     assert pareto.head_to_head(points)[0]["winner"] == "kvcomm"
+
+
+def test_fidelity_entries_that_differ_in_planner_settings_are_kept_apart(tmp_path):
+    # variants of one run differ only in such settings: each keeps its own entry
+    from kvcomm_app.runtime.fidelity_report import update_fidelity_file
+    base = {"task": "gsm8k", "agents": 3, "topology": "fully_connected", "questions": 4, "offset": 0,
+            "recompute": "none", "partial": True, "pool": {"min_anchors": 4}, "max_new_tokens": 8,
+            "estimator": "anchors", "head_share": None, "estimate_anchors": None}
+    path = str(tmp_path / "f.json")
+    for extra in ({}, {"estimate_anchors": 0}, {"head_share": 0.0}, {"estimate_anchors": 0}):
+        update_fidelity_file(path, dict(base, **extra))
+    runs = json.load(open(path))["runs"]
+    assert [(r["head_share"], r["estimate_anchors"]) for r in runs] == [(None, None), (0.0, None), (None, 0)]

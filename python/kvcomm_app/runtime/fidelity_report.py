@@ -106,6 +106,8 @@ def fidelity_entry(res, *, command: str, commit: str | None) -> dict:
         "offset": cfg.offset, "warmup": cfg.warmup, "max_new_tokens": cfg.max_new_tokens,
         "recompute": cfg.recompute, "partial": cfg.partial, "estimator": getattr(cfg, "estimator", "anchors"),
         "method": getattr(cfg, "method", None), "pool": dict(cfg.pool),
+        # None: the engine's default (kvcomm.plan.defaults)
+        "head_share": getattr(cfg, "head_share", None), "estimate_anchors": getattr(cfg, "estimate_anchors", None),
         "pool_path": cfg.pool_path, "model": res.model_name, "device": res.device_detail,
         "commit": commit, "command": command, "run_s": round(res.run_s, 1),
         "accounting": ACCOUNTING, "intervals": INTERVALS,
@@ -154,7 +156,8 @@ def _short(g: dict) -> dict:
 
 def _key(e: dict) -> tuple:
     return (e["task"], e["agents"], e["topology"], e["questions"], e["offset"], e["recompute"],
-            e["partial"], json.dumps(e["pool"], sort_keys=True), e["max_new_tokens"], e.get("estimator", "anchors"))
+            e["partial"], json.dumps(e["pool"], sort_keys=True), e["max_new_tokens"], e.get("estimator", "anchors"),
+            e.get("head_share"), e.get("estimate_anchors"))
 
 
 def update_fidelity_file(path: str, entry: dict) -> None:
