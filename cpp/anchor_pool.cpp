@@ -17,6 +17,22 @@ namespace kvcomm {
 
 namespace {
 
+// Whether `w` (an earlier estimate's weights) weights exactly `anchors` over
+// the content `base` [L, H, n, D] as this estimate would compute them; a
+// segment's weights only where they are needed.
+bool weights_fit(const EstimateWeights& w, const std::vector<int64_t>& anchors,
+                 const at::Tensor& base, bool need_segment) {
+  const int64_t n_anchors = static_cast<int64_t>(anchors.size());
+  auto fits = [&](const at::Tensor& t, at::IntArrayRef shape) {
+    return t.defined() && t.scalar_type() == at::kFloat && t.device() == base.device() &&
+           t.is_contiguous() && t.sizes() == shape;
+  };
+  const std::vector<int64_t> token{n_anchors, base.size(2)};
+  const std::vector<int64_t> segment{n_anchors, base.size(0), base.size(1), base.size(3)};
+  return w.anchors == anchors && fits(w.token_k, token) && fits(w.token_v, token) &&
+         (!need_segment || (fits(w.segment_k, segment) && fits(w.segment_v, segment)));
+}
+
 // The decoded values of stored tensors (handles taken under the pool's lock;
 // decoding runs outside it).
 std::vector<at::Tensor> expand_all(const std::vector<CompactTensor>& ts) {
@@ -410,10 +426,15 @@ EstimateResult AnchorPool::estimate(const std::string& slot,
                        codes_of(csk),  codes_of(csv),  scales_of(cbk), scales_of(cbv),
                        scales_of(cdk), scales_of(cdv), scales_of(csk), scales_of(csv),
                        cpu_form(config_.storage, req.base_k)};
-    const cpu::SlotWeights w = cpu::estimate_slot(op, req, a, tau);
+    // The CPU routine computes the segment's weights in the same pass, so
+    // weights taken from it serve a later estimate with a segment too.
+    const bool given = weights_fit(req.weights, result.anchors, req.base_k, true);
+    result.weights = cpu::estimate_slot(op, req, a, tau, given ? &req.weights : nullptr);
+    result.weights.anchors = result.anchors;
     // token_spread takes the model's dtype (decoded copies only for compact anchors).
     if (req.want_spread)
-      result.spread = token_spread(expand_all(cdk), w.token_k).add_(token_spread(expand_all(cdv), w.token_v));
+      result.spread = token_spread(expand_all(cdk), result.weights.token_k)
+                          .add_(token_spread(expand_all(cdv), result.weights.token_v));
     return result;
   }
   // On CUDA the ops read int8 / fp8 anchors as stored (decoded in the
@@ -426,8 +447,20 @@ EstimateResult AnchorPool::estimate(const std::string& slot,
   const OpsScales bks(cbk, st), bvs(cbv, st), dks(cdk, st), dvs(cdv, st), sks(csk, st),
       svs(csv, st);
   const at::Tensor shift = shift_scalar(req.position, req.base_k);
-  const at::Tensor wk = token_weights(req.base_k, bk, tau, bks);
-  const at::Tensor wv = token_weights(req.base_v, bv, tau, bvs);
+  EstimateWeights& w = result.weights;
+  if (weights_fit(req.weights, result.anchors, req.base_k, seg)) {
+    w = req.weights;
+  } else {
+    w.token_k = token_weights(req.base_k, bk, tau, bks);
+    w.token_v = token_weights(req.base_v, bv, tau, bvs);
+    if (seg) {
+      w.segment_k = segment_weights(req.base_k, bk, tau, bks);
+      w.segment_v = segment_weights(req.base_v, bv, tau, bvs);
+    }
+  }
+  w.anchors = result.anchors;
+  const at::Tensor& wk = w.token_k;
+  const at::Tensor& wv = w.token_v;
   fused_offset_into(req.dst_k, req.base_k, dk, wk, shift, req.inv_freq, dks);
   fused_offset_into(req.dst_v, req.base_v, dv, wv, shift, c10::nullopt, dvs);
   // token_spread takes the model's dtype (decoded copies only for compact anchors).
@@ -435,10 +468,10 @@ EstimateResult AnchorPool::estimate(const std::string& slot,
     result.spread = token_spread(expand_all(cdk), wk).add_(token_spread(expand_all(cdv), wv));
   if (seg) {
     const at::Tensor seg_shift = shift_scalar(req.seg_position, req.base_k);
-    fused_offset_into(req.seg_dst_k, req.seg_template_k, sk,
-                      segment_weights(req.base_k, bk, tau, bks), seg_shift, req.inv_freq, sks);
-    fused_offset_into(req.seg_dst_v, req.seg_template_v, sv,
-                      segment_weights(req.base_v, bv, tau, bvs), seg_shift, c10::nullopt, svs);
+    fused_offset_into(req.seg_dst_k, req.seg_template_k, sk, w.segment_k, seg_shift, req.inv_freq,
+                      sks);
+    fused_offset_into(req.seg_dst_v, req.seg_template_v, sv, w.segment_v, seg_shift, c10::nullopt,
+                      svs);
   }
   return result;
 }

@@ -115,8 +115,24 @@ PYBIND11_MODULE(_C, m) {
                ", entropy=" + std::to_string(d.entropy) + ")";
       });
 
+  py::class_<kvcomm::EstimateWeights>(m, "EstimateWeights",
+                                      "An estimate's anchor weights (EstimateResult.weights): pass them to "
+                                      "the next agent's estimate of the same content (estimate(weights=...)).")
+      .def_readonly("anchors", &kvcomm::EstimateWeights::anchors)
+      .def_readonly("token_k", &kvcomm::EstimateWeights::token_k)
+      .def_readonly("token_v", &kvcomm::EstimateWeights::token_v)
+      .def_property_readonly("segment_k", [](const kvcomm::EstimateWeights& w) -> py::object {
+        return w.segment_k.defined() ? py::cast(w.segment_k) : py::none();
+      })
+      .def_property_readonly("segment_v", [](const kvcomm::EstimateWeights& w) -> py::object {
+        return w.segment_v.defined() ? py::cast(w.segment_v) : py::none();
+      });
+
   py::class_<kvcomm::EstimateResult>(m, "EstimateResult")
       .def_readonly("anchors", &kvcomm::EstimateResult::anchors)
+      .def_property_readonly("weights", [](const kvcomm::EstimateResult& r) -> py::object {
+        return r.weights.defined() ? py::cast(r.weights) : py::none();
+      })
       .def_property_readonly("spread",
                              [](const kvcomm::EstimateResult& r) -> py::object {
                                if (!r.spread.defined()) return py::none();
@@ -185,7 +201,8 @@ PYBIND11_MODULE(_C, m) {
              const c10::optional<at::Tensor>& seg_template_v, int64_t seg_position,
              const c10::optional<at::Tensor>& seg_dst_k,
              const c10::optional<at::Tensor>& seg_dst_v, bool want_spread,
-             const std::vector<int64_t>& nearest, int64_t limit) {
+             const std::vector<int64_t>& nearest, int64_t limit,
+             const c10::optional<kvcomm::EstimateWeights>& weights) {
             kvcomm::EstimateRequest r;
             r.base_k = base_k;
             r.base_v = base_v;
@@ -201,6 +218,7 @@ PYBIND11_MODULE(_C, m) {
             r.want_spread = want_spread;
             r.nearest = nearest;
             r.limit = limit;
+            if (weights) r.weights = *weights;
             return p.estimate(slot, agent, r);
           },
           py::arg("slot"), py::arg("agent"), py::arg("base_k"), py::arg("base_v"),
@@ -208,11 +226,13 @@ PYBIND11_MODULE(_C, m) {
           py::arg("seg_template_k") = py::none(), py::arg("seg_template_v") = py::none(),
           py::arg("seg_position") = 0, py::arg("seg_dst_k") = py::none(),
           py::arg("seg_dst_v") = py::none(), py::arg("want_spread") = false,
-          py::arg("nearest") = std::vector<int64_t>{}, py::arg("limit") = 0, release(),
+          py::arg("nearest") = std::vector<int64_t>{}, py::arg("limit") = 0,
+          py::arg("weights") = py::none(), release(),
           "Estimate (docs/method.md, 'Estimating the offset') the placeholder (and following segment) KV for an "
           "agent into dst tensors; returns the anchors used (empty: nothing written, run dense) "
           "and, with want_spread, the per-token spread of the anchors' deltas. limit > 0: at most that\n"
-          "many anchors, the first of `nearest` (anchor ids, nearest first) that are usable.")
+          "many anchors, the first of `nearest` (anchor ids, nearest first) that are usable. weights: an\n"
+          "earlier estimate's (result.weights) of this content, taken when they weight the same anchors.")
       .def("has_slot", &AnchorPool::has_slot)
       .def("slots", &AnchorPool::slots)
       .def("anchors", &AnchorPool::anchors, py::arg("slot"))

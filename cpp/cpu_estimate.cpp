@@ -47,8 +47,8 @@ at::Tensor stored_distances(const char* op, const at::Tensor& content_v,
   return distances(content_v, values, scales, form, rms);
 }
 
-SlotWeights estimate_slot(const char* op, const EstimateRequest& req, const SlotAnchors& a,
-                          double tau) {
+EstimateWeights estimate_slot(const char* op, const EstimateRequest& req, const SlotAnchors& a,
+                              double tau, const EstimateWeights* given) {
   const bool seg = req.seg_template_k.defined();
   const bool dense = a.form == StoreForm::kDense;
   // The checks the weight and offset ops would run, before anything is read.
@@ -90,19 +90,28 @@ SlotWeights estimate_slot(const char* op, const EstimateRequest& req, const Slot
         c10::nullopt);
   }
   // Pass 1: both weightings of K and of V from one read of the bases.
-  std::vector<WeightsOut> w = compute_weights(
-      {WeightsJob{req.base_k, a.base_k, true, seg, a.base_k_scale, a.form},
-       WeightsJob{req.base_v, a.base_v, true, seg, a.base_v_scale, a.form}},
-      tau);
-  jobs[0].weights = w[0].token;
-  jobs[1].weights = w[1].token;
+  EstimateWeights w;
+  if (given != nullptr) {
+    w = *given;
+  } else {
+    std::vector<WeightsOut> out = compute_weights(
+        {WeightsJob{req.base_k, a.base_k, true, true, a.base_k_scale, a.form},
+         WeightsJob{req.base_v, a.base_v, true, true, a.base_v_scale, a.form}},
+        tau);
+    w.token_k = out[0].token;
+    w.token_v = out[1].token;
+    w.segment_k = out[0].segment;
+    w.segment_v = out[1].segment;
+  }
+  jobs[0].weights = w.token_k;
+  jobs[1].weights = w.token_v;
   if (seg) {
-    jobs[2].weights = w[0].segment;
-    jobs[3].weights = w[1].segment;
+    jobs[2].weights = w.segment_k;
+    jobs[3].weights = w.segment_v;
   }
   // Pass 2: every delta once, all four destinations in one parallel region.
   apply_offsets(jobs);
-  return {w[0].token, w[1].token};
+  return w;
 }
 
 }  // namespace cpu

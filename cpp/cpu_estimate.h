@@ -31,18 +31,16 @@ at::Tensor stored_distances(const char* op, const at::Tensor& content_v,
                             const std::vector<at::Tensor>& values,
                             const std::vector<at::Tensor>& scales, StoreForm form, bool rms);
 
-// The placeholder's token weights, which the caller may need again.
-struct SlotWeights {
-  at::Tensor token_k, token_v;  // float32 [N, n]
-};
-
 // Writes req's destinations exactly as the op sequence does (token weights
 // and fused offsets for K and V, and with a segment the segment weights and
 // their fused offsets) for CPU tensors. Pass 1 reads the content and every
-// anchor base once for both weightings of K and of V; pass 2 streams every
-// delta once into the destinations. Each pass is one parallel region.
-SlotWeights estimate_slot(const char* op, const EstimateRequest& req, const SlotAnchors& a,
-                          double tau);
+// anchor base once for both weightings of K and of V - skipped when `given`
+// holds them (an earlier agent's estimate of the same content from the same
+// anchors); pass 2 streams every delta once into the destinations. Each pass
+// is one parallel region. Returns the weights used: the segment's too, even
+// without a segment here, so a later agent with one can take them.
+EstimateWeights estimate_slot(const char* op, const EstimateRequest& req, const SlotAnchors& a,
+                              double tau, const EstimateWeights* given);
 
 }  // namespace cpu
 }  // namespace kvcomm

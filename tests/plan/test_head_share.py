@@ -197,22 +197,3 @@ def test_a_head_content_computed_whole_after_a_computed_slot_becomes_an_anchor(h
     assert c.anchor_id is not None
     assert {a.id: a.length for a in pool.anchors("agent_a_current")}[c.anchor_id] == 4
 
-
-@pytest.mark.parametrize("limit, used", [(1, [0]), (2, [0, 1]), (0, [0, 1, 2])])
-def test_an_estimate_uses_the_nearest_anchors_up_to_the_limit(limit, used):
-    # PlanSettings.estimate_anchors: anchor j sits 3j away from the content, so the nearest
-    # come first; the plan reports the ones the estimate read.
-    pool = pool_covering(head=5, anchors=0)
-    k, v = content("user_question", 0)
-    seg = SEGMENTS[0][1] - SEGMENTS[0][0]
-    g = torch.Generator().manual_seed(3)
-    for j in range(3):
-        aid = pool.add_anchor("user_question", k + 3 * j, v + 3 * j)
-        pool.record_deltas("user_question", aid, AGENT, *(torch.randn(2, 2, n, 8, generator=g)
-                                                          for n in (5, 5, seg, seg)))
-    planner, plan, _ = plan_with(pool, estimate_anchors=limit)
-    k = torch.zeros(2, 2, T - 1, 8)
-    planner.assemble(plan, k, torch.zeros_like(k))
-    ids = [a.id for a in pool.anchors("user_question")]
-    assert plan.contents[0].nearest == tuple(ids)
-    assert plan.anchors["user_question"] == [ids[j] for j in used]

@@ -88,6 +88,17 @@ struct Decision {
   std::vector<int64_t> credited;   // ids whose activation was incremented
 };
 
+// The anchor weights of one estimate (docs/method.md, "Estimating the offset"):
+// they depend on the content's base and the anchors' bases only, not on the
+// agent, so every agent that estimates the same content from the same anchors
+// can take them instead of reading every anchor base again.
+struct EstimateWeights {
+  std::vector<int64_t> anchors;     // the anchor ids they weight, in pool order
+  at::Tensor token_k, token_v;      // float32 [N, n]: the placeholder's per-token weights
+  at::Tensor segment_k, segment_v;  // float32 [N, L, H, D]: the following segment's weights
+  bool defined() const { return token_k.defined(); }
+};
+
 // Where the estimate for one agent goes and where its pieces sit.
 struct EstimateRequest {
   at::Tensor base_k, base_v;        // content, neutral frame [L, H, n, D]
@@ -108,6 +119,10 @@ struct EstimateRequest {
   // cost grows with the pool.
   std::vector<int64_t> nearest;
   int64_t limit = 0;
+  // An earlier estimate's weights (EstimateResult::weights) for this content:
+  // taken when they weight exactly the anchors this estimate uses and this
+  // many tokens, else computed anew. Either way the same numbers are written.
+  EstimateWeights weights;
 };
 
 struct EstimateResult {
@@ -116,6 +131,7 @@ struct EstimateResult {
   // on each placeholder token's offset (token_spread of the K deltas plus that
   // of the V deltas, under their token weights). Undefined otherwise.
   at::Tensor spread;
+  EstimateWeights weights;  // the weights this estimate used (for the next agent's)
   bool ok() const { return !anchors.empty(); }
 };
 

@@ -63,9 +63,11 @@ class AnchorEstimator(Estimator):
                        seg_dst_k=k[:, :, sa:sb], seg_dst_v=v[:, :, sa:sb])
         res = planner.pool.estimate(c.slot, agent.key, base_k, base_v, planner.rope.inv_freq, a,
                                     k[:, :, a:b], v[:, :, a:b], **seg, want_spread=want_spread,
-                                    nearest=list(c.nearest), limit=planner.settings.estimate_anchors)
+                                    nearest=list(c.nearest), limit=planner.settings.estimate_anchors,
+                                    weights=c.weights.get(b - a))   # taken only if they fit
         if not res.anchors:
             return None
+        c.weights[b - a] = res.weights
         slot.spread = res.spread
         return list(res.anchors)
 

@@ -44,6 +44,9 @@ class Content:
     gate: dict = field(default_factory=dict)   # the decision's numbers (decision_numbers)
     head: int | None = None       # shares only its first `head` tokens (kvcomm.plan.decide.decide_content)
     nearest: tuple = ()           # the decision's candidate anchor ids, nearest first
+    # tokens estimated -> the last estimate's anchor weights (kvcomm.EstimateWeights): they do
+    # not depend on the agent, so the next agent's estimate of this content takes them
+    weights: dict = field(default_factory=dict, repr=False)
 
     @property
     def length(self) -> int:
