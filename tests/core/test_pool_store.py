@@ -77,3 +77,22 @@ def test_saves_when_due_in_the_background_and_on_close(tmp_path):
     check.load(path)
     assert check.size() == 4
     assert not store.maybe_save()                   # closed: nothing more is written
+
+
+def test_a_periodic_save_runs_at_the_lowest_cpu_priority(tmp_path, monkeypatch):
+    import os
+    import threading
+
+    seen = {}
+    real_save = PoolStore.save
+
+    def save(self):
+        seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        return real_save(self)
+    monkeypatch.setattr(PoolStore, "save", save)
+    store = PoolStore(pool(), str(tmp_path / "pool.bin"), "float32", new_ok=True, every_anchors=1)
+    store.pool.add_anchor("q", torch.randn(2, 2, 4, 8), torch.randn(2, 2, 4, 8))
+    assert store.maybe_save()
+    store._thread.join()
+    assert seen["nice"] == 19 and store.saves == 1
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) != 19   # only that thread

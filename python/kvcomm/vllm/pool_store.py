@@ -80,9 +80,16 @@ class PoolStore:
         if not due:
             return False
         self._mark()
-        self._thread = threading.Thread(target=self.save, name="kvcomm-pool-save", daemon=True)
+        self._thread = threading.Thread(target=self._save_behind, name="kvcomm-pool-save", daemon=True)
         self._thread.start()
         return True
+
+    def _save_behind(self) -> None:
+        """A periodic save at the lowest CPU priority: streaming and checksumming a pool of
+        gigabytes takes seconds of a core, which on a small machine the engine's steps would
+        otherwise share (calls in flight slowed by seconds while it ran)."""
+        lowest_priority_thread()
+        self.save()
 
     def save(self) -> bool:
         """Saves now (one save at a time); False, logged, when it fails."""
@@ -112,6 +119,16 @@ class PoolStore:
             self.save()
             self._mark()
         self.path = None   # closed: nothing more is saved
+
+
+def lowest_priority_thread() -> bool:
+    """Gives the calling thread the lowest CPU priority (nice 19), where the OS has per-thread
+    priorities (Linux); False where it could not."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        return True
+    except (AttributeError, OSError):
+        return False
 
 
 _MAGIC = b"KVCOMMPL"

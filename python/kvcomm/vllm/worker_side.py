@@ -73,6 +73,7 @@ class WorkerSide:
                                every_anchors=int(self._extra.get(SAVE_EVERY_ANCHORS, 50)),
                                device=str(paged.device) if paged.device.type != "cpu" else "")
         self._paged = paged
+        log.debug("kvcomm connector: worker state built (%d torch threads for KVCOMM's ops)", torch.get_num_threads())
         self._state = WorkerState(spec, pool, group, max_sessions=int(self._extra.get(MAX_SESSIONS, 1024)),
                                   settings=self.settings,
                                   session_bytes=int(self._extra.get(SESSION_BYTES, 1 << 30)),
