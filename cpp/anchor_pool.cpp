@@ -376,33 +376,7 @@ EstimateResult AnchorPool::estimate(const std::string& slot,
     // the caller runs dense, as for any other empty result.
     auto it = slots_.find(slot);
     if (it == slots_.end()) return result;
-    std::vector<std::pair<const Anchor*, const StoredDeltas*>> usable;
-    for (const auto& a : it->second.anchors) {
-      if (a->length < n) continue;
-      auto d = a->deltas->find(agent);
-      if (d == a->deltas->end()) continue;
-      if (seg && (!d->second.seg_k.defined() || d->second.seg_k.size(2) != seg_len))
-        continue;
-      usable.emplace_back(a.get(), &d->second);
-    }
-    if (req.limit > 0 && static_cast<int64_t>(usable.size()) > req.limit) {
-      // Rank by the caller's order (unknown ids last, in pool order), keep the
-      // first `limit`, then restore pool order for the sums.
-      auto rank = [&](int64_t id) {
-        auto at = std::find(req.nearest.begin(), req.nearest.end(), id);
-        return static_cast<int64_t>(at - req.nearest.begin());
-      };
-      std::vector<size_t> order(usable.size());
-      for (size_t u = 0; u < order.size(); ++u) order[u] = u;
-      std::stable_sort(order.begin(), order.end(), [&](size_t x, size_t y) {
-        return rank(usable[x].first->id) < rank(usable[y].first->id);
-      });
-      order.resize(static_cast<size_t>(req.limit));
-      std::sort(order.begin(), order.end());
-      std::vector<std::pair<const Anchor*, const StoredDeltas*>> kept;
-      for (size_t u : order) kept.push_back(usable[u]);
-      usable.swap(kept);
-    }
+    const auto usable = usable_locked(it->second, n, &agent, seg ? seg_len : -1, req.nearest, req.limit);
     for (const auto& [a, deltas] : usable) {
       const StoredDeltas& d = *deltas;
       result.anchors.push_back(a->id);
@@ -474,6 +448,77 @@ EstimateResult AnchorPool::estimate(const std::string& slot,
                       svs);
   }
   return result;
+}
+
+std::vector<std::pair<const AnchorPool::Anchor*, const StoredDeltas*>> AnchorPool::usable_locked(
+    const Slot& slot, int64_t n, const std::string* agent, int64_t seg_len,
+    const std::vector<int64_t>& nearest, int64_t limit) const {
+  std::vector<std::pair<const Anchor*, const StoredDeltas*>> usable;
+  for (const auto& a : slot.anchors) {
+    if (a->length < n) continue;
+    const StoredDeltas* deltas = nullptr;
+    if (agent != nullptr) {
+      auto d = a->deltas->find(*agent);
+      if (d == a->deltas->end()) continue;
+      if (seg_len >= 0 && (!d->second.seg_k.defined() || d->second.seg_k.size(2) != seg_len))
+        continue;
+      deltas = &d->second;
+    }
+    usable.emplace_back(a.get(), deltas);
+  }
+  if (limit > 0 && static_cast<int64_t>(usable.size()) > limit) {
+    // Rank by the caller's order (unknown ids last, in pool order), keep the
+    // first `limit`, then restore pool order for the sums.
+    auto rank = [&](int64_t id) {
+      return static_cast<int64_t>(std::find(nearest.begin(), nearest.end(), id) - nearest.begin());
+    };
+    std::vector<size_t> order(usable.size());
+    for (size_t u = 0; u < order.size(); ++u) order[u] = u;
+    std::stable_sort(order.begin(), order.end(), [&](size_t x, size_t y) {
+      return rank(usable[x].first->id) < rank(usable[y].first->id);
+    });
+    order.resize(static_cast<size_t>(limit));
+    std::sort(order.begin(), order.end());
+    std::vector<std::pair<const Anchor*, const StoredDeltas*>> kept;
+    for (size_t u : order) kept.push_back(usable[u]);
+    usable.swap(kept);
+  }
+  return usable;
+}
+
+EstimateWeights AnchorPool::estimate_weights(const std::string& slot, const at::Tensor& base_k,
+                                             const at::Tensor& base_v,
+                                             const std::vector<int64_t>& nearest,
+                                             int64_t limit) const {
+  const char* op = "AnchorPool.estimate_weights";
+  check_pair(op, "base_k", base_k, "base_v", base_v);
+  TORCH_CHECK(limit >= 0, op, ": limit (the most anchors an estimate uses; 0 = all) must be >= 0, got ",
+              limit);
+  EstimateWeights w;
+  std::vector<CompactTensor> cbk, cbv;
+  {
+    std::shared_lock<std::shared_mutex> lock(mutex_);
+    check_layout_locked("AnchorPool.estimate_weights: base_k", base_k);
+    auto it = slots_.find(slot);
+    if (it == slots_.end()) return w;
+    for (const auto& [a, unused] : usable_locked(it->second, base_k.size(2), nullptr, -1, nearest, limit)) {
+      w.anchors.push_back(a->id);
+      cbk.push_back(a->base_k);
+      cbv.push_back(a->base_v);
+    }
+  }
+  if (w.anchors.empty()) return w;
+  // The weight ops run the kernels the fused CPU estimate runs (and CUDA's), so
+  // these are the numbers an estimate from the same anchors would compute.
+  const Storage st = config_.storage;
+  const std::vector<at::Tensor> bk = ops_codes(cbk, st), bv = ops_codes(cbv, st);
+  const OpsScales bks(cbk, st), bvs(cbv, st);
+  const double tau = config_.tau;
+  w.token_k = token_weights(base_k, bk, tau, bks);
+  w.token_v = token_weights(base_v, bv, tau, bvs);
+  w.segment_k = segment_weights(base_k, bk, tau, bks);
+  w.segment_v = segment_weights(base_v, bv, tau, bvs);
+  return w;
 }
 
 void AnchorPool::evict_for_capacity_locked(Slot& slot) {

@@ -6,6 +6,8 @@
 #include <torch/csrc/utils/pybind.h>
 #include <pybind11/stl.h>
 
+#include <optional>
+
 #include "cpu_kernels.h"
 #include "kvcomm/anchor_pool.h"
 
@@ -233,6 +235,18 @@ PYBIND11_MODULE(_C, m) {
           "and, with want_spread, the per-token spread of the anchors' deltas. limit > 0: at most that\n"
           "many anchors, the first of `nearest` (anchor ids, nearest first) that are usable. weights: an\n"
           "earlier estimate's (result.weights) of this content, taken when they weight the same anchors.")
+      .def(
+          "estimate_weights",
+          [](const AnchorPool& p, const std::string& slot, const at::Tensor& base_k, const at::Tensor& base_v,
+             const std::vector<int64_t>& nearest, int64_t limit) -> std::optional<kvcomm::EstimateWeights> {
+            kvcomm::EstimateWeights w = p.estimate_weights(slot, base_k, base_v, nearest, limit);
+            if (!w.defined()) return std::nullopt;
+            return w;
+          },
+          py::arg("slot"), py::arg("base_k"),
+           py::arg("base_v"), py::arg("nearest") = std::vector<int64_t>{}, py::arg("limit") = 0, release(),
+           "The anchor weights an estimate of this content would compute, ahead of the call that\n"
+           "needs them (pass them to estimate(weights=...)); None when the slot has no anchor that long.")
       .def("has_slot", &AnchorPool::has_slot)
       .def("slots", &AnchorPool::slots)
       .def("anchors", &AnchorPool::anchors, py::arg("slot"))

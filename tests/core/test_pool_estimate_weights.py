@@ -85,3 +85,27 @@ def test_weights_of_an_estimate_without_a_segment_serve_one_with_a_segment():
     _, k, v = estimate(p, "b")
     _, k2, v2 = estimate(p, "b", weights=bare.weights)
     assert torch.equal(k, k2) and torch.equal(v, v2)
+
+
+def test_weights_prepared_ahead_are_the_estimates_own():
+    # AnchorPool.estimate_weights: what the first estimate computes, before any agent asks
+    p = pool_with((1, 2, 3, 4))
+    ahead = p.estimate_weights("q", kv(6, 9), kv(6, 10), nearest=[3, 1, 0, 2], limit=3)
+    first, k, v = estimate(p, "a", nearest=[3, 1, 0, 2], limit=3)
+    assert list(ahead.anchors) == list(first.anchors) == [0, 1, 3]
+    for name in ("token_k", "token_v", "segment_k", "segment_v"):
+        assert torch.equal(getattr(ahead, name), getattr(first.weights, name)), name
+    _, k2, v2 = estimate(p, "a", nearest=[3, 1, 0, 2], limit=3, weights=ahead)
+    assert torch.equal(k, k2) and torch.equal(v, v2)
+    assert p.estimate_weights("q", kv(9, 9), kv(9, 10)) is None          # no anchor that long
+    assert p.estimate_weights("other", kv(6, 9), kv(6, 10)) is None
+
+
+def test_weights_prepared_over_anchors_an_agent_lacks_are_not_taken():
+    p = pool_with((1, 2))
+    add(p, 3, agents=("a",))                                             # "b" has no deltas here
+    ahead = p.estimate_weights("q", kv(6, 9), kv(6, 10))
+    assert len(ahead.anchors) == 3
+    _, k, v = estimate(p, "b")
+    res, k2, v2 = estimate(p, "b", weights=ahead)
+    assert torch.equal(k, k2) and torch.equal(v, v2) and len(res.anchors) == 2

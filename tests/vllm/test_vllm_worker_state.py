@@ -39,7 +39,7 @@ def test_worker_plans_and_records_like_the_engine(smollm2, tmp_path):
     ws = WorkerState(eng.spec, AnchorPool(eng.pool.config), RankGroup(1))
     for st in eng.agents.values():
         ws.agents[st.key] = st
-    paths = []
+    paths, took_ahead = [], 0
     for j, q in enumerate(TEST):
         sid = f"t{j}"
         before = tmp_path / f"pool-{j}.bin"
@@ -59,7 +59,16 @@ def test_worker_plans_and_records_like_the_engine(smollm2, tmp_path):
             out, cache, lay = run(eng, name, inputs, 4)
             st = ws.session(sid)
             st.encoded.update(eng.request.encoded)   # the same header encodings of the contents
+            ahead = {}
+            for key in st.encoded:   # as when the question's encoding lands: its weights prepared
+                if key[0] == "question" and ("user_question", key[1]) not in st.contents:
+                    ws._prepare_weights(st, "user_question", key)
+                    ahead = {key[1]: st.prepared.get(("user_question", key[1]))}
             res = ws.plan(f"r{j}{name}", lay.ids, layout_of(eng, name, lay, sid, 4))
+            for ids, w in ahead.items():
+                c = st.contents[("user_question", ids)]
+                if w is not None and c.weights.get(len(ids)) is w:
+                    took_ahead += 1   # the call's estimate took the prepared weights (staged KV checked below)
             assert res.path == out.path, (name, q, res.reason, out.reason)
             assert res.slots == out.slot_decisions
             T = lay.length
@@ -83,3 +92,4 @@ def test_worker_plans_and_records_like_the_engine(smollm2, tmp_path):
             if name == "solver":
                 solver_text = out.text.strip() or "none"
     assert "dense" in paths and ("reuse" in paths or "partial" in paths), paths
+    assert took_ahead > 0

@@ -135,6 +135,8 @@ struct EstimateResult {
   bool ok() const { return !anchors.empty(); }
 };
 
+struct StoredDeltas;  // an agent's deltas as the pool stores them (cpp/anchor.h)
+
 class AnchorPool {
  public:
   explicit AnchorPool(PoolConfig config = {});
@@ -180,6 +182,15 @@ class AnchorPool {
   // Records (replaces) `agent`'s deltas for anchor `id` (copied).
   void record_deltas(const std::string& slot, int64_t id,
                      const std::string& agent, const AgentDeltas& deltas);
+
+  // The anchor weights an estimate of this content would compute (every
+  // agent's, where each anchor holds every agent's deltas), ahead of the
+  // first call that needs them: pass them as EstimateRequest::weights. The
+  // anchors are the slot's long enough ones, chosen as EstimateRequest's
+  // nearest and limit choose; empty weights when there are none.
+  EstimateWeights estimate_weights(const std::string& slot, const at::Tensor& base_k,
+                                   const at::Tensor& base_v, const std::vector<int64_t>& nearest,
+                                   int64_t limit) const;
 
   // docs/method.md, "Estimating the offset": writes the estimated placeholder (and segment) KV for
   // `agent` into the request's destinations. Uses every anchor of the slot
@@ -234,6 +245,12 @@ class AnchorPool {
 
  private:
   std::shared_ptr<Anchor> find_locked(const std::string& slot, int64_t id) const;
+  // The anchors an estimate of n tokens uses (EstimateRequest's nearest and
+  // limit): long enough and, with `agent`, holding its deltas (and segment
+  // deltas of seg_len tokens, when >= 0); in pool order.
+  std::vector<std::pair<const Anchor*, const StoredDeltas*>> usable_locked(
+      const Slot& slot, int64_t n, const std::string* agent, int64_t seg_len,
+      const std::vector<int64_t>& nearest, int64_t limit) const;
   void evict_for_capacity_locked(Slot& slot);
   void enforce_budget_locked(const Anchor* keep, int64_t extra_bytes);
   void check_layout_locked(const char* what, const at::Tensor& t) const;

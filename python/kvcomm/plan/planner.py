@@ -264,6 +264,9 @@ class Planner:
             return content
         content = decide_content(self.pool, slot, ids, base[0], base[1], base[2], learn=learn, group=self.group,
                                  head=self.head_share)
+        ahead = session.prepared.pop((slot, ids), None)
+        if ahead is not None:
+            content.weights[len(ids)] = ahead
         session.contents[(slot, ids)] = content
         if laps is not None:
             laps.lap("decide")

@@ -78,6 +78,9 @@ class Session:
     current: dict = field(default_factory=dict)    # agent -> Reply, this round
     history: dict = field(default_factory=dict)    # agent -> Reply, previous round
     late_plans: list = field(default_factory=list)  # call plans whose first-carried slots wait for a base
+    # (slot, ids) -> anchor weights a backend computed for a content before its first call
+    # (kvcomm.EstimateWeights; the call's estimate takes them when they fit)
+    prepared: dict = field(default_factory=dict)
 
     def next_round(self) -> None:
         self.round += 1

@@ -198,7 +198,7 @@ class WorkerSide:
         elif job.kind == "encode":
             h = int(p["header"])
             k, v = paged.read(job.block_ids, h, T)
-            state.add_encoding(p["session"], p["kind"], tuple(p["content_ids"]), k, v, h)
+            state.add_encoding(p["session"], p["kind"], tuple(p["content_ids"]), k, v, h, slot=p.get("slot"))
         elif job.kind == "record":
             k, v = paged.read(job.block_ids, 0, T - 1)
             state.record_later(job.req_id, k, v)

@@ -99,14 +99,41 @@ class WorkerState:
             self._agent_bytes.pop(old, None)
         self.stats.templates += 1
 
-    def add_encoding(self, sid: str, kind: str, ids: tuple, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
-        """A content encoded behind its header: k, v [L,H,n,D] of its tokens, the first at `start`."""
+    def add_encoding(self, sid: str, kind: str, ids: tuple, k: torch.Tensor, v: torch.Tensor, start: int,
+                     slot: str | None = None) -> None:
+        """A content encoded behind its header: k, v [L,H,n,D] of its tokens, the first at `start`;
+        `slot`: the slot a call will read it in (its estimate's weights are prepared for it)."""
         from ..plan.neutral import neutral_keys
         st = self.session(sid)
-        st.encoded.setdefault((kind, tuple(ids)), (neutral_keys(k, start, self.spec.inv_freq), v.contiguous().clone()))
+        key = (kind, tuple(ids))
+        st.encoded.setdefault(key, (neutral_keys(k, start, self.spec.inv_freq), v.contiguous().clone()))
         self.stats.encodings += 1
         if st.late_plans:
             self._background(self._settle, st)
+        group = self.planner.group
+        if slot and self.planner.estimator.uses_anchors and (group is None or group.world_size == 1):
+            self._background(self._prepare_weights, st, slot, key)
+
+    @torch.inference_mode()
+    def _prepare_weights(self, st, slot: str, key: tuple) -> None:
+        """The anchor weights of an encoded content's estimate, computed after its encoding
+        lands (the first carrier's call is decoding meanwhile) instead of on the next call's
+        critical path: the first call that estimates the content takes them when its anchors
+        are still the ones chosen here (kvcomm.AnchorPool.estimate_weights), else computes its
+        own. Under tensor parallelism the choice needs every rank's distances, so it waits for
+        the call there."""
+        ids = key[1]
+        if (slot, ids) in st.contents or key not in st.encoded:
+            return   # decided already (its call computed the weights), or forgotten
+        try:
+            k, v = st.encoded[key]
+            cand, dist = self.pool.candidate_distances(slot, v, rms=self.pool.config.distance == "rms")
+            nearest = [cand[u] for u in sorted(range(len(cand)), key=lambda u: float(dist[u]))]
+            w = self.pool.estimate_weights(slot, k, v, nearest, self.planner.settings.estimate_anchors)
+            if w is not None:
+                st.prepared[(slot, ids)] = w
+        except Exception:
+            log.exception("kvcomm connector: preparing the weights of a %s content failed", slot)
 
     def add_reply(self, call: CallLayout, ids: tuple, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
         """A call's reply tokens that carry KV (k, v [L,H,n,D], the first at `start`): the base
