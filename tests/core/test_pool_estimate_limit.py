@@ -79,10 +79,8 @@ def test_the_planner_passes_the_decisions_order_and_its_setting(monkeypatch):
     from kvcomm.plan.decide import nearest_first
     from kvcomm.plan.planner import PlanSettings
 
-    class D:
-        candidates = [7, 3, 5]
-        distances = [2.0, 0.5, 1.0]
-    assert nearest_first(D()) == (3, 5, 7)
+    assert nearest_first([7, 3, 5], [2.0, 0.5, 1.0]) == (3, 5, 7)
+    assert nearest_first([4, 9], torch.tensor([1.0, 1.0])) == (4, 9)   # ties: pool order
     assert PlanSettings().estimate_anchors == 8
     assert "estimate_anchors=0" in PlanSettings(estimate_anchors=0).describe()
     for bad in (-1, 1.5, True):

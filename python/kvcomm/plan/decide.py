@@ -63,10 +63,10 @@ def decide(pool, slot: str, content_v: torch.Tensor, group: RankGroup | None = N
     return pool.decide_from_distances(slot, ids, dist, credit=credit)
 
 
-def nearest_first(decision) -> tuple:
-    """The decision's candidate anchor ids, nearest first (ties in pool order)."""
-    order = sorted(range(len(decision.candidates)), key=lambda u: float(decision.distances[u]))
-    return tuple(int(decision.candidates[u]) for u in order)
+def nearest_first(ids, distances) -> tuple:
+    """Candidate anchor ids, nearest first by their distances (ties in pool order)."""
+    order = sorted(range(len(ids)), key=lambda u: float(distances[u]))
+    return tuple(int(ids[u]) for u in order)
 
 
 def covered_length(pool, slot: str) -> int:
@@ -139,7 +139,7 @@ def decide_content(pool, slot: str, ids: tuple, k: torch.Tensor, v: torch.Tensor
                 d, shared_head = dh, m
     content = Content(slot=slot, ids=tuple(ids), base_k=k, base_v=v, source=source, share=bool(d.share),
                       reason=d.reason, gate=decision_numbers(d, len(ids) if shared_head is None else shared_head),
-                      head=shared_head, nearest=nearest_first(d))
+                      head=shared_head, nearest=nearest_first(d.candidates, d.distances))
     if not d.share and learn:
         content.anchor_id = pool.add_anchor(slot, k, v)
     return content

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..plan.decide import RankGroup
+from ..plan.decide import RankGroup, nearest_first
 from ..plan.planner import CallPlan, Planner, PlanSettings
 from ..plan.state import AgentState, Sessions, agent_from_template_kv, tensor_bytes
 from ..plan.template import PromptLayout, parse_template
@@ -128,9 +128,9 @@ class WorkerState:
         try:
             k, v = st.encoded[key]
             cand, dist = self.pool.candidate_distances(slot, v, rms=self.pool.config.distance == "rms")
-            nearest = [cand[u] for u in sorted(range(len(cand)), key=lambda u: float(dist[u]))]
-            w = self.pool.estimate_weights(slot, k, v, nearest, self.planner.settings.estimate_anchors)
-            if w is not None:
+            w = self.pool.estimate_weights(slot, k, v, list(nearest_first(cand, dist)),
+                                           self.planner.settings.estimate_anchors)
+            if w is not None and (slot, ids) not in st.contents:   # a call may have decided it meanwhile
                 st.prepared[(slot, ids)] = w
         except Exception:
             log.exception("kvcomm connector: preparing the weights of a %s content failed", slot)
