@@ -85,6 +85,23 @@ class OpsScales {
   std::vector<at::Tensor> scales_;
 };
 
+// A content's anchor weights from the weight ops (the kernels the fused CPU
+// estimate runs too), anchor bases as the ops take them; the following
+// segment's weights only when asked for.
+EstimateWeights op_weights(const at::Tensor& base_k, const at::Tensor& base_v,
+                           const std::vector<at::Tensor>& bk, const OpsScales& bks,
+                           const std::vector<at::Tensor>& bv, const OpsScales& bvs, double tau,
+                           bool segment) {
+  EstimateWeights w;
+  w.token_k = token_weights(base_k, bk, tau, bks);
+  w.token_v = token_weights(base_v, bv, tau, bvs);
+  if (segment) {
+    w.segment_k = segment_weights(base_k, bk, tau, bks);
+    w.segment_v = segment_weights(base_v, bv, tau, bvs);
+  }
+  return w;
+}
+
 // How the CPU kernels read anchors of storage `s` next to `content`
 // (cpu_kernels.h StoreForm): every storage is read as stored, the model's
 // dtype (and bf16 under a bf16 model) being the plain case.
@@ -422,16 +439,9 @@ EstimateResult AnchorPool::estimate(const std::string& slot,
       svs(csv, st);
   const at::Tensor shift = shift_scalar(req.position, req.base_k);
   EstimateWeights& w = result.weights;
-  if (weights_fit(req.weights, result.anchors, req.base_k, seg)) {
-    w = req.weights;
-  } else {
-    w.token_k = token_weights(req.base_k, bk, tau, bks);
-    w.token_v = token_weights(req.base_v, bv, tau, bvs);
-    if (seg) {
-      w.segment_k = segment_weights(req.base_k, bk, tau, bks);
-      w.segment_v = segment_weights(req.base_v, bv, tau, bvs);
-    }
-  }
+  w = weights_fit(req.weights, result.anchors, req.base_k, seg)
+          ? req.weights
+          : op_weights(req.base_k, req.base_v, bk, bks, bv, bvs, tau, seg);
   w.anchors = result.anchors;
   const at::Tensor& wk = w.token_k;
   const at::Tensor& wv = w.token_v;
@@ -512,12 +522,9 @@ EstimateWeights AnchorPool::estimate_weights(const std::string& slot, const at::
   // these are the numbers an estimate from the same anchors would compute.
   const Storage st = config_.storage;
   const std::vector<at::Tensor> bk = ops_codes(cbk, st), bv = ops_codes(cbv, st);
-  const OpsScales bks(cbk, st), bvs(cbv, st);
-  const double tau = config_.tau;
-  w.token_k = token_weights(base_k, bk, tau, bks);
-  w.token_v = token_weights(base_v, bv, tau, bvs);
-  w.segment_k = segment_weights(base_k, bk, tau, bks);
-  w.segment_v = segment_weights(base_v, bv, tau, bvs);
+  std::vector<int64_t> ids = std::move(w.anchors);
+  w = op_weights(base_k, base_v, bk, OpsScales(cbk, st), bv, OpsScales(cbv, st), config_.tau, true);
+  w.anchors = std::move(ids);
   return w;
 }
 
