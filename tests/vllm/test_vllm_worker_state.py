@@ -60,14 +60,14 @@ def test_worker_plans_and_records_like_the_engine(smollm2, tmp_path):
             st = ws.session(sid)
             st.encoded.update(eng.request.encoded)   # the same header encodings of the contents
             ahead = {}
-            for key in st.encoded:   # as when the question's encoding lands: its weights prepared
+            for key in st.encoded:   # as when the question's encoding lands: its distances and weights prepared
                 if key[0] == "question" and ("user_question", key[1]) not in st.contents:
                     ws._prepare_weights(st, "user_question", key)
                     ahead = {key[1]: st.prepared.get(("user_question", key[1]))}
             res = ws.plan(f"r{j}{name}", lay.ids, layout_of(eng, name, lay, sid, 4))
-            for ids, w in ahead.items():
+            for ids, prep in ahead.items():
                 c = st.contents[("user_question", ids)]
-                if w is not None and c.weights.get(len(ids)) is w:
+                if prep is not None and prep.weights is not None and c.weights.get(len(ids)) is prep.weights:
                     took_ahead += 1   # the call's estimate took the prepared weights (staged KV checked below)
             assert res.path == out.path, (name, q, res.reason, out.reason)
             assert res.slots == out.slot_decisions

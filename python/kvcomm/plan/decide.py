@@ -23,7 +23,7 @@ import zlib
 
 import torch
 
-from .state import Content, decision_numbers
+from .state import Content, Prepared, decision_numbers
 
 
 class RankGroup:
@@ -43,12 +43,25 @@ class RankGroup:
         return self._all_reduce(t)
 
 
+def candidate_ids(pool, slot: str, tokens: int) -> tuple:
+    """The ids of `slot`'s candidates for a content of `tokens` tokens (anchors at least that
+    long), in pool order: the anchors AnchorPool.candidate_distances measures."""
+    return tuple(a.id for a in pool.anchors(slot) if a.length >= tokens)
+
+
 def decide(pool, slot: str, content_v: torch.Tensor, group: RankGroup | None = None, *, credit: bool = True,
-           force_reduce: bool = False):
+           force_reduce: bool = False, known=None):
     """The pool's decision (a kvcomm.Decision) for content values `content_v` [L,H,n,D] (this
     rank's heads) in `slot`. One rank: AnchorPool.decide itself; several (or force_reduce,
-    for tests): distances reduced over `group`, then the pool's rule."""
+    for tests): distances reduced over `group`, then the pool's rule.
+
+    known: (candidate ids, distances) measured earlier for these values on one rank
+    (kvcomm.plan.state.Prepared); the pool's rule takes them when the slot's candidates are
+    still those anchors (anchors never change, so the distances are the same), else the
+    distances are measured again."""
     if (group is None or group.world_size == 1) and not force_reduce:
+        if known is not None and tuple(known[0]) == candidate_ids(pool, slot, content_v.shape[2]):
+            return pool.decide_from_distances(slot, list(known[0]), known[1], credit=credit)
         return pool.decide(slot, content_v, credit=credit)
     group = group or RankGroup(1)
     ids, dist = pool.candidate_distances(slot, content_v, rms=False)
@@ -116,7 +129,8 @@ class HeadShare:
 
 
 def decide_content(pool, slot: str, ids: tuple, k: torch.Tensor, v: torch.Tensor, source: str, *,
-                   learn: bool = True, group: RankGroup | None = None, head: HeadShare | None = None) -> Content:
+                   learn: bool = True, group: RankGroup | None = None, head: HeadShare | None = None,
+                   prepared: Prepared | None = None) -> Content:
     """The decision for content `ids` in `slot` (base k, v neutral [L,H,n,D]); the content
     becomes a new anchor when it does not share. learn=False leaves the pool as it is: no
     activation credit, no new anchor.
@@ -128,8 +142,12 @@ def decide_content(pool, slot: str, ids: tuple, k: torch.Tensor, v: torch.Tensor
     does not become an anchor here (a call that computes all of it anyway makes it one:
     Planner.record). Causal attention makes the first m tokens of a content a content of
     length m, so their estimate is the method's own; only the uncovered tail is left to the
-    model."""
-    d = decide(pool, slot, v, group, credit=learn)
+    model.
+
+    prepared: what was computed for this content ahead (its distances are taken when its
+    candidates are unchanged; its weights become the content's at its full length)."""
+    known = None if prepared is None else (prepared.candidates, prepared.distances)
+    d = decide(pool, slot, v, group, credit=learn, known=known)
     shared_head = None
     if not d.share and d.reason == "too_few_candidates" and head is not None:
         n, m = len(ids), covered_length(pool, slot)
@@ -140,6 +158,8 @@ def decide_content(pool, slot: str, ids: tuple, k: torch.Tensor, v: torch.Tensor
     content = Content(slot=slot, ids=tuple(ids), base_k=k, base_v=v, source=source, share=bool(d.share),
                       reason=d.reason, gate=decision_numbers(d, len(ids) if shared_head is None else shared_head),
                       head=shared_head, nearest=nearest_first(d.candidates, d.distances))
+    if prepared is not None and prepared.weights is not None:
+        content.weights[len(ids)] = prepared.weights
     if not d.share and learn:
         content.anchor_id = pool.add_anchor(slot, k, v)
     return content

@@ -263,10 +263,7 @@ class Planner:
                                                               share=True, reason=NO_DECISION)
             return content
         content = decide_content(self.pool, slot, ids, base[0], base[1], base[2], learn=learn, group=self.group,
-                                 head=self.head_share)
-        ahead = session.prepared.pop((slot, ids), None)
-        if ahead is not None:
-            content.weights[len(ids)] = ahead
+                                 head=self.head_share, prepared=session.prepared.pop((slot, ids), None))
         session.contents[(slot, ids)] = content
         if laps is not None:
             laps.lap("decide")

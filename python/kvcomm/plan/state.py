@@ -69,6 +69,18 @@ class Reply:
 
 
 @dataclass
+class Prepared:
+    """What a backend computed for a content before any call decided it (the server does it
+    when the content's encoding lands, its first carrier still decoding): its distances to
+    the slot's candidates, which the first call's decision takes while the candidates are the
+    same anchors, and the anchor weights of its estimate (kvcomm.EstimateWeights, or None
+    when no anchor was usable), which the estimate takes when they fit."""
+    candidates: tuple             # anchor ids in pool order (AnchorPool.candidate_distances)
+    distances: torch.Tensor       # float32 [len(candidates)], in the pool's distance form
+    weights: object = None
+
+
+@dataclass
 class Session:
     """One multi-agent request. Keys: contents (slot, ids); encoded (kind, ids)."""
     index: int
@@ -78,8 +90,7 @@ class Session:
     current: dict = field(default_factory=dict)    # agent -> Reply, this round
     history: dict = field(default_factory=dict)    # agent -> Reply, previous round
     late_plans: list = field(default_factory=list)  # call plans whose first-carried slots wait for a base
-    # (slot, ids) -> anchor weights a backend computed for a content before its first call
-    # (kvcomm.EstimateWeights; the call's estimate takes them when they fit)
+    # (slot, ids) -> what a backend computed for a content before its first call (Prepared)
     prepared: dict = field(default_factory=dict)
 
     def next_round(self) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ import torch
 
 from ..plan.decide import RankGroup, nearest_first
 from ..plan.planner import CallPlan, Planner, PlanSettings
-from ..plan.state import AgentState, Sessions, agent_from_template_kv, tensor_bytes
+from ..plan.state import AgentState, Prepared, Sessions, agent_from_template_kv, tensor_bytes
 from ..plan.template import PromptLayout, parse_template
 from .heap import HeapTrimmer
 from .jobs import CallLayout, PlanResult
@@ -116,12 +117,13 @@ class WorkerState:
 
     @torch.inference_mode()
     def _prepare_weights(self, st, slot: str, key: tuple) -> None:
-        """The anchor weights of an encoded content's estimate, computed after its encoding
-        lands (the first carrier's call is decoding meanwhile) instead of on the next call's
-        critical path: the first call that estimates the content takes them when its anchors
-        are still the ones chosen here (kvcomm.AnchorPool.estimate_weights), else computes its
-        own. Under tensor parallelism the choice needs every rank's distances, so it waits for
-        the call there."""
+        """An encoded content's distances to its slot's candidates and its estimate's anchor
+        weights, computed after its encoding lands (the first carrier's call is decoding
+        meanwhile) instead of on the next call's critical path: the first call that decides
+        the content takes the distances while the slot's candidates are the same anchors, and
+        the weights when its anchors are still the ones chosen here
+        (kvcomm.AnchorPool.estimate_weights); else it computes its own. Under tensor
+        parallelism the decision needs every rank's distances, so it waits for the call there."""
         ids = key[1]
         if (slot, ids) in st.contents or key not in st.encoded:
             return   # decided already (its call computed the weights), or forgotten
@@ -130,8 +132,8 @@ class WorkerState:
             cand, dist = self.pool.candidate_distances(slot, v, rms=self.pool.config.distance == "rms")
             w = self.pool.estimate_weights(slot, k, v, list(nearest_first(cand, dist)),
                                            self.planner.settings.estimate_anchors)
-            if w is not None and (slot, ids) not in st.contents:   # a call may have decided it meanwhile
-                st.prepared[(slot, ids)] = w
+            if (slot, ids) not in st.contents:   # a call may have decided it meanwhile
+                st.prepared[(slot, ids)] = Prepared(tuple(int(i) for i in cand), dist, w)
         except Exception:
             log.exception("kvcomm connector: preparing the weights of a %s content failed", slot)
 
@@ -158,8 +160,10 @@ class WorkerState:
         if agent is None:
             return self._count(PlanResult("dense", "agent template not registered on this worker", 0))
         st = self.session(call.session, call.round)
+        t0 = time.perf_counter()
         plan = self.planner.plan(agent, lay, st, max_new_tokens=call.max_tokens, learn=call.learn,
                                  deferred=frozenset(call.deferred), cached=cached)
+        t1 = time.perf_counter()
         if plan.uses_estimates:
             T = lay.length
             k = torch.empty(self.spec.num_layers, self.spec.kv_heads, T - 1, self.spec.head_dim,
@@ -168,6 +172,8 @@ class WorkerState:
             self.planner.assemble(plan, k, v)
             if plan.uses_estimates:
                 self.staged[req_id] = (k, v)
+        log.debug("kvcomm connector: %s planned %s in %.1f ms, estimated in %.1f ms", req_id, plan.path,
+                  (t1 - t0) * 1000.0, (time.perf_counter() - t1) * 1000.0)
         record = plan.learn and plan.refused is None and plan.path != "reuse"
         if record:
             self.pending[req_id] = (plan, st)

@@ -1,0 +1,78 @@
+"""A content's distances measured ahead (kvcomm.plan.state.Prepared, what the server computes
+when a content's encoding lands): the first call's decision takes them while the slot's
+candidates are the same anchors, and measures again when they are not. Synthetic KV."""
+import torch
+
+from kvcomm import AnchorPool, PoolConfig
+from kvcomm.plan.decide import candidate_ids, decide_content, nearest_first
+from kvcomm.plan.state import Prepared
+
+SLOT = "user_question"
+
+
+def kv(seed: int, n: int = 6):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 2, n, 8, generator=g), torch.randn(2, 2, n, 8, generator=g)
+
+
+def pool_with(anchors: int, n: int = 6) -> AnchorPool:
+    pool = AnchorPool(PoolConfig(min_anchors=2, gamma=4.0))
+    for j in range(anchors):
+        k, v = kv(100 + j, n)
+        pool.add_anchor(SLOT, k, v)
+    return pool
+
+
+def measured(pool, v) -> Prepared:
+    cand, dist = pool.candidate_distances(SLOT, v, rms=pool.config.distance == "rms")
+    return Prepared(tuple(int(i) for i in cand), dist)
+
+
+def test_candidate_ids_are_the_anchors_the_distances_cover():
+    pool = pool_with(3)
+    pool.add_anchor(SLOT, *kv(9, 3))   # too short for a 6-token content
+    k, v = kv(1)
+    cand, _ = pool.candidate_distances(SLOT, v, rms=False)
+    assert candidate_ids(pool, SLOT, 6) == tuple(int(i) for i in cand) and len(cand) == 3
+    assert len(candidate_ids(pool, SLOT, 3)) == 4
+
+
+def test_prepared_distances_decide_as_measuring_them_does():
+    k, v = kv(1)
+    fresh, ahead = pool_with(4), pool_with(4)
+    want = decide_content(fresh, SLOT, (1, 2, 3, 4, 5, 6), k, v, "header")
+    prep = measured(ahead, v)
+    got = decide_content(ahead, SLOT, (1, 2, 3, 4, 5, 6), k, v, "header", prepared=prep)
+    assert (got.share, got.reason, got.nearest) == (want.share, want.reason, want.nearest)
+    assert got.gate == want.gate
+    # the decision's activation credit is given as when it measures
+    assert [a.activations for a in ahead.anchors(SLOT)] == [a.activations for a in fresh.anchors(SLOT)]
+
+
+def test_prepared_distances_are_taken_while_the_candidates_are_the_same():
+    k, v = kv(1)
+    prep = measured(pool_with(3), v)
+    given = Prepared(prep.candidates, torch.tensor([0.5, 0.25, 0.75]))
+    got = decide_content(pool_with(3), SLOT, (1, 2, 3, 4, 5, 6), k, v, "header", prepared=given)
+    assert got.gate["nearest"] == [0.25, 0.5]   # the given distances, not measured ones
+    assert got.nearest == nearest_first(prep.candidates, given.distances)
+
+
+def test_prepared_distances_are_not_taken_once_the_candidates_changed():
+    k, v = kv(1)
+    pool = pool_with(3)
+    prep = Prepared(measured(pool, v).candidates, torch.tensor([0.5, 0.25, 0.75]))
+    pool.add_anchor(SLOT, k + 0.01, v + 0.01)   # an anchor next to the content arrives after
+    got = decide_content(pool, SLOT, (1, 2, 3, 4, 5, 6), k, v, "header", prepared=prep)
+    assert len(got.nearest) == 4   # measured again: the new anchor is a candidate, and the nearest
+    assert got.nearest[0] == candidate_ids(pool, SLOT, 6)[-1]
+    assert got.gate["nearest"][0] < 0.25
+
+
+def test_prepared_weights_become_the_contents_at_its_full_length():
+    k, v = kv(1)
+    pool = pool_with(4)
+    prep = measured(pool, v)
+    prep.weights = object()
+    got = decide_content(pool, SLOT, (1, 2, 3, 4, 5, 6), k, v, "header", prepared=prep)
+    assert got.weights[6] is prep.weights
