@@ -4,8 +4,11 @@ candidates are the same anchors, and measures again when they are not. Synthetic
 import torch
 
 from kvcomm import AnchorPool, PoolConfig
+from kvcomm.plan import PlanSettings, Planner
 from kvcomm.plan.decide import candidate_ids, decide_content, nearest_first
-from kvcomm.plan.state import Prepared
+from kvcomm.plan.state import Prepared, Session
+
+from test_planner import ROPE, SPANS, D, H, L, T, agent, content, layout, pool_with as planner_pool
 
 SLOT = "user_question"
 
@@ -76,3 +79,25 @@ def test_prepared_weights_become_the_contents_at_its_full_length():
     prep.weights = object()
     got = decide_content(pool, SLOT, (1, 2, 3, 4, 5, 6), k, v, "header", prepared=prep)
     assert got.weights[6] is prep.weights
+
+
+def test_a_first_carriers_settle_decides_with_what_was_prepared():
+    """The server prepares a content when its encoding lands, before the first carrier's
+    settle: settle's decision takes the prepared distances and the content keeps the weights
+    for the next agent's estimate."""
+    pool = planner_pool({"user_question"}, anchors=3)
+    planner = Planner(pool, ROPE, PlanSettings(defer_first_encoding=True))
+    st = Session(index=1)
+    plan = planner.plan(agent(), layout(), st, max_new_tokens=4, encode=lambda kind, ids: None)
+    assert "user_question" in plan.first_carrier
+    planner.record(plan, torch.randn(L, H, T, D), torch.randn(L, H, T, D))
+    slot, a, b = SPANS[0]
+    ids = tuple(layout().ids[a:b])
+    st.encoded[("question", ids)] = content(slot, 0)
+    cand = candidate_ids(pool, slot, b - a)
+    marker = object()
+    st.prepared[(slot, ids)] = Prepared(cand, torch.tensor([0.0, 9.0, 9.5]), marker)
+    planner.settle(plan, st)
+    c = st.contents[(slot, ids)]
+    assert c.gate["nearest"] == [0.0, 9.0] and c.share   # decided on the prepared distances
+    assert c.weights[b - a] is marker and (slot, ids) not in st.prepared

@@ -67,7 +67,9 @@ def test_worker_plans_and_records_like_the_engine(smollm2, tmp_path):
             res = ws.plan(f"r{j}{name}", lay.ids, layout_of(eng, name, lay, sid, 4))
             for ids, prep in ahead.items():
                 c = st.contents[("user_question", ids)]
-                if prep is not None and prep.weights is not None and c.weights.get(len(ids)) is prep.weights:
+                used = c.weights.get(len(ids))
+                if prep is not None and prep.weights is not None and used is not None and \
+                        used.token_k.data_ptr() == prep.weights.token_k.data_ptr():
                     took_ahead += 1   # the call's estimate took the prepared weights (staged KV checked below)
             assert res.path == out.path, (name, q, res.reason, out.reason)
             assert res.slots == out.slot_decisions

@@ -487,9 +487,9 @@ class Planner:
             kv = plan.late.pop(i)
             c = session.contents.get((name, ids))
             if c is None:
-                c = session.contents[(name, ids)] = decide_content(self.pool, name, ids, base[0], base[1], "header",
-                                                                   learn=plan.learn, group=self.group,
-                                                                   head=self.head_share)
+                c = session.contents[(name, ids)] = decide_content(
+                    self.pool, name, ids, base[0], base[1], "header", learn=plan.learn, group=self.group,
+                    head=self.head_share, prepared=session.prepared.pop((name, ids), None))
             if c.share and c.anchor_id is None and not self._has_deltas(plan.agent, c):
                 plan.missing.add(i)
             plan.contents[i] = c

@@ -109,29 +109,35 @@ class WorkerState:
         key = (kind, tuple(ids))
         st.encoded.setdefault(key, (neutral_keys(k, start, self.spec.inv_freq), v.contiguous().clone()))
         self.stats.encodings += 1
-        if st.late_plans:
-            self._background(self._settle, st)
         group = self.planner.group
+        # Prepared first: the first carrier's settle below decides the content with them.
         if slot and self.planner.estimator.uses_anchors and (group is None or group.world_size == 1):
             self._background(self._prepare_weights, st, slot, key)
+        if st.late_plans:
+            self._background(self._settle, st)
 
     @torch.inference_mode()
     def _prepare_weights(self, st, slot: str, key: tuple) -> None:
         """An encoded content's distances to its slot's candidates and its estimate's anchor
         weights, computed after its encoding lands (the first carrier's call is decoding
-        meanwhile) instead of on the next call's critical path: the first call that decides
-        the content takes the distances while the slot's candidates are the same anchors, and
-        the weights when its anchors are still the ones chosen here
-        (kvcomm.AnchorPool.estimate_weights); else it computes its own. Under tensor
-        parallelism the decision needs every rank's distances, so it waits for the call there."""
+        meanwhile) instead of on the next call's critical path: whatever decides the content
+        first (the first carrier's settle, queued after this, or the next call) takes the
+        distances while the slot's candidates are the same anchors, and the first estimate
+        takes the weights when its anchors are still the ones chosen here
+        (kvcomm.AnchorPool.estimate_weights); else they are computed again. The weights only
+        for a content that shares at its full length (one that does not is not estimated
+        whole). Under tensor parallelism the decision needs every rank's distances, so it
+        waits for the call there."""
         ids = key[1]
         if (slot, ids) in st.contents or key not in st.encoded:
             return   # decided already (its call computed the weights), or forgotten
         try:
             k, v = st.encoded[key]
             cand, dist = self.pool.candidate_distances(slot, v, rms=self.pool.config.distance == "rms")
-            w = self.pool.estimate_weights(slot, k, v, list(nearest_first(cand, dist)),
-                                           self.planner.settings.estimate_anchors)
+            w = None
+            if self.pool.decide_from_distances(slot, cand, dist, credit=False).share:   # else not estimated whole
+                w = self.pool.estimate_weights(slot, k, v, list(nearest_first(cand, dist)),
+                                               self.planner.settings.estimate_anchors)
             if (slot, ids) not in st.contents:   # a call may have decided it meanwhile
                 st.prepared[(slot, ids)] = Prepared(tuple(int(i) for i in cand), dist, w)
         except Exception:
