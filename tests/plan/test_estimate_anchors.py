@@ -55,7 +55,8 @@ def test_the_next_call_on_a_content_takes_its_anchor_weights():
     k1 = torch.zeros(2, 2, T - 1, 8)
     planner.assemble(first, k1, torch.zeros_like(k1))
     c = first.contents[0]
-    assert pool.given[0] is None and list(c.weights[5].anchors) == first.anchors["user_question"]
+    used = tuple(first.anchors["user_question"])
+    assert pool.given[0] is None and list(c.weights[(5, used)].anchors) == list(used)
     second = planner.plan(agent(), layout(), st, max_new_tokens=4)
     assert second.contents[0] is c                       # the session's content, decided once
     k2 = torch.zeros_like(k1)

@@ -1,11 +1,13 @@
 """A content's distances measured ahead (kvcomm.plan.state.Prepared, what the server computes
 when a content's encoding lands): the first call's decision takes them while the slot's
 candidates are the same anchors, and measures again when they are not. Synthetic KV."""
+from types import SimpleNamespace
+
 import torch
 
 from kvcomm import AnchorPool, PoolConfig
 from kvcomm.plan import PlanSettings, Planner
-from kvcomm.plan.decide import candidate_ids, decide_content, nearest_first
+from kvcomm.plan.decide import candidate_ids, decide_content, nearest_first, usable_anchors
 from kvcomm.plan.state import Prepared, Session
 
 from test_planner import ROPE, SPANS, D, H, L, T, agent, content, layout, pool_with as planner_pool
@@ -72,13 +74,14 @@ def test_prepared_distances_are_not_taken_once_the_candidates_changed():
     assert got.gate["nearest"][0] < 0.25
 
 
-def test_prepared_weights_become_the_contents_at_its_full_length():
+def test_prepared_weights_become_the_contents_at_its_full_length_by_their_anchors():
     k, v = kv(1)
     pool = pool_with(4)
     prep = measured(pool, v)
-    prep.weights = object()
+    w1, w2 = SimpleNamespace(anchors=[1, 2]), SimpleNamespace(anchors=[2, 3])
+    prep.weights = (w1, w2)
     got = decide_content(pool, SLOT, (1, 2, 3, 4, 5, 6), k, v, "header", prepared=prep)
-    assert got.weights[6] is prep.weights
+    assert got.weights == {(6, (1, 2)): w1, (6, (2, 3)): w2}
 
 
 def test_a_first_carriers_settle_decides_with_what_was_prepared():
@@ -95,9 +98,32 @@ def test_a_first_carriers_settle_decides_with_what_was_prepared():
     ids = tuple(layout().ids[a:b])
     st.encoded[("question", ids)] = content(slot, 0)
     cand = candidate_ids(pool, slot, b - a)
-    marker = object()
-    st.prepared[(slot, ids)] = Prepared(cand, torch.tensor([0.0, 9.0, 9.5]), marker)
+    marker = SimpleNamespace(anchors=list(cand))
+    st.prepared[(slot, ids)] = Prepared(cand, torch.tensor([0.0, 9.0, 9.5]), (marker,))
     planner.settle(plan, st)
     c = st.contents[(slot, ids)]
     assert c.gate["nearest"] == [0.0, 9.0] and c.share   # decided on the prepared distances
-    assert c.weights[b - a] is marker and (slot, ids) not in st.prepared
+    assert c.weights[(b - a, cand)] is marker and (slot, ids) not in st.prepared
+
+
+def test_usable_anchors_are_the_ones_the_pools_estimate_reads():
+    """Agents that hold deltas of different anchors estimate over different sets; the planner
+    looks the prepared weights up by the set the pool will choose."""
+    g = torch.Generator().manual_seed(5)
+    pool = AnchorPool(PoolConfig(min_anchors=2))
+    k, v = kv(1)
+    for j in range(6):
+        aid = pool.add_anchor(SLOT, k + j, v + j)
+        for agent in (("x", "y") if j % 2 else ("x",)):
+            pool.record_deltas(SLOT, aid, agent, torch.randn(2, 2, 6, 8, generator=g), torch.randn(2, 2, 6, 8, generator=g))
+    pool.add_anchor(SLOT, *kv(9, 3))   # too short
+    ids = [a.id for a in pool.anchors(SLOT)]
+    nearest = tuple(reversed(ids[:6]))
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 8, 2).float() / 8))
+    for agent in ("x", "y"):
+        for limit in (0, 1, 2, 4):
+            res = pool.estimate(SLOT, agent, k, v, inv_freq, 0, torch.empty_like(k), torch.empty_like(v),
+                                nearest=list(nearest), limit=limit)
+            assert usable_anchors(pool.anchors(SLOT), 6, agent, nearest, limit) == tuple(res.anchors), (agent, limit)
+    assert usable_anchors(pool.anchors(SLOT), 6, "y", nearest, 2) == (ids[3], ids[5])
+    assert usable_anchors(pool.anchors(SLOT), 3, None, nearest, 0) == tuple(ids)

@@ -67,9 +67,8 @@ def test_worker_plans_and_records_like_the_engine(smollm2, tmp_path):
             res = ws.plan(f"r{j}{name}", lay.ids, layout_of(eng, name, lay, sid, 4))
             for ids, prep in ahead.items():
                 c = st.contents[("user_question", ids)]
-                used = c.weights.get(len(ids))
-                if prep is not None and prep.weights is not None and used is not None and \
-                        used.token_k.data_ptr() == prep.weights.token_k.data_ptr():
+                taken = {w.token_k.data_ptr() for (n, _), w in c.weights.items() if n == len(ids)}
+                if prep is not None and any(w.token_k.data_ptr() in taken for w in prep.weights):
                     took_ahead += 1   # the call's estimate took the prepared weights (staged KV checked below)
             assert res.path == out.path, (name, q, res.reason, out.reason)
             assert res.slots == out.slot_decisions
@@ -95,3 +94,45 @@ def test_worker_plans_and_records_like_the_engine(smollm2, tmp_path):
                 solver_text = out.text.strip() or "none"
     assert "dense" in paths and ("reuse" in paths or "partial" in paths), paths
     assert took_ahead > 0
+
+
+def test_weights_are_prepared_for_each_set_of_anchors_the_agents_use():
+    """Agents holding deltas of different anchors (they read the slot in different graphs)
+    estimate over different sets: the server prepares weights for each set, and each agent's
+    first estimate takes those over its own set."""
+    from types import SimpleNamespace
+
+    from kvcomm import PoolConfig
+    from kvcomm.plan import PlanSettings
+    from kvcomm.plan.decide import nearest_first, usable_anchors
+
+    g = torch.Generator().manual_seed(5)
+    kv = lambda n, s: (torch.randn(2, 2, n, 8, generator=s), torch.randn(2, 2, n, 8, generator=s))  # noqa: E731
+    k, v = kv(6, g)
+    pool = AnchorPool(PoolConfig(min_anchors=2, gamma=8.0))
+    for j in range(6):
+        aid = pool.add_anchor("user_question", k + 0.1 * j, v + 0.1 * j)
+        for agent in (("x", "y") if j % 2 else ("x",)):
+            pool.record_deltas("user_question", aid, agent, *kv(6, g))
+    spec = SimpleNamespace(inv_freq=1.0 / (10000 ** (torch.arange(0, 8, 2).float() / 8)), exact_positions=None,
+                           rope_type="default")
+    ws = WorkerState(spec, pool, RankGroup(1), settings=PlanSettings(estimate_anchors=2))
+    ids = tuple(range(6))
+    st = ws.session("s")
+    st.encoded[("question", ids)] = (k, v)
+    ws._prepare_weights(st, "user_question", ("question", ids))
+    prep = st.prepared[("user_question", ids)]
+    cand, dist = pool.candidate_distances("user_question", v, rms=False)
+    near = nearest_first(cand, dist)
+    sets = {agent: usable_anchors(pool.anchors("user_question"), 6, agent, near, 2) for agent in ("x", "y")}
+    assert sets["x"] != sets["y"]
+    by_set = {tuple(w.anchors): w for w in prep.weights}
+    assert set(by_set) == set(sets.values())
+    for agent, used in sets.items():   # each agent's estimate takes the weights over its own set
+        w = by_set[used]
+        res = pool.estimate("user_question", agent, k, v, spec.inv_freq, 0, torch.empty_like(k), torch.empty_like(v),
+                            nearest=list(near), limit=2, weights=w)
+        assert tuple(res.anchors) == used and res.weights.token_k.data_ptr() == w.token_k.data_ptr()
+        fresh = pool.estimate("user_question", agent, k, v, spec.inv_freq, 0, torch.empty_like(k),
+                              torch.empty_like(v), nearest=list(near), limit=2)
+        torch.testing.assert_close(res.weights.token_k, fresh.weights.token_k, rtol=0, atol=0)

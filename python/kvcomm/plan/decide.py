@@ -82,6 +82,20 @@ def nearest_first(ids, distances) -> tuple:
     return tuple(int(ids[u]) for u in order)
 
 
+def usable_anchors(anchors, tokens: int, agent_key: str | None, nearest, limit: int) -> tuple:
+    """The anchor ids an estimate of `tokens` tokens for agent `agent_key` uses, as
+    AnchorPool.estimate chooses them: anchors (AnchorPool.anchors infos) at least that long
+    holding the agent's deltas (any anchor for None), the `limit` first in `nearest` order
+    (0: all; ids not in it last), in pool order. A choice that differs from the pool's (the
+    pool also checks the deltas' segment) only makes the estimate compute its own weights."""
+    usable = [a.id for a in anchors if a.length >= tokens and (agent_key is None or agent_key in a.agents)]
+    if 0 < limit < len(usable):
+        rank = {int(u): r for r, u in enumerate(nearest)}
+        kept = set(sorted(usable, key=lambda u: rank.get(u, len(rank)))[:limit])
+        usable = [u for u in usable if u in kept]
+    return tuple(usable)
+
+
 def covered_length(pool, slot: str) -> int:
     """The longest content length `slot`'s pool covers: the min_anchors-th longest anchor's
     length (0 while the slot holds fewer anchors). A content at most this long has enough
@@ -158,8 +172,9 @@ def decide_content(pool, slot: str, ids: tuple, k: torch.Tensor, v: torch.Tensor
     content = Content(slot=slot, ids=tuple(ids), base_k=k, base_v=v, source=source, share=bool(d.share),
                       reason=d.reason, gate=decision_numbers(d, len(ids) if shared_head is None else shared_head),
                       head=shared_head, nearest=nearest_first(d.candidates, d.distances))
-    if prepared is not None and prepared.weights is not None:
-        content.weights[len(ids)] = prepared.weights
+    if prepared is not None:
+        for w in prepared.weights:
+            content.weights[(len(ids), tuple(w.anchors))] = w
     if not d.share and learn:
         content.anchor_id = pool.add_anchor(slot, k, v)
     return content

@@ -34,6 +34,7 @@ then computes it).
 from __future__ import annotations
 
 from .. import ops
+from .decide import usable_anchors
 
 
 class Estimator:
@@ -61,13 +62,17 @@ class AnchorEstimator(Estimator):
         elif sb > sa:
             seg = dict(seg_template_k=agent.seg_k[i], seg_template_v=agent.seg_v[i], seg_position=sa,
                        seg_dst_k=k[:, :, sa:sb], seg_dst_v=v[:, :, sa:sb])
+        limit = planner.settings.estimate_anchors
+        given = None
+        if c.weights:   # weights an earlier estimate (or the server, ahead) computed over these anchors
+            used = usable_anchors(planner.pool.anchors(c.slot), b - a, agent.key, c.nearest, limit)
+            given = c.weights.get((b - a, used))
         res = planner.pool.estimate(c.slot, agent.key, base_k, base_v, planner.rope.inv_freq, a,
                                     k[:, :, a:b], v[:, :, a:b], **seg, want_spread=want_spread,
-                                    nearest=list(c.nearest), limit=planner.settings.estimate_anchors,
-                                    weights=c.weights.get(b - a))   # taken only if they fit
+                                    nearest=list(c.nearest), limit=limit, weights=given)   # taken only if they fit
         if not res.anchors:
             return None
-        c.weights[b - a] = res.weights
+        c.weights[(b - a, tuple(res.anchors))] = res.weights
         slot.spread = res.spread
         return list(res.anchors)
 

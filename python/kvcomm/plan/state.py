@@ -44,8 +44,9 @@ class Content:
     gate: dict = field(default_factory=dict)   # the decision's numbers (decision_numbers)
     head: int | None = None       # shares only its first `head` tokens (kvcomm.plan.decide.decide_content)
     nearest: tuple = ()           # the decision's candidate anchor ids, nearest first
-    # tokens estimated -> the last estimate's anchor weights (kvcomm.EstimateWeights): they do
-    # not depend on the agent, so the next agent's estimate of this content takes them
+    # (tokens estimated, anchor ids) -> the anchor weights of an estimate over those anchors
+    # (kvcomm.EstimateWeights): they depend on the content and the anchors, not on the agent,
+    # so the next agent's estimate over the same anchors takes them
     weights: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -73,11 +74,11 @@ class Prepared:
     """What a backend computed for a content before any call decided it (the server does it
     when the content's encoding lands, its first carrier still decoding): its distances to
     the slot's candidates, which the first call's decision takes while the candidates are the
-    same anchors, and the anchor weights of its estimate (kvcomm.EstimateWeights, or None
-    when no anchor was usable), which the estimate takes when they fit."""
+    same anchors, and the anchor weights of its estimate over each set of anchors the
+    agents would use (kvcomm.EstimateWeights; an agent's estimate takes those over its set)."""
     candidates: tuple             # anchor ids in pool order (AnchorPool.candidate_distances)
     distances: torch.Tensor       # float32 [len(candidates)], in the pool's distance form
-    weights: object = None
+    weights: tuple = ()
 
 
 @dataclass

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..plan.decide import RankGroup, nearest_first
+from ..plan.decide import RankGroup, nearest_first, usable_anchors
 from ..plan.planner import CallPlan, Planner, PlanSettings
 from ..plan.state import AgentState, Prepared, Sessions, agent_from_template_kv, tensor_bytes
 from ..plan.template import PromptLayout, parse_template
@@ -36,6 +36,7 @@ from .memory_report import MemoryLog
 log = logging.getLogger("kvcomm.vllm")
 
 _LATE_PLANS = 64   # per session: plans kept waiting for a first-carried content's base
+_PREPARED_SETS = 3   # anchor weights prepared per content: one pass over the anchors' bases each
 
 
 @dataclass
@@ -122,11 +123,11 @@ class WorkerState:
         weights, computed after its encoding lands (the first carrier's call is decoding
         meanwhile) instead of on the next call's critical path: whatever decides the content
         first (the first carrier's settle, queued after this, or the next call) takes the
-        distances while the slot's candidates are the same anchors, and the first estimate
-        takes the weights when its anchors are still the ones chosen here
-        (kvcomm.AnchorPool.estimate_weights); else they are computed again. The weights only
-        for a content that shares at its full length (one that does not is not estimated
-        whole). Under tensor parallelism the decision needs every rank's distances, so it
+        distances while the slot's candidates are the same anchors, and an agent's first
+        estimate takes the weights over its anchors (prepared for each set of anchors the
+        agents use, _anchor_sets; kvcomm.AnchorPool.estimate_weights) while they are still
+        the ones it chooses; else they are computed again. Weights only for a content that
+        shares at its full length (one that does not is not estimated whole). Under tensor parallelism the decision needs every rank's distances, so it
         waits for the call there."""
         ids = key[1]
         if (slot, ids) in st.contents or key not in st.encoded:
@@ -134,14 +135,31 @@ class WorkerState:
         try:
             k, v = st.encoded[key]
             cand, dist = self.pool.candidate_distances(slot, v, rms=self.pool.config.distance == "rms")
-            w = None
+            weights = []
             if self.pool.decide_from_distances(slot, cand, dist, credit=False).share:   # else not estimated whole
-                w = self.pool.estimate_weights(slot, k, v, list(nearest_first(cand, dist)),
-                                               self.planner.settings.estimate_anchors)
+                for used in self._anchor_sets(slot, len(ids), nearest_first(cand, dist)):
+                    # the pool's own choice over exactly these anchors: they rank first, `limit` of them
+                    w = self.pool.estimate_weights(slot, k, v, list(used), len(used))
+                    if w is not None:
+                        weights.append(w)
             if (slot, ids) not in st.contents:   # a call may have decided it meanwhile
-                st.prepared[(slot, ids)] = Prepared(tuple(int(i) for i in cand), dist, w)
+                st.prepared[(slot, ids)] = Prepared(tuple(int(i) for i in cand), dist, tuple(weights))
         except Exception:
             log.exception("kvcomm connector: preparing the weights of a %s content failed", slot)
+
+    def _anchor_sets(self, slot: str, tokens: int, nearest: tuple) -> list[tuple]:
+        """The distinct sets of anchors the agents holding deltas in `slot` would estimate a
+        content of `tokens` tokens over, those more agents use first, at most _PREPARED_SETS
+        (agents hold deltas of different anchors when they read the slot in different
+        graphs, or joined the pool later)."""
+        infos = self.pool.anchors(slot)
+        limit = self.planner.settings.estimate_anchors
+        count: dict[tuple, int] = {}
+        for agent_key in sorted({a for info in infos if info.length >= tokens for a in info.agents}):
+            used = usable_anchors(infos, tokens, agent_key, nearest, limit)
+            if used:
+                count[used] = count.get(used, 0) + 1
+        return sorted(count, key=lambda u: -count[u])[:_PREPARED_SETS]
 
     def add_reply(self, call: CallLayout, ids: tuple, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
         """A call's reply tokens that carry KV (k, v [L,H,n,D], the first at `start`): the base
