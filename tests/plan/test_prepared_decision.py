@@ -7,7 +7,7 @@ import torch
 
 from kvcomm import AnchorPool, PoolConfig
 from kvcomm.plan import PlanSettings, Planner
-from kvcomm.plan.decide import candidate_ids, decide_content, nearest_first, usable_anchors
+from kvcomm.plan.decide import HeadShare, candidate_ids, decide_content, head_length, nearest_first, usable_anchors
 from kvcomm.plan.state import Prepared, Session
 
 from test_planner import ROPE, SPANS, D, H, L, T, agent, content, layout, pool_with as planner_pool
@@ -74,11 +74,12 @@ def test_prepared_distances_are_not_taken_once_the_candidates_changed():
     assert got.gate["nearest"][0] < 0.25
 
 
-def test_prepared_weights_become_the_contents_at_its_full_length_by_their_anchors():
+def test_prepared_weights_become_the_contents_by_their_length_and_anchors():
     k, v = kv(1)
     pool = pool_with(4)
     prep = measured(pool, v)
-    w1, w2 = SimpleNamespace(anchors=[1, 2]), SimpleNamespace(anchors=[2, 3])
+    w1 = SimpleNamespace(anchors=[1, 2], token_k=torch.zeros(2, 6))
+    w2 = SimpleNamespace(anchors=[2, 3], token_k=torch.zeros(2, 6))
     prep.weights = (w1, w2)
     got = decide_content(pool, SLOT, (1, 2, 3, 4, 5, 6), k, v, "header", prepared=prep)
     assert got.weights == {(6, (1, 2)): w1, (6, (2, 3)): w2}
@@ -98,7 +99,7 @@ def test_a_first_carriers_settle_decides_with_what_was_prepared():
     ids = tuple(layout().ids[a:b])
     st.encoded[("question", ids)] = content(slot, 0)
     cand = candidate_ids(pool, slot, b - a)
-    marker = SimpleNamespace(anchors=list(cand))
+    marker = SimpleNamespace(anchors=list(cand), token_k=torch.zeros(len(cand), b - a))
     st.prepared[(slot, ids)] = Prepared(cand, torch.tensor([0.0, 9.0, 9.5]), (marker,))
     planner.settle(plan, st)
     c = st.contents[(slot, ids)]
@@ -127,3 +128,20 @@ def test_usable_anchors_are_the_ones_the_pools_estimate_reads():
             assert usable_anchors(pool.anchors(SLOT), 6, agent, nearest, limit) == tuple(res.anchors), (agent, limit)
     assert usable_anchors(pool.anchors(SLOT), 6, "y", nearest, 2) == (ids[3], ids[5])
     assert usable_anchors(pool.anchors(SLOT), 3, None, nearest, 0) == tuple(ids)
+
+
+def test_a_content_too_long_for_the_pool_is_decided_on_its_prepared_head(monkeypatch):
+    monkeypatch.setattr(HeadShare, "take", lambda self, slot, ids, covered=None: True)
+    pool = AnchorPool(PoolConfig(min_anchors=2, gamma=4.0))
+    k, v = kv(1)
+    for j in range(3):   # anchors covering the content's first 4 of 6 tokens
+        pool.add_anchor(SLOT, k[:, :, :4] + j, v[:, :, :4] + j)
+    ids, head = (1, 2, 3, 4, 5, 6), HeadShare(0.5)
+    assert head_length(pool, SLOT, ids, head) == 4
+    hc = candidate_ids(pool, SLOT, 4)
+    prep = Prepared(candidate_ids(pool, SLOT, 6), torch.zeros(0), head=(4, hc, torch.tensor([0.5, 0.25, 0.75])))
+    got = decide_content(pool, SLOT, ids, k, v, "header", head=head, prepared=prep)
+    assert got.head == 4 and got.share and got.gate["nearest"] == [0.25, 0.5]   # the prepared head distances
+    stale = Prepared(prep.candidates, prep.distances, head=(3, hc, prep.head[2]))   # another head length
+    again = decide_content(pool, SLOT, ids, k, v, "header", head=head, prepared=stale)
+    assert again.head == 4 and again.gate["nearest"] != [0.25, 0.5]   # measured, not taken

@@ -136,3 +136,36 @@ def test_weights_are_prepared_for_each_set_of_anchors_the_agents_use():
         fresh = pool.estimate("user_question", agent, k, v, spec.inv_freq, 0, torch.empty_like(k),
                               torch.empty_like(v), nearest=list(near), limit=2)
         torch.testing.assert_close(res.weights.token_k, fresh.weights.token_k, rtol=0, atol=0)
+
+
+def test_a_content_longer_than_the_pool_covers_is_prepared_on_its_head(monkeypatch):
+    """A report a few tokens longer than its slot's anchors is decided on its covered head
+    (kvcomm.plan.decide.decide_content): the server prepares that head's distances and
+    weights, and the first estimate of the head takes them."""
+    from types import SimpleNamespace
+
+    from kvcomm import PoolConfig
+    from kvcomm.plan import PlanSettings
+    from kvcomm.plan.decide import HeadShare
+
+    monkeypatch.setattr(HeadShare, "take", lambda self, slot, ids, covered=None: True)
+    g = torch.Generator().manual_seed(6)
+    k, v = torch.randn(2, 2, 6, 8, generator=g), torch.randn(2, 2, 6, 8, generator=g)
+    pool = AnchorPool(PoolConfig(min_anchors=2, gamma=8.0))
+    for j in range(3):
+        aid = pool.add_anchor("user_question", k[:, :, :5] + 0.1 * j, v[:, :, :5] + 0.1 * j)
+        pool.record_deltas("user_question", aid, "x", *(torch.randn(2, 2, 5, 8, generator=g) for _ in range(2)))
+    spec = SimpleNamespace(inv_freq=1.0 / (10000 ** (torch.arange(0, 8, 2).float() / 8)), exact_positions=None,
+                           rope_type="default")
+    ws = WorkerState(spec, pool, RankGroup(1), settings=PlanSettings())
+    ids = tuple(range(6))
+    st = ws.session("s")
+    st.encoded[("question", ids)] = (k, v)
+    ws._prepare_weights(st, "user_question", ("question", ids))
+    prep = st.prepared[("user_question", ids)]
+    assert prep.head is not None and prep.head[0] == 5 and len(prep.weights) == 1
+    (w,) = prep.weights
+    assert tuple(w.token_k.shape) == (3, 5)   # weights over the head's 5 tokens
+    res = pool.estimate("user_question", "x", k[:, :, :5], v[:, :, :5], spec.inv_freq, 0,
+                        torch.empty(2, 2, 5, 8), torch.empty(2, 2, 5, 8), weights=w)
+    assert res.weights.token_k.data_ptr() == w.token_k.data_ptr()

@@ -142,6 +142,16 @@ class HeadShare:
         return zlib.crc32(key) % self.learn_every != 0
 
 
+def head_length(pool, slot: str, ids: tuple, head: HeadShare | None) -> int | None:
+    """The covered head a content with too few candidates at its full length is decided on
+    (decide_content), or None: the pool covers its first m tokens, m at least head.fraction
+    of it, and head.take says so."""
+    if head is None:
+        return None
+    n, m = len(ids), covered_length(pool, slot)
+    return m if 0 < m < n and m >= head.fraction * n and head.take(slot, ids, m) else None
+
+
 def decide_content(pool, slot: str, ids: tuple, k: torch.Tensor, v: torch.Tensor, source: str, *,
                    learn: bool = True, group: RankGroup | None = None, head: HeadShare | None = None,
                    prepared: Prepared | None = None) -> Content:
@@ -158,23 +168,23 @@ def decide_content(pool, slot: str, ids: tuple, k: torch.Tensor, v: torch.Tensor
     length m, so their estimate is the method's own; only the uncovered tail is left to the
     model.
 
-    prepared: what was computed for this content ahead (its distances are taken when its
-    candidates are unchanged; its weights become the content's at its full length)."""
+    prepared: what was computed for this content ahead (its distances, and its head's, are
+    taken when their candidates are unchanged; its weights become the content's)."""
     known = None if prepared is None else (prepared.candidates, prepared.distances)
     d = decide(pool, slot, v, group, credit=learn, known=known)
     shared_head = None
-    if not d.share and d.reason == "too_few_candidates" and head is not None:
-        n, m = len(ids), covered_length(pool, slot)
-        if 0 < m < n and m >= head.fraction * n and head.take(slot, ids, m):
-            dh = decide(pool, slot, v[:, :, :m], group, credit=learn)
-            if dh.share:
-                d, shared_head = dh, m
+    m = head_length(pool, slot, ids, head) if not d.share and d.reason == "too_few_candidates" else None
+    if m is not None:
+        known = prepared.head[1:] if prepared is not None and prepared.head and prepared.head[0] == m else None
+        dh = decide(pool, slot, v[:, :, :m], group, credit=learn, known=known)
+        if dh.share:
+            d, shared_head = dh, m
     content = Content(slot=slot, ids=tuple(ids), base_k=k, base_v=v, source=source, share=bool(d.share),
                       reason=d.reason, gate=decision_numbers(d, len(ids) if shared_head is None else shared_head),
                       head=shared_head, nearest=nearest_first(d.candidates, d.distances))
     if prepared is not None:
-        for w in prepared.weights:
-            content.weights[(len(ids), tuple(w.anchors))] = w
+        for w in prepared.weights:   # token_k: [anchors, tokens estimated]
+            content.weights[(int(w.token_k.shape[1]), tuple(w.anchors))] = w
     if not d.share and learn:
         content.anchor_id = pool.add_anchor(slot, k, v)
     return content

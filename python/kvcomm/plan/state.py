@@ -79,6 +79,9 @@ class Prepared:
     candidates: tuple             # anchor ids in pool order (AnchorPool.candidate_distances)
     distances: torch.Tensor       # float32 [len(candidates)], in the pool's distance form
     weights: tuple = ()
+    # (m, candidates, distances) of its covered head, for a content too long for its slot's
+    # pool (kvcomm.plan.decide.head_length); its weights are then over those m tokens
+    head: tuple | None = None
 
 
 @dataclass

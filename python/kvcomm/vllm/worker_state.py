@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..plan.decide import RankGroup, nearest_first, usable_anchors
+from ..plan.decide import RankGroup, head_length, nearest_first, usable_anchors
 from ..plan.planner import CallPlan, Planner, PlanSettings
 from ..plan.state import AgentState, Prepared, Sessions, agent_from_template_kv, tensor_bytes
 from ..plan.template import PromptLayout, parse_template
@@ -36,7 +36,7 @@ from .memory_report import MemoryLog
 log = logging.getLogger("kvcomm.vllm")
 
 _LATE_PLANS = 64   # per session: plans kept waiting for a first-carried content's base
-_PREPARED_SETS = 3   # anchor weights prepared per content: one pass over the anchors' bases each
+_PREPARED_SETS = 2   # anchor weights prepared per content: one pass over the anchors' bases each
 
 
 @dataclass
@@ -126,36 +126,56 @@ class WorkerState:
         distances while the slot's candidates are the same anchors, and an agent's first
         estimate takes the weights over its anchors (prepared for each set of anchors the
         agents use, _anchor_sets; kvcomm.AnchorPool.estimate_weights) while they are still
-        the ones it chooses; else they are computed again. Weights only for a content that
-        shares at its full length (one that does not is not estimated whole). Under tensor parallelism the decision needs every rank's distances, so it
-        waits for the call there."""
+        the ones it chooses; else they are computed again. A content too long for its slot's
+        pool is prepared as decide_content decides it, on its covered head; weights only for
+        a content (or head) that shares. Under tensor
+        parallelism the decision needs every rank's distances, so it waits for the call there."""
         ids = key[1]
         if (slot, ids) in st.contents or key not in st.encoded:
             return   # decided already (its call computed the weights), or forgotten
         try:
+            t0 = time.perf_counter()
             k, v = st.encoded[key]
-            cand, dist = self.pool.candidate_distances(slot, v, rms=self.pool.config.distance == "rms")
+            rms = self.pool.config.distance == "rms"
+            cand, dist = self.pool.candidate_distances(slot, v, rms=rms)
+            prep, tokens, near = Prepared(tuple(int(i) for i in cand), dist), None, ()
+            d = self.pool.decide_from_distances(slot, cand, dist, credit=False)
+            if d.share:
+                tokens, near = len(ids), nearest_first(cand, dist)
+            elif d.reason == "too_few_candidates":   # decided on its covered head, if any (decide_content)
+                m = head_length(self.pool, slot, ids, self.planner.head_share)
+                if m is not None:
+                    hc, hd = self.pool.candidate_distances(slot, v[:, :, :m], rms=rms)
+                    prep.head = (m, tuple(int(i) for i in hc), hd)
+                    if self.pool.decide_from_distances(slot, hc, hd, credit=False).share:
+                        tokens, near = m, nearest_first(hc, hd)
             weights = []
-            if self.pool.decide_from_distances(slot, cand, dist, credit=False).share:   # else not estimated whole
-                for used in self._anchor_sets(slot, len(ids), nearest_first(cand, dist)):
+            if tokens:   # a content that is not estimated needs no weights
+                carried = {p.agent.key for p in st.late_plans}   # computed it in context: they do not estimate it
+                for used in self._anchor_sets(slot, tokens, near, carried):
                     # the pool's own choice over exactly these anchors: they rank first, `limit` of them
-                    w = self.pool.estimate_weights(slot, k, v, list(used), len(used))
+                    w = self.pool.estimate_weights(slot, k[:, :, :tokens], v[:, :, :tokens], list(used), len(used))
                     if w is not None:
                         weights.append(w)
+            prep.weights = tuple(weights)
             if (slot, ids) not in st.contents:   # a call may have decided it meanwhile
-                st.prepared[(slot, ids)] = Prepared(tuple(int(i) for i in cand), dist, tuple(weights))
+                st.prepared[(slot, ids)] = prep
+            log.debug("kvcomm connector: prepared a %d-token %s content in %.1f ms (%d candidates, weights over "
+                      "%s tokens for %d anchor sets)%s", len(ids), slot, (time.perf_counter() - t0) * 1000.0,
+                      len(cand), tokens, len(weights), "" if (slot, ids) in st.prepared else "; decided meanwhile")
         except Exception:
             log.exception("kvcomm connector: preparing the weights of a %s content failed", slot)
 
-    def _anchor_sets(self, slot: str, tokens: int, nearest: tuple) -> list[tuple]:
-        """The distinct sets of anchors the agents holding deltas in `slot` would estimate a
-        content of `tokens` tokens over, those more agents use first, at most _PREPARED_SETS
-        (agents hold deltas of different anchors when they read the slot in different
-        graphs, or joined the pool later)."""
+    def _anchor_sets(self, slot: str, tokens: int, nearest: tuple, skip=()) -> list[tuple]:
+        """The distinct sets of anchors the agents holding deltas in `slot` (but those in
+        `skip`) would estimate a content of `tokens` tokens over, those more agents use
+        first, at most _PREPARED_SETS (agents hold deltas of different anchors when they read
+        the slot in different graphs, or shared a content's head where others computed it)."""
         infos = self.pool.anchors(slot)
         limit = self.planner.settings.estimate_anchors
         count: dict[tuple, int] = {}
-        for agent_key in sorted({a for info in infos if info.length >= tokens for a in info.agents}):
+        agents = {a for info in infos if info.length >= tokens for a in info.agents} - set(skip)
+        for agent_key in sorted(agents):
             used = usable_anchors(infos, tokens, agent_key, nearest, limit)
             if used:
                 count[used] = count.get(used, 0) + 1
