@@ -169,3 +169,35 @@ def test_a_content_longer_than_the_pool_covers_is_prepared_on_its_head(monkeypat
     res = pool.estimate("user_question", "x", k[:, :, :5], v[:, :, :5], spec.inv_freq, 0,
                         torch.empty(2, 2, 5, 8), torch.empty(2, 2, 5, 8), weights=w)
     assert res.weights.token_k.data_ptr() == w.token_k.data_ptr()
+
+
+def test_a_call_waits_for_its_contents_preparation_in_flight(monkeypatch):
+    """The preparation starts when the encoding lands, on a thread of its own; a call (or the
+    first carrier's settle) that decides the content meanwhile waits for it instead of doing
+    the same passes over the anchors beside it."""
+    import threading
+    from types import SimpleNamespace
+
+    from kvcomm import PoolConfig
+
+    g = torch.Generator().manual_seed(7)
+    k, v = torch.randn(2, 2, 6, 8, generator=g), torch.randn(2, 2, 6, 8, generator=g)
+    pool = AnchorPool(PoolConfig(min_anchors=2, gamma=8.0))
+    for j in range(3):
+        aid = pool.add_anchor("user_question", k + 0.1 * j, v + 0.1 * j)
+        pool.record_deltas("user_question", aid, "x", *(torch.randn(2, 2, 6, 8, generator=g) for _ in range(2)))
+    spec = SimpleNamespace(inv_freq=1.0 / (10000 ** (torch.arange(0, 8, 2).float() / 8)), exact_positions=None,
+                           rope_type="default", dtype=torch.float32, device=torch.device("cpu"))
+    ws = WorkerState(spec, pool, RankGroup(1))
+    release = threading.Event()
+    slow = ws._prepare_weights
+    monkeypatch.setattr(ws, "_prepare_weights", lambda *a: (release.wait(5), slow(*a)))
+    ids = tuple(range(6))
+    ws.add_encoding("s", "question", ids, k, v, 0, slot="user_question")
+    st = ws.session("s")
+    assert ("user_question", ids) not in st.prepared and len(ws._preparing) == 1
+    threading.Timer(0.2, release.set).start()
+    ws._await_preparing(st, [("user_question", ids)])
+    assert ("user_question", ids) in st.prepared and st.prepared[("user_question", ids)].weights
+    ws.flush()
+    assert not ws._preparing

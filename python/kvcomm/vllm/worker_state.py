@@ -20,7 +20,8 @@ import dataclasses
 import logging
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +37,7 @@ from .memory_report import MemoryLog
 log = logging.getLogger("kvcomm.vllm")
 
 _LATE_PLANS = 64   # per session: plans kept waiting for a first-carried content's base
+_PREPARE_WAIT_S = 2.0   # the longest a call waits for a content's preparation (then it decides itself)
 _PREPARED_SETS = 2   # anchor weights prepared per content: one pass over the anchors' bases each
 
 
@@ -72,6 +74,8 @@ class WorkerState:
         self.pending: dict[str, tuple] = {}   # req_id -> (plan, session): computed KV recorded after the prefill
         self.stats = WorkerStats()
         self._recorder: ThreadPoolExecutor | None = None
+        self._preparer: ThreadPoolExecutor | None = None
+        self._preparing: dict[tuple, Future] = {}   # (session id, slot, ids) -> a preparation in flight
         self.heap = HeapTrimmer()   # transient buffers' pages go back to the system after the work
         self.memory_log = MemoryLog()   # $KVCOMM_MEMORY_LOG: what is held, by part, after each trim
 
@@ -111,9 +115,15 @@ class WorkerState:
         st.encoded.setdefault(key, (neutral_keys(k, start, self.spec.inv_freq), v.contiguous().clone()))
         self.stats.encodings += 1
         group = self.planner.group
-        # Prepared first: the first carrier's settle below decides the content with them.
         if slot and self.planner.estimator.uses_anchors and (group is None or group.world_size == 1):
-            self._background(self._prepare_weights, st, slot, key)
+            # On a thread of its own, at once (the record thread may be busy): a call or the
+            # first carrier's settle (below) that decides this content meanwhile waits for it
+            # rather than doing the same passes over the anchors beside it.
+            if self._preparer is None:
+                self._preparer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvcomm-prepare")
+            where = (id(st), slot, key[1])
+            fut = self._preparing[where] = self._preparer.submit(self._prepare_weights, st, slot, key)
+            fut.add_done_callback(lambda f, where=where: self._preparing.get(where) is f and self._preparing.pop(where))
         if st.late_plans:
             self._background(self._settle, st)
 
@@ -122,7 +132,7 @@ class WorkerState:
         """An encoded content's distances to its slot's candidates and its estimate's anchor
         weights, computed after its encoding lands (the first carrier's call is decoding
         meanwhile) instead of on the next call's critical path: whatever decides the content
-        first (the first carrier's settle, queued after this, or the next call) takes the
+        first (the first carrier's settle or the next call, which wait for this) takes the
         distances while the slot's candidates are the same anchors, and an agent's first
         estimate takes the weights over its anchors (prepared for each set of anchors the
         agents use, _anchor_sets; kvcomm.AnchorPool.estimate_weights) while they are still
@@ -205,6 +215,7 @@ class WorkerState:
             return self._count(PlanResult("dense", "agent template not registered on this worker", 0))
         st = self.session(call.session, call.round)
         t0 = time.perf_counter()
+        self._await_preparing(st, [(name, tuple(lay.ids[a:b])) for name, a, b in lay.spans])
         plan = self.planner.plan(agent, lay, st, max_new_tokens=call.max_tokens, learn=call.learn,
                                  deferred=frozenset(call.deferred), cached=cached)
         t1 = time.perf_counter()
@@ -274,6 +285,7 @@ class WorkerState:
             self.planner.record(plan, k, v)
             self.stats.records += 1
             if plan.late:   # slots this call carried first: their deltas once their base is there
+                self._await_preparing(st)
                 self.planner.settle(plan, st)
                 if plan.late:
                     st.late_plans = (st.late_plans + [plan])[-_LATE_PLANS:]
@@ -282,9 +294,19 @@ class WorkerState:
         finally:
             self._trim()   # what earlier work freed (these copies go once this returns)
 
+    def _await_preparing(self, st, contents=None) -> None:
+        """Waits for the preparations in flight of these (slot, ids) contents of session `st`
+        (None: all of its), at most _PREPARE_WAIT_S."""
+        keys = [w for w in list(self._preparing) if w[0] == id(st)] if contents is None else \
+            [(id(st), slot, ids) for slot, ids in contents]
+        futs = [f for f in (self._preparing.get(w) for w in keys) if f is not None]
+        if futs:
+            futures_wait(futs, timeout=_PREPARE_WAIT_S)
+
     @torch.inference_mode()
     def _settle(self, st) -> None:
         try:
+            self._await_preparing(st)
             for plan in list(st.late_plans):
                 self.planner.settle(plan, st)
             st.late_plans = [p for p in st.late_plans if p.late]
@@ -293,6 +315,9 @@ class WorkerState:
 
     def flush(self) -> None:
         """Waits for the background records (before the pool is saved for good)."""
+        if self._preparer is not None:
+            self._preparer.shutdown(wait=True)
+            self._preparer = None
         if self._recorder is not None:
             self._recorder.shutdown(wait=True)
             self._recorder = None
