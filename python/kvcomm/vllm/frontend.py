@@ -226,6 +226,8 @@ class KVCommFrontend:
         try:
             if waits:
                 await asyncio.gather(*waits)
+                log.debug("kvcomm front end: %s/%s internal requests done after %.1f ms", call.session, call.agent,
+                          (time.perf_counter() - t0) * 1000.0)
         except BaseException:   # what this call deferred still runs: later calls wait for it
             self._start_later(engine, later)
             raise

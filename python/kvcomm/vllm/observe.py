@@ -26,7 +26,9 @@ def setup_logging() -> None:
     if log.handlers:
         return
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [kvcomm] %(message)s", "%m-%d %H:%M:%S"))
+    # milliseconds: a call's steps (front end, plan, load, first token) are tens of ms apart
+    handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s.%(msecs)03d [kvcomm] %(message)s",
+                                           "%m-%d %H:%M:%S"))
     log.addHandler(handler)
     log.setLevel(os.environ.get("KVCOMM_LOG_LEVEL", "INFO").upper())
     log.propagate = False
