@@ -68,3 +68,17 @@ def test_special_tokens_in_content_are_refused():
 
 def test_ids_digest():
     assert ids_digest([1, 2, 3]) == ids_digest((1, 2, 3)) != ids_digest([1, 2])
+
+
+def test_a_reuse_call_leaves_vllm_a_tail_of_prompt_tokens_to_compute():
+    """A reuse plan estimates all but the last prompt token; the connector loads all but
+    REUSE_TAIL of them (vLLM's step for a one-token prefill is the slow one); other paths load
+    their whole prefix."""
+    from kvcomm.vllm.jobs import PlanResult
+    from kvcomm.vllm.scheduler_side import REUSE_TAIL, loaded_prefix
+
+    assert REUSE_TAIL > 1
+    assert loaded_prefix(PlanResult("reuse", "all slots shared", 799), 800) == 800 - REUSE_TAIL
+    assert loaded_prefix(PlanResult("reuse", "all slots shared", 5), 6) == 0   # shorter than the tail
+    assert loaded_prefix(PlanResult("partial", "partial: ...", 700), 800) == 700
+    assert loaded_prefix(PlanResult("dense", "first carrier", 31), 800) == 31

@@ -18,6 +18,21 @@ from .settings import TOKEN
 
 log = logging.getLogger("kvcomm.vllm")
 
+# A reuse plan estimates every prompt token but the last; the connector hands vLLM this many
+# to compute instead of one. vLLM's CPU step for a one-token prefill over ~800 loaded tokens
+# took 176-184 ms where a few tokens took 86-132 ms (bf16, the 3-agent server benchmark; the
+# reuse-path calls 87-194 ms, bimodal, before; 86-118 ms with a tail of 8). The tail's KV is
+# computed in context (exact), at the cost of a few tokens of prefill.
+REUSE_TAIL = 8
+
+
+def loaded_prefix(plan, prompt_tokens: int) -> int:
+    """The prompt tokens the connector loads for `plan` (a PlanResult): its prefix, less a
+    reuse call's tail (REUSE_TAIL) that vLLM computes."""
+    if plan.path == "reuse":
+        return min(plan.prefix, max(0, prompt_tokens - REUSE_TAIL))
+    return plan.prefix
+
 
 @dataclass
 class _Req:
@@ -126,7 +141,7 @@ class SchedulerSide:
             # estimate there, so vLLM computes everything after what it still holds
             info.evicted = True
             return 0, False
-        return max(0, info.plan.prefix - num_computed_tokens), False
+        return max(0, loaded_prefix(info.plan, request.num_prompt_tokens) - num_computed_tokens), False
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int):
         info = self._reqs.get(request.request_id)
@@ -225,7 +240,8 @@ class SchedulerSide:
             reason += "; computed after vLLM's prefix cache: blocks the plan counted on were evicted"
         out = {"path": "dense" if info.evicted else plan.path if plan else "none", "reason": reason,
                "slots": plan.slots if plan else {}, "prompt_tokens": request.num_prompt_tokens,
-               "reused_tokens": max(plan.prefix if plan and not info.evicted else 0, info.local),
+               "reused_tokens": max(loaded_prefix(plan, request.num_prompt_tokens) if plan and not info.evicted else 0,
+                                    info.local),
                "cached_tokens": info.local, "s0_tokens": int(info.params.get("s0", 0)),
                "agent": info.call.agent_name, "session": info.call.session,
                "pool_anchors": plan.pool_anchors if plan else None, "pool_bytes": plan.pool_bytes if plan else None}
