@@ -199,6 +199,23 @@ def test_intervals_resample_questions_not_calls():
     assert fidelity.bootstrap_ratios([{"x": (1.0, 2.0)}]) == {"x": None}   # one question: no interval
 
 
+
+def test_bootstrap_interval_resamples_whole_groups():
+    from kvcomm_app.bench.vllm_serve import _speedup
+    # every pair 2x: the interval of the median ratio collapses on 2
+    same = [[(200.0 + i, 100.0 + i / 2)] for i in range(8)]
+    assert fidelity.bootstrap_interval(same, _speedup) == [2.0, 2.0]
+    # parity with noise: the interval straddles 1 (no measurable slowdown or gain)
+    noisy = [[(300.0 + d, 300.0 - d)] for d in (-40, -25, -10, -5, 5, 10, 25, 40)]
+    lo, hi = fidelity.bootstrap_interval(noisy, _speedup)
+    assert lo < 1.0 < hi
+    assert fidelity.bootstrap_interval(noisy, _speedup) == [lo, hi]   # seeded: repeatable
+    # a group's members stay together: two groups, each one member of the mean 0 / 10
+    assert fidelity.bootstrap_interval([[0.0, 0.0], [10.0, 10.0]], lambda m: sum(m) / len(m)) == [0.0, 10.0]
+    assert fidelity.bootstrap_interval([[1.0]], lambda m: m[0]) is None              # one group: no interval
+    assert fidelity.bootstrap_interval([[1.0], [2.0]], lambda m: None) is None       # nothing scored
+
+
 def test_fidelity_by_path():
     calls = [_q("q1", "a", "reuse", True), _q("q1", "b", "partial", False), _q("q2", "a", "reuse", True),
              _q("q2", "b", "dense", True)]

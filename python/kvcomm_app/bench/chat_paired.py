@@ -34,13 +34,13 @@ import argparse
 import json
 import math
 import os
-import random
 import statistics
 import sys
 import time
 import uuid
 
 from kvcomm_app import provenance
+from kvcomm_app.runtime.fidelity import bootstrap_interval
 
 TOP = 20
 PLAIN_SALT = "kvcomm-bench-plain-baseline"   # the plain twins' own prefix cache
@@ -125,18 +125,6 @@ def own_prefix_tokens(tok, messages: list[dict]) -> int:
         return 0
     text = tok.apply_chat_template(system, tokenize=False, add_generation_prompt=False)
     return len(tok(text, add_special_tokens=False)["input_ids"])
-
-
-def _bootstrap(by_conv: list[list[dict]], stat, rounds: int = 2000, seed: int = 0):
-    rng = random.Random(seed)
-    vals = []
-    for _ in range(rounds):
-        sample = [c for _ in by_conv for c in rng.choice(by_conv)]
-        v = stat(sample)
-        if v is not None:
-            vals.append(v)
-    vals.sort()
-    return [vals[int(0.025 * len(vals))], vals[int(0.975 * len(vals)) - 1]] if vals else None
 
 
 def reuse_share(calls: list[dict]) -> float | None:
@@ -226,12 +214,12 @@ def summarize(by_conv: list[list[dict]], warmup: int) -> dict:
         per_agent[a] = {"calls": len(cs), "plain_ms_median": p, "kvcomm_ms_median": k, "speedup": p / k,
                         "paths": paths, "token_reuse": reuse_share(cs), "plain_token_reuse": plain_reuse_share(cs)}
     return {"measured_conversations": len(measured), "calls": len(calls),
-            "token_reuse": reuse_share(calls), "token_reuse_ci95": _bootstrap(measured, reuse_share),
+            "token_reuse": reuse_share(calls), "token_reuse_ci95": bootstrap_interval(measured, reuse_share),
             "plain_token_reuse": plain_reuse_share(calls),
-            "plain_token_reuse_ci95": _bootstrap(measured, plain_reuse_share),
-            "first_token_agreement": agreement(reused), "first_token_agreement_ci95": _bootstrap(
+            "plain_token_reuse_ci95": bootstrap_interval(measured, plain_reuse_share),
+            "first_token_agreement": agreement(reused), "first_token_agreement_ci95": bootstrap_interval(
                 [[c for c in conv if c["path"] != "plain"] for conv in measured], agreement),
-            "first_token_kl_mean": mean_kl(reused), "first_token_kl_ci95": _bootstrap(
+            "first_token_kl_mean": mean_kl(reused), "first_token_kl_ci95": bootstrap_interval(
                 [[c for c in conv if c["path"] != "plain"] for conv in measured], mean_kl),
             "paired_calls_through_kvcomm": len(reused), "per_agent": per_agent,
             "replies_as_recorded": _share([c.get("reply_as_recorded") for c in calls])}

@@ -21,6 +21,8 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
+from kvcomm_app.runtime.fidelity import bootstrap_interval
+
 
 @dataclass
 class Comparison:
@@ -178,19 +180,12 @@ def _share(calls: list, key: str) -> float | None:
     return sum(c[key] for c in calls) / after if after else None
 
 
-def _bootstrap(calls: list, key: str, rounds: int = 2000, seed: int = 0) -> list | None:
+def _bootstrap(calls: list, key: str) -> list | None:
     """95% interval of _share over questions (one question's calls decide together)."""
-    import random
     by_q: dict = {}
     for c in calls:
         by_q.setdefault(c["question"], []).append(c)
-    qs = list(by_q)
-    if len(qs) < 2:
-        return None
-    rng = random.Random(seed)
-    vals = sorted(_share([c for q in (rng.choice(qs) for _ in qs) for c in by_q[q]], key) or 0.0
-                  for _ in range(rounds))
-    return [vals[int(0.025 * rounds)], vals[int(0.975 * rounds) - 1]]
+    return bootstrap_interval(list(by_q.values()), lambda sample: _share(sample, key) or 0.0)
 
 
 def _summary(calls: list, backend: str) -> dict:

@@ -26,6 +26,7 @@ import time
 
 from kvcomm_app import provenance
 from kvcomm_app.bench.shop_questions import report
+from kvcomm_app.runtime.fidelity import bootstrap_interval
 
 GRAPHS = {
     "3-agents": (13, [
@@ -124,9 +125,10 @@ def measure_graph(client, agents, shops: int, args, seed: int, log) -> dict:
     for i in range(args.warmup):   # both modes: the pool learns; vLLM's prefix cache holds each S0
         for mode in ("dense", "kvcomm"):
             run_graph(client, agents, report(seed + i, shops), mode, args.tokens)
-    per = {a[0]: {"plain_ms": [], "kvcomm_ms": [], "paths": {}, "prompt_tokens": []} for a in agents}
+    per = {a[0]: {"plain_ms": [], "kvcomm_ms": [], "pairs": [], "paths": {}, "prompt_tokens": []} for a in agents}
     for i in range(args.questions):
         q = report(seed + 100 + i, shops)
+        ttft = {}
         for mode in ("dense", "kvcomm"):
             try:
                 calls = run_graph(client, agents, q, mode, args.tokens)
@@ -137,19 +139,30 @@ def measure_graph(client, agents, shops: int, args, seed: int, log) -> dict:
             for c in calls:
                 d = per[c.agent]
                 d["plain_ms" if mode == "dense" else "kvcomm_ms"].append(c.ttft_ms)
+                ttft[(c.agent, mode)] = c.ttft_ms
                 if mode == "kvcomm":
                     d["paths"][c.path] = d["paths"].get(c.path, 0) + 1
                     d["prompt_tokens"].append(c.prompt_tokens)
                     lost += c.new_tokens == 0
+        for name, d in per.items():   # one question's two calls: the same prompt in both modes
+            if (name, "dense") in ttft and (name, "kvcomm") in ttft:
+                d["pairs"].append([(ttft[(name, "dense")], ttft[(name, "kvcomm")])])
     out = {}
     for name, d in per.items():
         pm, km = statistics.median(d["plain_ms"]), statistics.median(d["kvcomm_ms"])
+        ci = bootstrap_interval(d["pairs"], _speedup)
         out[name] = {"plain_ms_median": round(pm, 1), "kvcomm_ms_median": round(km, 1), "speedup": round(pm / km, 3),
+                     "speedup_ci95": ci and [round(x, 3) for x in ci],
                      "paths": d["paths"], "prompt_tokens_median": statistics.median(d["prompt_tokens"]),
                      "plain_ms": [round(x, 1) for x in d["plain_ms"]], "kvcomm_ms": [round(x, 1) for x in d["kvcomm_ms"]]}
-        log(f"{name}: plain {pm:.0f} ms, kvcomm {km:.0f} ms ({pm / km:.2f}x), paths {d['paths']}, prompt "
-            f"{statistics.median(d['prompt_tokens'])} tokens")
+        log(f"{name}: plain {pm:.0f} ms, kvcomm {km:.0f} ms ({pm / km:.2f}x, 95% CI {ci and [round(x, 2) for x in ci]}), "
+            f"paths {d['paths']}, prompt {statistics.median(d['prompt_tokens'])} tokens")
     return {"per_agent": out, "lost_requests": lost, "errored_requests": failed}
+
+
+def _speedup(pairs: list) -> float:
+    """Median plain TTFT over median KVCOMM TTFT of (plain, kvcomm) pairs."""
+    return statistics.median(p for p, _ in pairs) / statistics.median(k for _, k in pairs)
 
 
 def throughput(client, agents, shops: int, args, seed: int, log) -> dict:

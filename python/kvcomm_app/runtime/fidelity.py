@@ -83,6 +83,25 @@ def bootstrap_ratios(groups: list, draws: int = BOOTSTRAP, seed: int = 0) -> dic
     return out
 
 
+def bootstrap_interval(groups: list, stat, draws: int = 2000, seed: int = 0) -> list | None:
+    """Percentile 95% interval of stat(members) when whole groups (the calls of one question or
+    conversation, which decide together) are resampled with replacement. groups: lists of
+    members; stat: members -> value or None (a draw it cannot score is skipped). None with
+    fewer than 2 groups or no scored draw."""
+    if len(groups) < 2:
+        return None
+    rng = random.Random(seed)
+    vals = []
+    for _ in range(draws):
+        v = stat([m for _ in groups for m in rng.choice(groups)])
+        if v is not None:
+            vals.append(v)
+    if not vals:
+        return None
+    vals.sort()
+    return [vals[int(0.025 * (len(vals) - 1))], vals[int(math.ceil(0.975 * (len(vals) - 1)))]]
+
+
 def _question(c) -> str:
     return f"{c.question_id}|{c.phase}"
 
