@@ -36,3 +36,14 @@ def test_the_traffic_keeps_each_requests_recorded_reply(tmp_path):
     convs = load_traffic(str(path))
     assert [[b["messages"][-1]["content"] for b in c] for c in convs] == [["A", "A2"], ["B"]]
     assert [[b["_recorded_reply"] for b in c] for c in convs] == [["a", ""], ["b"]]
+
+
+def test_learning_curve_reports_reuse_per_run_of_conversations():
+    from kvcomm_app.bench.chat_paired import learning_curve
+    call = lambda reused, plain: {"after_own_prefix": 100, "reused_after_own_prefix": reused,   # noqa: E731
+                                  "plain_reused_after_own_prefix": plain}
+    convs = [[call(0, 0), call(20, 10)], [call(40, 10)], [call(90, 10), call(70, 30)], [call(100, 0)], [call(80, 0)]]
+    curve = learning_curve(convs, 2)
+    assert [w["conversations"] for w in curve] == [[0, 1], [2, 3], [4, 4]]   # the last run is shorter
+    assert [w["token_reuse"] for w in curve] == [60 / 300, 260 / 300, 80 / 100]
+    assert [w["plain_token_reuse"] for w in curve] == [20 / 300, 40 / 300, 0 / 100]

@@ -180,6 +180,27 @@ def test_record_stores_deltas_of_computed_slots_only():
     assert planner.record(plan, k, v) == 0   # learn=False records nothing
 
 
+
+def test_a_record_reads_from_its_first_computed_slot():
+    """A partial call with its last slot computed records from that slot on: the KV before it
+    need not be read back, and the deltas are those of the whole buffers."""
+    def recorded(start):
+        pool = pool_with({"user_question"})
+        planner, plan, _ = plan_of(pool, PlanSettings(prefix_only=True))
+        assert plan.path == "partial" and plan.computed == {1}
+        assert planner.record_start(plan) == SPANS[1][1]   # the computed slot's first token
+        torch.manual_seed(7)
+        k, v = torch.randn(L, H, T, D), torch.randn(L, H, T, D)
+        assert planner.record(plan, k[:, :, start:].clone(), v[:, :, start:].clone(), start) == 1
+        (anchor,) = pool.anchors("agent_a_current")
+        return pool.anchor_deltas("agent_a_current", anchor.id, "b@x")
+    whole, window = recorded(0), recorded(SPANS[1][1])
+    assert all(torch.equal(whole[f], window[f]) for f in ("ph_k", "ph_v", "seg_k", "seg_v"))
+    # nothing to record: no start (a call with learn=False)
+    planner, plan, _ = plan_of(pool_with(set()), PlanSettings(), learn=False)
+    assert planner.record_start(plan) is None
+
+
 def test_capture_decides_a_reply_once_per_session():
     pool = pool_with(set(SLOTS))
     planner = Planner(pool, ROPE)

@@ -39,7 +39,7 @@ def test_worker_plans_and_records_like_the_engine(smollm2, tmp_path):
     ws = WorkerState(eng.spec, AnchorPool(eng.pool.config), RankGroup(1))
     for st in eng.agents.values():
         ws.agents[st.key] = st
-    paths, took_ahead = [], 0
+    paths, took_ahead, windows = [], 0, 0
     for j, q in enumerate(TEST):
         sid = f"t{j}"
         before = tmp_path / f"pool-{j}.bin"
@@ -81,8 +81,13 @@ def test_worker_plans_and_records_like_the_engine(smollm2, tmp_path):
             else:
                 assert res.prefix == min(eng.agents[name].s0, T - 1)
             if res.record:
-                # the KV the call computed -> the same deltas as the engine recorded
-                assert ws.record(f"r{j}{name}", cache.k[:, :, :T - 1], cache.v[:, :, :T - 1])
+                # the KV the call computed, read back from where the record starts (a partial
+                # call's computed end only) -> the same deltas as the engine recorded
+                start = ws.record_start(f"r{j}{name}")
+                assert start is not None and (start >= res.prefix if res.path == "partial" else start <= lay.spans[0][1])
+                windows += start > 0   # S0 (at least) not read back
+                assert ws.record(f"r{j}{name}", cache.k[:, :, start:T - 1].clone(), cache.v[:, :, start:T - 1].clone(),
+                                 start)
                 slot = lay.spans[0][0]
                 key = eng.agents[name].key
                 for a in eng.pool.anchors(slot):
@@ -93,7 +98,7 @@ def test_worker_plans_and_records_like_the_engine(smollm2, tmp_path):
             if name == "solver":
                 solver_text = out.text.strip() or "none"
     assert "dense" in paths and ("reuse" in paths or "partial" in paths), paths
-    assert took_ahead > 0
+    assert took_ahead > 0 and windows > 0
 
 
 def test_weights_are_prepared_for_each_set_of_anchors_the_agents_use():

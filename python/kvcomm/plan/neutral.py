@@ -16,6 +16,9 @@ def neutral_keys(keys: torch.Tensor, start: int, inv_freq: torch.Tensor) -> torc
     return ops.rope_move(keys, inv_freq, -int(start)) if start else keys.contiguous().clone()
 
 
-def neutral_span(k: torch.Tensor, v: torch.Tensor, start: int, stop: int, inv_freq: torch.Tensor):
-    """Neutral-frame copies of K and V of tokens [start, stop) of absolute-position buffers."""
-    return neutral_keys(k[:, :, start:stop], start, inv_freq), v[:, :, start:stop].contiguous().clone()
+def neutral_span(k: torch.Tensor, v: torch.Tensor, start: int, stop: int, inv_freq: torch.Tensor,
+                 offset: int = 0):
+    """Neutral-frame copies of K and V of tokens [start, stop) of buffers whose index 0 holds
+    absolute position `offset` (0: absolute-position buffers)."""
+    a, b = start - offset, stop - offset
+    return neutral_keys(k[:, :, a:b], start, inv_freq), v[:, :, a:b].contiguous().clone()

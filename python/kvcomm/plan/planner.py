@@ -454,22 +454,38 @@ class Planner:
 
     # ------------------------------------------------------------------ step 4: record
 
-    def record(self, plan: CallPlan, k, v) -> int:
-        """The computed slots' KV in k, v [L,H,>=T-1,D] (absolute positions; a dense call's
-        real KV, a partial call's KV given the estimated slots before it) -> neutral-frame
-        deltas into their anchors. Returns how many slots recorded."""
-        if not plan.learn or plan.refused is not None or not self.estimator.uses_anchors:
-            return 0
-        which = range(len(plan.contents)) if plan.path == "dense" else sorted(plan.computed)
+    def record(self, plan: CallPlan, k, v, offset: int = 0) -> int:
+        """The computed slots' KV in k, v [L,H,n,D] (a dense call's real KV, a partial call's KV
+        given the estimated slots before it; index 0 holds prompt position `offset`, at most
+        record_start(plan)) -> neutral-frame deltas into their anchors. Returns how many
+        slots recorded."""
         recorded = 0
-        for i in which:
+        for i in self._recorded(plan):
             c = plan.contents[i]
-            if c is None:
-                if plan.slots[i].name in plan.first_carrier:   # its base comes after the call: settle()
-                    plan.late[i] = self._slot_kv(plan, i, k, v)
+            if c is None:   # carried first: its base comes after the call (settle)
+                plan.late[i] = self._slot_kv(plan, i, k, v, offset)
                 continue
-            recorded += self._record_slot(plan, i, c, k, v)
+            recorded += self._record_slot(plan, i, c, k, v, offset=offset)
         return recorded
+
+    def record_start(self, plan: CallPlan) -> int | None:
+        """The first prompt position record() reads (a partial call's computed slots sit at the
+        end of the prompt: a caller reading the KV back reads from there); None when it
+        records nothing."""
+        firsts = []
+        for i in self._recorded(plan):
+            _, a, _ = plan.layout.spans[i]
+            sa, sb = plan.layout.segments[i]
+            firsts.append(min(a, sa) if sb > sa else a)
+        return min(firsts, default=None)
+
+    def _recorded(self, plan: CallPlan) -> list[int]:
+        """The slots record() takes: every content of a dense call, a partial call's computed
+        ones; of those without a decided content, the ones the call carried first."""
+        if not plan.learn or plan.refused is not None or not self.estimator.uses_anchors:
+            return []
+        which = range(len(plan.contents)) if plan.path == "dense" else sorted(plan.computed)
+        return [i for i in which if plan.contents[i] is not None or plan.slots[i].name in plan.first_carrier]
 
     def settle(self, plan: CallPlan, session: Session) -> int:
         """The slots this call carried first (computed in context, their KV kept by record)
@@ -499,18 +515,19 @@ class Planner:
     def _has_deltas(self, agent: AgentState, c: Content) -> bool:
         return any(a.length >= c.shared_length and agent.key in a.agents for a in self.pool.anchors(c.slot))
 
-    def _slot_kv(self, plan: CallPlan, i: int, k, v) -> tuple:
-        """Neutral-frame copies of slot i's KV and of its segment's (None, None without one)."""
+    def _slot_kv(self, plan: CallPlan, i: int, k, v, offset: int = 0) -> tuple:
+        """Neutral-frame copies of slot i's KV and of its segment's (None, None without one);
+        k, v hold the prompt from position `offset`."""
         _, a, b = plan.layout.spans[i]
         sa, sb = plan.layout.segments[i]
         inv_freq = self.rope.inv_freq
-        seg = neutral_span(k, v, sa, sb, inv_freq) if sb > sa else (None, None)
-        return (*neutral_span(k, v, a, b, inv_freq), *seg)
+        seg = neutral_span(k, v, sa, sb, inv_freq, offset) if sb > sa else (None, None)
+        return (*neutral_span(k, v, a, b, inv_freq, offset), *seg)
 
     def _record_slot(self, plan: CallPlan, i: int, c: Content, k, v, seg_k=None, seg_v=None, *,
-                     neutral: bool = False) -> int:
-        """Slot i's deltas into c's anchor (k, v: the prompt's buffers, or with neutral=True the
-        slot's and its segment's neutral KV). 1 when recorded."""
+                     neutral: bool = False, offset: int = 0) -> int:
+        """Slot i's deltas into c's anchor (k, v: the prompt's buffers from position `offset`,
+        or with neutral=True the slot's and its segment's neutral KV). 1 when recorded."""
         lay, agent = plan.layout, plan.agent
         name = lay.spans[i][0]
         slot = plan.slots[i]
@@ -524,7 +541,7 @@ class Planner:
             plan.decisions[name] += " (new anchor)"
         if c.anchor_id is None:
             return 0
-        ph_k, ph_v, seg_k, seg_v = (k, v, seg_k, seg_v) if neutral else self._slot_kv(plan, i, k, v)
+        ph_k, ph_v, seg_k, seg_v = (k, v, seg_k, seg_v) if neutral else self._slot_kv(plan, i, k, v, offset)
         ph_k, ph_v = ph_k - c.base_k, ph_v - c.base_v
         if seg_k is not None:
             sa, _ = lay.segments[i]

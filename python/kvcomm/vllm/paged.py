@@ -169,24 +169,47 @@ class PagedKV:
         table = torch.tensor(block_ids, dtype=torch.long)
         blocks = table[pos // self.block_size].to(self.device)
         offs = (pos % self.block_size).to(self.device)
-        uniq, inv = torch.unique(blocks, return_inverse=True)
         h, d = self.kv_heads, self.head_dim
-        per_block = self.block_size * h * d
         out_k = torch.empty(self.num_layers, h, n, d, dtype=self.dtype, device=self.device)
         out_v = torch.empty_like(out_k)
-        # Per layout: where each output element [H, n, D] sits among the request's blocks copied
-        # one after another - one flat index_select per layer instead of a 2-D gather (7x faster
-        # on the CPU for an 800-token prompt).
-        flat: dict = {}
+        # One index_select per layer and K/V straight out of the layer's cache storage: where
+        # each output element [H, n, D] sits there (its block's start plus its place in the
+        # block, _storage_offsets), found once per layout and call.
+        index: dict = {}
         for i, kv in enumerate(self.caches):
-            maps = self._map(i)
-            if id(maps) not in flat:
-                flat[id(maps)] = [(inv[:, None] * per_block + m[offs].reshape(n, h * d)).view(n, h, d)
-                                  .transpose(0, 1).reshape(-1) for m in maps]
+            flat = kv.view(-1) if kv.is_contiguous() else None
             for which, (cache, out) in enumerate(zip(self.backend.split(kv), (out_k, out_v))):
-                sel = cache[uniq].reshape(-1)                       # the request's blocks, one after another
-                torch.index_select(sel, 0, flat[id(maps)][which], out=out[i].view(-1))
+                if flat is None:   # a cache that is a view into a larger buffer
+                    self._read_gathered(cache, blocks, offs, i, which, out[i])
+                    continue
+                key = (id(self._map(i)), which, cache.stride(), cache.storage_offset() - kv.storage_offset())
+                if key not in index:
+                    inner = self._storage_offsets(i, which, cache, kv)[offs].reshape(n, h * d)
+                    index[key] = ((blocks * cache.stride(0))[:, None] + inner).view(n, h, d).transpose(0, 1).reshape(-1)
+                torch.index_select(flat, 0, index[key], out=out[i].view(-1))
         return out_k, out_v
+
+    def _storage_offsets(self, i: int, which: int, cache: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        """[block_size, heads, head_dim]: where (token offset, head, channel) of block 0 of
+        `cache` (a K or V view of layer cache `kv`) sits in kv's storage, in elements."""
+        pos = self._map(i)[which]   # row-major position in the block's view
+        off = torch.full_like(pos, cache.storage_offset() - kv.storage_offset())
+        rem = pos.clone()
+        for size, stride in reversed(list(zip(cache.shape[1:], cache.stride()[1:]))):
+            off += (rem % size) * stride
+            rem = rem // size
+        return off
+
+    def _read_gathered(self, cache: torch.Tensor, blocks: torch.Tensor, offs: torch.Tensor, i: int,
+                       which: int, out: torch.Tensor) -> None:
+        """The slower read for a non-contiguous layer cache: the request's blocks copied one
+        after another, then one flat index_select."""
+        uniq, inv = torch.unique(blocks, return_inverse=True)
+        n, h, d = offs.numel(), self.kv_heads, self.head_dim
+        per_block = self.block_size * h * d
+        m = self._map(i)[which]
+        idx = (inv[:, None] * per_block + m[offs].reshape(n, h * d)).view(n, h, d).transpose(0, 1).reshape(-1)
+        torch.index_select(cache[uniq].reshape(-1), 0, idx, out=out.view(-1))
 
 
 def _layer_index(name: str) -> tuple:

@@ -144,13 +144,15 @@ class WorkerSide:
             return
         paged, state = self._ready()
         t0 = time.perf_counter()
+        spent: dict[str, float] = {}   # ms per kind of work, for the DEBUG line
         # Records last: a call the scheduler decided without waiting for a plan (dense from its
         # exact prefix) is planned in the step after its prefill, before its KV is recorded.
         saves = sorted(meta.saves, key=lambda j: j.kind == "record")
         records = [j for j in saves if j.kind == "record"]
         with torch.inference_mode():
             for job in saves[:len(saves) - len(records)]:
-                self._save_logged(paged, state, job)
+                self._save_logged(paged, state, job, spent)
+            t = time.perf_counter()
             for job in meta.captures:
                 try:
                     k, v = paged.read(job.block_ids, job.start, job.stop)
@@ -159,6 +161,7 @@ class WorkerSide:
                     log.error("kvcomm connector: capturing the reply of %s failed: %s", job.req_id, e)
                 finally:
                     self._sent.add(job.req_id)   # the blocks may be freed now, captured or not
+            t = _spent(spent, "capture", t, bool(meta.captures))
             for job in meta.plans:
                 try:
                     res = state.plan(job.req_id, job.ids, job.call, cached=job.cached)
@@ -167,16 +170,19 @@ class WorkerSide:
                     state.drop(job.req_id)
                     res = PlanResult("dense", f"planning failed: {e}", 0)
                 self._results[job.req_id] = res
+            _spent(spent, "plan", t, bool(meta.plans))
             for job in records:
-                self._save_logged(paged, state, job)
+                self._save_logged(paged, state, job, spent)
             for req_id in meta.drops:
                 state.drop(req_id)
         state.trim_heap_later()
         if log.isEnabledFor(logging.DEBUG):   # what the step's first tokens waited for
-            log.debug("kvcomm connector: end-of-step work %.1f ms (%d saves, %d captures, %d plans)",
-                      (time.perf_counter() - t0) * 1000.0, len(saves), len(meta.captures), len(meta.plans))
+            log.debug("kvcomm connector: end-of-step work %.1f ms (%d saves, %d captures, %d plans)%s",
+                      (time.perf_counter() - t0) * 1000.0, len(saves), len(meta.captures), len(meta.plans),
+                      "".join(f"; {k} {ms:.1f} ms" for k, ms in spent.items()))
 
-    def _save_logged(self, paged, state, job: SaveJob) -> None:
+    def _save_logged(self, paged, state, job: SaveJob, spent: dict) -> None:
+        t = time.perf_counter()
         try:
             self._save(paged, state, job)
         except Exception as e:
@@ -184,6 +190,7 @@ class WorkerSide:
         finally:
             if job.release:
                 self._sent.add(job.req_id)   # read (or not): the finished request's blocks may go
+            _spent(spent, job.kind, t)
 
     def _save(self, paged, state, job: SaveJob) -> None:
         from ..plan.template import PromptLayout
@@ -199,9 +206,11 @@ class WorkerSide:
             h = int(p["header"])
             k, v = paged.read(job.block_ids, h, T)
             state.add_encoding(p["session"], p["kind"], tuple(p["content_ids"]), k, v, h, slot=p.get("slot"))
-        elif job.kind == "record":
-            k, v = paged.read(job.block_ids, 0, T - 1)
-            state.record_later(job.req_id, k, v)
+        elif job.kind == "record":   # from the first position it records: a partial call's end
+            start = state.record_start(job.req_id)
+            if start is not None:
+                k, v = paged.read(job.block_ids, start, T - 1)
+                state.record_later(job.req_id, k, v, start)
         elif job.kind == "save":   # the server is about to stop (kvcomm.vllm.supervise): save now
             state.flush()
             if self.store is not None and not self.store.save():
@@ -220,3 +229,11 @@ class WorkerSide:
             return None
         out, self._results = KVCommWorkerMeta(self._results), {}
         return out
+
+
+def _spent(spent: dict, kind: str, since: float, did: bool = True) -> float:
+    """Adds the ms since `since` to spent[kind] (when there was work of that kind); returns now."""
+    now = time.perf_counter()
+    if did:
+        spent[kind] = spent.get(kind, 0.0) + (now - since) * 1000.0
+    return now

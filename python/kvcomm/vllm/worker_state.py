@@ -112,7 +112,9 @@ class WorkerState:
         from ..plan.neutral import neutral_keys
         st = self.session(sid)
         key = (kind, tuple(ids))
-        st.encoded.setdefault(key, (neutral_keys(k, start, self.spec.inv_freq), v.contiguous().clone()))
+        if key not in st.encoded:   # kept for the session: copies only of a view into a larger buffer
+            own = v.is_contiguous() and v.untyped_storage().nbytes() == v.numel() * v.element_size()
+            st.encoded[key] = (neutral_keys(k, start, self.spec.inv_freq), v if own else v.contiguous().clone())
         self.stats.encodings += 1
         group = self.planner.group
         if slot and self.planner.estimator.uses_anchors and (group is None or group.world_size == 1):
@@ -246,22 +248,31 @@ class WorkerState:
     # ------------------------------------------------------------------ after the prefill
 
     @torch.inference_mode()
-    def record(self, req_id: str, k: torch.Tensor, v: torch.Tensor) -> bool:
-        """The call's KV k, v [L,H,>=T-1,D] (from position 0) after its prefill -> deltas of the
-        slots vLLM computed."""
+    def record(self, req_id: str, k: torch.Tensor, v: torch.Tensor, offset: int = 0) -> bool:
+        """The call's KV k, v [L,H,n,D] after its prefill (index 0 holds prompt position
+        `offset`, at most record_start(req_id)) -> deltas of the slots vLLM computed."""
         item = self.pending.pop(req_id, None)
         if item is None:
             return False
-        self._record_plan(*item, k, v)
+        self._record_plan(*item, k, v, offset)
         return True
 
-    def record_later(self, req_id: str, k: torch.Tensor, v: torch.Tensor) -> None:
+    def record_start(self, req_id: str) -> int | None:
+        """The first prompt position the call's record reads (its KV before it need not be
+        read back); None when there is nothing to record (the call is then forgotten)."""
+        item = self.pending.get(req_id)
+        start = None if item is None else self.planner.record_start(item[0])
+        if start is None:
+            self.pending.pop(req_id, None)
+        return start
+
+    def record_later(self, req_id: str, k: torch.Tensor, v: torch.Tensor, offset: int = 0) -> None:
         """record() on a background thread: the step that read the KV back (and the call's
         first token with it) does not wait for the delta arithmetic. k, v are the worker's
         own copies."""
         item = self.pending.pop(req_id, None)
         if item is not None:
-            self._background(self._record_plan, *item, k, v)
+            self._background(self._record_plan, *item, k, v, offset)
 
     def trim_heap_later(self) -> None:
         """A heap trim on the background thread when one is due: a trim walks every heap,
@@ -280,9 +291,9 @@ class WorkerState:
         self._recorder.submit(fn, *args)
 
     @torch.inference_mode()
-    def _record_plan(self, plan: CallPlan, st, k, v) -> None:
+    def _record_plan(self, plan: CallPlan, st, k, v, offset: int = 0) -> None:
         try:
-            self.planner.record(plan, k, v)
+            self.planner.record(plan, k, v, offset)
             self.stats.records += 1
             if plan.late:   # slots this call carried first: their deltas once their base is there
                 self._await_preparing(st)

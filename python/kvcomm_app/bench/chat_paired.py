@@ -222,7 +222,20 @@ def summarize(by_conv: list[list[dict]], warmup: int) -> dict:
             "first_token_kl_mean": mean_kl(reused), "first_token_kl_ci95": bootstrap_interval(
                 [[c for c in conv if c["path"] != "plain"] for conv in measured], mean_kl),
             "paired_calls_through_kvcomm": len(reused), "per_agent": per_agent,
+            "token_reuse_by_conversations": learning_curve(by_conv, max(warmup, 1)),
             "replies_as_recorded": _share([c.get("reply_as_recorded") for c in calls])}
+
+
+def learning_curve(by_conv: list[list[dict]], window: int) -> list[dict]:
+    """Token reuse of both modes per run of `window` conversations, warm-up included: how far the
+    pool had learned the traffic's slots by then (anchors accumulate conversation by conversation)."""
+    out = []
+    for start in range(0, len(by_conv), window):
+        chunk = by_conv[start:start + window]
+        calls = [c for conv in chunk for c in conv]
+        out.append({"conversations": [start, start + len(chunk) - 1],
+                    "token_reuse": reuse_share(calls), "plain_token_reuse": plain_reuse_share(calls)})
+    return out
 
 
 def _share(flags: list) -> float | None:
