@@ -26,6 +26,28 @@ def layout_of(eng, name, lay, session, max_tokens):
                       max_tokens=max_tokens)
 
 
+def synthetic_worker(seed: int, anchors: int, length: int, agents=lambda j: ("x",), **settings):
+    """A WorkerState over a synthetic pool (2 layers, 2 KV heads, head_dim 8): `anchors`
+    anchors of `length` tokens in user_question near the content (k, v) of 6 tokens, each
+    with deltas of the agents `agents(j)`. Returns (ws, pool, k, v, generator)."""
+    from types import SimpleNamespace
+
+    from kvcomm import PoolConfig
+    from kvcomm.plan import PlanSettings
+
+    g = torch.Generator().manual_seed(seed)
+    k, v = torch.randn(2, 2, 6, 8, generator=g), torch.randn(2, 2, 6, 8, generator=g)
+    pool = AnchorPool(PoolConfig(min_anchors=2, gamma=8.0))
+    for j in range(anchors):
+        aid = pool.add_anchor("user_question", k[:, :, :length] + 0.1 * j, v[:, :, :length] + 0.1 * j)
+        for agent in agents(j):
+            pool.record_deltas("user_question", aid, agent,
+                               *(torch.randn(2, 2, length, 8, generator=g) for _ in range(2)))
+    spec = SimpleNamespace(inv_freq=1.0 / (10000 ** (torch.arange(0, 8, 2).float() / 8)), exact_positions=None,
+                           rope_type="default", dtype=torch.float32, device=torch.device("cpu"))
+    return WorkerState(spec, pool, RankGroup(1), settings=PlanSettings(**settings)), pool, k, v, g
+
+
 def test_worker_plans_and_records_like_the_engine(smollm2, tmp_path):
     model, tok = smollm2
     # the connector's planning: estimated KV for a prefix only, the last prompt token computed
@@ -105,23 +127,11 @@ def test_weights_are_prepared_for_each_set_of_anchors_the_agents_use():
     """Agents holding deltas of different anchors (they read the slot in different graphs)
     estimate over different sets: the server prepares weights for each set, and each agent's
     first estimate takes those over its own set."""
-    from types import SimpleNamespace
-
-    from kvcomm import PoolConfig
-    from kvcomm.plan import PlanSettings
     from kvcomm.plan.decide import nearest_first, usable_anchors
 
-    g = torch.Generator().manual_seed(5)
-    kv = lambda n, s: (torch.randn(2, 2, n, 8, generator=s), torch.randn(2, 2, n, 8, generator=s))  # noqa: E731
-    k, v = kv(6, g)
-    pool = AnchorPool(PoolConfig(min_anchors=2, gamma=8.0))
-    for j in range(6):
-        aid = pool.add_anchor("user_question", k + 0.1 * j, v + 0.1 * j)
-        for agent in (("x", "y") if j % 2 else ("x",)):
-            pool.record_deltas("user_question", aid, agent, *kv(6, g))
-    spec = SimpleNamespace(inv_freq=1.0 / (10000 ** (torch.arange(0, 8, 2).float() / 8)), exact_positions=None,
-                           rope_type="default")
-    ws = WorkerState(spec, pool, RankGroup(1), settings=PlanSettings(estimate_anchors=2))
+    ws, pool, k, v, _ = synthetic_worker(5, 6, 6, agents=lambda j: ("x", "y") if j % 2 else ("x",),
+                                         estimate_anchors=2)
+    spec = ws.spec
     ids = tuple(range(6))
     st = ws.session("s")
     st.encoded[("question", ids)] = (k, v)
@@ -147,22 +157,11 @@ def test_a_content_longer_than_the_pool_covers_is_prepared_on_its_head(monkeypat
     """A report a few tokens longer than its slot's anchors is decided on its covered head
     (kvcomm.plan.decide.decide_content): the server prepares that head's distances and
     weights, and the first estimate of the head takes them."""
-    from types import SimpleNamespace
-
-    from kvcomm import PoolConfig
-    from kvcomm.plan import PlanSettings
     from kvcomm.plan.decide import HeadShare
 
     monkeypatch.setattr(HeadShare, "take", lambda self, slot, ids, covered=None: True)
-    g = torch.Generator().manual_seed(6)
-    k, v = torch.randn(2, 2, 6, 8, generator=g), torch.randn(2, 2, 6, 8, generator=g)
-    pool = AnchorPool(PoolConfig(min_anchors=2, gamma=8.0))
-    for j in range(3):
-        aid = pool.add_anchor("user_question", k[:, :, :5] + 0.1 * j, v[:, :, :5] + 0.1 * j)
-        pool.record_deltas("user_question", aid, "x", *(torch.randn(2, 2, 5, 8, generator=g) for _ in range(2)))
-    spec = SimpleNamespace(inv_freq=1.0 / (10000 ** (torch.arange(0, 8, 2).float() / 8)), exact_positions=None,
-                           rope_type="default")
-    ws = WorkerState(spec, pool, RankGroup(1), settings=PlanSettings())
+    ws, pool, k, v, _ = synthetic_worker(6, 3, 5)
+    spec = ws.spec
     ids = tuple(range(6))
     st = ws.session("s")
     st.encoded[("question", ids)] = (k, v)
@@ -181,19 +180,8 @@ def test_a_call_waits_for_its_contents_preparation_in_flight(monkeypatch):
     first carrier's settle) that decides the content meanwhile waits for it instead of doing
     the same passes over the anchors beside it."""
     import threading
-    from types import SimpleNamespace
 
-    from kvcomm import PoolConfig
-
-    g = torch.Generator().manual_seed(7)
-    k, v = torch.randn(2, 2, 6, 8, generator=g), torch.randn(2, 2, 6, 8, generator=g)
-    pool = AnchorPool(PoolConfig(min_anchors=2, gamma=8.0))
-    for j in range(3):
-        aid = pool.add_anchor("user_question", k + 0.1 * j, v + 0.1 * j)
-        pool.record_deltas("user_question", aid, "x", *(torch.randn(2, 2, 6, 8, generator=g) for _ in range(2)))
-    spec = SimpleNamespace(inv_freq=1.0 / (10000 ** (torch.arange(0, 8, 2).float() / 8)), exact_positions=None,
-                           rope_type="default", dtype=torch.float32, device=torch.device("cpu"))
-    ws = WorkerState(spec, pool, RankGroup(1))
+    ws, pool, k, v, _ = synthetic_worker(7, 3, 6)
     release = threading.Event()
     slow = ws._prepare_weights
     monkeypatch.setattr(ws, "_prepare_weights", lambda *a: (release.wait(5), slow(*a)))

@@ -250,6 +250,9 @@ def main(argv=None) -> int:
     p.add_argument("--server", default=None, help="a running kvcomm serve (http://host:port); default: start one")
     p.add_argument("--warmup", type=int, default=2, help="conversations before the measured ones")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--recompute", default=None,
+                   help="the server's recompute policy ('none' or 'tail=N': the last N prompt tokens of every "
+                        "KVCOMM call computed); default: the server's")
     p.add_argument("--out", default=None, help="default results/chat/<name>.json")
     p.add_argument("--log", default="/tmp/kvcomm-chat-bench.log")
     p.add_argument("--recorded-replies", action="store_true",
@@ -279,6 +282,7 @@ def main(argv=None) -> int:
         tools = any(body.get("tools") for conv in convs for body in conv)
         server = Server(model, args.log, served_model_name="SmolLM2-135M-Instruct", dtype=args.dtype,
                         max_model_len=4096, kv_cache_bytes=2 << 30,
+                        **({"plan": {"recompute": args.recompute}} if args.recompute else {}),
                         extra_args=["--enable-prompt-tokens-details"]   # the plain twins' cache hits
                         + (["--enable-auto-tool-choice", "--tool-call-parser", "pythonic"] if tools else []))
         client = server.__enter__()
@@ -288,6 +292,7 @@ def main(argv=None) -> int:
         if server is not None:
             server.__exit__(None, None, None)
     doc = {"framework": name, "traffic": args.traffic, "dtype": args.dtype, "warmup_conversations": args.warmup,
+           "recompute": args.recompute or "the server's default",
            "replies": "as recorded" if args.recorded_replies else "this server's, in later requests",
            **summarize(by_conv, args.warmup), "lost_requests": lost, "errored_requests": errored,
            "device_detail": provenance.device_detail("cpu", args.dtype), "load_average": provenance.load_average(),
