@@ -45,8 +45,9 @@ def add_serve_parser(sub) -> None:
                    help="... or after N new anchors (default 50)")
     s.add_argument("--min-anchors", type=int, default=None,
                    help=f"anchors a slot collects before it shares (default {DEFAULT_MIN_ANCHORS})")
-    s.add_argument("--recompute", default=None, help="prompt tokens the reuse path computes: 'none' (the last "
-                   "token) or 'tail=N' (what vLLM's connector can express; docs/serving.md)")
+    s.add_argument("--recompute", default=None, help="prompt tokens every KVCOMM call computes besides its plan's: "
+                   "'none' (a reuse call's last 8) or 'tail=N' (the last N; what vLLM's connector can express). "
+                   "tail=48 brought framework chat traffic to 98.9%% first-token agreement (docs/serving.md)")
     s.add_argument("--no-partial", action="store_true", help="run a call with any slot that cannot be estimated "
                    "fully dense (default: estimate the slots before it)")
     s.add_argument("--head-share", type=float, default=None, metavar="F",
