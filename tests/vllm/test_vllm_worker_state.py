@@ -48,6 +48,15 @@ def synthetic_worker(seed: int, anchors: int, length: int, agents=lambda j: ("x"
     return WorkerState(spec, pool, RankGroup(1), settings=PlanSettings(**settings)), pool, k, v, g
 
 
+def prepared(ws, k, v):
+    """What the worker prepares for a 6-token user_question content (k, v) once its encoding lands."""
+    ids = tuple(range(6))
+    st = ws.session("s")
+    st.encoded[("question", ids)] = (k, v)
+    ws._prepare_weights(st, "user_question", ("question", ids))
+    return st.prepared[("user_question", ids)]
+
+
 def test_worker_plans_and_records_like_the_engine(smollm2, tmp_path):
     model, tok = smollm2
     # the connector's planning: estimated KV for a prefix only, the last prompt token computed
@@ -132,11 +141,7 @@ def test_weights_are_prepared_for_each_set_of_anchors_the_agents_use():
     ws, pool, k, v, _ = synthetic_worker(5, 6, 6, agents=lambda j: ("x", "y") if j % 2 else ("x",),
                                          estimate_anchors=2)
     spec = ws.spec
-    ids = tuple(range(6))
-    st = ws.session("s")
-    st.encoded[("question", ids)] = (k, v)
-    ws._prepare_weights(st, "user_question", ("question", ids))
-    prep = st.prepared[("user_question", ids)]
+    prep = prepared(ws, k, v)
     cand, dist = pool.candidate_distances("user_question", v, rms=False)
     near = nearest_first(cand, dist)
     sets = {agent: usable_anchors(pool.anchors("user_question"), 6, agent, near, 2) for agent in ("x", "y")}
@@ -162,11 +167,7 @@ def test_a_content_longer_than_the_pool_covers_is_prepared_on_its_head(monkeypat
     monkeypatch.setattr(HeadShare, "take", lambda self, slot, ids, covered=None: True)
     ws, pool, k, v, _ = synthetic_worker(6, 3, 5)
     spec = ws.spec
-    ids = tuple(range(6))
-    st = ws.session("s")
-    st.encoded[("question", ids)] = (k, v)
-    ws._prepare_weights(st, "user_question", ("question", ids))
-    prep = st.prepared[("user_question", ids)]
+    prep = prepared(ws, k, v)
     assert prep.head is not None and prep.head[0] == 5 and len(prep.weights) == 1
     (w,) = prep.weights
     assert tuple(w.token_k.shape) == (3, 5)   # weights over the head's 5 tokens

@@ -74,6 +74,7 @@ class PagedKV:
         self.block_size, self.kv_heads, self.head_dim = self.backend.heads_dim(first)
         self.dtype, self.device = first.dtype, first.device
         self._maps: dict = {}
+        self._offsets: dict = {}   # (layout, K/V, view) -> _storage_offsets
 
     @property
     def num_layers(self) -> int:
@@ -174,42 +175,39 @@ class PagedKV:
         out_v = torch.empty_like(out_k)
         # One index_select per layer and K/V straight out of the layer's cache storage: where
         # each output element [H, n, D] sits there (its block's start plus its place in the
-        # block, _storage_offsets), found once per layout and call.
+        # block, _storage_offsets), built once per layout and call. A layer cache that is not
+        # one contiguous tensor is read from its request's blocks copied one after another.
         index: dict = {}
+        gathered = None   # (unique blocks, each token's place among them), for such caches
         for i, kv in enumerate(self.caches):
-            flat = kv.view(-1) if kv.is_contiguous() else None
+            contiguous = kv.is_contiguous()
+            if not contiguous and gathered is None:
+                gathered = torch.unique(blocks, return_inverse=True)
             for which, (cache, out) in enumerate(zip(self.backend.split(kv), (out_k, out_v))):
-                if flat is None:   # a cache that is a view into a larger buffer
-                    self._read_gathered(cache, blocks, offs, i, which, out[i])
-                    continue
-                key = (id(self._map(i)), which, cache.stride(), cache.storage_offset() - kv.storage_offset())
+                key = (id(self._map(i)), which, contiguous, cache.stride(), cache.storage_offset() - kv.storage_offset())
                 if key not in index:
-                    inner = self._storage_offsets(i, which, cache, kv)[offs].reshape(n, h * d)
-                    index[key] = ((blocks * cache.stride(0))[:, None] + inner).view(n, h, d).transpose(0, 1).reshape(-1)
-                torch.index_select(flat, 0, index[key], out=out[i].view(-1))
+                    if contiguous:
+                        inner, start = self._storage_offsets(i, which, cache, kv), blocks * cache.stride(0)
+                    else:
+                        inner, start = self._map(i)[which], gathered[1] * (self.block_size * h * d)
+                    index[key] = (start[:, None] + inner[offs].reshape(n, h * d)).view(n, h, d).transpose(0, 1).reshape(-1)
+                src = kv.view(-1) if contiguous else cache[gathered[0]].reshape(-1)
+                torch.index_select(src, 0, index[key], out=out[i].view(-1))
         return out_k, out_v
 
     def _storage_offsets(self, i: int, which: int, cache: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
         """[block_size, heads, head_dim]: where (token offset, head, channel) of block 0 of
-        `cache` (a K or V view of layer cache `kv`) sits in kv's storage, in elements."""
-        pos = self._map(i)[which]   # row-major position in the block's view
-        off = torch.full_like(pos, cache.storage_offset() - kv.storage_offset())
-        rem = pos.clone()
-        for size, stride in reversed(list(zip(cache.shape[1:], cache.stride()[1:]))):
-            off += (rem % size) * stride
-            rem = rem // size
-        return off
-
-    def _read_gathered(self, cache: torch.Tensor, blocks: torch.Tensor, offs: torch.Tensor, i: int,
-                       which: int, out: torch.Tensor) -> None:
-        """The slower read for a non-contiguous layer cache: the request's blocks copied one
-        after another, then one flat index_select."""
-        uniq, inv = torch.unique(blocks, return_inverse=True)
-        n, h, d = offs.numel(), self.kv_heads, self.head_dim
-        per_block = self.block_size * h * d
-        m = self._map(i)[which]
-        idx = (inv[:, None] * per_block + m[offs].reshape(n, h * d)).view(n, h, d).transpose(0, 1).reshape(-1)
-        torch.index_select(cache[uniq].reshape(-1), 0, idx, out=out.view(-1))
+        `cache` (a K or V view of layer cache `kv`) sits in kv's storage, in elements (once per
+        layout and view)."""
+        key = (id(self._map(i)), which, cache.shape[1:], cache.stride(), cache.storage_offset() - kv.storage_offset())
+        if key not in self._offsets:
+            pos = self._map(i)[which]   # row-major position in the block's view
+            off = torch.full_like(pos, key[-1])
+            for size, stride in reversed(list(zip(cache.shape[1:], cache.stride()[1:]))):
+                off += (pos % size) * stride
+                pos = pos // size
+            self._offsets[key] = off
+        return self._offsets[key]
 
 
 def _layer_index(name: str) -> tuple:

@@ -58,28 +58,15 @@ def bootstrap_ratios(groups: list, draws: int = BOOTSTRAP, seed: int = 0) -> dic
     groups: one dict per group, name -> (numerator, denominator) summed over its calls; a
     statistic is sum(numerators) / sum(denominators) over the drawn groups (a draw with a
     zero denominator is skipped). Returns name -> [lo, hi], or None with < 2 groups."""
-    names = sorted({k for g in groups for k in g})
-    if len(groups) < 2:
-        return {k: None for k in names}
-    rng = random.Random(seed)
-    nums = {k: [g.get(k, (0.0, 0.0))[0] for g in groups] for k in names}
-    dens = {k: [g.get(k, (0.0, 0.0))[1] for g in groups] for k in names}
-    samples: dict = {k: [] for k in names}
-    q = len(groups)
-    for _ in range(draws):
-        idx = [rng.randrange(q) for _ in range(q)]
-        for k in names:
-            den = sum(dens[k][i] for i in idx)
-            if den > 0:
-                samples[k].append(sum(nums[k][i] for i in idx) / den)
+    def ratio(name):
+        def stat(drawn):
+            den = sum(g.get(name, (0.0, 0.0))[1] for g in drawn)
+            return sum(g.get(name, (0.0, 0.0))[0] for g in drawn) / den if den > 0 else None
+        return stat
     out = {}
-    for k, xs in samples.items():
-        if len(xs) < 2:
-            out[k] = None
-            continue
-        xs.sort()
-        lo, hi = xs[int(0.025 * (len(xs) - 1))], xs[int(math.ceil(0.975 * (len(xs) - 1)))]
-        out[k] = [round(lo, 4), round(hi, 4)]
+    for name in sorted({k for g in groups for k in g}):
+        ci = bootstrap_interval([[g] for g in groups], ratio(name), draws, seed)
+        out[name] = None if ci is None else [round(ci[0], 4), round(ci[1], 4)]
     return out
 
 
