@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Builds the wheel and checks it installs into a fresh venv that has torch and
-# passes an import-and-call smoke test. Needs the .venv from setup.sh.
+# passes an import-and-call smoke test. Needs the .venv from setup.sh. The
+# fresh venv gets .venv's torch and numpy as hard links (.ci/venv_link.py),
+# not a second unpacked copy: CI's disk is shared with the CUDA torch and the
+# vLLM environment being installed beside this stage, and ran out once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . "${KVCOMM_VENV:-.venv}/bin/activate"
@@ -9,9 +12,11 @@ rm -rf "$OUT" && mkdir -p "$OUT"
 MAX_JOBS=${MAX_JOBS:-2} pip wheel -q --no-build-isolation --no-deps -w "$OUT" .
 WHEEL=$(ls "$OUT"/kvcomm-*.whl)
 echo "wheel: $WHEEL ($(du -h "$WHEEL" | cut -f1))"
-SMOKE=$(mktemp -d)/venv
+SMOKE_DIR=$(mktemp -d)
+trap 'rm -rf "$SMOKE_DIR"' EXIT
+SMOKE=$SMOKE_DIR/venv
 python -m venv "$SMOKE"
-"$SMOKE/bin/pip" install -q --disable-pip-version-check torch==2.13.0 numpy
+python .ci/venv_link.py "$("$SMOKE/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" torch numpy
 "$SMOKE/bin/pip" install -q --disable-pip-version-check --no-deps "$WHEEL"
 cd "$SMOKE/.."  # away from the source tree, so the installed wheel is imported
 "$SMOKE/bin/python" - <<'PY'

@@ -47,7 +47,7 @@ def add_serve_parser(sub) -> None:
                    help=f"anchors a slot collects before it shares (default {DEFAULT_MIN_ANCHORS})")
     s.add_argument("--recompute", default=None, help="prompt tokens every KVCOMM call computes besides its plan's: "
                    "'none' (a reuse call's last 8) or 'tail=N' (the last N; what vLLM's connector can express). "
-                   "tail=48 brought framework chat traffic to 98.9%% first-token agreement (docs/serving.md)")
+                   "Chat requests the server lays out itself compute at least --chat-tail")
     s.add_argument("--no-partial", action="store_true", help="run a call with any slot that cannot be estimated "
                    "fully dense (default: estimate the slots before it)")
     s.add_argument("--head-share", type=float, default=None, metavar="F",
@@ -64,6 +64,10 @@ def add_serve_parser(sub) -> None:
                    "that is mostly not multi-agent that is a second prefill of every user text)")
     s.add_argument("--chat-min-tokens", type=int, default=None,
                    help="shortest shared text taken as a content in plain chat requests (default 1 token: any)")
+    s.add_argument("--chat-tail", type=int, default=None, metavar="N",
+                   help="the last N prompt tokens of a chat request the server laid out itself are computed, not "
+                   "estimated (default 48: on framework traffic 98.9%% first-token agreement with dense where 8 gave "
+                   "94.4%%; docs/serving.md). Explicit calls are unaffected (--recompute)")
     s.add_argument("--tenant-header", default=None, help="the request header that separates tenants: texts are "
                    "matched only within one (default: Authorization, i.e. the API key)")
     s.add_argument("--gamma", type=float, default=None, help="entropy threshold of the pool's share decision "
@@ -106,7 +110,10 @@ def serve_command(args, *, cuda: bool | None = None) -> tuple[list[str], list[st
     plan = {"partial": not args.no_partial}
     chat = {k: v for k, v in (("enabled", False if args.no_chat else None), ("min_tokens", args.chat_min_tokens),
                               ("tenant_header", args.tenant_header),
-                              ("encode_ahead", False if args.no_chat_encode_ahead else None)) if v is not None}
+                              ("encode_ahead", False if args.no_chat_encode_ahead else None),
+                              ("tail", args.chat_tail)) if v is not None}
+    if args.chat_tail is not None and args.chat_tail < 1:
+        raise SystemExit(f"kvcomm serve: --chat-tail must be at least 1, got {args.chat_tail}")
     if args.recompute is not None:
         plan["recompute"] = args.recompute
     if args.head_share is not None:

@@ -133,9 +133,13 @@ def test_chat_flags_reach_the_front_end(monkeypatch):
     assert CHAT_ARGS not in extra_config(command()[0])                 # the front end's defaults
     front = ChatFront(None, (), None)
     assert front.enabled and front.encode_ahead and front.min_tokens == 1
-    chat = extra_config(command("--no-chat-encode-ahead", "--chat-min-tokens", "8", "--tenant-header", "X-Team")[0])
+    chat = extra_config(command("--no-chat-encode-ahead", "--chat-min-tokens", "8", "--tenant-header", "X-Team",
+                                "--chat-tail", "16")[0])
     front = ChatFront(None, (), chat[CHAT_ARGS])
     assert not front.encode_ahead and front.min_tokens == 8 and front.tenant_header == b"x-team"
+    assert front.tail == 16
+    with pytest.raises(SystemExit, match="--chat-tail must be at least 1"):
+        command("--chat-tail", "0")
     assert not ChatFront(None, (), extra_config(command("--no-chat")[0])[CHAT_ARGS]).enabled
     with pytest.raises(ValueError, match="unknown chat setting"):
         ChatFront(None, (), {"encode_later": False})

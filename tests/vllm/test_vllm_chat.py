@@ -66,6 +66,11 @@ def test_framework_traffic_gets_kvcomm_and_fallbacks_are_plain(client):
     assert readers[0] is not None and "new chat template" in readers[0]["reason"], readers[0]
     assert all(r is not None and "user_question" in r["slots"] for r in readers[1:]), readers
     assert any(r["path"] in ("reuse", "partial") for r in readers[2:]), readers
+    # an inferred call computes its last DEFAULT_TAIL prompt tokens (what vLLM's prefix cache
+    # held aside): a framework's request ends in what the next token depends on most
+    from kvcomm.vllm.chat_front import DEFAULT_TAIL
+    for r in (r for r in readers if r["path"] in ("reuse", "partial")):
+        assert r["reused_tokens"] <= max(r["prompt_tokens"] - DEFAULT_TAIL, r["cached_tokens"]), r
     # every call that fell back to dense gives plain vLLM's tokens (fp32, greedy): the same
     # messages from a tenant the server knows nothing of are plain vLLM
     dense = [r for conv in runs for r in conv if r[2] is not None and r[2]["path"] == "dense"][:3]

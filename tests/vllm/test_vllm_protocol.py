@@ -82,3 +82,31 @@ def test_a_reuse_call_leaves_vllm_a_tail_of_prompt_tokens_to_compute():
     assert loaded_prefix(PlanResult("reuse", "all slots shared", 5), 6) == 0   # shorter than the tail
     assert loaded_prefix(PlanResult("partial", "partial: ...", 700), 800) == 700
     assert loaded_prefix(PlanResult("dense", "first carrier", 31), 800) == 31
+
+
+def test_a_call_with_its_own_tail_loads_less_on_every_estimating_path():
+    """An inferred chat call carries a tail (ChatFront.tail): vLLM computes that many last
+    prompt tokens on the reuse and partial paths; a dense plan's exact prefix stays loaded;
+    a tail shorter than a reuse call's own changes nothing."""
+    from kvcomm.vllm.jobs import PlanResult
+    from kvcomm.vllm.scheduler_side import REUSE_TAIL, loaded_prefix
+
+    assert loaded_prefix(PlanResult("reuse", "all slots shared", 799), 800, 48) == 752
+    assert loaded_prefix(PlanResult("reuse", "all slots shared", 799), 800, 2) == 800 - REUSE_TAIL
+    assert loaded_prefix(PlanResult("partial", "partial: ...", 790), 800, 48) == 752
+    assert loaded_prefix(PlanResult("partial", "partial: ...", 500), 800, 48) == 500   # computes more already
+    assert loaded_prefix(PlanResult("reuse", "all slots shared", 30), 31, 48) == 0
+    assert loaded_prefix(PlanResult("dense", "first carrier", 31), 800, 48) == 31
+
+
+def test_chat_front_tail_setting_is_checked():
+    """The chat tail defaults to DEFAULT_TAIL; a bad value is refused when the server starts."""
+    import pytest
+
+    from kvcomm.vllm.chat_front import DEFAULT_TAIL, ChatFront
+
+    assert ChatFront(None, ()).tail == DEFAULT_TAIL > 8
+    assert ChatFront(None, (), {"tail": 16}).tail == 16
+    for bad in (0, -3, 2.5, True, "48"):
+        with pytest.raises(ValueError, match="tail must be an int >= 1"):
+            ChatFront(None, (), {"tail": bad})

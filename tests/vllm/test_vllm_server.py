@@ -128,3 +128,27 @@ def test_eval_backend_vllm_runs_the_runtime_graph(client, tmp_path):
     assert {p for m, p, _ in calls if m == "kvcomm"} <= {"dense", "partial", "reuse"}   # through the connector
     assert all(n >= 1 for _, _, n in calls)
     assert json.loads((tmp_path / "s.json").read_text())["questions"] == 1
+
+
+def test_a_streamed_reply_cut_by_max_tokens_streams_as_plain_and_is_captured(client):
+    """A streamed KVCOMM call asks vLLM for one token more than max_tokens, which the front end
+    keeps from the client (kvcomm.vllm.reply_trim): the client gets what plain vLLM streams for
+    max_tokens - the same ids and text, finish "length", usage counting max_tokens - and the
+    reply, its last token now fed through the model, is captured: the judge reading it reuses
+    the captured KV instead of being the reply's first carrier."""
+    from kvcomm.vllm.client import DENSE
+    q = "Lena buys 3 boxes of 12 markers and gives 7 markers away. How many markers does she keep?"
+    for limit in (1, 3):
+        session = f"cut-{limit}"
+        a = client.call("analyst", {"user_question": q}, session=session, max_tokens=limit)
+        plain = client.call("analyst", {"user_question": q}, mode=DENSE, max_tokens=limit)
+        assert a.finish_reason == plain.finish_reason == "length", (a.finish_reason, plain.finish_reason)
+        assert a.token_ids == plain.token_ids and len(a.token_ids) == limit
+        assert a.new_tokens == limit                                   # usage.completion_tokens
+        assert a.kv.get("path") and a.text == plain.text, (a.text, plain.text)
+        b = client.call("checker", {"user_question": q}, session=session, max_tokens=4)
+        judge = client.call("judge", {"user_question": q, "agent_analyst_current": a.text.strip(),
+                                      "agent_checker_current": b.text.strip() or "none"},
+                            session=session, max_tokens=2)
+        decided = judge.slot_decisions.get("agent_analyst_current", "")
+        assert decided and "first carrier" not in decided, judge.slot_decisions

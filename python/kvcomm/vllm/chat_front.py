@@ -25,7 +25,13 @@ from .protocol import Call
 log = logging.getLogger("kvcomm.vllm")
 
 CHAT_ARGS = "chat"   # the kv_connector_extra_config entry holding the chat SETTINGS
-SETTINGS = ("enabled", "min_tokens", "tenant_header", "index_bytes", "encode_ahead")
+SETTINGS = ("enabled", "min_tokens", "tenant_header", "index_bytes", "encode_ahead", "tail")
+# The last prompt tokens an inferred chat call computes (vLLM runs them in context instead of
+# loading estimates). On recorded AutoGen traffic a 48-token tail took first-token agreement
+# with dense from 94.4% to 98.9% and KL from 0.032 to 0.010 at 55% reuse instead of 58%
+# (docs/serving.md): a framework's request ends in the instructions and turn header the next
+# token depends on most. Explicit calls keep the connector's own short tail.
+DEFAULT_TAIL = 48
 SESSION_HEADER = b"x-kvcomm-session"
 
 
@@ -42,6 +48,9 @@ class ChatFront:
         # multi-agent that is one more prefill of every user text, which runs beside the
         # requests after it. Off: a text's first reader computes it, its encoding runs then.
         self.encode_ahead = bool(s.get("encode_ahead", True))
+        self.tail = s.get("tail", DEFAULT_TAIL)
+        if isinstance(self.tail, bool) or not isinstance(self.tail, int) or self.tail < 1:
+            raise ValueError(f"kvcomm: chat setting tail must be an int >= 1 (prompt tokens), got {self.tail!r}")
         self.tenant_header = str(s.get("tenant_header", "authorization")).lower().encode()
         self.index = ContentIndex(int(s.get("index_bytes", 64 << 20)))
         self.tok = tokenizer

@@ -31,18 +31,31 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
+from typing import NamedTuple
 
 from ..plan.replies import BlankTokens, reply_span
 from .chat_front import CHAT_ARGS, ChatFront
 from .observe import CallReports, final_chunk, setup_logging
 from .prepare import Internal, Preparer, kv_params
 from .protocol import KEY, SERVER, Call, ParamError, kvcomm_params, parse_call
+from .reply_trim import StreamTrim, extra_token_limit
 
 log = logging.getLogger("kvcomm.vllm")
 
 PATHS = ("/v1/chat/completions",)
 SAVE_PATH = "/kvcomm/save"
 _REMEMBER = 65536   # encodings / captured replies remembered (oldest forgotten first)
+
+
+class _Track(NamedTuple):
+    """What _watch follows of a call's response."""
+    session: str
+    agent: str
+    round: int
+    stream: bool
+    chat: tuple | None      # (ChatCall, tenant) of an inferred call
+    later: list             # internal requests deferred until its first token
+    limit: int | None       # the client's max_tokens, where vLLM was asked for one more
 
 
 class _LRU(OrderedDict):
@@ -76,6 +89,7 @@ class _Engine:
         for t in (tok.eos_token_id, getattr(cfg.model_config.hf_config, "eos_token_id", None)):
             self.stops.update([t] if isinstance(t, int) else list(t or []))
         self.is_blank = BlankTokens(tok)
+        self.decode = lambda ids: tok.decode(list(ids), skip_special_tokens=True)   # a stream delta's text
         self.chat = ChatFront(tok, self.prep.specials, extra.get(CHAT_ARGS))
         self.any_token = next(iter(sorted(self.stops)), 0)   # the one prompt token of a save request
         setup_logging()
@@ -153,7 +167,7 @@ class KVCommFrontend:
             return await self.app(_with_length(scope, new_body), _replay(new_body, receive),
                                   self._watch(send, engine, track))
         finally:   # a call that failed or never streamed still starts what it deferred
-            self._start_later(engine, track[-1])
+            self._start_later(engine, track.later)
 
     async def _save(self, scope, send) -> None:
         """POST /kvcomm/save with the server's token (header X-KVCOMM-Token): the workers save
@@ -232,6 +246,8 @@ class KVCommFrontend:
             self._start_later(engine, later)
             raise
         server = dict(prep.server, token=engine.token, deferred=deferred)
+        if chat is not None:   # an inferred chat call computes its last tokens (ChatFront.tail)
+            server["tail"] = engine.chat.tail
         if first_deferred or chat_dense:
             # Dense from its exact prefix on, known here: the scheduler need not wait a step
             # for the worker's plan (kvcomm.vllm.scheduler_side). Without the template pass
@@ -239,9 +255,15 @@ class KVCommFrontend:
             server["dense_prefix"] = prep.exact_prefix if _done(self._agents.get(prep.template.key)) else 0
             if not first_deferred:
                 server["dense_reason"] = "a new chat template: served from vLLM's prefix cache, its pass after the call"
+        out = dict(data)
+        # A streamed call asks vLLM for one token more, which the client never sees: a reply
+        # cut by max_tokens then has its last token fed, and its KV captured (reply_trim.py).
+        extra = extra_token_limit(data)
+        if extra is not None:
+            out[extra[0]] = extra[1] + 1
+            server["reply_limit"] = extra[1]
         params = dict(params)
         params[SERVER] = server
-        out = dict(data)
         out["kv_transfer_params"] = dict(data.get("kv_transfer_params") or {}, **{KEY: params})
         # Estimated KV must not become another request's prefix-cache hit. An explicit call's
         # salt is its own; an inferred chat call shares its tenant's prefix cache: vLLM serves
@@ -252,7 +274,8 @@ class KVCommFrontend:
         stream = bool(data.get("stream"))
         if stream:
             out["return_token_ids"] = True   # the front end reads the reply's ids from the stream
-        return json.dumps(out).encode(), (call.session, call.agent, call.round, stream, chat, later)
+        return json.dumps(out).encode(), _Track(call.session, call.agent, call.round, stream, chat, later,
+                                                extra[1] if extra else None)
 
     def _pending(self, table, key, job: Internal):
         """A place-holder future for `job` in `table` (later calls wait on it); returns the
@@ -306,9 +329,10 @@ class KVCommFrontend:
         """Passes the response on; remembers the reply the engine captured, so the next
         agent's call does not encode it again; gives a stream the call's report in one more
         chunk before its end (kvcomm.vllm.observe)."""
-        session, agent, rnd, stream, chat, later = track
+        session, agent, rnd, stream, chat, later, limit = track
+        trim = StreamTrim(limit, engine.decode) if stream and limit else None
         state = {"status": 200, "buf": b"", "ids": [], "finish": None, "captured": None, "id": None,
-                 "model": None, "text": []}
+                 "model": None, "text": [], "trim": trim}
 
         def sse_lines(data: bytes):
             state["buf"] += data
@@ -341,6 +365,8 @@ class KVCommFrontend:
                 state["status"] = msg.get("status", 200)
             elif msg["type"] == "http.response.body" and state["status"] == 200:
                 if stream:
+                    if trim is not None:   # the extra token kept from the client
+                        msg = dict(msg, body=trim.feed(msg.get("body", b""), msg.get("more_body", False)))
                     sse_lines(msg.get("body", b""))
                     if b"data: [DONE]" in msg.get("body", b""):
                         msg = dict(msg, body=with_report(msg["body"]))
@@ -364,6 +390,7 @@ class KVCommFrontend:
             if stream:
                 if state["finish"] in ("stop", "length"):
                     lo, hi, fed = reply_span(state["ids"], engine.stops, engine.is_blank)
+                    fed = fed or (hi > lo and state["trim"] is not None and state["trim"].trimmed)
                     ids = state["ids"][lo:hi] if fed else None
             else:
                 resp = json.loads(state["buf"])

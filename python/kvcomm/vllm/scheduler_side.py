@@ -26,12 +26,15 @@ log = logging.getLogger("kvcomm.vllm")
 REUSE_TAIL = 8
 
 
-def loaded_prefix(plan, prompt_tokens: int) -> int:
-    """The prompt tokens the connector loads for `plan` (a PlanResult): its prefix, less a
-    reuse call's tail (REUSE_TAIL) that vLLM computes."""
-    if plan.path == "reuse":
-        return min(plan.prefix, max(0, prompt_tokens - REUSE_TAIL))
-    return plan.prefix
+def loaded_prefix(plan, prompt_tokens: int, tail: int = 0) -> int:
+    """The prompt tokens the connector loads for `plan` (a PlanResult): its prefix, less the
+    last tokens vLLM computes - a reuse call's REUSE_TAIL, or the call's own `tail` when
+    longer (the front end gives inferred chat calls one: docs/serving.md). A dense plan's
+    prefix is exact KV (the agent's S0) and is loaded whole."""
+    if plan.path == "dense":
+        return plan.prefix
+    keep = max(int(tail or 0), REUSE_TAIL if plan.path == "reuse" else 0)
+    return min(plan.prefix, max(0, prompt_tokens - keep))
 
 
 @dataclass
@@ -49,6 +52,10 @@ class _Req:
     saved: bool = False
     early: bool = False       # the front end decided the path: the worker plans it with the record
     due: tuple | None = None  # (block ids, preemptions) of a completed prefill whose record waits a step
+
+    def loaded(self) -> int:
+        """Prompt tokens the connector loads for this call's plan (loaded_prefix)."""
+        return loaded_prefix(self.plan, self.request.num_prompt_tokens, self.params.get("tail", 0))
 
 
 class SchedulerSide:
@@ -141,7 +148,7 @@ class SchedulerSide:
             # estimate there, so vLLM computes everything after what it still holds
             info.evicted = True
             return 0, False
-        return max(0, loaded_prefix(info.plan, request.num_prompt_tokens) - num_computed_tokens), False
+        return max(0, info.loaded() - num_computed_tokens), False
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int):
         info = self._reqs.get(request.request_id)
@@ -240,7 +247,7 @@ class SchedulerSide:
             reason += "; computed after vLLM's prefix cache: blocks the plan counted on were evicted"
         out = {"path": "dense" if info.evicted else plan.path if plan else "none", "reason": reason,
                "slots": plan.slots if plan else {}, "prompt_tokens": request.num_prompt_tokens,
-               "reused_tokens": max(loaded_prefix(plan, request.num_prompt_tokens) if plan and not info.evicted else 0,
+               "reused_tokens": max(info.loaded() if plan and not info.evicted else 0,
                                     info.local),
                "cached_tokens": info.local, "s0_tokens": int(info.params.get("s0", 0)),
                "agent": info.call.agent_name, "session": info.call.session,
@@ -253,7 +260,12 @@ class SchedulerSide:
         from vllm.v1.request import RequestStatus
         ids = list(request.output_token_ids)
         stops = set(request.sampling_params.all_stop_token_ids) if request.sampling_params else set()
-        lo, hi, fed = reply_span(ids, stops, self._blank)
+        # A streamed call was given one token more than its client sees (reply_limit: the
+        # front end's kvcomm.vllm.reply_trim): the reply is the client's tokens, all fed.
+        limit = info.params.get("reply_limit")
+        shown = ids[:limit] if isinstance(limit, int) and 0 < limit < len(ids) else ids
+        lo, hi, _ = reply_span(shown, stops, self._blank)
+        fed = lo < hi <= len(ids) - 1
         T = request.num_prompt_tokens
         normal = request.status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
         # Generated tokens carry KV once fed back: all but the last one. A reply whose last

@@ -253,6 +253,9 @@ def main(argv=None) -> int:
     p.add_argument("--recompute", default=None,
                    help="the server's recompute policy ('none' or 'tail=N': the last N prompt tokens of every "
                         "KVCOMM call computed); default: the server's")
+    p.add_argument("--chat-tail", type=int, default=None, metavar="N",
+                   help="the last N prompt tokens of an inferred chat call computed (kvcomm serve --chat-tail); "
+                        "default: the server's (48)")
     p.add_argument("--out", default=None, help="default results/chat/<name>.json")
     p.add_argument("--log", default="/tmp/kvcomm-chat-bench.log")
     p.add_argument("--recorded-replies", action="store_true",
@@ -265,6 +268,7 @@ def main(argv=None) -> int:
     from transformers import AutoTokenizer
 
     from kvcomm.models import embedded_model_dir
+    from kvcomm.vllm.chat_front import DEFAULT_TAIL
     from kvcomm.vllm.client import KVCommClient
     from kvcomm.vllm.launch import Server
     t0 = time.perf_counter()
@@ -283,6 +287,7 @@ def main(argv=None) -> int:
         server = Server(model, args.log, served_model_name="SmolLM2-135M-Instruct", dtype=args.dtype,
                         max_model_len=4096, kv_cache_bytes=2 << 30,
                         **({"plan": {"recompute": args.recompute}} if args.recompute else {}),
+                        **({"chat": {"tail": args.chat_tail}} if args.chat_tail else {}),
                         extra_args=["--enable-prompt-tokens-details"]   # the plain twins' cache hits
                         + (["--enable-auto-tool-choice", "--tool-call-parser", "pythonic"] if tools else []))
         client = server.__enter__()
@@ -293,6 +298,7 @@ def main(argv=None) -> int:
             server.__exit__(None, None, None)
     doc = {"framework": name, "traffic": args.traffic, "dtype": args.dtype, "warmup_conversations": args.warmup,
            "recompute": args.recompute or "the server's default",
+           "chat_tail": args.chat_tail or DEFAULT_TAIL,
            "replies": "as recorded" if args.recorded_replies else "this server's, in later requests",
            **summarize(by_conv, args.warmup), "lost_requests": lost, "errored_requests": errored,
            "device_detail": provenance.device_detail("cpu", args.dtype), "load_average": provenance.load_average(),
