@@ -255,7 +255,7 @@ def main(argv=None) -> int:
                         "KVCOMM call computed); default: the server's")
     p.add_argument("--chat-tail", type=int, default=None, metavar="N",
                    help="the last N prompt tokens of an inferred chat call computed (kvcomm serve --chat-tail); "
-                        "default: the server's (48)")
+                        "default: the server's (96)")
     p.add_argument("--out", default=None, help="default results/chat/<name>.json")
     p.add_argument("--log", default="/tmp/kvcomm-chat-bench.log")
     p.add_argument("--recorded-replies", action="store_true",
