@@ -27,3 +27,11 @@ def test_blank_tokens_decode_each_id_once():
     blank = BlankTokens(tok)
     assert [blank(t) for t in (1, 2, 3, 1, 3)] == [True, True, False, True, False]
     assert tok.calls == 3
+
+
+def test_a_reply_generated_one_token_past_what_is_shown_is_fed_whole():
+    """A backend that generated one token more than its client sees: the shown reply's last
+    token was fed back."""
+    is_blank = lambda t: t == 9   # noqa: E731
+    assert reply_span([4, 5], {2}, is_blank, generated=3) == (0, 2, True)
+    assert reply_span([4, 5], {2}, is_blank, generated=2) == (0, 2, False)

@@ -22,10 +22,13 @@ class BlankTokens:
         return blank
 
 
-def reply_span(ids: list[int], stops, is_blank) -> tuple[int, int, bool]:
+def reply_span(ids: list[int], stops, is_blank, generated: int | None = None) -> tuple[int, int, bool]:
     """(lo, hi, fed): [lo, hi) is the reply's content in the generated `ids`; `fed` says
     whether its last content token was fed back through the model (every generated token
-    but the last was), so a backend that cannot run one more token knows it lacks that KV."""
+    but the last was), so a backend that cannot run one more token knows it lacks that KV.
+    generated: how many tokens were generated when `ids` are only the first of them (a
+    backend that generated one more than its client sees); default len(ids)."""
+    generated = len(ids) if generated is None else generated
     lo, hi = 0, len(ids)
     if hi and ids[-1] in stops:
         hi -= 1
@@ -33,4 +36,4 @@ def reply_span(ids: list[int], stops, is_blank) -> tuple[int, int, bool]:
         hi -= 1
     while lo < hi and is_blank(ids[lo]):
         lo += 1
-    return lo, hi, hi > lo and hi <= len(ids) - 1
+    return lo, hi, hi > lo and hi <= generated - 1

@@ -389,8 +389,9 @@ class KVCommFrontend:
         try:
             if stream:
                 if state["finish"] in ("stop", "length"):
-                    lo, hi, fed = reply_span(state["ids"], engine.stops, engine.is_blank)
-                    fed = fed or (hi > lo and state["trim"] is not None and state["trim"].trimmed)
+                    extra = int(state["trim"] is not None and state["trim"].trimmed)   # generated, not shown
+                    lo, hi, fed = reply_span(state["ids"], engine.stops, engine.is_blank,
+                                             generated=len(state["ids"]) + extra)
                     ids = state["ids"][lo:hi] if fed else None
             else:
                 resp = json.loads(state["buf"])

@@ -264,8 +264,7 @@ class SchedulerSide:
         # front end's kvcomm.vllm.reply_trim): the reply is the client's tokens, all fed.
         limit = info.params.get("reply_limit")
         shown = ids[:limit] if isinstance(limit, int) and 0 < limit < len(ids) else ids
-        lo, hi, _ = reply_span(shown, stops, self._blank)
-        fed = lo < hi <= len(ids) - 1
+        lo, hi, fed = reply_span(shown, stops, self._blank, generated=len(ids))
         T = request.num_prompt_tokens
         normal = request.status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
         # Generated tokens carry KV once fed back: all but the last one. A reply whose last

@@ -262,6 +262,9 @@ def main(argv=None) -> int:
                    help="send the requests as recorded; by default a reply this server gave differently "
                         "replaces the recorded one in the conversation's later requests (both twins)")
     args = p.parse_args(argv)
+    if args.server and (args.recompute or args.chat_tail):
+        p.error("--recompute and --chat-tail configure the server this benchmark starts; with --server set "
+                "them on that server (kvcomm serve --recompute / --chat-tail)")
     name = args.name or os.path.splitext(os.path.basename(args.traffic))[0]
     out_path = args.out or f"results/chat/{name}.json"
     made = provenance.capture("python", "benchmarks/chat_paired.py", argv=argv)
@@ -298,7 +301,7 @@ def main(argv=None) -> int:
             server.__exit__(None, None, None)
     doc = {"framework": name, "traffic": args.traffic, "dtype": args.dtype, "warmup_conversations": args.warmup,
            "recompute": args.recompute or "the server's default",
-           "chat_tail": args.chat_tail or DEFAULT_TAIL,
+           "chat_tail": "the server's" if args.server else args.chat_tail or DEFAULT_TAIL,
            "replies": "as recorded" if args.recorded_replies else "this server's, in later requests",
            **summarize(by_conv, args.warmup), "lost_requests": lost, "errored_requests": errored,
            "device_detail": provenance.device_detail("cpu", args.dtype), "load_average": provenance.load_average(),
