@@ -47,3 +47,22 @@ def test_learning_curve_reports_reuse_per_run_of_conversations():
     assert [w["conversations"] for w in curve] == [[0, 1], [2, 3], [4, 4]]   # the last run is shorter
     assert [w["token_reuse"] for w in curve] == [60 / 300, 260 / 300, 80 / 100]
     assert [w["plain_token_reuse"] for w in curve] == [20 / 300, 40 / 300, 0 / 100]
+
+
+def test_summary_splits_each_agents_first_turn_from_its_later_turns():
+    from kvcomm_app.bench.chat_paired import summarize
+    def call(agent, plain_ms, kv_ms, path="reuse"):
+        return {"agent": agent, "path": path, "ttft_plain_ms": plain_ms, "ttft_kvcomm_ms": kv_ms,
+                "after_own_prefix": 100, "reused_after_own_prefix": 50, "plain_reused_after_own_prefix": 10,
+                "first_equal": True, "kl": 0.0}
+    warm = [call("solver", 1, 1, "plain")]
+    conv = lambda k: [call("solver", 500, 500, "plain"), call("critic", 400 + k, 100),   # noqa: E731
+                      call("solver", 60, 60, "dense"), call("critic", 80, 40 + k)]
+    s = summarize([warm, conv(0), conv(10), conv(20)], warmup=1)
+    critic = s["per_agent_turn"]["critic"]
+    assert critic["first"]["calls"] == critic["later"]["calls"] == 3
+    assert (critic["first"]["plain_ms_median"], critic["first"]["kvcomm_ms_median"]) == (410, 100)
+    assert (critic["later"]["plain_ms_median"], critic["later"]["kvcomm_ms_median"]) == (80, 50)
+    assert s["per_agent_turn"]["solver"]["later"]["paths"] == {"dense": 3}
+    # the per-agent table still pools both turns
+    assert s["per_agent"]["critic"]["calls"] == 6

@@ -205,14 +205,16 @@ def summarize(by_conv: list[list[dict]], warmup: int) -> dict:
     agents: dict = {}
     for c in calls:
         agents.setdefault(c["agent"], []).append(c)
-    per_agent = {}
-    for a, cs in agents.items():
-        p, k = statistics.median(c["ttft_plain_ms"] for c in cs), statistics.median(c["ttft_kvcomm_ms"] for c in cs)
-        paths: dict = {}
-        for c in cs:
-            paths[c["path"]] = paths.get(c["path"], 0) + 1
-        per_agent[a] = {"calls": len(cs), "plain_ms_median": p, "kvcomm_ms_median": k, "speedup": p / k,
-                        "paths": paths, "token_reuse": reuse_share(cs), "plain_token_reuse": plain_reuse_share(cs)}
+    per_agent = {a: ttft_table(cs) for a, cs in agents.items()}
+    # an agent's first turn in a conversation is where text other agents carry is new to it; in
+    # its later turns its own earlier prompt is a prefix, which plain vLLM's prefix cache reuses too
+    per_turn: dict = {}
+    for conv in measured:
+        seen: dict = {}
+        for c in conv:
+            turn = "first" if c["agent"] not in seen else "later"
+            seen[c["agent"]] = True
+            per_turn.setdefault(c["agent"], {}).setdefault(turn, []).append(c)
     return {"measured_conversations": len(measured), "calls": len(calls),
             "token_reuse": reuse_share(calls), "token_reuse_ci95": bootstrap_interval(measured, reuse_share),
             "plain_token_reuse": plain_reuse_share(calls),
@@ -222,8 +224,20 @@ def summarize(by_conv: list[list[dict]], warmup: int) -> dict:
             "first_token_kl_mean": mean_kl(reused), "first_token_kl_ci95": bootstrap_interval(
                 [[c for c in conv if c["path"] != "plain"] for conv in measured], mean_kl),
             "paired_calls_through_kvcomm": len(reused), "per_agent": per_agent,
+            "per_agent_turn": {a: {t: ttft_table(cs) for t, cs in turns.items()} for a, turns in per_turn.items()},
             "token_reuse_by_conversations": learning_curve(by_conv, max(warmup, 1)),
             "replies_as_recorded": _share([c.get("reply_as_recorded") for c in calls])}
+
+
+def ttft_table(calls: list[dict]) -> dict:
+    """Median TTFT of both modes, their ratio, the paths and the token reuse of some calls."""
+    p = statistics.median(c["ttft_plain_ms"] for c in calls)
+    k = statistics.median(c["ttft_kvcomm_ms"] for c in calls)
+    paths: dict = {}
+    for c in calls:
+        paths[c["path"]] = paths.get(c["path"], 0) + 1
+    return {"calls": len(calls), "plain_ms_median": p, "kvcomm_ms_median": k, "speedup": p / k, "paths": paths,
+            "token_reuse": reuse_share(calls), "plain_token_reuse": plain_reuse_share(calls)}
 
 
 def learning_curve(by_conv: list[list[dict]], window: int) -> list[dict]:
