@@ -66,3 +66,53 @@ def test_summary_splits_each_agents_first_turn_from_its_later_turns():
     assert s["per_agent_turn"]["solver"]["later"]["paths"] == {"dense": 3}
     # the per-agent table still pools both turns
     assert s["per_agent"]["critic"]["calls"] == 6
+
+
+def test_server_busy_reads_requests_and_background_work_from_metrics():
+    from kvcomm_app.bench.chat_paired import server_busy
+    idle = ('# HELP kvcomm_internal_requests x\nkvcomm_internal_requests 0.0\n'
+            'vllm:num_requests_running{engine="0",model_name="m"} 0.0\n'
+            'vllm:num_requests_waiting{engine="0",model_name="m"} 0.0\nkvcomm_calls_total{path="reuse"} 7.0\n')
+    assert not server_busy(idle)
+    assert server_busy(idle.replace("kvcomm_internal_requests 0.0", "kvcomm_internal_requests 1.0"))
+    assert server_busy(idle.replace('model_name="m"} 0.0\nvllm:num_requests_waiting', 'model_name="m"} 2.0\n'
+                                    'vllm:num_requests_waiting'))
+
+
+def test_each_conversation_runs_its_kvcomm_calls_then_waits_for_an_idle_server_then_its_plain_twins():
+    from kvcomm_app.bench import chat_paired
+
+    class Tok:
+        def apply_chat_template(self, msgs, **kw):
+            return "".join(m["content"] for m in msgs)
+
+        def __call__(self, text, **kw):
+            return {"input_ids": list(text)}
+
+    events = []
+
+    class Client:
+        def stream(self, path, body, headers):
+            mode = "plain" if body.get("cache_salt") else "kvcomm"
+            events.append((mode, body["messages"][-1]["content"]))
+            yield 0.05, {"choices": [{"delta": {"content": "ok"},
+                                      "logprobs": {"content": [{"top_logprobs": [{"token": "ok", "logprob": 0.0}]}]}}]}
+            yield 0.06, {"usage": {"prompt_tokens": 10}, "choices": []}
+
+    busy = iter([True, True, False, False, False] * 10)
+
+    def read_metrics():
+        events.append(("metrics", None))
+        return "kvcomm_internal_requests 1.0" if next(busy) else "kvcomm_internal_requests 0.0"
+
+    conv = lambda *texts: [{"messages": [{"role": "system", "content": "s"},    # noqa: E731
+                                         {"role": "user", "content": t}], "_recorded_reply": ""} for t in texts]
+    out, lost, errored = chat_paired.run(Client(), Tok(), [conv("a", "b"), conv("c")], lambda m: None,
+                                         read_metrics=read_metrics)
+    assert (lost, errored) == (0, 0) and [len(c) for c in out] == [2, 1]
+    sends = [e for e in events if e[0] != "metrics"]
+    assert sends == [("kvcomm", "a"), ("kvcomm", "b"), ("plain", "a"), ("plain", "b"), ("kvcomm", "c"), ("plain", "c")]
+    # the plain twins of a conversation start only after 3 idle readings in a row
+    first_plain = events.index(("plain", "a"))
+    assert [e[0] for e in events[first_plain - 5:first_plain]] == ["metrics"] * 5
+    assert out[0][0]["ttft_kvcomm_ms"] == out[0][0]["ttft_plain_ms"] == 50.0

@@ -56,7 +56,7 @@ def test_pool_survives_a_restart_and_the_server_is_observable(model_dir, tmp_pat
         with urllib.request.urlopen(f"http://{client.host}:{client.port}/metrics", timeout=60) as r:
             metrics = r.read().decode()
         for name in ("kvcomm_calls_total", "kvcomm_reused_tokens_total", "kvcomm_pool_anchors",
-                     "kvcomm_slot_decisions_total"):
+                     "kvcomm_slot_decisions_total", "kvcomm_internal_requests"):
             assert name in metrics, name
     # SIGTERM stopped the server; its pool is on disk
     import kvcomm

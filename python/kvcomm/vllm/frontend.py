@@ -102,9 +102,13 @@ class _Engine:
         from vllm.inputs import TokensPrompt
         sp = SamplingParams(max_tokens=1, temperature=0.0,
                             extra_args={"kv_transfer_params": kv_params(job.server, self.token)})
-        async for _ in self.client.generate(TokensPrompt(prompt_token_ids=list(job.ids)), sp,
-                                            f"kvcomm-{job.server['op']}-{uuid.uuid4().hex}"):
-            pass
+        self.reports.metrics.internal_request(+1)
+        try:
+            async for _ in self.client.generate(TokensPrompt(prompt_token_ids=list(job.ids)), sp,
+                                                f"kvcomm-{job.server['op']}-{uuid.uuid4().hex}"):
+                pass
+        finally:
+            self.reports.metrics.internal_request(-1)
 
 
 class KVCommFrontend:

@@ -71,6 +71,14 @@ class _Metrics:
                               "Prompt tokens of KVCOMM calls the model did not compute (exact prefix included)")
         self.anchors = Gauge("kvcomm_pool_anchors", "Anchors in the KVCOMM pool")
         self.pool_bytes = Gauge("kvcomm_pool_bytes", "Bytes held by the KVCOMM pool")
+        # the server's own work beside the clients' requests (template passes, encodings): a
+        # benchmark waits for 0 before timing another mode, an operator sees background load
+        self.internal = Gauge("kvcomm_internal_requests", "KVCOMM internal requests (template passes, "
+                              "encodings) in flight")
+
+    def internal_request(self, delta: int) -> None:
+        if self.on:
+            self.internal.inc(delta)
 
     def observe(self, r: dict) -> None:
         if not self.on:

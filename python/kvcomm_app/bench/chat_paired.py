@@ -17,8 +17,12 @@ would have passed them on; `--recorded-replies` sends the recording unchanged):
   themselves (the same agent's earlier turns are cached, as for a plain server) but never hit
   blocks the KVCOMM tenant's requests computed (a request's identical twin).
 
-Both are streamed (which twin goes first alternates call by call), greedy, with the first
-token's top log-probabilities. Per call: the path; the tokens reused after the agent's own
+Both are streamed, greedy, with the first token's top log-probabilities. A conversation's
+KVCOMM calls go back to back, as the framework sent them; once the server is idle (/metrics:
+no request and no KVCOMM background work in flight) its plain twins go back to back. So the
+work KVCOMM does off a call's critical path (encoding a text for the agents after it, template
+passes) runs beside the KVCOMM calls after it, as for a framework, and never slows a plain
+twin. Per call: the path; the tokens reused after the agent's own
 prefix (its system messages) in both modes (KVCOMM's include what vLLM's prefix cache gave
 it; plain's are its prefix-cache hits, which vLLM reports with --enable-prompt-tokens-details);
 TTFT in both modes; and the first token of both (agreement, and KL(plain || KVCOMM) over
@@ -148,24 +152,68 @@ def mean_kl(calls: list[dict]) -> float | None:
     return statistics.fmean(kls) if kls else None
 
 
-def run(client, tok, convs: list[list[dict]], log, live_replies: bool = True) -> tuple[list[list[dict]], int, int]:
-    out, lost, errored, n_sent = [], 0, 0, 0
+BUSY_SERIES = ("kvcomm_internal_requests", "vllm:num_requests_running", "vllm:num_requests_waiting")
+
+
+def server_busy(metrics: str) -> bool:
+    """Whether a server's /metrics text shows requests or KVCOMM's own background work
+    (template passes, encodings) in flight."""
+    for line in metrics.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in BUSY_SERIES and float(line.rsplit(" ", 1)[1]) > 0:
+            return True
+    return False
+
+
+def wait_idle(read_metrics, timeout_s: float = 120.0, settle: int = 3, interval_s: float = 0.1) -> float:
+    """Seconds until `read_metrics()` (the server's /metrics text) showed an idle server
+    `settle` times in a row; timeout_s at most."""
+    t0, quiet = time.perf_counter(), 0
+    while quiet < settle and time.perf_counter() - t0 < timeout_s:
+        quiet = 0 if server_busy(read_metrics()) else quiet + 1
+        time.sleep(interval_s)
+    return time.perf_counter() - t0
+
+
+def metrics_reader(client):
+    import urllib.request
+
+    def read() -> str:
+        with urllib.request.urlopen(f"http://{client.host}:{client.port}/metrics", timeout=60) as r:
+            return r.read().decode()
+    return read
+
+
+def run(client, tok, convs: list[list[dict]], log, live_replies: bool = True,
+        read_metrics=None) -> tuple[list[list[dict]], int, int]:
+    """Each conversation twice: its calls back to back as the framework sent them (KVCOMM),
+    then - once the server is idle - the same bodies back to back as plain vLLM. Each mode's
+    calls then overlap only that mode's own work: KVCOMM's encodings and template passes run
+    beside the KVCOMM calls after them, as they do for a framework, and never beside a plain
+    call."""
+    out, lost, errored = [], 0, 0
+    read_metrics = read_metrics or metrics_reader(client)
     for ci, conv in enumerate(convs):
-        calls, live = [], {}
+        kv_done, live = [], {}
         for recorded in conv:
             body = {k: v for k, v in recorded.items() if k != "_recorded_reply"}
             if live_replies:
                 body = with_live_replies(body, live)
-            agent = next((m.get("content", "")[:40] for m in body["messages"] if m.get("role") == "system"), "")
             try:
-                # alternate which twin goes first: the server's work after a KVCOMM call (encodings,
-                # template passes, records) runs beside whichever request follows it
-                twins = [lambda: send(client, body, "kvcomm"),
-                         lambda: send(client, dict(body, cache_salt=PLAIN_SALT), f"plain-{uuid.uuid4().hex}")]
-                order = (0, 1) if n_sent % 2 == 0 else (1, 0)
-                n_sent += 1
-                got = {i: twins[i]() for i in order}
-                kv, plain = got[0], got[1]
+                kv = send(client, body, "kvcomm")
+            except Exception as e:
+                errored += 1
+                log(f"conversation {ci}: request failed: {e!r}")
+                continue
+            was = recorded.get("_recorded_reply") or ""
+            if was and kv["text"].strip() and kv["text"].strip() != was:
+                live[was] = kv["text"].strip()
+            kv_done.append((body, was, kv))
+        idle_s = wait_idle(read_metrics)
+        calls = []
+        for body, was, kv in kv_done:
+            try:
+                plain = send(client, dict(body, cache_salt=PLAIN_SALT), f"plain-{uuid.uuid4().hex}")
             except Exception as e:
                 errored += 1
                 log(f"conversation {ci}: request failed: {e!r}")
@@ -173,29 +221,33 @@ def run(client, tok, convs: list[list[dict]], log, live_replies: bool = True) ->
             if kv["ttft_ms"] is None or plain["ttft_ms"] is None:
                 lost += 1
                 continue
-            was = recorded.get("_recorded_reply") or ""
-            if was and kv["text"].strip() and kv["text"].strip() != was:
-                live[was] = kv["text"].strip()
-            T = kv["prompt_tokens"] or plain["prompt_tokens"] or 0
-            own = own_prefix_tokens(tok, body["messages"])
-            rep = kv["report"] or {}
-            # a plainly served KVCOMM-tenant call reuses what vLLM's prefix cache gave it
-            reused = max(0, int(rep.get("reused_tokens") or kv["cached_tokens"] or 0) - own)
-            plain_reused = max(0, int(plain["cached_tokens"] or 0) - own)
-            p_top = max(plain["first"], key=plain["first"].get) if plain["first"] else None
-            k_top = max(kv["first"], key=kv["first"].get) if kv["first"] else None
-            calls.append({"conversation": ci, "agent": agent, "path": rep.get("path", "plain"),
-                          "reason": rep.get("reason", "nothing known: plain vLLM"), "prompt_tokens": T,
-                          "after_own_prefix": max(0, T - own), "reused_after_own_prefix": reused,
-                          "cached_tokens": rep.get("cached_tokens", kv["cached_tokens"]),
-                          "plain_reused_after_own_prefix": plain_reused,
-                          "ttft_plain_ms": round(plain["ttft_ms"], 1), "ttft_kvcomm_ms": round(kv["ttft_ms"], 1),
-                          "reply_as_recorded": kv["text"].strip() == was if was else None,
-                          "first_equal": None if p_top is None or k_top is None else p_top == k_top,
-                          "kl": first_token_kl(plain["first"], kv["first"])})
+            calls.append(paired_call(tok, ci, body, was, kv, plain))
         out.append(calls)
-        log(f"conversation {ci}: {len(calls)} calls, paths {[c['path'] for c in calls]}")
+        log(f"conversation {ci}: {len(calls)} calls, paths {[c['path'] for c in calls]}; "
+            f"idle {idle_s:.1f} s after the KVCOMM calls")
     return out, lost, errored
+
+
+def paired_call(tok, ci: int, body: dict, was: str, kv: dict, plain: dict) -> dict:
+    """One call's record from its two responses."""
+    agent = next((m.get("content", "")[:40] for m in body["messages"] if m.get("role") == "system"), "")
+    T = kv["prompt_tokens"] or plain["prompt_tokens"] or 0
+    own = own_prefix_tokens(tok, body["messages"])
+    rep = kv["report"] or {}
+    # a plainly served KVCOMM-tenant call reuses what vLLM's prefix cache gave it
+    reused = max(0, int(rep.get("reused_tokens") or kv["cached_tokens"] or 0) - own)
+    plain_reused = max(0, int(plain["cached_tokens"] or 0) - own)
+    p_top = max(plain["first"], key=plain["first"].get) if plain["first"] else None
+    k_top = max(kv["first"], key=kv["first"].get) if kv["first"] else None
+    return {"conversation": ci, "agent": agent, "path": rep.get("path", "plain"),
+            "reason": rep.get("reason", "nothing known: plain vLLM"), "prompt_tokens": T,
+            "after_own_prefix": max(0, T - own), "reused_after_own_prefix": reused,
+            "cached_tokens": rep.get("cached_tokens", kv["cached_tokens"]),
+            "plain_reused_after_own_prefix": plain_reused,
+            "ttft_plain_ms": round(plain["ttft_ms"], 1), "ttft_kvcomm_ms": round(kv["ttft_ms"], 1),
+            "reply_as_recorded": kv["text"].strip() == was if was else None,
+            "first_equal": None if p_top is None or k_top is None else p_top == k_top,
+            "kl": first_token_kl(plain["first"], kv["first"])}
 
 
 def summarize(by_conv: list[list[dict]], warmup: int) -> dict:
