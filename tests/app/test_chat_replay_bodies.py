@@ -116,3 +116,10 @@ def test_each_conversation_runs_its_kvcomm_calls_then_waits_for_an_idle_server_t
     first_plain = events.index(("plain", "a"))
     assert [e[0] for e in events[first_plain - 5:first_plain]] == ["metrics"] * 5
     assert out[0][0]["ttft_kvcomm_ms"] == out[0][0]["ttft_plain_ms"] == 50.0
+
+
+def test_conversation_seconds_sum_each_modes_whole_calls():
+    from kvcomm_app.bench.chat_paired import conversation_seconds
+    convs = [[{"total_plain_ms": 1500.0, "total_kvcomm_ms": 1000.0}, {"total_plain_ms": 500.0, "total_kvcomm_ms": 1000.0}],
+             [{"total_plain_ms": 1000.0, "total_kvcomm_ms": 2000.0}]]
+    assert conversation_seconds(convs) == {"plain": 3.0, "kvcomm": 4.0, "ratio": 0.75}

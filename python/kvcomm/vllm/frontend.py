@@ -416,13 +416,24 @@ class KVCommFrontend:
     def _remember_plain(self, send, engine: _Engine, chat, tenant: str, data: dict):
         """Passes a plain chat response on and remembers its texts and reply (chat_front.py)."""
         stream = bool(data.get("stream"))
-        state = {"status": 200, "buf": b"", "text": []}
+        state = {"status": 200, "buf": b"", "text": [], "early": False}
 
         async def wrapped(msg):
             if msg["type"] == "http.response.start":
                 state["status"] = msg.get("status", 200)
             elif msg["type"] == "http.response.body" and state["status"] == 200:
                 state["buf"] += msg.get("body", b"")
+                if stream and msg.get("more_body", False) and not state["early"] and engine.chat.encode_ahead:
+                    # The first streamed chunk (the prefill is done): the request's texts are
+                    # encoded while it decodes, once the chunk is on its way. A framework sends
+                    # the next agent's request the moment this response ends; encoded only then,
+                    # that agent's call would wait for the encoding (about a prefill of the texts)
+                    # before it could reuse them.
+                    state["early"] = True
+                    await send(msg)
+                    engine.chat.remember(chat, tenant, "")
+                    self._encode_ahead(engine, chat, tenant, data, "")
+                    return
                 if not msg.get("more_body", False):
                     reply = _reply_text(state["buf"], stream)
                     engine.chat.remember(chat, tenant, reply)
@@ -432,9 +443,11 @@ class KVCommFrontend:
         return wrapped
 
     def _encode_ahead(self, engine: _Engine, chat, tenant: str, data: dict, reply: str) -> None:
-        """After a plain chat request: its texts and its reply, encoded in its session now, off
-        every call's critical path - the agents that read them next then find their bases and
-        can reuse them instead of being their first carrier."""
+        """For a plain chat request: its texts and its reply (when `reply` is not empty; a
+        streamed request's texts are encoded from its first chunk, its reply at the end), encoded
+        in its session, off every call's critical path - the agents that read them next then find
+        their bases and can reuse them instead of being their first carrier. A text already
+        encoded or being encoded is not encoded again."""
         if chat is None:
             return
         again, _, _ = engine.chat.lay_out(data, {"headers": []}, tenant=tenant)   # its texts are known now

@@ -97,8 +97,9 @@ def send(client, body: dict, tenant: str) -> dict:
     body = dict(body, stream=True, temperature=0, logprobs=True, top_logprobs=TOP,
                 stream_options={"include_usage": True})
     body.pop("n", None)
-    ttft, text, first, report, usage = None, [], None, None, {}
+    ttft, text, first, report, usage, last = None, [], None, None, {}, 0.0
     for t, chunk in client.stream("/v1/chat/completions", body, headers={"Authorization": f"Bearer {tenant}"}):
+        last = t
         report = ((chunk.get("kv_transfer_params") or {}).get("kvcomm")) or report
         usage = chunk.get("usage") or usage
         for ch in chunk.get("choices") or []:
@@ -109,7 +110,7 @@ def send(client, body: dict, tenant: str) -> dict:
             lp = (ch.get("logprobs") or {}).get("content") or []
             if first is None and lp:
                 first = {e["token"]: e["logprob"] for e in lp[0].get("top_logprobs") or []}
-    return {"ttft_ms": ttft, "text": "".join(text), "first": first or {}, "report": report,
+    return {"ttft_ms": ttft, "total_ms": last * 1000.0, "text": "".join(text), "first": first or {}, "report": report,
             "prompt_tokens": usage.get("prompt_tokens"),
             "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens")}
 
@@ -245,6 +246,7 @@ def paired_call(tok, ci: int, body: dict, was: str, kv: dict, plain: dict) -> di
             "cached_tokens": rep.get("cached_tokens", kv["cached_tokens"]),
             "plain_reused_after_own_prefix": plain_reused,
             "ttft_plain_ms": round(plain["ttft_ms"], 1), "ttft_kvcomm_ms": round(kv["ttft_ms"], 1),
+            "total_plain_ms": round(plain["total_ms"], 1), "total_kvcomm_ms": round(kv["total_ms"], 1),
             "reply_as_recorded": kv["text"].strip() == was if was else None,
             "first_equal": None if p_top is None or k_top is None else p_top == k_top,
             "kl": first_token_kl(plain["first"], kv["first"])}
@@ -277,6 +279,7 @@ def summarize(by_conv: list[list[dict]], warmup: int) -> dict:
                 [[c for c in conv if c["path"] != "plain"] for conv in measured], mean_kl),
             "paired_calls_through_kvcomm": len(reused), "per_agent": per_agent,
             "per_agent_turn": {a: {t: ttft_table(cs) for t, cs in turns.items()} for a, turns in per_turn.items()},
+            "conversation_seconds": conversation_seconds(measured),
             "token_reuse_by_conversations": learning_curve(by_conv, max(warmup, 1)),
             "replies_as_recorded": _share([c.get("reply_as_recorded") for c in calls])}
 
@@ -290,6 +293,15 @@ def ttft_table(calls: list[dict]) -> dict:
         paths[c["path"]] = paths.get(c["path"], 0) + 1
     return {"calls": len(calls), "plain_ms_median": p, "kvcomm_ms_median": k, "speedup": p / k, "paths": paths,
             "token_reuse": reuse_share(calls), "plain_token_reuse": plain_reuse_share(calls)}
+
+
+def conversation_seconds(convs: list[list[dict]]) -> dict:
+    """Wall time of the measured conversations' calls, first request byte to last response byte,
+    summed per mode (each mode's calls ran back to back): what KVCOMM's work off the calls'
+    first tokens - encodings beside a decode, longer decodes - costs shows here, not in TTFT."""
+    plain = sum(c.get("total_plain_ms", 0.0) for conv in convs for c in conv) / 1000.0
+    kv = sum(c.get("total_kvcomm_ms", 0.0) for conv in convs for c in conv) / 1000.0
+    return {"plain": round(plain, 1), "kvcomm": round(kv, 1), "ratio": plain / kv if kv else None}
 
 
 def learning_curve(by_conv: list[list[dict]], window: int) -> list[dict]:
