@@ -14,7 +14,7 @@ def _drive(stream: bool, encode_ahead: bool = True, status: int = 200):
     chat = SimpleNamespace(remember=lambda c, t, reply: events.append(("remember", reply)), encode_ahead=encode_ahead)
     engine = SimpleNamespace(chat=chat)
     front = KVCommFrontend(app=None)
-    front._encode_ahead = lambda eng, c, tenant, data, reply: events.append(("encode", reply))
+    front._encode_ahead = lambda eng, c, tenant, data, reply, texts=True: events.append(("encode", reply))
 
     async def send(msg):
         events.append(("sent", msg.get("more_body")) if msg["type"] == "http.response.body" else ("start",))

@@ -437,21 +437,24 @@ class KVCommFrontend:
                 if not msg.get("more_body", False):
                     reply = _reply_text(state["buf"], stream)
                     engine.chat.remember(chat, tenant, reply)
-                    if engine.chat.encode_ahead:
-                        self._encode_ahead(engine, chat, tenant, data, reply)
+                    if engine.chat.encode_ahead:   # the texts once: from the first chunk, or now
+                        self._encode_ahead(engine, chat, tenant, data, reply, texts=not state["early"])
             await send(msg)
         return wrapped
 
-    def _encode_ahead(self, engine: _Engine, chat, tenant: str, data: dict, reply: str) -> None:
+    def _encode_ahead(self, engine: _Engine, chat, tenant: str, data: dict, reply: str, texts: bool = True) -> None:
         """For a plain chat request: its texts and its reply (when `reply` is not empty; a
         streamed request's texts are encoded from its first chunk, its reply at the end), encoded
         in its session, off every call's critical path - the agents that read them next then find
         their bases and can reuse them instead of being their first carrier. A text already
-        encoded or being encoded is not encoded again."""
+        encoded or being encoded is not encoded again. texts=False: the reply only (the texts
+        were taken at the first chunk; laying the request out again would find nothing new)."""
         if chat is None:
             return
-        again, _, _ = engine.chat.lay_out(data, {"headers": []}, tenant=tenant)   # its texts are known now
-        jobs = engine.prep.prepare(again).encodes if again is not None else []
+        jobs = []
+        if texts:
+            again, _, _ = engine.chat.lay_out(data, {"headers": []}, tenant=tenant)   # its texts are known now
+            jobs = engine.prep.prepare(again).encodes if again is not None else []
         text = reply.strip()
         if text:
             ids = engine.prep.tok(text, add_special_tokens=False)["input_ids"]
