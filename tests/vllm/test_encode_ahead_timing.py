@@ -1,25 +1,50 @@
-"""When the front end encodes a plain chat request's texts (kvcomm.vllm.frontend): a streamed
-request's texts from its first chunk, while it still decodes - a framework sends the next
+"""When the front end encodes a plain chat request's texts (kvcomm.vllm.frontend): from the
+request's first output on, while it still decodes, streamed or not - a framework sends the next
 agent's request the moment a response ends, and that call would otherwise wait for the
-encoding - and its reply at the end; a non-streamed request's texts and reply at the end."""
+encoding - and its reply at the end. The first output is seen where the front end wraps the
+engine client's generate (kvcomm.vllm.observe.CallReports), tied to the HTTP request by the
+engine request id the front end knows."""
 import asyncio
 import json
 from types import SimpleNamespace
 
-from kvcomm.vllm.frontend import KVCommFrontend
+import pytest
+
+from kvcomm.vllm.frontend import KVCommFrontend, _engine_request_id
+from kvcomm.vllm.observe import CallReports
 
 
-def _drive(stream: bool, encode_ahead: bool = True, status: int = 200):
+class _Client:
+    """An engine client whose generate yields `tokens` outputs, the last one finished."""
+
+    def __init__(self, tokens: int, fail_at: int | None = None):
+        self.tokens, self.fail_at = tokens, fail_at
+
+    async def generate(self, prompt, sampling_params, request_id):
+        for i in range(self.tokens):
+            if i == self.fail_at:
+                raise RuntimeError("engine failed")
+            yield SimpleNamespace(finished=i == self.tokens - 1, kv_transfer_params=None)
+
+
+def _drive(stream: bool, encode_ahead: bool = True, status: int = 200, outputs: int = 3):
+    """The events of one plain request: the engine's outputs, then the HTTP response (vLLM's
+    server consumes generate, then sends; a stream interleaves them, which changes nothing here:
+    the texts' encoding starts at the first output)."""
     events = []
     chat = SimpleNamespace(remember=lambda c, t, reply: events.append(("remember", reply)), encode_ahead=encode_ahead)
-    engine = SimpleNamespace(chat=chat)
+    reports = CallReports()
+    client = _Client(outputs)
+    reports.watch(client)
+    engine = SimpleNamespace(chat=chat, reports=reports)
     front = KVCommFrontend(app=None)
-    front._encode_ahead = lambda eng, c, tenant, data, reply, texts=True: events.append(("encode", reply))
+    front._encode_ahead = lambda eng, c, tenant, data, reply, texts=True: events.append(("encode", reply, texts))
 
     async def send(msg):
         events.append(("sent", msg.get("more_body")) if msg["type"] == "http.response.body" else ("start",))
 
-    wrapped = front._remember_plain(send, engine, object(), "tenant", {"stream": stream})
+    rid = "chatcmpl-abc"
+    wrapped = front._remember_plain(send, engine, object(), "tenant", {"stream": stream}, rid)
     if stream:
         chunks = [b'data: {"choices":[{"delta":{"role":"assistant"}}]}\n\n',
                   b'data: {"choices":[{"delta":{"content":"The answer"}}]}\n\n',
@@ -30,24 +55,98 @@ def _drive(stream: bool, encode_ahead: bool = True, status: int = 200):
         {"type": "http.response.body", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
 
     async def go():
+        if status == 200:
+            async for _ in client.generate(None, None, rid):
+                events.append(("output",))
+                await asyncio.sleep(0)   # the scheduled work runs while the request decodes
         for m in msgs:
             await wrapped(m)
     asyncio.run(go())
-    return events
+    return events, reports
 
 
-def test_a_streamed_plain_request_encodes_its_texts_at_its_first_chunk_and_its_reply_at_the_end():
-    events = _drive(stream=True)
-    assert events == [("start",), ("sent", True), ("remember", ""), ("encode", ""), ("sent", True),
-                      ("remember", "The answer is 4."), ("encode", "The answer is 4."), ("sent", False)]
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_plain_request_encodes_its_texts_at_its_first_output_and_its_reply_at_the_end(stream):
+    events, reports = _drive(stream=stream)
+    assert events[:4] == [("output",), ("remember", ""), ("encode", "", True), ("output",)]
+    # at the end: the reply only; the texts are not laid out again
+    assert events[-3:] == [("remember", "The answer is 4."), ("encode", "The answer is 4.", False), ("sent", False)]
+    assert reports._first == {}
 
 
-def test_a_non_streamed_plain_request_encodes_everything_at_the_end():
-    assert _drive(stream=False) == [("start",), ("remember", "The answer is 4."), ("encode", "The answer is 4."),
-                                    ("sent", False)]
+def test_a_request_with_a_single_output_still_encodes_its_texts_once():
+    events, _ = _drive(stream=False, outputs=1)
+    assert [e for e in events if e[0] == "encode"] == [("encode", "", True), ("encode", "The answer is 4.", False)]
+
+
+def test_a_request_that_never_reached_the_engine_encodes_its_texts_at_the_end_and_leaves_nothing_behind():
+    events = []
+    chat = SimpleNamespace(remember=lambda c, t, reply: events.append(("remember", reply)), encode_ahead=True)
+    reports = CallReports()
+    front = KVCommFrontend(app=None)
+    front._encode_ahead = lambda eng, c, tenant, data, reply, texts=True: events.append(("encode", reply, texts))
+
+    async def send(msg):
+        pass
+    wrapped = front._remember_plain(send, SimpleNamespace(chat=chat, reports=reports), object(), "t", {}, "chatcmpl-x")
+    assert "chatcmpl-x" in reports._first
+    body = json.dumps({"choices": [{"message": {"content": "ok"}}]}).encode()
+
+    async def go():
+        await wrapped({"type": "http.response.start", "status": 200})
+        await wrapped({"type": "http.response.body", "body": body, "more_body": False})
+    asyncio.run(go())
+    assert events == [("remember", "ok"), ("encode", "ok", True)]
+    assert reports._first == {}
 
 
 def test_nothing_is_encoded_with_encode_ahead_off_or_for_an_error_response():
-    assert ("encode", "") not in _drive(stream=True, encode_ahead=False)
-    assert [e for e in _drive(stream=True, encode_ahead=False) if e[0] == "encode"] == []
-    assert [e for e in _drive(stream=True, status=400) if e[0] in ("encode", "remember")] == []
+    for stream in (True, False):
+        events, reports = _drive(stream=stream, encode_ahead=False)
+        assert [e for e in events if e[0] == "encode"] == []
+        assert reports._first == {}
+        events, reports = _drive(stream=stream, status=400)
+        assert [e for e in events if e[0] in ("encode", "remember")] == []
+        assert reports._first == {}
+
+
+def test_a_failing_or_aborted_engine_request_forgets_its_callback():
+    reports = CallReports()
+    ran = []
+    client = _Client(3, fail_at=0)
+    reports.watch(client)
+    reports.at_first_output("r1", lambda: ran.append("r1"))
+    reports.at_first_output("r2", lambda: ran.append("r2"))
+
+    async def go():
+        with pytest.raises(RuntimeError):
+            async for _ in client.generate(None, None, "r1"):
+                pass
+        gen = client.generate(None, None, "r2")
+        client.fail_at = None
+        await gen.__anext__()   # first output: the callback runs
+        await gen.aclose()      # the client went away
+    asyncio.run(go())
+    assert ran == ["r2"] and reports._first == {}
+
+
+def test_a_callback_that_raises_does_not_fail_the_request():
+    reports = CallReports()
+    client = _Client(2)
+    reports.watch(client)
+    reports.at_first_output("r", lambda: 1 / 0)
+
+    async def go():
+        return [o async for o in client.generate(None, None, "r")]
+    assert len(asyncio.run(go())) == 2
+
+
+def test_the_engine_request_id_is_the_header_else_the_body_else_one_the_front_end_sets():
+    body, rid = _engine_request_id({"headers": [(b"X-Request-Id", b"mine")]}, {"messages": []})
+    assert rid == "chatcmpl-mine" and "request_id" not in body
+    body, rid = _engine_request_id({"headers": []}, {"request_id": "given"})
+    assert rid == "chatcmpl-given"
+    body, rid = _engine_request_id({"headers": []}, {"messages": []})
+    assert rid == f"chatcmpl-{body['request_id']}" and len(body["request_id"]) == 32
+    other, rid2 = _engine_request_id({"headers": []}, {"messages": []})
+    assert rid2 != rid

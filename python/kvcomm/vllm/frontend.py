@@ -154,9 +154,10 @@ class KVCommFrontend:
                 call, chat, tenant = engine.chat.lay_out(data, scope)
                 if call is None:
                     # plain vLLM, in the tenant's own prefix cache (which its KVCOMM calls share)
-                    body = json.dumps(dict(data, cache_salt=engine.chat.salt(tenant))).encode()
+                    data, request_id = _engine_request_id(scope, dict(data, cache_salt=engine.chat.salt(tenant)))
+                    body = json.dumps(data).encode()
                     return await self.app(_with_length(scope, body), _replay(body, receive),
-                                          self._remember_plain(send, engine, chat, tenant, data))
+                                          self._remember_plain(send, engine, chat, tenant, data, request_id))
                 params, chat = {}, (chat, tenant)
             else:
                 engine = self._get_engine(scope)
@@ -413,42 +414,50 @@ class KVCommFrontend:
                 if job.key not in self._encoded:
                     asyncio.ensure_future(self._once(self._encoded, job.key, engine, job))
 
-    def _remember_plain(self, send, engine: _Engine, chat, tenant: str, data: dict):
-        """Passes a plain chat response on and remembers its texts and reply (chat_front.py)."""
+    def _remember_plain(self, send, engine: _Engine, chat, tenant: str, data: dict, request_id: str):
+        """Passes a plain chat response on and remembers its texts and reply (chat_front.py).
+
+        The request's texts are encoded from its first output on, while it decodes (streamed or
+        not): a framework sends the next agent's request the moment this response ends, and
+        encoded only then, that agent's call would wait for the encoding (about a prefill of the
+        texts) before it could reuse them. Its reply is encoded at the end."""
         stream = bool(data.get("stream"))
-        state = {"status": 200, "buf": b"", "text": [], "early": False}
+        state = {"status": 200, "buf": b"", "early": False}
+        ahead = engine.chat.encode_ahead and chat is not None
+
+        def first_output():   # inside the engine client's generate: the work is scheduled
+            state["early"] = True
+            asyncio.get_running_loop().call_soon(self._texts_ahead, engine, chat, tenant, data)
+        if ahead:
+            engine.reports.at_first_output(request_id, first_output)
 
         async def wrapped(msg):
             if msg["type"] == "http.response.start":
                 state["status"] = msg.get("status", 200)
             elif msg["type"] == "http.response.body" and state["status"] == 200:
                 state["buf"] += msg.get("body", b"")
-                if stream and msg.get("more_body", False) and not state["early"] and engine.chat.encode_ahead:
-                    # The first streamed chunk (the prefill is done): the request's texts are
-                    # encoded while it decodes, once the chunk is on its way. A framework sends
-                    # the next agent's request the moment this response ends; encoded only then,
-                    # that agent's call would wait for the encoding (about a prefill of the texts)
-                    # before it could reuse them.
-                    state["early"] = True
-                    await send(msg)
-                    engine.chat.remember(chat, tenant, "")
-                    self._encode_ahead(engine, chat, tenant, data, "")
-                    return
-                if not msg.get("more_body", False):
+            if msg["type"] == "http.response.body" and not msg.get("more_body", False):
+                engine.reports.drop_first_output(request_id)
+                if state["status"] == 200:
                     reply = _reply_text(state["buf"], stream)
                     engine.chat.remember(chat, tenant, reply)
-                    if engine.chat.encode_ahead:   # the texts once: from the first chunk, or now
+                    if ahead:   # the texts once: from the first output, or now
                         self._encode_ahead(engine, chat, tenant, data, reply, texts=not state["early"])
             await send(msg)
         return wrapped
 
+    def _texts_ahead(self, engine: _Engine, chat, tenant: str, data: dict) -> None:
+        """A plain request's texts remembered and encoded while it still decodes."""
+        engine.chat.remember(chat, tenant, "")
+        self._encode_ahead(engine, chat, tenant, data, "")
+
     def _encode_ahead(self, engine: _Engine, chat, tenant: str, data: dict, reply: str, texts: bool = True) -> None:
-        """For a plain chat request: its texts and its reply (when `reply` is not empty; a
-        streamed request's texts are encoded from its first chunk, its reply at the end), encoded
+        """For a plain chat request: its texts and its reply (when `reply` is not empty; the
+        texts are encoded from the request's first output, its reply at the end), encoded
         in its session, off every call's critical path - the agents that read them next then find
         their bases and can reuse them instead of being their first carrier. A text already
         encoded or being encoded is not encoded again. texts=False: the reply only (the texts
-        were taken at the first chunk; laying the request out again would find nothing new)."""
+        were taken at the first output; laying the request out again would find nothing new)."""
         if chat is None:
             return
         jobs = []
@@ -462,6 +471,18 @@ class KVCommFrontend:
         for job in jobs:
             if job.key not in self._encoded:
                 asyncio.ensure_future(self._once(self._encoded, job.key, engine, job))
+
+
+def _engine_request_id(scope, data: dict) -> tuple[dict, str]:
+    """(the body, the id vLLM's chat server gives the engine for it): "chatcmpl-" and the
+    X-Request-Id header, else the body's request_id - which a request naming neither gets here
+    (random, as vLLM's own), so the front end knows which engine request is this one."""
+    header = next((v for k, v in scope.get("headers", []) if k.lower() == b"x-request-id"), None)
+    if header is not None:
+        return data, "chatcmpl-" + header.decode("latin-1")
+    if "request_id" not in data:
+        data = dict(data, request_id=uuid.uuid4().hex)
+    return data, f"chatcmpl-{data['request_id']}"
 
 
 def _reply_text(body: bytes, stream: bool) -> str:

@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 from .protocol import KEY, SERVER
 
@@ -108,11 +109,32 @@ def _metrics() -> _Metrics:
 
 
 class CallReports:
-    """Reports of finished KVCOMM calls by request id; logs and counts each one."""
+    """Reports of finished KVCOMM calls by request id; logs and counts each one. Also runs what
+    the front end asked to run at a request's first output (at_first_output)."""
 
     def __init__(self):
         self._by_id: OrderedDict[str, dict] = OrderedDict()
+        self._first: dict[str, Callable[[], None]] = {}
         self.metrics = _metrics()
+
+    def at_first_output(self, request_id: str, callback: Callable[[], None]) -> None:
+        """callback() runs once, when the engine gives request `request_id` its first output (its
+        prefill done, its first token generated) - for a streamed and a non-streamed response
+        alike, which the front end cannot tell apart from the bytes it passes on. It must be
+        quick: it runs inside the engine client's generate."""
+        self._first[request_id] = callback
+
+    def drop_first_output(self, request_id: str) -> bool:
+        """Forgets request_id's callback (its response ended); True when it never ran."""
+        return self._first.pop(request_id, None) is not None
+
+    def _first_output(self, request_id: str) -> None:
+        callback = self._first.pop(request_id, None)
+        if callback is not None:
+            try:
+                callback()
+            except Exception:   # the request itself goes on
+                log.exception("kvcomm: work at a request's first output failed")
 
     def watch(self, engine_client) -> None:
         """Wraps engine_client.generate (once) so every KVCOMM call's report is seen."""
@@ -122,10 +144,17 @@ class CallReports:
 
         async def generate(prompt, sampling_params, request_id, *args, **kwargs):
             t0 = time.perf_counter()
-            async for out in inner(prompt, sampling_params, request_id, *args, **kwargs):
-                if getattr(out, "finished", False):
-                    self._finished(request_id, out, sampling_params, time.perf_counter() - t0)
-                yield out
+            first = True
+            try:
+                async for out in inner(prompt, sampling_params, request_id, *args, **kwargs):
+                    if first:
+                        first = False
+                        self._first_output(request_id)
+                    if getattr(out, "finished", False):
+                        self._finished(request_id, out, sampling_params, time.perf_counter() - t0)
+                    yield out
+            finally:   # a request that failed or was aborted before any output
+                self._first.pop(request_id, None)
 
         engine_client.generate = generate
         engine_client._kvcomm_watched = True
