@@ -1,6 +1,7 @@
 """What the chat benchmark sends (kvcomm_app.bench.chat_paired): a recorded conversation
 carries the replies this server gave, not the recorded ones, in its later requests."""
 import json
+import time
 
 from kvcomm_app.bench.chat_paired import load_traffic, with_live_replies
 
@@ -123,3 +124,48 @@ def test_conversation_seconds_sum_each_modes_whole_calls():
     convs = [[{"total_plain_ms": 1500.0, "total_kvcomm_ms": 1000.0}, {"total_plain_ms": 500.0, "total_kvcomm_ms": 1000.0}],
              [{"total_plain_ms": 1000.0, "total_kvcomm_ms": 2000.0}]]
     assert conversation_seconds(convs) == {"plain": 3.0, "kvcomm": 4.0, "ratio": 0.75}
+
+
+def test_as_sent_keeps_a_non_streamed_request_whole_and_times_it_whole():
+    from kvcomm_app.bench import chat_paired
+
+    class Tok:
+        def apply_chat_template(self, msgs, **kw):
+            return "".join(m["content"] for m in msgs)
+
+        def __call__(self, text, **kw):
+            return {"input_ids": list(text)}
+
+    sent = []
+
+    class Client:
+        def post(self, path, body, headers):
+            sent.append(("post", body["stream"], bool(body.get("cache_salt"))))
+            time.sleep(0.02 if body.get("cache_salt") else 0.01)
+            return {"choices": [{"message": {"content": "ok"},
+                                 "logprobs": {"content": [{"top_logprobs": [{"token": "ok", "logprob": -0.1}]}]}}],
+                    "usage": {"prompt_tokens": 10, "prompt_tokens_details": {"cached_tokens": 4}},
+                    "kv_transfer_params": None}
+
+        def stream(self, path, body, headers):
+            sent.append(("stream", body["stream"], bool(body.get("cache_salt"))))
+            yield 0.05, {"choices": [{"delta": {"content": "ok"}}]}
+
+    conv = [{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "abc"}],
+             "stream": False, "_recorded_reply": ""},
+            {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "abd"}],
+             "stream": True, "_recorded_reply": ""}]
+    idle = lambda: "kvcomm_internal_requests 0.0"   # noqa: E731
+    out, lost, errored = chat_paired.run(Client(), Tok(), [conv], lambda m: None, read_metrics=idle, as_sent=True)
+    assert (lost, errored) == (0, 0)
+    assert sent == [("post", False, False), ("stream", True, False), ("post", False, True), ("stream", True, True)]
+    whole, streamed = out[0]
+    assert whole["ttft_kvcomm_ms"] is None and whole["ttft_plain_ms"] is None and whole["first_equal"] is True
+    assert whole["total_plain_ms"] > whole["total_kvcomm_ms"] > 0 and streamed["ttft_kvcomm_ms"] == 50.0
+    table = chat_paired.ttft_table(out[0])
+    assert table["plain_ms_median"] == table["kvcomm_ms_median"] == 50.0   # the streamed call only
+    assert table["total_speedup"] > 1.0
+    # without as_sent every request is streamed
+    sent.clear()
+    chat_paired.run(Client(), Tok(), [conv], lambda m: None, read_metrics=idle)
+    assert {s[0] for s in sent} == {"stream"}

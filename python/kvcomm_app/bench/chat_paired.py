@@ -17,7 +17,9 @@ would have passed them on; `--recorded-replies` sends the recording unchanged):
   themselves (the same agent's earlier turns are cached, as for a plain server) but never hit
   blocks the KVCOMM tenant's requests computed (a request's identical twin).
 
-Both are streamed, greedy, with the first token's top log-probabilities. A conversation's
+Both are streamed (with --as-sent: streamed or not, as the framework sent them; a non-streamed
+call has no TTFT and is compared on its whole time), greedy, with the first token's top
+log-probabilities. A conversation's
 KVCOMM calls go back to back, as the framework sent them; once the server is idle (/metrics:
 no request and no KVCOMM background work in flight) its plain twins go back to back. So the
 work KVCOMM does off a call's critical path (encoding a text for the agents after it, template
@@ -92,11 +94,14 @@ def with_live_replies(body: dict, live: dict[str, str]) -> dict:
     return dict(body, messages=msgs)
 
 
-def send(client, body: dict, tenant: str) -> dict:
-    """One streamed request: TTFT, text, the first token's top log-probabilities, the report."""
-    body = dict(body, stream=True, temperature=0, logprobs=True, top_logprobs=TOP,
-                stream_options={"include_usage": True})
+def send(client, body: dict, tenant: str, stream: bool = True) -> dict:
+    """One request, greedy with the first token's top log-probabilities: its TTFT (streamed
+    only), whole time, text, first token and report."""
+    body = dict(body, temperature=0, logprobs=True, top_logprobs=TOP)
     body.pop("n", None)
+    if not stream:
+        return _send_whole(client, dict(body, stream=False), tenant)
+    body = dict(body, stream=True, stream_options={"include_usage": True})
     ttft, text, first, report, usage, last = None, [], None, None, {}, 0.0
     for t, chunk in client.stream("/v1/chat/completions", body, headers={"Authorization": f"Bearer {tenant}"}):
         last = t
@@ -111,6 +116,21 @@ def send(client, body: dict, tenant: str) -> dict:
             if first is None and lp:
                 first = {e["token"]: e["logprob"] for e in lp[0].get("top_logprobs") or []}
     return {"ttft_ms": ttft, "total_ms": last * 1000.0, "text": "".join(text), "first": first or {}, "report": report,
+            "generated": ttft is not None, "prompt_tokens": usage.get("prompt_tokens"),
+            "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens")}
+
+
+def _send_whole(client, body: dict, tenant: str) -> dict:
+    """A non-streamed request: no TTFT, the whole call's time."""
+    t0 = time.perf_counter()
+    r = client.post("/v1/chat/completions", body, headers={"Authorization": f"Bearer {tenant}"})
+    total = (time.perf_counter() - t0) * 1000.0
+    choice = (r.get("choices") or [{}])[0]
+    lp = (choice.get("logprobs") or {}).get("content") or []
+    first = {e["token"]: e["logprob"] for e in lp[0].get("top_logprobs") or []} if lp else {}
+    usage = r.get("usage") or {}
+    return {"ttft_ms": None, "total_ms": total, "text": (choice.get("message") or {}).get("content") or "",
+            "first": first, "report": (r.get("kv_transfer_params") or {}).get("kvcomm"), "generated": bool(lp),
             "prompt_tokens": usage.get("prompt_tokens"),
             "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens")}
 
@@ -186,12 +206,13 @@ def metrics_reader(client):
 
 
 def run(client, tok, convs: list[list[dict]], log, live_replies: bool = True,
-        read_metrics=None) -> tuple[list[list[dict]], int, int]:
+        read_metrics=None, as_sent: bool = False) -> tuple[list[list[dict]], int, int]:
     """Each conversation twice: its calls back to back as the framework sent them (KVCOMM),
     then - once the server is idle - the same bodies back to back as plain vLLM. Each mode's
     calls then overlap only that mode's own work: KVCOMM's encodings and template passes run
     beside the KVCOMM calls after them, as they do for a framework, and never beside a plain
-    call."""
+    call. as_sent: each request streamed or not as the framework sent it (a non-streamed call
+    has no TTFT, only its whole time); otherwise all are streamed."""
     out, lost, errored = [], 0, 0
     read_metrics = read_metrics or metrics_reader(client)
     for ci, conv in enumerate(convs):
@@ -200,8 +221,9 @@ def run(client, tok, convs: list[list[dict]], log, live_replies: bool = True,
             body = {k: v for k, v in recorded.items() if k != "_recorded_reply"}
             if live_replies:
                 body = with_live_replies(body, live)
+            stream = bool(body.get("stream")) or not as_sent
             try:
-                kv = send(client, body, "kvcomm")
+                kv = send(client, body, "kvcomm", stream)
             except Exception as e:
                 errored += 1
                 log(f"conversation {ci}: request failed: {e!r}")
@@ -214,12 +236,13 @@ def run(client, tok, convs: list[list[dict]], log, live_replies: bool = True,
         calls = []
         for body, was, kv in kv_done:
             try:
-                plain = send(client, dict(body, cache_salt=PLAIN_SALT), f"plain-{uuid.uuid4().hex}")
+                plain = send(client, dict(body, cache_salt=PLAIN_SALT), f"plain-{uuid.uuid4().hex}",
+                             bool(body.get("stream")) or not as_sent)
             except Exception as e:
                 errored += 1
                 log(f"conversation {ci}: request failed: {e!r}")
                 continue
-            if kv["ttft_ms"] is None or plain["ttft_ms"] is None:
+            if not kv["generated"] or not plain["generated"]:   # no token came back
                 lost += 1
                 continue
             calls.append(paired_call(tok, ci, body, was, kv, plain))
@@ -245,11 +268,15 @@ def paired_call(tok, ci: int, body: dict, was: str, kv: dict, plain: dict) -> di
             "after_own_prefix": max(0, T - own), "reused_after_own_prefix": reused,
             "cached_tokens": rep.get("cached_tokens", kv["cached_tokens"]),
             "plain_reused_after_own_prefix": plain_reused,
-            "ttft_plain_ms": round(plain["ttft_ms"], 1), "ttft_kvcomm_ms": round(kv["ttft_ms"], 1),
+            "ttft_plain_ms": _ms(plain["ttft_ms"]), "ttft_kvcomm_ms": _ms(kv["ttft_ms"]),
             "total_plain_ms": round(plain["total_ms"], 1), "total_kvcomm_ms": round(kv["total_ms"], 1),
             "reply_as_recorded": kv["text"].strip() == was if was else None,
             "first_equal": None if p_top is None or k_top is None else p_top == k_top,
             "kl": first_token_kl(plain["first"], kv["first"])}
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
 
 
 def summarize(by_conv: list[list[dict]], warmup: int) -> dict:
@@ -285,14 +312,23 @@ def summarize(by_conv: list[list[dict]], warmup: int) -> dict:
 
 
 def ttft_table(calls: list[dict]) -> dict:
-    """Median TTFT of both modes, their ratio, the paths and the token reuse of some calls."""
-    p = statistics.median(c["ttft_plain_ms"] for c in calls)
-    k = statistics.median(c["ttft_kvcomm_ms"] for c in calls)
+    """Median TTFT (of the streamed calls) and whole call time of both modes, their ratios, the
+    paths and the token reuse of some calls."""
     paths: dict = {}
     for c in calls:
         paths[c["path"]] = paths.get(c["path"], 0) + 1
-    return {"calls": len(calls), "plain_ms_median": p, "kvcomm_ms_median": k, "speedup": p / k, "paths": paths,
-            "token_reuse": reuse_share(calls), "plain_token_reuse": plain_reuse_share(calls)}
+    out = {"calls": len(calls)}
+    timed = [c for c in calls if c["ttft_plain_ms"] is not None and c["ttft_kvcomm_ms"] is not None]
+    if timed:
+        p = statistics.median(c["ttft_plain_ms"] for c in timed)
+        k = statistics.median(c["ttft_kvcomm_ms"] for c in timed)
+        out.update(plain_ms_median=p, kvcomm_ms_median=k, speedup=p / k)
+    whole = [c for c in calls if c.get("total_plain_ms") is not None and c.get("total_kvcomm_ms") is not None]
+    if whole:
+        p = statistics.median(c["total_plain_ms"] for c in whole)
+        k = statistics.median(c["total_kvcomm_ms"] for c in whole)
+        out.update(plain_total_ms_median=p, kvcomm_total_ms_median=k, total_speedup=p / k if k else None)
+    return dict(out, paths=paths, token_reuse=reuse_share(calls), plain_token_reuse=plain_reuse_share(calls))
 
 
 def conversation_seconds(convs: list[list[dict]]) -> dict:
@@ -336,6 +372,9 @@ def main(argv=None) -> int:
                         "default: the server's (96)")
     p.add_argument("--out", default=None, help="default results/chat/<name>.json")
     p.add_argument("--log", default="/tmp/kvcomm-chat-bench.log")
+    p.add_argument("--as-sent", action="store_true",
+                   help="send each request streamed or not as the framework sent it (AutoGen does not stream: "
+                        "its calls are timed whole, with no TTFT); by default every request is streamed")
     p.add_argument("--recorded-replies", action="store_true",
                    help="send the requests as recorded; by default a reply this server gave differently "
                         "replaces the recorded one in the conversation's later requests (both twins)")
@@ -373,7 +412,8 @@ def main(argv=None) -> int:
                         + (["--enable-auto-tool-choice", "--tool-call-parser", "pythonic"] if tools else []))
         client = server.__enter__()
     try:
-        by_conv, lost, errored = run(client, tok, convs, log, live_replies=not args.recorded_replies)
+        by_conv, lost, errored = run(client, tok, convs, log, live_replies=not args.recorded_replies,
+                                     as_sent=args.as_sent)
     finally:
         if server is not None:
             server.__exit__(None, None, None)
@@ -381,6 +421,7 @@ def main(argv=None) -> int:
            "recompute": args.recompute or "the server's default",
            "chat_tail": "the server's" if args.server else args.chat_tail or DEFAULT_TAIL,
            "replies": "as recorded" if args.recorded_replies else "this server's, in later requests",
+           "streaming": "as the framework sent them" if args.as_sent else "every request streamed",
            **summarize(by_conv, args.warmup), "lost_requests": lost, "errored_requests": errored,
            "device_detail": provenance.device_detail("cpu", args.dtype), "load_average": provenance.load_average(),
            "wall_s": round(time.perf_counter() - t0, 1), **made.fields(), "conversations": by_conv}
