@@ -1,9 +1,10 @@
-"""When the front end encodes a plain chat request's texts (kvcomm.vllm.frontend): from the
-request's first output on, while it still decodes, streamed or not - a framework sends the next
+"""When the front end encodes a plain chat request's texts (kvcomm.vllm.frontend): while the
+request runs - a streamed one's from its first output, a non-streamed one's from its start (the
+engine gives it one output, at its end: vLLM's FINAL_ONLY) - since a framework sends the next
 agent's request the moment a response ends, and that call would otherwise wait for the
-encoding - and its reply at the end. The first output is seen where the front end wraps the
-engine client's generate (kvcomm.vllm.observe.CallReports), tied to the HTTP request by the
-engine request id the front end knows."""
+encoding; its reply at the end. The moment is seen where the front end wraps the engine
+client's generate (kvcomm.vllm.observe.CallReports), tied to the HTTP request by the engine
+request id the front end knows."""
 import asyncio
 import json
 from types import SimpleNamespace
@@ -14,17 +15,25 @@ from kvcomm.vllm.frontend import KVCommFrontend, _engine_request_id
 from kvcomm.vllm.observe import CallReports
 
 
+STREAMED = SimpleNamespace(output_kind=SimpleNamespace(name="DELTA"))
+WHOLE = SimpleNamespace(output_kind=SimpleNamespace(name="FINAL_ONLY"))
+
+
 class _Client:
-    """An engine client whose generate yields `tokens` outputs, the last one finished."""
+    """An engine client whose generate computes `tokens` tokens (each a pass of the event loop)
+    and yields each one's output - only the last, finished one for a FINAL_ONLY request."""
 
     def __init__(self, tokens: int, fail_at: int | None = None):
         self.tokens, self.fail_at = tokens, fail_at
 
     async def generate(self, prompt, sampling_params, request_id):
         for i in range(self.tokens):
+            await asyncio.sleep(0)
             if i == self.fail_at:
                 raise RuntimeError("engine failed")
-            yield SimpleNamespace(finished=i == self.tokens - 1, kv_transfer_params=None)
+            last = i == self.tokens - 1
+            if last or sampling_params is None or sampling_params.output_kind.name != "FINAL_ONLY":
+                yield SimpleNamespace(finished=last, kv_transfer_params=None)
 
 
 def _drive(stream: bool, encode_ahead: bool = True, status: int = 200, outputs: int = 3):
@@ -56,27 +65,29 @@ def _drive(stream: bool, encode_ahead: bool = True, status: int = 200, outputs: 
 
     async def go():
         if status == 200:
-            async for _ in client.generate(None, None, rid):
+            async for _ in client.generate(None, STREAMED if stream else WHOLE, rid):
                 events.append(("output",))
-                await asyncio.sleep(0)   # the scheduled work runs while the request decodes
         for m in msgs:
             await wrapped(m)
     asyncio.run(go())
     return events, reports
 
 
-@pytest.mark.parametrize("stream", [True, False])
-def test_a_plain_request_encodes_its_texts_at_its_first_output_and_its_reply_at_the_end(stream):
-    events, reports = _drive(stream=stream)
+def test_a_streamed_plain_request_encodes_its_texts_at_its_first_output_and_its_reply_at_the_end():
+    events, reports = _drive(stream=True)
     assert events[:4] == [("output",), ("remember", ""), ("encode", "", True), ("output",)]
     # at the end: the reply only; the texts are not laid out again
     assert events[-3:] == [("remember", "The answer is 4."), ("encode", "The answer is 4.", False), ("sent", False)]
     assert reports._first == {}
 
 
-def test_a_request_with_a_single_output_still_encodes_its_texts_once():
-    events, _ = _drive(stream=False, outputs=1)
-    assert [e for e in events if e[0] == "encode"] == [("encode", "", True), ("encode", "The answer is 4.", False)]
+def test_a_non_streamed_plain_request_encodes_its_texts_from_its_start():
+    # its one output comes at the end: waiting for it would encode the texts after the response
+    events, reports = _drive(stream=False)
+    assert events[:3] == [("remember", ""), ("encode", "", True), ("output",)]
+    assert events.count(("output",)) == 1
+    assert events[-3:] == [("remember", "The answer is 4."), ("encode", "The answer is 4.", False), ("sent", False)]
+    assert reports._first == {}
 
 
 def test_a_request_that_never_reached_the_engine_encodes_its_texts_at_the_end_and_leaves_nothing_behind():
@@ -120,9 +131,9 @@ def test_a_failing_or_aborted_engine_request_forgets_its_callback():
 
     async def go():
         with pytest.raises(RuntimeError):
-            async for _ in client.generate(None, None, "r1"):
+            async for _ in client.generate(None, STREAMED, "r1"):
                 pass
-        gen = client.generate(None, None, "r2")
+        gen = client.generate(None, STREAMED, "r2")
         client.fail_at = None
         await gen.__anext__()   # first output: the callback runs
         await gen.aclose()      # the client went away
@@ -137,7 +148,7 @@ def test_a_callback_that_raises_does_not_fail_the_request():
     reports.at_first_output("r", lambda: 1 / 0)
 
     async def go():
-        return [o async for o in client.generate(None, None, "r")]
+        return [o async for o in client.generate(None, STREAMED, "r")]
     assert len(asyncio.run(go())) == 2
 
 

@@ -417,10 +417,12 @@ class KVCommFrontend:
     def _remember_plain(self, send, engine: _Engine, chat, tenant: str, data: dict, request_id: str):
         """Passes a plain chat response on and remembers its texts and reply (chat_front.py).
 
-        The request's texts are encoded from its first output on, while it decodes (streamed or
-        not): a framework sends the next agent's request the moment this response ends, and
-        encoded only then, that agent's call would wait for the encoding (about a prefill of the
-        texts) before it could reuse them. Its reply is encoded at the end."""
+        The request's texts are encoded while it runs - a streamed one's from its first output,
+        a non-streamed one's from its start (its client sees nothing before the end; see
+        CallReports.at_first_output): a framework sends the next agent's request the moment this
+        response ends, and encoded only then, that agent's call would wait for the encoding
+        (about a prefill of the texts) before it could reuse them. Its reply is encoded at the
+        end."""
         stream = bool(data.get("stream"))
         state = {"status": 200, "buf": b"", "early": False}
         ahead = engine.chat.encode_ahead and chat is not None
@@ -441,7 +443,7 @@ class KVCommFrontend:
                 if state["status"] == 200:
                     reply = _reply_text(state["buf"], stream)
                     engine.chat.remember(chat, tenant, reply)
-                    if ahead:   # the texts once: from the first output, or now
+                    if ahead:   # the texts once: while it ran, or now
                         self._encode_ahead(engine, chat, tenant, data, reply, texts=not state["early"])
             await send(msg)
         return wrapped
@@ -453,11 +455,11 @@ class KVCommFrontend:
 
     def _encode_ahead(self, engine: _Engine, chat, tenant: str, data: dict, reply: str, texts: bool = True) -> None:
         """For a plain chat request: its texts and its reply (when `reply` is not empty; the
-        texts are encoded from the request's first output, its reply at the end), encoded
+        texts are encoded while the request runs, its reply at the end), encoded
         in its session, off every call's critical path - the agents that read them next then find
         their bases and can reuse them instead of being their first carrier. A text already
         encoded or being encoded is not encoded again. texts=False: the reply only (the texts
-        were taken at the first output; laying the request out again would find nothing new)."""
+        were taken while it ran; laying the request out again would find nothing new)."""
         if chat is None:
             return
         jobs = []

@@ -118,10 +118,13 @@ class CallReports:
         self.metrics = _metrics()
 
     def at_first_output(self, request_id: str, callback: Callable[[], None]) -> None:
-        """callback() runs once, when the engine gives request `request_id` its first output (its
-        prefill done, its first token generated) - for a streamed and a non-streamed response
-        alike, which the front end cannot tell apart from the bytes it passes on. It must be
-        quick: it runs inside the engine client's generate."""
+        """callback() runs once, as soon as work beside request `request_id` no longer delays
+        what its client waits for: at its first output (its prefill done, its first token
+        generated) when it streams; at its start when its client gets one output at the end
+        (vLLM's FINAL_ONLY, every non-streamed response) - the engine then gives no output
+        before the last, and work beside its prefill costs that client what work beside its
+        decode would. The front end cannot tell these apart from the bytes it passes on. It
+        must be quick: it runs inside the engine client's generate."""
         self._first[request_id] = callback
 
     def drop_first_output(self, request_id: str) -> bool:
@@ -145,6 +148,9 @@ class CallReports:
         async def generate(prompt, sampling_params, request_id, *args, **kwargs):
             t0 = time.perf_counter()
             first = True
+            if _final_only(sampling_params):   # no output before the last one
+                first = False
+                self._first_output(request_id)
             try:
                 async for out in inner(prompt, sampling_params, request_id, *args, **kwargs):
                     if first:
@@ -179,6 +185,11 @@ class CallReports:
 
     def pop(self, request_id: str) -> dict | None:
         return self._by_id.pop(request_id, None)
+
+
+def _final_only(sampling_params) -> bool:
+    """Whether the engine gives this request one output, at its end (RequestOutputKind.FINAL_ONLY)."""
+    return getattr(getattr(sampling_params, "output_kind", None), "name", None) == "FINAL_ONLY"
 
 
 def final_chunk(chat_id: str, model: str | None, report: dict) -> bytes:
