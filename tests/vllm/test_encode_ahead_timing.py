@@ -78,7 +78,7 @@ def test_a_streamed_plain_request_encodes_its_texts_at_its_first_output_and_its_
     assert events[:4] == [("output",), ("remember", ""), ("encode", "", True), ("output",)]
     # at the end: the reply only; the texts are not laid out again
     assert events[-3:] == [("remember", "The answer is 4."), ("encode", "The answer is 4.", False), ("sent", False)]
-    assert reports._first == {}
+    assert reports._when_free == {}
 
 
 def test_a_non_streamed_plain_request_encodes_its_texts_from_its_start():
@@ -87,7 +87,7 @@ def test_a_non_streamed_plain_request_encodes_its_texts_from_its_start():
     assert events[:3] == [("remember", ""), ("encode", "", True), ("output",)]
     assert events.count(("output",)) == 1
     assert events[-3:] == [("remember", "The answer is 4."), ("encode", "The answer is 4.", False), ("sent", False)]
-    assert reports._first == {}
+    assert reports._when_free == {}
 
 
 def test_a_request_that_never_reached_the_engine_encodes_its_texts_at_the_end_and_leaves_nothing_behind():
@@ -100,7 +100,7 @@ def test_a_request_that_never_reached_the_engine_encodes_its_texts_at_the_end_an
     async def send(msg):
         pass
     wrapped = front._remember_plain(send, SimpleNamespace(chat=chat, reports=reports), object(), "t", {}, "chatcmpl-x")
-    assert "chatcmpl-x" in reports._first
+    assert "chatcmpl-x" in reports._when_free
     body = json.dumps({"choices": [{"message": {"content": "ok"}}]}).encode()
 
     async def go():
@@ -108,17 +108,17 @@ def test_a_request_that_never_reached_the_engine_encodes_its_texts_at_the_end_an
         await wrapped({"type": "http.response.body", "body": body, "more_body": False})
     asyncio.run(go())
     assert events == [("remember", "ok"), ("encode", "ok", True)]
-    assert reports._first == {}
+    assert reports._when_free == {}
 
 
 def test_nothing_is_encoded_with_encode_ahead_off_or_for_an_error_response():
     for stream in (True, False):
         events, reports = _drive(stream=stream, encode_ahead=False)
         assert [e for e in events if e[0] == "encode"] == []
-        assert reports._first == {}
+        assert reports._when_free == {}
         events, reports = _drive(stream=stream, status=400)
         assert [e for e in events if e[0] in ("encode", "remember")] == []
-        assert reports._first == {}
+        assert reports._when_free == {}
 
 
 def test_a_failing_or_aborted_engine_request_forgets_its_callback():
@@ -126,8 +126,8 @@ def test_a_failing_or_aborted_engine_request_forgets_its_callback():
     ran = []
     client = _Client(3, fail_at=0)
     reports.watch(client)
-    reports.at_first_output("r1", lambda: ran.append("r1"))
-    reports.at_first_output("r2", lambda: ran.append("r2"))
+    reports.when_free("r1", lambda: ran.append("r1"))
+    reports.when_free("r2", lambda: ran.append("r2"))
 
     async def go():
         with pytest.raises(RuntimeError):
@@ -138,14 +138,14 @@ def test_a_failing_or_aborted_engine_request_forgets_its_callback():
         await gen.__anext__()   # first output: the callback runs
         await gen.aclose()      # the client went away
     asyncio.run(go())
-    assert ran == ["r2"] and reports._first == {}
+    assert ran == ["r2"] and reports._when_free == {}
 
 
 def test_a_callback_that_raises_does_not_fail_the_request():
     reports = CallReports()
     client = _Client(2)
     reports.watch(client)
-    reports.at_first_output("r", lambda: 1 / 0)
+    reports.when_free("r", lambda: 1 / 0)
 
     async def go():
         return [o async for o in client.generate(None, STREAMED, "r")]

@@ -419,7 +419,7 @@ class KVCommFrontend:
 
         The request's texts are encoded while it runs - a streamed one's from its first output,
         a non-streamed one's from its start (its client sees nothing before the end; see
-        CallReports.at_first_output): a framework sends the next agent's request the moment this
+        CallReports.when_free): a framework sends the next agent's request the moment this
         response ends, and encoded only then, that agent's call would wait for the encoding
         (about a prefill of the texts) before it could reuse them. Its reply is encoded at the
         end."""
@@ -427,11 +427,11 @@ class KVCommFrontend:
         state = {"status": 200, "buf": b"", "early": False}
         ahead = engine.chat.encode_ahead and chat is not None
 
-        def first_output():   # inside the engine client's generate: the work is scheduled
+        def free():   # inside the engine client's generate: the work is scheduled
             state["early"] = True
             asyncio.get_running_loop().call_soon(self._texts_ahead, engine, chat, tenant, data)
         if ahead:
-            engine.reports.at_first_output(request_id, first_output)
+            engine.reports.when_free(request_id, free)
 
         async def wrapped(msg):
             if msg["type"] == "http.response.start":
@@ -439,7 +439,7 @@ class KVCommFrontend:
             elif msg["type"] == "http.response.body" and state["status"] == 200:
                 state["buf"] += msg.get("body", b"")
             if msg["type"] == "http.response.body" and not msg.get("more_body", False):
-                engine.reports.drop_first_output(request_id)
+                engine.reports.forget_when_free(request_id)
                 if state["status"] == 200:
                     reply = _reply_text(state["buf"], stream)
                     engine.chat.remember(chat, tenant, reply)

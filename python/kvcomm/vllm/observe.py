@@ -110,34 +110,34 @@ def _metrics() -> _Metrics:
 
 class CallReports:
     """Reports of finished KVCOMM calls by request id; logs and counts each one. Also runs what
-    the front end asked to run at a request's first output (at_first_output)."""
+    the front end asked to run beside a request once that no longer delays its client (when_free)."""
 
     def __init__(self):
         self._by_id: OrderedDict[str, dict] = OrderedDict()
-        self._first: dict[str, Callable[[], None]] = {}
+        self._when_free: dict[str, Callable[[], None]] = {}
         self.metrics = _metrics()
 
-    def at_first_output(self, request_id: str, callback: Callable[[], None]) -> None:
-        """callback() runs once, as soon as work beside request `request_id` no longer delays
-        what its client waits for: at its first output (its prefill done, its first token
-        generated) when it streams; at its start when its client gets one output at the end
-        (vLLM's FINAL_ONLY, every non-streamed response) - the engine then gives no output
-        before the last, and work beside its prefill costs that client what work beside its
-        decode would. The front end cannot tell these apart from the bytes it passes on. It
-        must be quick: it runs inside the engine client's generate."""
-        self._first[request_id] = callback
+    def when_free(self, request_id: str, callback: Callable[[], None]) -> None:
+        """callback() runs once, as soon as work beside request `request_id` is free for its
+        client (no longer delays what the client waits for): at the request's first output
+        (its prefill done, its first token generated) when it streams; at its start when its
+        client gets one output at the end (vLLM's FINAL_ONLY, every non-streamed response) -
+        the engine gives no output before the last, and work beside its prefill costs that
+        client what work beside its decode would. The front end cannot tell these apart from
+        the bytes it passes on. It must be quick: it runs inside the engine client's generate."""
+        self._when_free[request_id] = callback
 
-    def drop_first_output(self, request_id: str) -> bool:
+    def forget_when_free(self, request_id: str) -> bool:
         """Forgets request_id's callback (its response ended); True when it never ran."""
-        return self._first.pop(request_id, None) is not None
+        return self._when_free.pop(request_id, None) is not None
 
-    def _first_output(self, request_id: str) -> None:
-        callback = self._first.pop(request_id, None)
+    def _run_when_free(self, request_id: str) -> None:
+        callback = self._when_free.pop(request_id, None)
         if callback is not None:
             try:
                 callback()
             except Exception:   # the request itself goes on
-                log.exception("kvcomm: work at a request's first output failed")
+                log.exception("kvcomm: work beside a request failed to start")
 
     def watch(self, engine_client) -> None:
         """Wraps engine_client.generate (once) so every KVCOMM call's report is seen."""
@@ -147,20 +147,20 @@ class CallReports:
 
         async def generate(prompt, sampling_params, request_id, *args, **kwargs):
             t0 = time.perf_counter()
-            first = True
-            if _final_only(sampling_params):   # no output before the last one
-                first = False
-                self._first_output(request_id)
+            waiting = True   # for the moment work beside it is free
+            if _final_only(sampling_params):   # no output before the last one: now
+                waiting = False
+                self._run_when_free(request_id)
             try:
                 async for out in inner(prompt, sampling_params, request_id, *args, **kwargs):
-                    if first:
-                        first = False
-                        self._first_output(request_id)
+                    if waiting:   # its first output
+                        waiting = False
+                        self._run_when_free(request_id)
                     if getattr(out, "finished", False):
                         self._finished(request_id, out, sampling_params, time.perf_counter() - t0)
                     yield out
             finally:   # a request that failed or was aborted before any output
-                self._first.pop(request_id, None)
+                self._when_free.pop(request_id, None)
 
         engine_client.generate = generate
         engine_client._kvcomm_watched = True
