@@ -80,15 +80,18 @@ def test_server_busy_reads_requests_and_background_work_from_metrics():
                                     'vllm:num_requests_waiting'))
 
 
+class _CharTokenizer:
+    """A tokenizer of one token per character, with a chat template that joins the contents."""
+
+    def apply_chat_template(self, msgs, **kw):
+        return "".join(m["content"] for m in msgs)
+
+    def __call__(self, text, **kw):
+        return {"input_ids": list(text)}
+
+
 def test_each_conversation_runs_its_kvcomm_calls_then_waits_for_an_idle_server_then_its_plain_twins():
     from kvcomm_app.bench import chat_paired
-
-    class Tok:
-        def apply_chat_template(self, msgs, **kw):
-            return "".join(m["content"] for m in msgs)
-
-        def __call__(self, text, **kw):
-            return {"input_ids": list(text)}
 
     events = []
 
@@ -108,7 +111,7 @@ def test_each_conversation_runs_its_kvcomm_calls_then_waits_for_an_idle_server_t
 
     conv = lambda *texts: [{"messages": [{"role": "system", "content": "s"},    # noqa: E731
                                          {"role": "user", "content": t}], "_recorded_reply": ""} for t in texts]
-    out, lost, errored = chat_paired.run(Client(), Tok(), [conv("a", "b"), conv("c")], lambda m: None,
+    out, lost, errored = chat_paired.run(Client(), _CharTokenizer(), [conv("a", "b"), conv("c")], lambda m: None,
                                          read_metrics=read_metrics)
     assert (lost, errored) == (0, 0) and [len(c) for c in out] == [2, 1]
     sends = [e for e in events if e[0] != "metrics"]
@@ -128,13 +131,6 @@ def test_conversation_seconds_sum_each_modes_whole_calls():
 
 def test_as_sent_keeps_a_non_streamed_request_whole_and_times_it_whole():
     from kvcomm_app.bench import chat_paired
-
-    class Tok:
-        def apply_chat_template(self, msgs, **kw):
-            return "".join(m["content"] for m in msgs)
-
-        def __call__(self, text, **kw):
-            return {"input_ids": list(text)}
 
     sent = []
 
@@ -156,7 +152,8 @@ def test_as_sent_keeps_a_non_streamed_request_whole_and_times_it_whole():
             {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "abd"}],
              "stream": True, "_recorded_reply": ""}]
     idle = lambda: "kvcomm_internal_requests 0.0"   # noqa: E731
-    out, lost, errored = chat_paired.run(Client(), Tok(), [conv], lambda m: None, read_metrics=idle, as_sent=True)
+    out, lost, errored = chat_paired.run(Client(), _CharTokenizer(), [conv], lambda m: None, read_metrics=idle,
+                                         as_sent=True)
     assert (lost, errored) == (0, 0)
     assert sent == [("post", False, False), ("stream", True, False), ("post", False, True), ("stream", True, True)]
     whole, streamed = out[0]
@@ -167,5 +164,5 @@ def test_as_sent_keeps_a_non_streamed_request_whole_and_times_it_whole():
     assert table["total_speedup"] > 1.0
     # without as_sent every request is streamed
     sent.clear()
-    chat_paired.run(Client(), Tok(), [conv], lambda m: None, read_metrics=idle)
+    chat_paired.run(Client(), _CharTokenizer(), [conv], lambda m: None, read_metrics=idle)
     assert {s[0] for s in sent} == {"stream"}
