@@ -127,9 +127,9 @@ class CallReports:
         the bytes it passes on. It must be quick: it runs inside the engine client's generate."""
         self._when_free[request_id] = callback
 
-    def forget_when_free(self, request_id: str) -> bool:
-        """Forgets request_id's callback (its response ended); True when it never ran."""
-        return self._when_free.pop(request_id, None) is not None
+    def forget_when_free(self, request_id: str) -> None:
+        """Forgets request_id's callback (its response ended)."""
+        self._when_free.pop(request_id, None)
 
     def _run_when_free(self, request_id: str) -> None:
         callback = self._when_free.pop(request_id, None)

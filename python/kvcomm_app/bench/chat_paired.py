@@ -112,12 +112,9 @@ def send(client, body: dict, tenant: str, stream: bool = True) -> dict:
             if ttft is None and (delta or ch.get("logprobs")):
                 ttft = t * 1000.0
             text.append(delta)
-            lp = (ch.get("logprobs") or {}).get("content") or []
-            if first is None and lp:
-                first = {e["token"]: e["logprob"] for e in lp[0].get("top_logprobs") or []}
-    return {"ttft_ms": ttft, "total_ms": last * 1000.0, "text": "".join(text), "first": first or {}, "report": report,
-            "generated": ttft is not None, "prompt_tokens": usage.get("prompt_tokens"),
-            "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens")}
+            if first is None:
+                first = _first_token(ch)
+    return _outcome(ttft, last * 1000.0, "".join(text), first, report, ttft is not None, usage)
 
 
 def _send_whole(client, body: dict, tenant: str) -> dict:
@@ -126,12 +123,21 @@ def _send_whole(client, body: dict, tenant: str) -> dict:
     r = client.post("/v1/chat/completions", body, headers={"Authorization": f"Bearer {tenant}"})
     total = (time.perf_counter() - t0) * 1000.0
     choice = (r.get("choices") or [{}])[0]
+    first = _first_token(choice)
+    return _outcome(None, total, (choice.get("message") or {}).get("content") or "", first,
+                    (r.get("kv_transfer_params") or {}).get("kvcomm"), first is not None, r.get("usage") or {})
+
+
+def _first_token(choice: dict) -> dict | None:
+    """The first token's top log-probabilities in a choice (a stream chunk's or a whole
+    response's), None when it lists none."""
     lp = (choice.get("logprobs") or {}).get("content") or []
-    first = {e["token"]: e["logprob"] for e in lp[0].get("top_logprobs") or []} if lp else {}
-    usage = r.get("usage") or {}
-    return {"ttft_ms": None, "total_ms": total, "text": (choice.get("message") or {}).get("content") or "",
-            "first": first, "report": (r.get("kv_transfer_params") or {}).get("kvcomm"), "generated": bool(lp),
-            "prompt_tokens": usage.get("prompt_tokens"),
+    return {e["token"]: e["logprob"] for e in lp[0].get("top_logprobs") or []} if lp else None
+
+
+def _outcome(ttft, total_ms, text, first, report, generated, usage) -> dict:
+    return {"ttft_ms": ttft, "total_ms": total_ms, "text": text, "first": first or {}, "report": report,
+            "generated": generated, "prompt_tokens": usage.get("prompt_tokens"),
             "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens")}
 
 
@@ -221,7 +227,7 @@ def run(client, tok, convs: list[list[dict]], log, live_replies: bool = True,
             body = {k: v for k, v in recorded.items() if k != "_recorded_reply"}
             if live_replies:
                 body = with_live_replies(body, live)
-            stream = bool(body.get("stream")) or not as_sent
+            stream = bool(body.get("stream")) or not as_sent   # the plain twin is sent alike
             try:
                 kv = send(client, body, "kvcomm", stream)
             except Exception as e:
@@ -231,13 +237,12 @@ def run(client, tok, convs: list[list[dict]], log, live_replies: bool = True,
             was = recorded.get("_recorded_reply") or ""
             if was and kv["text"].strip() and kv["text"].strip() != was:
                 live[was] = kv["text"].strip()
-            kv_done.append((body, was, kv))
+            kv_done.append((body, was, kv, stream))
         idle_s = wait_idle(read_metrics)
         calls = []
-        for body, was, kv in kv_done:
+        for body, was, kv, stream in kv_done:
             try:
-                plain = send(client, dict(body, cache_salt=PLAIN_SALT), f"plain-{uuid.uuid4().hex}",
-                             bool(body.get("stream")) or not as_sent)
+                plain = send(client, dict(body, cache_salt=PLAIN_SALT), f"plain-{uuid.uuid4().hex}", stream)
             except Exception as e:
                 errored += 1
                 log(f"conversation {ci}: request failed: {e!r}")
